@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up (first run only), then lint and run the whole test suite on the CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh test
+.venv/bin/ruff format --check src tests benchmarks
+.venv/bin/ruff check src tests benchmarks
+exec .venv/bin/python -m pytest -n 2 --durations=15 "$@"

@@ -1,0 +1,5 @@
+import sys
+
+from relkd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,214 @@
+"""Typed, strict run configuration (OmegaConf structured configs over dataclasses).
+
+A run config is YAML with the sections below; ``key=value`` overrides are merged on top. Unknown
+keys and wrong types fail at load time with a message naming the key and the valid ones. Library
+classes never read this object: :mod:`relkd.engine` turns it into plain keyword arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from relkd.registry import RelkdError
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # zoo name, torchvision:<name> or timm:<name>
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None  # weights to load (RepDistiller format, bare state dict, ...)
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion_mnist"
+    root: str | None = None
+    download: bool = False
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    num_workers: int = 2
+    augment: bool = True
+    in_memory: str = "auto"  # auto | true | false: whole set as a tensor, batched augmentation
+    train_subset: int | None = None  # first-n stratified subset (demos, smoke runs)
+    image_size: int | None = None
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    # The CRD protocol's per-student rule: lr 0.01 for MobileNetV2 / ShuffleV1 / ShuffleV2.
+    lr_by_student: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "multistep"  # multistep | cosine | onecycle | constant
+    milestones: list[int] = field(default_factory=lambda: [150, 180, 210])
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0
+    pct_start: float = 0.3  # onecycle: fraction of steps spent rising
+
+
+@dataclass
+class MethodConfig:
+    name: str = "kd"  # a registered method or a composition "a+b"
+    ce_weight: float | None = None  # None: the method's default (kd 0.1, others 1.0)
+    args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the method
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 240
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    max_steps_per_epoch: int | None = None
+    eval_every: int = 1
+    progress: bool = True
+    deterministic: bool = False
+    grad_clip: float | None = None
+    on_nonfinite: str = "stop"  # stop | skip
+    tensorboard: bool = True
+    channels_last: bool = False
+    compile: bool = False
+
+
+@dataclass
+class Config:
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: ModelConfig | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "runs"
+    name: str | None = None  # run folder under output_dir; default <method>_<student>_s<seed>
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "optim.name": ("sgd", "adamw"),
+    "schedule.name": ("multistep", "cosine", "onecycle", "constant"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.on_nonfinite": ("stop", "skip"),
+    "data.in_memory": ("auto", "true", "false"),
+}
+POSITIVE: tuple[str, ...] = (
+    "optim.lr",
+    "train.epochs",
+    "data.batch_size",
+    "data.eval_batch_size",
+    "train.eval_every",
+)
+
+
+def _fields_of(node: Any) -> list[str]:
+    t = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+    if t is not None and dataclasses.is_dataclass(t):
+        return [f.name for f in dataclasses.fields(t)]
+    return []
+
+
+def _explain(e: OmegaConfBaseException, schema: DictConfig) -> RelkdError:
+    key = getattr(e, "full_key", None) or ""
+    msg = (getattr(e, "msg", None) or str(e)).splitlines()[0].rstrip(".")
+    parent = schema
+    parts = key.split(".") if key else []
+    for p in parts[:-1]:
+        nxt = parent.get(p) if isinstance(parent, DictConfig) else None
+        if not isinstance(nxt, DictConfig):
+            if p in ("teacher",):
+                nxt = OmegaConf.structured(ModelConfig)
+            else:
+                break
+        parent = nxt
+    valid = _fields_of(parent)
+    unknown = "not in" in msg
+    hint = f" Valid keys here: {', '.join(valid)}." if valid and unknown else ""
+    return RelkdError(f"config error at {key!r}: {msg}.{hint}")
+
+
+def _validate(cfg: Config) -> None:
+    for dotted, choices in CHOICES.items():
+        sect, key = dotted.split(".")
+        value = getattr(getattr(cfg, sect), key)
+        if str(value) not in choices:
+            raise RelkdError(
+                f"{dotted}={value!r} is not valid. Valid choices: {', '.join(choices)}"
+            )
+    for dotted in POSITIVE:
+        sect, key = dotted.split(".")
+        value = getattr(getattr(cfg, sect), key)
+        if not value > 0:
+            raise RelkdError(f"{dotted}={value!r} must be > 0")
+    if cfg.student.name in (MISSING, "???", None, ""):
+        raise RelkdError("student.name is required (e.g. student.name=resnet8x4)")
+    if cfg.data.num_workers < 0:
+        raise RelkdError(f"data.num_workers={cfg.data.num_workers} must be >= 0")
+    if cfg.train.max_steps_per_epoch is not None and cfg.train.max_steps_per_epoch <= 0:
+        raise RelkdError(f"train.max_steps_per_epoch={cfg.train.max_steps_per_epoch} must be > 0")
+    for m in cfg.schedule.milestones:
+        if m < 0:
+            raise RelkdError(f"schedule.milestones has a negative epoch: {m}")
+
+
+def load_config(
+    source: str | os.PathLike | Mapping[str, Any] | Config | DictConfig | None = None,
+    overrides: Sequence[str] = (),
+) -> Config:
+    """Build a validated :class:`Config` from a YAML path, a dict or a Config, plus overrides.
+
+    Raises:
+        RelkdError: unknown key, wrong type, bad choice or non-positive value, naming the key.
+    """
+    schema = OmegaConf.structured(Config)
+    try:
+        if source is None:
+            merged = schema
+        elif isinstance(source, Config):
+            merged = OmegaConf.merge(schema, OmegaConf.structured(source))
+        elif isinstance(source, (str, os.PathLike)):
+            path = Path(source)
+            if not path.is_file():
+                raise RelkdError(f"config file {str(path)!r} does not exist")
+            loaded = OmegaConf.load(path)
+            if not isinstance(loaded, DictConfig):
+                raise RelkdError(f"config file {str(path)!r} must hold a mapping at the top")
+            merged = OmegaConf.merge(schema, loaded)
+        elif isinstance(source, (Mapping, DictConfig)):
+            merged = OmegaConf.merge(schema, OmegaConf.create(dict(source)))
+        else:
+            raise RelkdError(f"cannot read a config from {type(source).__name__}")
+        for item in overrides:
+            if "=" not in item:
+                raise RelkdError(f"override {item!r} is not of the form key=value")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise _explain(e, schema) from None
+    except (ValueError, TypeError) as e:  # yaml / dotlist parse errors
+        if isinstance(e, RelkdError):
+            raise
+        raise RelkdError(f"config error: {e}") from None
+    assert isinstance(obj, Config)
+    _validate(obj)
+    return obj
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (saved in every run folder)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

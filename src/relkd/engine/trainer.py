@@ -1,0 +1,539 @@
+"""The one training loop: CPU, one GPU or N GPUs under torchrun, same code path.
+
+``fit(cfg)`` builds everything from a :class:`relkd.config.Config` (or takes the user's own
+``nn.Module`` teacher / student), trains, evaluates each epoch, writes the run folder and returns
+a summary dict. Layout of a run folder::
+
+    config.yaml          the resolved config
+    metrics.jsonl        one record per epoch (losses, lr, top-1/top-5, best so far)
+    checkpoint.pt        the latest epoch (atomic, checksummed; checkpoint.prev.pt the one before)
+    student.pt           the student's weights alone at the end (also student.safetensors)
+    student_best.pt      the student's weights at the best top-1 epoch
+    summary.json         best / last top-1, run time
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from relkd import distributed as D
+from relkd.config import Config, load_config, to_yaml
+from relkd.engine.checkpoint import load_latest, save_checkpoint
+from relkd.engine.distiller import Distiller
+from relkd.engine.logger import RunLogger
+from relkd.engine.schedule import lr_factor
+from relkd.engine.teacher import Teacher
+from relkd.methods import MethodContext, build_method
+from relkd.methods.base import Method
+from relkd.models import POOLED, FeatureTap, create_model, get_feature_info, load_checkpoint
+from relkd.models.checkpoint import save_student
+from relkd.registry import RelkdError
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise RelkdError(f"train.device={name!r} is not a device (auto, cpu, cuda, cuda:N)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RelkdError(f"train.device={name!r} but CUDA is not available; use cpu or auto")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return dev
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the process group torchrun describes in the environment (no-op otherwise)."""
+    if D.is_dist() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group(backend=backend)
+
+
+def probe_shapes(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, tuple]:
+    """Feature shapes (no batch dim) of the given taps, by one no-grad forward in eval mode."""
+    tap = FeatureTap(model, names)
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        out = tap(x)
+    model.train(was)
+    tap.remove()
+    shapes = {k: tuple(v.shape[1:]) for k, v in out.feats.items()}
+    shapes["logits"] = tuple(out.logits.shape[1:])
+    return shapes
+
+
+def _tappable(model: nn.Module) -> list[str]:
+    names = [i.name for i in get_feature_info(model)]
+    try:
+        FeatureTap(model, [POOLED]).remove()
+        names.append(POOLED)
+    except RelkdError:
+        pass
+    return names
+
+
+def _build_models(cfg: Config, info: Any, teacher: nn.Module | None, student: nn.Module | None):
+    kw = dict(cfg.student.kwargs)
+    if info.in_channels != 3:
+        kw.setdefault("in_chans", info.in_channels)
+    if student is None:
+        student = create_model(cfg.student.name, info.num_classes, **kw)
+        if cfg.student.checkpoint:
+            load_checkpoint(student, cfg.student.checkpoint)
+    if teacher is None and cfg.teacher is not None:
+        tkw = dict(cfg.teacher.kwargs)
+        if info.in_channels != 3:
+            tkw.setdefault("in_chans", info.in_channels)
+        teacher = create_model(cfg.teacher.name, info.num_classes, **tkw)
+        if not cfg.teacher.checkpoint:
+            raise RelkdError(
+                f"teacher {cfg.teacher.name!r} has no checkpoint: set teacher.checkpoint=PATH "
+                "(a trained teacher; an untrained one teaches nothing)"
+            )
+        load_checkpoint(teacher, cfg.teacher.checkpoint)
+    return teacher, student
+
+
+def _make_loaders(cfg: Config, method: Method, train_ds, test_ds, info, device):
+    """In-memory batched pipeline where possible, else a DataLoader (DistributedSampler)."""
+    from relkd.data import InMemoryLoader, collate_with_extras, take_subset, to_tensors
+    from relkd.data.wrappers import IndexedDataset
+
+    if cfg.data.train_subset:
+        train_ds = take_subset(train_ds, cfg.data.train_subset, seed=cfg.train.seed)
+    overrides_wrap = type(method).wrap_train_dataset is not Method.wrap_train_dataset
+    if hasattr(method, "parts"):
+        overrides_wrap = any(
+            type(p).wrap_train_dataset is not Method.wrap_train_dataset
+            for p in method.parts.values()
+        )
+    extras = set(method.batch_extras)
+    want_mem = cfg.data.in_memory
+    tensors = None
+    if want_mem != "false" and not overrides_wrap and extras <= {"index"}:
+        tensors = to_tensors(train_ds)
+        if tensors is None and want_mem == "true":
+            raise RelkdError(
+                f"data.in_memory=true but data set {cfg.data.name!r} has no in-memory form"
+            )
+    padding = getattr(info, "crop_padding", 4 if info.image_size >= 32 else 2)
+    seed = cfg.train.seed
+    if tensors is not None:
+        x, y = tensors
+        train = InMemoryLoader(
+            x, y, batch_size=cfg.data.batch_size, shuffle=True, augment=cfg.data.augment,
+            padding=padding, flip=True, mean=info.mean, std=info.std, device=device,
+            drop_last=False, seed=seed, rank=D.rank(), world_size=D.world_size(),
+            return_index="index" in extras,
+        )  # fmt: skip
+    else:
+        ds = method.wrap_train_dataset(train_ds)
+        if "index" in extras:
+            ds = IndexedDataset(ds)
+        train = _EpochLoader(
+            ds, cfg.data.batch_size, cfg.data.num_workers, seed, collate_with_extras, device
+        )
+    test_t = to_tensors(test_ds) if cfg.data.in_memory != "false" else None
+    if test_t is not None:
+        test = InMemoryLoader(
+            test_t[0], test_t[1], batch_size=cfg.data.eval_batch_size, shuffle=False,
+            augment=False, padding=0, flip=False, mean=info.mean, std=info.std, device=device,
+            drop_last=False, seed=0, rank=0, world_size=1,
+        )  # fmt: skip
+    else:
+        test = torch.utils.data.DataLoader(
+            test_ds, batch_size=cfg.data.eval_batch_size, shuffle=False,
+            num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+        )  # fmt: skip
+    return train, test
+
+
+class _EpochLoader:
+    """DataLoader whose shuffle order and sharding are a function of (seed, epoch) only, so a
+    resumed run sees exactly the batches of an uninterrupted one."""
+
+    def __init__(self, ds, batch_size, num_workers, seed, collate, device) -> None:
+        self.ds, self.batch_size, self.num_workers = ds, batch_size, num_workers
+        self.seed, self.collate, self.device = seed, collate, device
+        self.sampler = torch.utils.data.DistributedSampler(
+            ds, num_replicas=D.world_size(), rank=D.rank(), shuffle=True, seed=seed
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def __iter__(self):
+        g = torch.Generator()
+        g.manual_seed(self.seed * 100003 + getattr(self, "epoch", 0))
+        loader = torch.utils.data.DataLoader(
+            self.ds, batch_size=self.batch_size, sampler=self.sampler,
+            num_workers=self.num_workers, collate_fn=self.collate, generator=g,
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
+        )  # fmt: skip
+        yield from loader
+
+
+def _unpack(batch, device):
+    if len(batch) == 3:
+        x, y, extras = batch
+    else:
+        (x, y), extras = batch, {}
+    nb = device.type == "cuda"
+    x = x.to(device, non_blocking=nb)
+    y = y.to(device, non_blocking=nb)
+    extras = {
+        k: v.to(device, non_blocking=nb) if torch.is_tensor(v) else v for k, v in extras.items()
+    }
+    return x, y, extras
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader, device: torch.device, amp_ctx=nullcontext
+) -> dict[str, float]:
+    """Top-1 / top-5 (%) and mean CE of ``model`` on ``loader`` (summed over ranks)."""
+    was = model.training
+    model.eval()
+    stats = torch.zeros(4, dtype=torch.float64, device=device)  # n, top1, top5, ce sum
+    for batch in loader:
+        x, y, _ = _unpack(batch, device)
+        with amp_ctx():
+            logits = model(x).float()
+        k = min(5, logits.shape[1])
+        topk = logits.topk(k, dim=1).indices
+        hit = topk.eq(y[:, None])
+        stats[0] += y.numel()
+        stats[1] += hit[:, 0].sum()
+        stats[2] += hit.any(dim=1).sum()
+        stats[3] += torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+    model.train(was)
+    n = max(1.0, float(stats[0]))
+    return {
+        "top1": 100.0 * float(stats[1]) / n,
+        "top5": 100.0 * float(stats[2]) / n,
+        "test_loss": float(stats[3]) / n,
+    }
+
+
+def _amp(precision: str, device: torch.device):
+    if precision == "fp32":
+        return nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _run_dir(cfg: Config) -> Path:
+    name = cfg.name or f"{cfg.method.name}_{cfg.student.name.replace(':', '-')}_s{cfg.train.seed}"
+    return Path(cfg.output_dir) / name
+
+
+@dataclass
+class Components:
+    """Everything a training step needs, built from a config (also used by tests and benches)."""
+
+    cfg: Config
+    info: Any
+    distiller: Distiller
+    method: Method
+    teacher: Teacher | None
+    train_ds: Any
+    test_ds: Any
+
+
+def build_components(
+    cfg: Config,
+    device: torch.device,
+    teacher: nn.Module | None = None,
+    student: nn.Module | None = None,
+) -> Components:
+    """Data sets, models, method and Distiller for ``cfg``; every check that can fail before
+    training (unknown names, class counts, missing teacher) fails here."""
+    from relkd.data import build_datasets
+
+    train_ds, test_ds, info = build_datasets(
+        cfg.data.name, cfg.data.root, download=cfg.data.download, augment=cfg.data.augment,
+        image_size=cfg.data.image_size,
+    )  # fmt: skip
+    teacher_model, student_model = _build_models(cfg, info, teacher, student)
+    dummy = torch.zeros(2, info.in_channels, info.image_size, info.image_size)
+    s_shapes = probe_shapes(student_model, _tappable(student_model), dummy)
+    if s_shapes["logits"] != (info.num_classes,):
+        raise RelkdError(
+            f"student predicts {s_shapes['logits'][0]} classes but data set {cfg.data.name!r} "
+            f"has {info.num_classes}"
+        )
+    ctx = MethodContext(
+        num_classes=info.num_classes,
+        student_stages=get_feature_info(student_model),
+        student_shapes=s_shapes,
+        epochs=cfg.train.epochs,
+    )
+    if teacher_model is not None:
+        ctx.teacher_stages = get_feature_info(teacher_model)
+        ctx.teacher_shapes = probe_shapes(teacher_model, _tappable(teacher_model), dummy)
+        if ctx.teacher_shapes["logits"] != s_shapes["logits"]:
+            raise RelkdError(
+                f"teacher predicts {ctx.teacher_shapes['logits'][0]} classes but the student "
+                f"{s_shapes['logits'][0]}; both must match the data set ({info.num_classes})"
+            )
+    method, default_ce = build_method(cfg.method.name, ctx, cfg.method.args)
+    if method.requires_teacher and teacher_model is None:
+        raise RelkdError(
+            f"method {cfg.method.name!r} needs a teacher: set teacher.name and teacher.checkpoint"
+        )
+    ce_weight = default_ce if cfg.method.ce_weight is None else cfg.method.ce_weight
+    distiller = Distiller(student_model, method, ce_weight).to(device)
+    if cfg.train.channels_last:
+        distiller = distiller.to(memory_format=torch.channels_last)
+    tea = None
+    if teacher_model is not None and method.requires_teacher:
+        tea = Teacher(teacher_model, method.teacher_taps()).to(device)
+    return Components(cfg, info, distiller, method, tea, train_ds, test_ds)
+
+
+def fit(
+    config: Any,
+    *,
+    teacher: nn.Module | None = None,
+    student: nn.Module | None = None,
+    resume: bool = False,
+    overrides: tuple[str, ...] | list[str] = (),
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Train as configured; returns ``{"best_top1", "last_top1", "run_dir", ...}``.
+
+    Args:
+        config: a YAML path, dict, :class:`Config` or DictConfig.
+        teacher / student: optional user ``nn.Module`` s replacing ``cfg.teacher`` / ``cfg.student``
+            (features are tapped by module name; ``"pooled"`` = input of the last ``nn.Linear``).
+        resume: continue from the run folder's checkpoint; without it an existing run folder
+            with a checkpoint is an error, never silently overwritten.
+    """
+    cfg = load_config(config, overrides)
+    device = resolve_device(cfg.train.device)
+    init_distributed(device)
+    run_dir = _run_dir(cfg)
+    if D.is_main():
+        if (run_dir / "checkpoint.pt").exists() and not resume:
+            raise RelkdError(
+                f"run folder {str(run_dir)!r} already holds a run; pass --resume (resume=True) to "
+                "continue it, or choose another output_dir / name"
+            )
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        except OSError as e:
+            raise RelkdError(f"cannot write the run folder {str(run_dir)!r}: {e}") from e
+    log = RunLogger(run_dir, tensorboard=cfg.train.tensorboard, quiet=quiet)
+    seed_everything(cfg.train.seed)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    comp = build_components(cfg, device, teacher, student)
+    distiller, method, tea, info = comp.distiller, comp.method, comp.teacher, comp.info
+    train_ds, test_ds = comp.train_ds, comp.test_ds
+    model: nn.Module = distiller
+    if D.world_size() > 1:
+        model = nn.parallel.DistributedDataParallel(
+            distiller, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    step_fn = model
+    if cfg.train.compile:
+        step_fn = torch.compile(model)
+
+    lr = cfg.optim.lr_by_student.get(cfg.student.name, cfg.optim.lr)
+    params = [p for p in distiller.parameters() if p.requires_grad]
+    if cfg.optim.name == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(
+            params, lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
+            nesterov=cfg.optim.nesterov,
+        )  # fmt: skip
+    else:
+        opt = torch.optim.AdamW(
+            params, lr=lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
+        )
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+    amp_ctx = _amp(cfg.train.precision, device)
+    train_loader, test_loader = _make_loaders(cfg, method, train_ds, test_ds, info, device)
+    steps_per_epoch = len(train_loader)
+    if cfg.train.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
+
+    start_epoch, step, history, best = 0, 0, [], {"top1": -1.0, "epoch": -1}
+    if resume:
+        state = load_latest(run_dir, log=log.info)
+        if state is not None:
+            distiller.load_state_dict(state["distiller"])
+            opt.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            start_epoch, step = state["epoch"] + 1, state["step"]
+            history, best = list(state["history"]), dict(state["best"])
+            if D.is_main():  # metrics.jsonl = exactly the history up to the checkpoint
+                with open(run_dir / "metrics.jsonl", "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in history)
+            log.info(f"resumed {run_dir} at epoch {start_epoch}")
+    elif D.is_main():
+        (run_dir / "metrics.jsonl").write_text("")
+
+    sched_kw = dict(
+        name=cfg.schedule.name, milestones=list(cfg.schedule.milestones), gamma=cfg.schedule.gamma,
+        warmup_epochs=cfg.schedule.warmup_epochs, min_lr_ratio=cfg.schedule.min_lr / lr,
+        pct_start=cfg.schedule.pct_start,
+    )  # fmt: skip
+    t_start = time.time()
+    for epoch in range(start_epoch, cfg.train.epochs):
+        # Re-seed from (seed, epoch): augmentation and dropout randomness of an epoch do not
+        # depend on what ran before, which makes --resume continue exactly.
+        seed_everything(cfg.train.seed * 1_000_003 + epoch)
+        train_loader.set_epoch(epoch)
+        method.set_epoch(epoch)
+        distiller.train()
+        sums: dict[str, float] = {}
+        n_steps, skipped, t0 = 0, 0, time.time()
+        bar = None
+        if cfg.train.progress and D.is_main() and not quiet:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(
+                total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False
+            )
+        for i, batch in enumerate(train_loader):
+            if i >= steps_per_epoch:
+                break
+            x, y, extras = _unpack(batch, device)
+            x, y, extras = method.prepare_batch(x, y, extras)
+            if cfg.train.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            for g in opt.param_groups:
+                g["lr"] = lr * lr_factor(step, steps_per_epoch, cfg.train.epochs, **sched_kw)
+            t_out = tea(x) if tea is not None else None
+            with amp_ctx():
+                _, terms = step_fn(x, y, t_out, **extras)
+            loss = sum(t.float() for t in terms.values())
+            if not torch.isfinite(loss):
+                detail = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+                if cfg.train.on_nonfinite == "skip":
+                    skipped += 1
+                    opt.zero_grad(set_to_none=True)
+                    step += 1
+                    continue
+                raise RelkdError(
+                    f"non-finite loss at epoch {epoch + 1} step {i} (global step {step}) with "
+                    f"method {cfg.method.name!r}: {detail}. Lower the lr, use fp32, or set "
+                    "train.on_nonfinite=skip"
+                )
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.train.grad_clip:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            step += 1
+            n_steps += 1
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            if bar is not None:
+                bar.update(1)
+                if i % 10 == 0:
+                    bar.set_postfix(loss=f"{float(loss):.3f}")
+        if bar is not None:
+            bar.close()
+        # Metrics: per-rank means averaged over ranks.
+        keys = sorted(sums)
+        vec = torch.tensor(
+            [sums[k] / max(1, n_steps) for k in keys] + [float(skipped)],
+            dtype=torch.float64,
+            device=device,
+        )
+        vec = D.all_reduce_sum(vec)
+        ws = D.world_size()
+        record: dict[str, Any] = {"epoch": epoch + 1, "step": step}
+        record.update({f"train/{k}": float(vec[j]) / ws for j, k in enumerate(keys)})
+        if skipped or vec[-1] > 0:
+            record["skipped_steps"] = int(vec[-1])
+        record["lr"] = opt.param_groups[0]["lr"]
+        record["epoch_time_s"] = time.time() - t0
+        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+            shard = test_loader
+            ev = evaluate(distiller.student, shard, device, amp_ctx)
+            record.update(ev)
+            if ev["top1"] > best["top1"]:
+                best = {"top1": ev["top1"], "epoch": epoch + 1}
+                if D.is_main():
+                    save_student(distiller.student, run_dir / "student_best.pt")
+            record["best_top1"] = best["top1"]
+        history.append(record)
+        log.metrics(record)
+        log.info(
+            f"epoch {epoch + 1}/{cfg.train.epochs} loss {record.get('train/loss', float('nan')):.4f}"
+            + (f" top1 {record['top1']:.2f} best {best['top1']:.2f}" if "top1" in record else "")
+        )
+        if D.is_main():
+            save_checkpoint(
+                run_dir,
+                {
+                    "distiller": distiller.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "epoch": epoch,
+                    "step": step,
+                    "history": history,
+                    "best": best,
+                },
+            )
+        if D.is_dist():
+            torch.distributed.barrier()
+
+    last = next((r for r in reversed(history) if "top1" in r), {})
+    summary = {
+        "best_top1": best["top1"],
+        "best_epoch": best["epoch"],
+        "last_top1": last.get("top1", float("nan")),
+        "last_top5": last.get("top5", float("nan")),
+        "epochs": cfg.train.epochs,
+        "method": cfg.method.name,
+        "student": cfg.student.name,
+        "teacher": cfg.teacher.name if cfg.teacher else None,
+        "seed": cfg.train.seed,
+        "train_time_s": time.time() - t_start,
+        "run_dir": str(run_dir),
+    }
+    if D.is_main():
+        save_student(distiller.student, run_dir / "student.pt")
+        save_student(distiller.student, run_dir / "student.safetensors")
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.close()
+    distiller.tap.remove()
+    return summary

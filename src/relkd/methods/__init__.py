@@ -1,0 +1,30 @@
+"""Distillation methods, one file each, registered by a lowercase key."""
+
+import importlib
+import pkgutil
+
+from relkd.methods.base import (
+    METHODS,
+    Composite,
+    Method,
+    MethodContext,
+    build_method,
+    list_methods,
+    register_method,
+)
+
+# Import every module in this package so each method registers itself: a new method file needs
+# no edit anywhere else.
+for _mod in pkgutil.iter_modules(__path__):
+    if _mod.name != "base":
+        importlib.import_module(f"{__name__}.{_mod.name}")
+
+__all__ = [
+    "METHODS",
+    "Composite",
+    "Method",
+    "MethodContext",
+    "build_method",
+    "list_methods",
+    "register_method",
+]

@@ -1,0 +1,223 @@
+"""The method interface, the method registry and composition of methods ("kd+cmkd").
+
+A method is an ``nn.Module`` holding its trainable extras (projections, connectors, queues as
+buffers) and computing already-weighted loss terms from the model outputs. The engine sums the
+terms, logs each, and calls backward; no method calls backward and the engine has no
+method-specific branch. Per-sample extras (sample index, triplet structure) reach a method as
+keyword arguments of :meth:`Method.forward`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from relkd.models.base import FeatureInfo, ModelOutput
+from relkd.registry import Registry, RelkdError
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+@dataclass
+class MethodContext:
+    """What a method may know about the models when it builds its extras.
+
+    ``student_shapes`` / ``teacher_shapes`` map every tappable name (stage names from
+    ``feature_info`` and ``"pooled"``) to the feature shape without the batch dim, measured by a
+    dummy forward pass.
+    """
+
+    num_classes: int
+    student_stages: list[FeatureInfo] = field(default_factory=list)
+    teacher_stages: list[FeatureInfo] = field(default_factory=list)
+    student_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    teacher_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    epochs: int = 1
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set the class attributes and implement :meth:`forward`."""
+
+    #: registry key (lowercase), set by :func:`register_method`.
+    name: ClassVar[str] = ""
+    #: whether a teacher is required; CE and self-distillation methods say False.
+    requires_teacher: ClassVar[bool] = True
+    #: CE weight used when the config leaves ``method.ce_weight`` unset.
+    default_ce_weight: ClassVar[float] = 1.0
+    #: keyword overrides applied when the method is a part of a composition ("rrd+kd").
+    composite_defaults: ClassVar[dict[str, Any]] = {}
+    #: per-sample extras the data pipeline must deliver, e.g. ("index",).
+    batch_extras: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.epoch = 0  # 0-based epoch in progress, set by the engine through set_epoch
+
+    def student_taps(self) -> list[str]:
+        """Tap names of the student this method reads from ``ModelOutput.feats``."""
+        return []
+
+    def teacher_taps(self) -> list[str]:
+        return []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def wrap_train_dataset(self, dataset: torch.utils.data.Dataset) -> torch.utils.data.Dataset:
+        """Hook for methods that need a different training set structure (e.g. triplets)."""
+        return dataset
+
+    def prepare_batch(
+        self, images: torch.Tensor, targets: torch.Tensor, extras: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """Hook run before the forward passes (e.g. flatten triplets into one batch)."""
+        return images, targets, extras
+
+    def forward(
+        self,
+        student: ModelOutput,
+        teacher: ModelOutput | None,
+        targets: torch.Tensor,
+        **extras: Any,
+    ) -> dict[str, torch.Tensor]:
+        """Return the method's already-weighted loss terms (scalars), CE excluded."""
+        raise NotImplementedError
+
+
+def register_method(name: str):
+    """Class decorator: register a :class:`Method` subclass under ``name`` (lowercase)."""
+
+    def deco(cls: type[Method]) -> type[Method]:
+        if name != name.lower() or "+" in name:
+            raise ValueError(f"method names are lowercase without '+', got {name!r}")
+        cls.name = name
+        METHODS.add(name, cls)
+        return cls
+
+    return deco
+
+
+def list_methods() -> list[str]:
+    return METHODS.names()
+
+
+def _check_type(method: str, key: str, value: Any, annotation: Any) -> None:
+    """Loud failure for obviously wrong argument types (the config is YAML, so be forgiving
+    only where YAML is: ints for floats)."""
+    if annotation is inspect.Parameter.empty or isinstance(annotation, str):
+        return
+    origin = typing.get_origin(annotation)
+    options = typing.get_args(annotation) if origin in (typing.Union, types.UnionType) else ()
+    allowed = options or (annotation,)
+    for a in allowed:
+        a = typing.get_origin(a) or a
+        if a is Any or (a is type(None) and value is None):
+            return
+        if a is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return
+        if (
+            isinstance(a, type)
+            and isinstance(value, a)
+            and not (a is int and isinstance(value, bool))
+        ):
+            return
+        if typing.get_origin(a) is typing.Literal or a is typing.Literal:
+            return
+    names = ", ".join(getattr(a, "__name__", str(a)) for a in allowed)
+    raise RelkdError(f"method {method!r}: argument {key}={value!r} should be of type {names}")
+
+
+def _build_one(name: str, ctx: MethodContext, args: Mapping[str, Any]) -> Method:
+    cls = METHODS.get(name)
+    sig = inspect.signature(cls.__init__)
+    params = {k: p for k, p in sig.parameters.items() if k not in ("self", "ctx")}
+    hints = typing.get_type_hints(cls.__init__)
+    for key, value in args.items():
+        if key not in params:
+            raise RelkdError(
+                f"method {name!r} has no argument {key!r}. Valid arguments: "
+                f"{', '.join(params) or 'none'}"
+            )
+        _check_type(name, key, value, hints.get(key, inspect.Parameter.empty))
+    return cls(ctx, **dict(args))
+
+
+class Composite(Method):
+    """Sum of several methods' terms ("rrd+kd", "kd+cmkd"): one CE, each part's own terms.
+
+    Term names stay as the parts return them; a clash is prefixed with the part's name.
+    """
+
+    def __init__(self, ctx: MethodContext, parts: dict[str, Method]) -> None:
+        super().__init__(ctx)
+        self.parts = nn.ModuleDict(parts)
+        # Instance attributes shadow the class defaults: a composition needs what any part needs.
+        self.requires_teacher = any(p.requires_teacher for p in parts.values())  # type: ignore[misc]
+        self.batch_extras = tuple(sorted({e for p in parts.values() for e in p.batch_extras}))  # type: ignore[misc]
+
+    def student_taps(self) -> list[str]:
+        return list(dict.fromkeys(t for p in self.parts.values() for t in p.student_taps()))
+
+    def teacher_taps(self) -> list[str]:
+        return list(dict.fromkeys(t for p in self.parts.values() for t in p.teacher_taps()))
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        for p in self.parts.values():
+            p.set_epoch(epoch)
+
+    def wrap_train_dataset(self, dataset):
+        for p in self.parts.values():
+            dataset = p.wrap_train_dataset(dataset)
+        return dataset
+
+    def prepare_batch(self, images, targets, extras):
+        for p in self.parts.values():
+            images, targets, extras = p.prepare_batch(images, targets, extras)
+        return images, targets, extras
+
+    def forward(self, student, teacher, targets, **extras):
+        terms: dict[str, torch.Tensor] = {}
+        for pname, part in self.parts.items():
+            for k, v in part(student, teacher, targets, **extras).items():
+                terms[f"{pname}/{k}" if k in terms else k] = v
+        return terms
+
+
+def build_method(
+    name: str, ctx: MethodContext, args: Mapping[str, Any] | None = None
+) -> tuple[Method, float]:
+    """Build a method (or a composition ``"a+b"``) and return it with its default CE weight.
+
+    For a composition, ``args`` maps each part's name to its keyword arguments.
+    """
+    args = dict(args or {})
+    names = [n.strip() for n in name.split("+")]
+    if len(names) == 1:
+        method = _build_one(names[0], ctx, args)
+        return method, type(method).default_ce_weight
+    if len(set(names)) != len(names) or not all(names):
+        raise RelkdError(f"bad method composition {name!r}: parts must be distinct and non-empty")
+    unknown = set(args) - set(names)
+    if unknown:
+        raise RelkdError(
+            f"method {name!r}: args must be keyed by part ({', '.join(names)}); got "
+            f"{', '.join(sorted(unknown))}"
+        )
+    parts = {}
+    for n in names:
+        cls = METHODS.get(n)
+        part_args = {**cls.composite_defaults, **dict(args.get(n) or {})}
+        parts[n] = _build_one(n, ctx, part_args)
+    # A composition keeps the CE weight of the relational/first part's protocol, i.e. 1.0 unless
+    # every part defaults lower (e.g. only logit KD parts).
+    ce = max(type(p).default_ce_weight for p in parts.values())
+    return Composite(ctx, parts), ce
