@@ -126,7 +126,12 @@ def test_method_needing_teacher_without_one_fails_early(fmnist_root, tmp_path):
 
 def test_class_count_mismatch_fails(fmnist_root, tmp_path):
     with pytest.raises(RelkdError, match="classes"):
-        relkd.train(_cfg(fmnist_root, tmp_path, "m"), student=nn.Linear(784, 7), quiet=True)
+        relkd.train(_cfg(fmnist_root, tmp_path, "m"), student=nn.Sequential(nn.Flatten(), nn.Linear(784, 7)), quiet=True)
+
+
+def test_model_that_cannot_take_the_data_fails_clearly(fmnist_root, tmp_path):
+    with pytest.raises(RelkdError, match=r"\[2, 1, 28, 28\]"):
+        relkd.train(_cfg(fmnist_root, tmp_path, "bad"), student=nn.Linear(784, 10), quiet=True)
 
 
 def test_cli_user_error_exit_2_without_traceback(tmp_path):

@@ -79,10 +79,17 @@ def probe_shapes(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[st
     tap = FeatureTap(model, names)
     was = model.training
     model.eval()
-    with torch.no_grad():
-        out = tap(x)
-    model.train(was)
-    tap.remove()
+    try:
+        with torch.no_grad():
+            out = tap(x)
+    except RuntimeError as e:
+        raise RelkdError(
+            f"{type(model).__name__} cannot run on an input of shape {list(x.shape)} "
+            f"(the data set's shape): {str(e).splitlines()[0]}"
+        ) from e
+    finally:
+        model.train(was)
+        tap.remove()
     shapes = {k: tuple(v.shape[1:]) for k, v in out.feats.items()}
     shapes["logits"] = tuple(out.logits.shape[1:])
     return shapes
@@ -122,11 +129,9 @@ def _build_models(cfg: Config, info: Any, teacher: nn.Module | None, student: nn
 
 def _make_loaders(cfg: Config, method: Method, train_ds, test_ds, info, device):
     """In-memory batched pipeline where possible, else a DataLoader (DistributedSampler)."""
-    from relkd.data import InMemoryLoader, collate_with_extras, take_subset, to_tensors
+    from relkd.data import InMemoryLoader, collate_with_extras, supports_in_memory, to_tensors
     from relkd.data.wrappers import IndexedDataset
 
-    if cfg.data.train_subset:
-        train_ds = take_subset(train_ds, cfg.data.train_subset, seed=cfg.train.seed)
     overrides_wrap = type(method).wrap_train_dataset is not Method.wrap_train_dataset
     if hasattr(method, "parts"):
         overrides_wrap = any(
@@ -137,7 +142,7 @@ def _make_loaders(cfg: Config, method: Method, train_ds, test_ds, info, device):
     want_mem = cfg.data.in_memory
     tensors = None
     if want_mem != "false" and not overrides_wrap and extras <= {"index"}:
-        tensors = to_tensors(train_ds)
+        tensors = to_tensors(train_ds) if supports_in_memory(train_ds) else None
         if tensors is None and want_mem == "true":
             raise RelkdError(
                 f"data.in_memory=true but data set {cfg.data.name!r} has no in-memory form"
@@ -159,16 +164,19 @@ def _make_loaders(cfg: Config, method: Method, train_ds, test_ds, info, device):
         train = _EpochLoader(
             ds, cfg.data.batch_size, cfg.data.num_workers, seed, collate_with_extras, device
         )
-    test_t = to_tensors(test_ds) if cfg.data.in_memory != "false" else None
-    if test_t is not None:
+    # Evaluation is sharded over ranks without padding (every test image exactly once in all);
+    # evaluate() sums the counts over ranks.
+    if cfg.data.in_memory != "false" and supports_in_memory(test_ds):
+        xt, yt = to_tensors(test_ds)
         test = InMemoryLoader(
-            test_t[0], test_t[1], batch_size=cfg.data.eval_batch_size, shuffle=False,
-            augment=False, padding=0, flip=False, mean=info.mean, std=info.std, device=device,
-            drop_last=False, seed=0, rank=0, world_size=1,
+            xt, yt, batch_size=cfg.data.eval_batch_size, shuffle=False, augment=False,
+            padding=0, flip=False, mean=info.mean, std=info.std, device=device,
+            rank=D.rank(), world_size=D.world_size(), even_shards=False,
         )  # fmt: skip
     else:
+        shard = torch.utils.data.Subset(test_ds, range(D.rank(), len(test_ds), D.world_size()))
         test = torch.utils.data.DataLoader(
-            test_ds, batch_size=cfg.data.eval_batch_size, shuffle=False,
+            shard, batch_size=cfg.data.eval_batch_size, shuffle=False,
             num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
         )  # fmt: skip
     return train, test
@@ -237,6 +245,7 @@ def evaluate(
         stats[2] += hit.any(dim=1).sum()
         stats[3] += torch.nn.functional.cross_entropy(logits, y, reduction="sum")
     model.train(was)
+    stats = D.all_reduce_sum(stats)
     n = max(1.0, float(stats[0]))
     return {
         "top1": 100.0 * float(stats[1]) / n,
@@ -284,6 +293,12 @@ def build_components(
         cfg.data.name, cfg.data.root, download=cfg.data.download, augment=cfg.data.augment,
         image_size=cfg.data.image_size,
     )  # fmt: skip
+    if cfg.data.train_subset:
+        from relkd.data import take_subset
+
+        train_ds = take_subset(
+            train_ds, cfg.data.train_subset, seed=0
+        )  # same subset for every seed
     teacher_model, student_model = _build_models(cfg, info, teacher, student)
     dummy = torch.zeros(2, info.in_channels, info.image_size, info.image_size)
     s_shapes = probe_shapes(student_model, _tappable(student_model), dummy)
@@ -297,6 +312,7 @@ def build_components(
         student_stages=get_feature_info(student_model),
         student_shapes=s_shapes,
         epochs=cfg.train.epochs,
+        num_train_samples=len(train_ds),
     )
     if teacher_model is not None:
         ctx.teacher_stages = get_feature_info(teacher_model)

@@ -40,6 +40,8 @@ class MethodContext:
     student_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     teacher_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     epochs: int = 1
+    #: size of the (rank-global) training set, for per-sample memories (CRD).
+    num_train_samples: int = 0
 
 
 class Method(nn.Module):
