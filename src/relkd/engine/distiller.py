@@ -35,7 +35,8 @@ class Distiller(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = self.tap(images)
         terms: dict[str, torch.Tensor] = {}
-        if self.ce_weight > 0:
+        # No CE during a method's pre-training phase (e.g. FitNet's hint stage).
+        if self.ce_weight > 0 and self.method.phase == "main":
             # fp32 cross-entropy under autocast (log-softmax precision).
             terms["ce"] = self.ce_weight * F.cross_entropy(out.logits.float(), targets)
         terms.update(self.method(out, teacher_out, targets, **extras))

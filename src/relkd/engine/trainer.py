@@ -426,13 +426,20 @@ def fit(
         warmup_epochs=cfg.schedule.warmup_epochs, min_lr_ratio=cfg.schedule.min_lr / lr,
         pct_start=cfg.schedule.pct_start,
     )  # fmt: skip
+    # Pre-training phases (multi-stage methods) come first; epoch slots are numbered over all.
+    phase_of = [name for name, n in method.phases() for _ in range(n)]
+    pre = len(phase_of)
+    total_epochs = pre + cfg.train.epochs
     t_start = time.time()
-    for epoch in range(start_epoch, cfg.train.epochs):
+    for epoch in range(start_epoch, total_epochs):
         # Re-seed from (seed, epoch): augmentation and dropout randomness of an epoch do not
         # depend on what ran before, which makes --resume continue exactly.
         seed_everything(cfg.train.seed * 1_000_003 + epoch)
         train_loader.set_epoch(epoch)
-        method.set_epoch(epoch)
+        phase = phase_of[epoch] if epoch < pre else "main"
+        main_epoch = epoch - pre
+        method.set_phase(phase)
+        method.set_epoch(max(0, main_epoch))
         distiller.train()
         sums: dict[str, float] = {}
         n_steps, skipped, t0 = 0, 0, time.time()
@@ -440,9 +447,8 @@ def fit(
         if cfg.train.progress and D.is_main() and not quiet:
             from tqdm.auto import tqdm
 
-            bar = tqdm(
-                total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False
-            )
+            desc = f"{phase} {epoch + 1}/{pre}" if phase != "main" else f"epoch {main_epoch + 1}"
+            bar = tqdm(total=steps_per_epoch, desc=f"{desc}/{cfg.train.epochs}", leave=False)
         for i, batch in enumerate(train_loader):
             if i >= steps_per_epoch:
                 break
@@ -450,8 +456,14 @@ def fit(
             x, y, extras = method.prepare_batch(x, y, extras)
             if cfg.train.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
+            main_step = step - pre * steps_per_epoch
+            f = (
+                1.0
+                if phase != "main"
+                else lr_factor(main_step, steps_per_epoch, cfg.train.epochs, **sched_kw)
+            )
             for g in opt.param_groups:
-                g["lr"] = lr * lr_factor(step, steps_per_epoch, cfg.train.epochs, **sched_kw)
+                g["lr"] = lr * f
             t_out = tea(x) if tea is not None else None
             with amp_ctx():
                 _, terms = step_fn(x, y, t_out, **extras)
@@ -495,25 +507,29 @@ def fit(
         )
         vec = D.all_reduce_sum(vec)
         ws = D.world_size()
-        record: dict[str, Any] = {"epoch": epoch + 1, "step": step}
+        record: dict[str, Any] = {"epoch": main_epoch + 1, "step": step}
+        if phase != "main":
+            record["phase"] = phase
         record.update({f"train/{k}": float(vec[j]) / ws for j, k in enumerate(keys)})
         if skipped or vec[-1] > 0:
             record["skipped_steps"] = int(vec[-1])
         record["lr"] = opt.param_groups[0]["lr"]
         record["epoch_time_s"] = time.time() - t0
-        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+        is_eval = (main_epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == total_epochs
+        if phase == "main" and is_eval:
             shard = test_loader
             ev = evaluate(distiller.student, shard, device, amp_ctx)
             record.update(ev)
             if ev["top1"] > best["top1"]:
-                best = {"top1": ev["top1"], "epoch": epoch + 1}
+                best = {"top1": ev["top1"], "epoch": main_epoch + 1}
                 if D.is_main():
                     save_student(distiller.student, run_dir / "student_best.pt")
             record["best_top1"] = best["top1"]
         history.append(record)
         log.metrics(record)
         log.info(
-            f"epoch {epoch + 1}/{cfg.train.epochs} loss {record.get('train/loss', float('nan')):.4f}"
+            f"{phase} epoch {main_epoch + 1 if phase == 'main' else epoch + 1}/"
+            f"{cfg.train.epochs if phase == 'main' else pre} loss {record.get('train/loss', float('nan')):.4f}"
             + (f" top1 {record['top1']:.2f} best {best['top1']:.2f}" if "top1" in record else "")
         )
         if D.is_main():

@@ -61,7 +61,8 @@ class Method(nn.Module):
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__()
         self.ctx = ctx
-        self.epoch = 0  # 0-based epoch in progress, set by the engine through set_epoch
+        self.epoch = 0  # 0-based epoch of the main schedule, set by the engine (set_epoch)
+        self.phase = "main"  # current phase, set by the engine (set_phase)
 
     def student_taps(self) -> list[str]:
         """Tap names of the student this method reads from ``ModelOutput.feats``."""
@@ -72,6 +73,18 @@ class Method(nn.Module):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def phases(self) -> list[tuple[str, int]]:
+        """Pre-training phases run before the main schedule, as ``[(name, epochs), ...]``.
+
+        The general multi-stage mechanism (FitNet's hint stage, AB / FT / FSP initialisation):
+        during a phase the engine calls ``set_phase(name)``, trains with the base lr, skips CE
+        and evaluation, and the method returns that phase's terms. Default: no phase.
+        """
+        return []
+
+    def set_phase(self, phase: str) -> None:
+        self.phase = phase
 
     def wrap_train_dataset(self, dataset: torch.utils.data.Dataset) -> torch.utils.data.Dataset:
         """Hook for methods that need a different training set structure (e.g. triplets)."""
@@ -175,6 +188,14 @@ class Composite(Method):
         super().set_epoch(epoch)
         for p in self.parts.values():
             p.set_epoch(epoch)
+
+    def phases(self) -> list[tuple[str, int]]:
+        return [ph for p in self.parts.values() for ph in p.phases()]
+
+    def set_phase(self, phase: str) -> None:
+        super().set_phase(phase)
+        for p in self.parts.values():
+            p.set_phase(phase)
 
     def wrap_train_dataset(self, dataset):
         for p in self.parts.values():
