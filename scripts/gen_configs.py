@@ -33,6 +33,16 @@ CRD_PAIRS: list[tuple[str, str]] = [
 #: An empty dict means the method's own defaults (which follow the papers' protocol).
 METHODS: dict[str, dict] = {
     "kd": {},
+    "rrd": {},
+    "rrd+kd": {},
+    "crd": {},
+    "crd+kd": {},
+    "dkd": {},
+    "clkd": {},
+    "cmkd": {},
+    "kd+cmkd": {},
+    # tau 4, beta = gamma = 2: DIST's CIFAR setting as we recall it (see methods/dist.py).
+    "dist": {"args": {"temperature": 4.0, "beta": 2.0, "gamma": 2.0}},
 }
 
 LOW_LR = {"MobileNetV2": 0.01, "ShuffleV1": 0.01, "ShuffleV2": 0.01}

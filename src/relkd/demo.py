@@ -21,6 +21,12 @@ from relkd.config import load_config, to_yaml
 DEMO_METHODS: dict[str, dict[str, Any]] = {
     "ce": {},
     "kd": {},
+    "dkd": {"args": {"warmup": 1}},  # the 20-epoch warm-up is for 240-epoch schedules
+    "dist": {"args": {"temperature": 4.0, "beta": 2.0, "gamma": 2.0}},
+    "clkd": {"ce_weight": 1.0},  # short schedules want lambda 1 (methods.md section 3)
+    "cmkd": {},
+    "rrd": {"args": {"queue_size": 4096}},  # a queue smaller than the 10k-image training set
+    "crd": {"args": {"nce_k": 4096}},
 }
 
 TEACHER_EPOCHS = 3

@@ -1,0 +1,314 @@
+"""On-device data loading for data sets that fit in memory (CIFAR, Fashion-MNIST, STL-10, ...).
+
+The whole split lives on the device as one uint8 tensor [N, C, H, W]; each batch is gathered,
+randomly cropped (zero padding) and flipped with a handful of batched tensor ops, then converted
+with ``float / 255`` and ``(x - mean) / std`` exactly as ``ToTensor`` + ``Normalize`` do. No
+worker processes, no per-sample Python, no host-to-device copies after construction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Subset
+
+from relkd.registry import RelkdError
+
+Batch = (
+    tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
+)
+
+
+def _base_dataset(ds: Any) -> Any:
+    """Follow ``.dataset`` (Subset, IndexedDataset) down to the data set that holds the images."""
+    seen = 0
+    while not hasattr(ds, "as_tensors") and hasattr(ds, "dataset") and seen < 16:
+        ds = ds.dataset
+        seen += 1
+    return ds
+
+
+def supports_in_memory(ds: Dataset) -> bool:
+    """True when :func:`to_tensors` works for ``ds`` (itself or under Subset / IndexedDataset)."""
+    return hasattr(_base_dataset(ds), "as_tensors")
+
+
+def to_tensors(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole data set as (images uint8 [N, C, H, W], targets int64 [N]).
+
+    Works on data sets with an ``as_tensors()`` method and on ``Subset`` / ``IndexedDataset``
+    wrappers around them (a Subset keeps its order, so index i of the result is item i of ``ds``).
+    """
+    if hasattr(ds, "as_tensors"):
+        images, targets = ds.as_tensors()
+        return images, targets.long()
+    if isinstance(ds, Subset):
+        images, targets = to_tensors(ds.dataset)
+        idx = torch.as_tensor(list(ds.indices), dtype=torch.long)
+        return images[idx], targets[idx]
+    inner = getattr(ds, "dataset", None)
+    if inner is not None and len(inner) == len(ds):  # a pass-through wrapper (IndexedDataset)
+        return to_tensors(inner)
+    raise RelkdError(
+        f"{type(ds).__name__} cannot be held in memory as tensors (no as_tensors()); use a "
+        "DataLoader for it (in-memory data sets: cifar10, cifar100, fashion_mnist, stl10, folder_jpg)"
+    )
+
+
+def _mix_seed(*parts: int | str) -> int:
+    """A 63-bit seed derived from ``parts`` (independent streams for shuffle and augmentation)."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class InMemoryLoader:
+    """Batches ``(x float [B, C, H, W] normalised, y int64 [B])`` (``+ extras``) from device memory.
+
+    Args:
+        images_u8: the whole split, uint8 [N, C, H, W] (see :func:`to_tensors`).
+        targets: int64 [N].
+        batch_size: per-rank batch size B.
+        shuffle: permute the order every epoch (a function of ``seed + epoch``, see
+            :meth:`set_epoch`); else sequential order.
+        augment: apply RandomCrop(H, padding, zero fill) + RandomHorizontalFlip per sample, with
+            the same distribution as torchvision's transforms: each of the (2p+1)^2 offsets and
+            each flip state equally likely.
+        padding: zero padding p of the random crop (0: no crop).
+        flip: random horizontal flip with probability 1/2.
+        mean, std: per-channel normalisation (length C), as ``transforms.Normalize``.
+        device: where the data lives and batches are produced.
+        drop_last: drop the last incomplete batch of each rank.
+        seed: base seed of the shuffle order and of the augmentation draws.
+        rank, world_size: shard like ``DistributedSampler``: the permutation is padded (by
+            repeating its head) to a multiple of ``world_size`` and rank r takes positions
+            r, r + W, r + 2W, ... so ranks get disjoint, equally long shards.
+        return_index: also yield ``{"index": int64 [B]}`` (positions in the split) for
+            memory-bank methods.
+        even_shards: pad shards to equal length (needed for training under DDP); ``False``
+            gives every sample exactly once over all ranks (exact distributed evaluation).
+
+    Call :meth:`set_epoch` before each epoch, as with ``DistributedSampler``; without it every
+    pass repeats epoch 0's order and augmentation.
+    """
+
+    def __init__(
+        self,
+        images_u8: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        batch_size: int,
+        shuffle: bool,
+        augment: bool,
+        padding: int,
+        flip: bool,
+        mean: Sequence[float],
+        std: Sequence[float],
+        device: str | torch.device = "cpu",
+        drop_last: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        return_index: bool = False,
+        even_shards: bool = True,
+    ) -> None:
+        if images_u8.dtype != torch.uint8 or images_u8.dim() != 4:
+            raise RelkdError(
+                f"images must be uint8 [N, C, H, W], got {images_u8.dtype} {tuple(images_u8.shape)}"
+            )
+        if targets.dim() != 1 or len(targets) != len(images_u8):
+            raise RelkdError(f"targets must be [N={len(images_u8)}], got {tuple(targets.shape)}")
+        c = images_u8.shape[1]
+        if len(mean) != c or len(std) != c:
+            raise RelkdError(
+                f"mean/std need {c} values (one per channel), got {len(mean)}/{len(std)}"
+            )
+        if batch_size <= 0:
+            raise RelkdError(f"batch_size must be positive, got {batch_size}")
+        if padding < 0:
+            raise RelkdError(f"padding must be >= 0, got {padding}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise RelkdError(
+                f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}"
+            )
+        if len(images_u8) == 0:
+            raise RelkdError("InMemoryLoader got an empty data set")
+        self.device = torch.device(device)
+        self.images = images_u8.to(self.device).contiguous()
+        self.targets = targets.to(self.device, torch.long)
+        self.mean = torch.tensor(list(mean), dtype=torch.float32, device=self.device).view(
+            1, -1, 1, 1
+        )
+        self.std = torch.tensor(list(std), dtype=torch.float32, device=self.device).view(
+            1, -1, 1, 1
+        )
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.augment = augment and (padding > 0 or flip)
+        self.padding = padding
+        self.flip = flip
+        self.drop_last = drop_last
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.return_index = return_index
+        self.even_shards = even_shards
+        self.epoch = 0
+        n = len(self.images)
+        if even_shards:
+            self.num_samples = math.ceil(n / world_size)
+        else:
+            self.num_samples = len(range(rank, n, world_size))
+
+    @classmethod
+    def from_dataset(
+        cls,
+        ds: Dataset,
+        *,
+        batch_size: int,
+        shuffle: bool,
+        augment: bool | None = None,
+        device: str | torch.device = "cpu",
+        **kwargs: Any,
+    ) -> InMemoryLoader:
+        """Loader over a data set with ``as_tensors`` (or a Subset / IndexedDataset of one).
+
+        Normalisation and augmentation (``mean``, ``std``, ``padding``, ``flip``) are read from
+        the data set (:class:`~relkd.data.datasets.ArrayImageDataset`), so the batches follow the
+        same distribution as its ``__getitem__``; ``augment=None`` keeps the data set's choice.
+        ``kwargs`` go to the constructor (``drop_last``, ``seed``, ``rank``, ...).
+        """
+        base = _base_dataset(ds)
+        images, targets = to_tensors(ds)
+        for attr in ("mean", "std"):
+            if attr not in kwargs and not hasattr(base, attr):
+                raise RelkdError(f"{type(base).__name__} has no `{attr}`; pass {attr}= explicitly")
+        opts: dict[str, Any] = {
+            "mean": getattr(base, "mean", None),
+            "std": getattr(base, "std", None),
+            "padding": getattr(base, "padding", 0),
+            "flip": getattr(base, "flip", False),
+        }
+        opts.update(kwargs)
+        if augment is None:
+            augment = bool(getattr(base, "augment", False))
+        return cls(
+            images, targets, batch_size=batch_size, shuffle=shuffle, augment=augment,
+            device=device, **opts,
+        )  # fmt: skip
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch: the order is ``randperm(N)`` seeded with ``seed + epoch``."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        """Number of batches this rank yields per epoch."""
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return math.ceil(self.num_samples / self.batch_size)
+
+    @property
+    def dataset_size(self) -> int:
+        """N, the size of the whole split (all ranks)."""
+        return len(self.images)
+
+    def shard_indices(self) -> torch.Tensor:
+        """This rank's sample positions for the current epoch, int64 [num_samples] on the CPU.
+
+        Identical to ``DistributedSampler(num_replicas=world_size, rank=rank, shuffle=shuffle,
+        seed=seed)`` after ``set_epoch(epoch)``.
+        """
+        n = len(self.images)
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=g)
+        else:
+            order = torch.arange(n)
+        if self.even_shards:
+            total = self.num_samples * self.world_size
+            if total > n:  # pad by repeating the head, as DistributedSampler does
+                order = torch.cat([order, order.repeat(math.ceil((total - n) / n))[: total - n]])
+            return order[self.rank : total : self.world_size]
+        return order[self.rank :: self.world_size]
+
+    def _draw_augmentation(self, count: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Per-sample crop offsets int64 [count, 2] in [0, 2p] and flips bool [count].
+
+        Drawn on the CPU from a generator seeded by (seed, epoch, rank), so a given seed gives
+        the same augmentation on every device type; moved to the device once per epoch.
+        """
+        g = torch.Generator()
+        g.manual_seed(_mix_seed(self.seed, self.epoch, self.rank, "augment"))
+        offsets = flips = None
+        if self.padding > 0:
+            offsets = torch.randint(0, 2 * self.padding + 1, (count, 2), generator=g)
+            offsets = offsets.to(self.device, non_blocking=True)
+        if self.flip:
+            flips = (
+                torch.randint(0, 2, (count,), generator=g).bool().to(self.device, non_blocking=True)
+            )
+        return offsets, flips
+
+    def crop_flip(
+        self, x: torch.Tensor, offsets: torch.Tensor | None, flips: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Random crop + flip of a uint8 batch [B, C, H, W] -> [B, C, H, W] in one gather.
+
+        Output pixel (i, j) of sample b is padded[b, oy + i, ox + j], or
+        padded[b, oy + i, ox + W - 1 - j] when flipped (crop first, then flip, as torchvision),
+        where ``padded`` is the batch zero-padded by p on every side.
+        """
+        b, c, h, w = x.shape
+        p = self.padding if offsets is not None else 0
+        dev = x.device
+        rows = torch.arange(h, device=dev).expand(b, h)
+        cols = torch.arange(w, device=dev).expand(b, w)
+        if flips is not None:
+            cols = torch.where(flips[:, None], (w - 1) - cols, cols)
+        if offsets is not None:
+            x = F.pad(x, (p, p, p, p))  # zero fill, like RandomCrop(padding=p, fill=0)
+            rows = rows + offsets[:, :1]
+            cols = cols + offsets[:, 1:]
+        wp = w + 2 * p
+        lin = (rows[:, :, None] * wp + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+        return torch.gather(x.reshape(b, c, -1), 2, lin).view(b, c, h, w)
+
+    def normalize(self, x_u8: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, C, H, W] -> float32, bit-identical to ToTensor() + Normalize(mean, std)."""
+        return x_u8.float().div_(255).sub_(self.mean).div_(self.std)
+
+    def __iter__(self) -> Iterator[Batch]:
+        idx = self.shard_indices().to(self.device, non_blocking=True)
+        offsets = flips = None
+        if self.augment:
+            offsets, flips = self._draw_augmentation(len(idx))
+        bs = self.batch_size
+        for k in range(len(self)):
+            sl = slice(k * bs, min((k + 1) * bs, len(idx)))
+            i = idx[sl]
+            x = self.images.index_select(0, i)
+            if self.augment:
+                x = self.crop_flip(
+                    x,
+                    offsets[sl] if offsets is not None else None,
+                    flips[sl] if flips is not None else None,
+                )
+            x = self.normalize(x)
+            y = self.targets.index_select(0, i)
+            if self.return_index:
+                yield x, y, {"index": i}
+            else:
+                yield x, y
+
+    def __repr__(self) -> str:
+        n, c, h, w = self.images.shape
+        return (
+            f"InMemoryLoader(n={n}, shape=[{c}, {h}, {w}], batch_size={self.batch_size}, "
+            f"shuffle={self.shuffle}, augment={self.augment}, padding={self.padding}, "
+            f"flip={self.flip}, rank={self.rank}/{self.world_size}, device={self.device})"
+        )
