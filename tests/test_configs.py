@@ -11,7 +11,8 @@ from relkd import list_methods, list_models
 from relkd.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+# configs/transfer/ holds `relkd probe` options, not training configs.
+CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "transfer" not in p.parts)
 
 
 def _gen():

@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.set_defaults(fn=_cmd_eval)
 
+    from relkd.probe import add_probe_parser
+
+    add_probe_parser(sub)
+
     ls = sub.add_parser("list", help="registered models, methods or data sets")
     ls.add_argument("what", choices=["models", "methods", "datasets"])
     ls.set_defaults(fn=_cmd_list)

@@ -85,6 +85,9 @@ class TrainConfig:
     tensorboard: bool = True
     channels_last: bool = False
     compile: bool = False
+    # Under DDP: batch norm statistics over the global batch (N ranks at batch b then train like
+    # one process at N*b). Off by default, as in the CRD / mdistiller recipes (per-GPU BN).
+    sync_bn: bool = False
 
 
 @dataclass

@@ -359,12 +359,13 @@ def fit(
     device = resolve_device(cfg.train.device)
     init_distributed(device)
     run_dir = _run_dir(cfg)
+    # Every rank checks (the same folder on a shared file system), so none waits on a failed one.
+    if (run_dir / "checkpoint.pt").exists() and not resume:
+        raise RelkdError(
+            f"run folder {str(run_dir)!r} already holds a run; pass --resume (resume=True) to "
+            "continue it, or choose another output_dir / name"
+        )
     if D.is_main():
-        if (run_dir / "checkpoint.pt").exists() and not resume:
-            raise RelkdError(
-                f"run folder {str(run_dir)!r} already holds a run; pass --resume (resume=True) to "
-                "continue it, or choose another output_dir / name"
-            )
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -379,6 +380,10 @@ def fit(
     distiller, method, tea, info = comp.distiller, comp.method, comp.teacher, comp.info
     train_ds, test_ds = comp.train_ds, comp.test_ds
     model: nn.Module = distiller
+    if D.world_size() > 1 and cfg.train.sync_bn:
+        from relkd.engine.syncbn import convert_sync_bn
+
+        convert_sync_bn(distiller, device)
     if D.world_size() > 1:
         model = nn.parallel.DistributedDataParallel(
             distiller, device_ids=[device.index] if device.type == "cuda" else None

@@ -1,0 +1,73 @@
+"""Batch norm over the global batch of all ranks, on any device (``nn.SyncBatchNorm`` is
+GPU-only). Used when ``train.sync_bn`` is on: then N processes at batch b train exactly like one
+process at batch N*b, which the distributed tests check on CPU with gloo."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+class GlobalBatchNorm(_BatchNorm):
+    """Same parameters and buffers as ``BatchNorm{1,2,3}d`` (checkpoints stay compatible);
+    in training mode the mean and variance are those of the batch gathered over all ranks.
+
+    Input [B, C, *]. Statistics in fp32; the all-reduce is differentiable, so gradients flow
+    through the global statistics as in single-process batch norm.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input [B, C, ...], got {x.dim()}-D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return super().forward(x)
+        dims = [0, *range(2, x.dim())]
+        xf = x.float()
+        n_local = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=torch.float32)
+        stats = torch.cat([xf.sum(dims), xf.square().sum(dims), n_local])
+        stats = dist_fn.all_reduce(stats)  # differentiable sum over ranks
+        c = x.shape[1]
+        total = stats[2 * c]
+        mean = stats[:c] / total
+        var = stats[c : 2 * c] / total - mean.square()  # biased, as batch norm normalises
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = (
+                    self.momentum
+                    if self.momentum is not None
+                    else 1.0 / float(self.num_batches_tracked)
+                )
+                unbiased = var * total / (total - 1).clamp(min=1)
+                self.running_mean.mul_(1 - m).add_(m * mean.detach())
+                self.running_var.mul_(1 - m).add_(m * unbiased.detach())
+        shape = [1, c] + [1] * (x.dim() - 2)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def convert_sync_bn(module: nn.Module, device: torch.device) -> nn.Module:
+    """Swap every batch norm for a global one: ``nn.SyncBatchNorm`` on CUDA, ours elsewhere."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    out = module
+    if isinstance(module, _BatchNorm) and not isinstance(module, GlobalBatchNorm):
+        out = GlobalBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine,
+            module.track_running_stats,
+        )  # fmt: skip
+        out.load_state_dict(module.state_dict())
+        out.train(module.training)
+        state = list(module.state_dict().values())
+        if state:
+            out.to(state[0].device)
+    for name, child in module.named_children():
+        out.add_module(name, convert_sync_bn(child, device))
+    return out

@@ -1,0 +1,900 @@
+"""Linear-probe transfer evaluation of a trained student: ``relkd probe``.
+
+The transfer protocol of RRD (Giakoumoglou & Stathaki, "Relational Representation
+Distillation", arXiv 2407.12073; followed from CRD, Tian et al., arXiv 1910.10699): a student
+distilled on CIFAR-100 is frozen, its pooled penultimate features (the input of its classifier)
+feed a **new** ``nn.Linear`` head, and only that head is trained on the target data set
+(STL-10 or Tiny-ImageNet in the paper; here any registered data set). Protocol defaults
+(:data:`PROTOCOL`):
+
+- images resized to 32x32; train augmentation RandomCrop(32, padding 4) + horizontal flip;
+- head initialised N(0, 0.01) weights, zero bias;
+- SGD lr 0.05, momentum 0.9, weight decay 5e-4, batch 64, 120 epochs, lr x0.1 at epochs
+  30 / 60 / 90;
+- top-1 on the target's test split after every epoch; best and last are reported (the official
+  code's comment says its published numbers are the last epoch's).
+
+Deliberate difference from the official code (github.com/giakoumoglou/distillers,
+``transfer_student.py``): there the "frozen" backbone stays in train mode, so its BatchNorm
+layers use batch statistics and keep updating their running statistics on the target data.
+Here the backbone is in **eval mode** for the whole probe (running statistics from the source
+data, never updated): the features are a fixed function of the image, which is what a linear
+probe of a frozen representation means. ``probe.json`` records this.
+
+Efficiency, honestly: the augmentation draws a new crop / flip every epoch, so train features
+cannot be cached across epochs; the backbone runs forward (under ``no_grad``) on every train
+batch. Test images are never augmented and the backbone is fixed, so the test features are
+computed once and every epoch's evaluation is a head forward (exact). ``augment=False``
+(``--no-augment``) also computes the train features once and then trains only the head on them,
+which is fast but **deviates from the protocol** (no augmentation); the run records it.
+File-based data sets whose train pipeline is exactly [Resize(s, s)] + RandomCrop(s, p) + flip +
+ToTensor + Normalize (Tiny-ImageNet) are decoded and resized once into memory and augmented on the
+device with the same distribution (``in_memory="auto"``).
+
+Run folder (``out_dir/name``): ``probe.json`` (the options, the protocol, the deviations),
+``metrics.jsonl`` (one record per epoch), ``summary.json`` (best / last top-1) and ``head.pt``
+(the trained head's weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from relkd.registry import RelkdError
+
+PAPER = "RRD, Giakoumoglou & Stathaki, arXiv 2407.12073 (transfer: frozen backbone + linear head)"
+
+#: The RRD linear-probe protocol (arXiv 2407.12073); :func:`run_probe`'s defaults.
+PROTOCOL: dict[str, Any] = {
+    "image_size": 32,
+    "augment": True,
+    "epochs": 120,
+    "lr": 0.05,
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
+    "milestones": [30, 60, 90],
+    "gamma": 0.1,
+    "batch_size": 64,
+    "head_init_std": 0.01,
+}
+
+BN_NOTE = (
+    "backbone in eval mode (BatchNorm running statistics frozen); the official code leaves it "
+    "in train mode"
+)
+NO_AUGMENT_NOTE = (
+    "augment=False: train features computed once without augmentation (deviates from the "
+    "protocol's RandomCrop + flip)"
+)
+
+#: Materialise a file-based train split in memory only below this many bytes (uint8 images).
+_MAX_IN_MEMORY_BYTES = 4 << 30
+
+
+# --------------------------------------------------------------------------------- the model
+
+
+def init_head(head: nn.Linear, std: float = 0.01) -> nn.Linear:
+    """The protocol's head init: weights ~ N(0, std) (std 0.01), bias 0."""
+    with torch.no_grad():
+        head.weight.normal_(0.0, std)
+        if head.bias is not None:
+            head.bias.zero_()
+    return head
+
+
+class LinearProbe(nn.Module):
+    """A frozen backbone's pooled features -> a new ``nn.Linear`` head.
+
+    The backbone's parameters get ``requires_grad=False`` and the backbone stays in eval mode
+    whatever ``train()`` is called with (BatchNorm uses and keeps its running statistics; dropout
+    is off). :meth:`features` taps the input of the backbone's classifier
+    (:data:`relkd.models.POOLED`) under ``no_grad``; only :attr:`head` is trainable.
+    """
+
+    def __init__(
+        self, backbone: nn.Module, feature_dim: int, num_classes: int, init_std: float = 0.01
+    ) -> None:
+        super().__init__()
+        from relkd.models import POOLED, FeatureTap
+
+        self.backbone = backbone
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        self.head = init_head(nn.Linear(feature_dim, num_classes), init_std)
+        self._key = POOLED
+        self._tap = FeatureTap(backbone, [POOLED])
+        self.backbone.eval()
+
+    def train(self, mode: bool = True) -> LinearProbe:
+        super().train(mode)
+        self.backbone.eval()  # frozen means frozen: BN statistics never move
+        return self
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features [B, D] (float32, no graph)."""
+        if self.backbone.training:  # someone called backbone.train() directly
+            self.backbone.eval()
+        return self._tap(x).feats[self._key].float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def head_optimizer(
+    probe: LinearProbe, *, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4
+) -> torch.optim.SGD:
+    """SGD over the head's parameters only (the backbone is not even handed to the optimizer)."""
+    return torch.optim.SGD(
+        list(probe.head.parameters()), lr=lr, momentum=momentum, weight_decay=weight_decay
+    )
+
+
+def build_probe(
+    model_name: str,
+    checkpoint: str | os.PathLike[str],
+    *,
+    num_source_classes: int,
+    num_classes: int,
+    in_channels: int = 3,
+    image_size: int = 32,
+    model_kwargs: Mapping[str, Any] | None = None,
+    init_std: float = 0.01,
+) -> LinearProbe:
+    """Load the student ``model_name`` (``num_source_classes`` outputs) from ``checkpoint`` and
+    wrap it in a :class:`LinearProbe` with a fresh ``num_classes`` head.
+
+    The checkpoint is loaded strictly (the official code uses ``strict=False``, which silently
+    probes a partly random network when the names do not match); a mismatch is a RelkdError.
+    """
+    from relkd.engine.trainer import probe_shapes
+    from relkd.models import POOLED, create_model, load_checkpoint
+
+    kw = dict(model_kwargs or {})
+    if in_channels != 3:
+        kw.setdefault("in_chans", in_channels)
+    backbone = create_model(model_name, num_source_classes, **kw)
+    try:
+        load_checkpoint(backbone, checkpoint)
+    except RelkdError as e:
+        if "does not match" not in str(e):
+            raise
+        raise RelkdError(
+            f"{e}\n(the probe builds {model_name!r} with num_source_classes={num_source_classes}"
+            f"{f' and {kw}' if kw else ''}; model, class count and architecture arguments must "
+            "match the checkpoint)"
+        ) from e
+    dummy = torch.zeros(2, in_channels, image_size, image_size)
+    shapes = probe_shapes(backbone, [POOLED], dummy)
+    if len(shapes[POOLED]) != 1:
+        raise RelkdError(f"{model_name}: pooled features have shape {shapes[POOLED]}, expected [D]")
+    return LinearProbe(backbone, shapes[POOLED][0], num_classes, init_std)
+
+
+# ---------------------------------------------------------------------------------- the data
+
+
+def _unwrap_compose(transform: Any) -> list[Any] | None:
+    from torchvision import transforms as T
+
+    return list(transform.transforms) if isinstance(transform, T.Compose) else None
+
+
+def file_pipeline(ds: Dataset) -> dict[str, Any] | None:
+    """Describe a FileImageDataset's transform when it is exactly
+    ``[Resize((s, s))] + [RandomCrop(s, p)] + [RandomHorizontalFlip()] + ToTensor + Normalize``
+    (zero fill, bilinear resize), else None. Such a split can be decoded + resized once and
+    augmented on the device by :class:`relkd.data.InMemoryLoader` with the same distribution."""
+    from torchvision import transforms as T
+    from torchvision.transforms import InterpolationMode
+
+    from relkd.data import FileImageDataset
+
+    if not isinstance(ds, FileImageDataset):
+        return None
+    ts = _unwrap_compose(ds.transform)
+    if not ts or len(ts) < 2:
+        return None
+    *head, to_tensor, norm = ts
+    if not isinstance(to_tensor, T.ToTensor) or not isinstance(norm, T.Normalize):
+        return None
+    out: dict[str, Any] = {
+        "resize": None, "padding": 0, "flip": False, "crop": None,
+        "mean": tuple(float(m) for m in norm.mean), "std": tuple(float(s) for s in norm.std),
+    }  # fmt: skip
+    order = 0
+    for t in head:
+        if isinstance(t, T.Resize) and order == 0:
+            size = t.size if isinstance(t.size, (list, tuple)) else None
+            if size is None or len(size) != 2 or size[0] != size[1]:
+                return None
+            if t.interpolation != InterpolationMode.BILINEAR or t.max_size is not None:
+                return None
+            out["resize"] = int(size[0])
+            order = 1
+        elif isinstance(t, T.RandomCrop) and order <= 1:
+            pad = t.padding
+            if isinstance(pad, (list, tuple)):
+                if len(set(pad)) != 1:
+                    return None
+                pad = pad[0]
+            if t.size[0] != t.size[1] or t.fill != 0 or t.padding_mode != "constant":
+                return None
+            if t.pad_if_needed:
+                return None
+            out["crop"], out["padding"] = int(t.size[0]), int(pad or 0)
+            order = 2
+        elif isinstance(t, T.RandomHorizontalFlip) and order <= 2 and t.p == 0.5:
+            out["flip"] = True
+            order = 3
+        else:
+            return None
+    if out["resize"] and out["crop"] and out["crop"] != out["resize"]:
+        return None
+    return out
+
+
+def _decode_resized(path: str, size: int | None) -> np.ndarray:
+    from PIL import Image
+
+    from relkd.data import load_image
+
+    img = load_image(path)  # RGB, as FileImageDataset does
+    if size is not None:
+        img = img.resize((size, size), Image.Resampling.BILINEAR)  # == transforms.Resize((s, s))
+    return np.asarray(img)
+
+
+def materialize_file_split(
+    ds: Dataset, pipeline: dict[str, Any], workers: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Decode (and resize) every image of a FileImageDataset once: (uint8 [N, C, H, W], int64 [N]),
+    or None when the images do not share the size the pipeline crops (then use a DataLoader)."""
+    samples: list[tuple[str, int]] = ds.samples  # type: ignore[attr-defined]
+    size = pipeline["resize"]
+    side = size or pipeline["crop"]
+    if side is not None and len(samples) * side * side * 3 > _MAX_IN_MEMORY_BYTES:
+        return None
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as ex:  # Pillow releases the GIL while decoding
+        arrays = list(ex.map(lambda s: _decode_resized(s[0], size), samples))
+    if not arrays:
+        return None
+    shape = arrays[0].shape
+    if any(a.shape != shape for a in arrays) or shape[0] != shape[1]:
+        return None
+    if pipeline["crop"] is not None and shape[0] != pipeline["crop"]:
+        return None
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    y = torch.as_tensor([t for _, t in samples], dtype=torch.long)
+    return x, y
+
+
+def _train_loader(
+    ds: Dataset, *, batch_size: int, seed: int, device: torch.device, num_workers: int,
+    in_memory: str, log: Any,
+) -> tuple[Any, str]:  # fmt: skip
+    """Shuffled, augmented train batches: on-device when possible, else a DataLoader."""
+    from relkd.data import InMemoryLoader, supports_in_memory
+    from relkd.engine.trainer import _EpochLoader
+
+    if in_memory != "false" and supports_in_memory(ds):
+        loader = InMemoryLoader.from_dataset(
+            ds, batch_size=batch_size, shuffle=True, device=device, seed=seed
+        )
+        return loader, "in_memory"
+    if in_memory != "false":
+        pipe = file_pipeline(ds)
+        if pipe is not None:
+            t0 = time.time()
+            tensors = materialize_file_split(ds, pipe, workers=max(1, num_workers) * 2)
+            if tensors is not None:
+                log(f"decoded {len(tensors[1])} train images once in {time.time() - t0:.1f}s")
+                loader = InMemoryLoader(
+                    *tensors, batch_size=batch_size, shuffle=True,
+                    augment=pipe["padding"] > 0 or pipe["flip"], padding=pipe["padding"],
+                    flip=pipe["flip"], mean=pipe["mean"], std=pipe["std"], device=device,
+                    seed=seed,
+                )  # fmt: skip
+                return loader, "in_memory_decoded"
+    if in_memory == "true":
+        raise RelkdError(
+            "in_memory=true but the train split has no in-memory form (its images are files "
+            "with a pipeline other than [Resize] + RandomCrop + flip); use auto or false"
+        )
+    return _EpochLoader(ds, batch_size, num_workers, seed, None, device), "dataloader"
+
+
+def _eval_loader(
+    ds: Dataset, *, batch_size: int, device: torch.device, num_workers: int, in_memory: str
+) -> Any:
+    """Unshuffled, unaugmented batches over ``ds`` (one pass, for feature extraction)."""
+    from relkd.data import InMemoryLoader, supports_in_memory
+
+    if in_memory != "false" and supports_in_memory(ds):
+        return InMemoryLoader.from_dataset(
+            ds, batch_size=batch_size, shuffle=False, augment=False, device=device
+        )
+    return DataLoader(
+        ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )  # fmt: skip
+
+
+def extract_features(
+    probe: LinearProbe, loader: Any, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features [N, D] and labels [N] of every batch of ``loader`` (on ``device``)."""
+    from relkd.engine.trainer import _unpack
+
+    feats, labels = [], []
+    for batch in loader:
+        x, y, _ = _unpack(batch, device)
+        feats.append(probe.features(x))
+        labels.append(y)
+    if not feats:
+        raise RelkdError("the data split is empty: no features to probe")
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def evaluate_head(
+    head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, chunk: int = 4096
+) -> dict[str, float]:
+    """Top-1 / top-5 (%) and mean CE of ``head`` on precomputed features."""
+    was = head.training
+    head.eval()
+    n, top1, top5, ce = 0, 0.0, 0.0, 0.0
+    for i in range(0, len(feats), chunk):
+        logits = head(feats[i : i + chunk]).float()
+        y = labels[i : i + chunk]
+        k = min(5, logits.shape[1])
+        hit = logits.topk(k, dim=1).indices.eq(y[:, None])
+        n += y.numel()
+        top1 += float(hit[:, 0].sum())
+        top5 += float(hit.any(dim=1).sum())
+        ce += float(F.cross_entropy(logits, y, reduction="sum"))
+    head.train(was)
+    n = max(1, n)
+    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "test_loss": ce / n}
+
+
+# ------------------------------------------------------------------------------ the training
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise RelkdError(msg)
+
+
+def lr_at(epoch: int, lr: float, milestones: Sequence[int], gamma: float) -> float:
+    """Base lr times ``gamma`` per milestone reached (0-based ``epoch``; milestone 30 = the
+    31st epoch onwards, as the official ``adjust_learning_rate`` with 1-based epochs)."""
+    return lr * gamma ** sum(1 for m in milestones if epoch >= m)
+
+
+def fit_probe(
+    probe: LinearProbe,
+    train_ds: Dataset,
+    test_ds: Dataset,
+    *,
+    run_dir: str | os.PathLike[str],
+    epochs: int = 120,
+    lr: float = 0.05,
+    milestones: Sequence[int] = (30, 60, 90),
+    gamma: float = 0.1,
+    batch_size: int = 64,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    augment: bool = True,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    max_steps_per_epoch: int | None = None,
+    num_workers: int = 4,
+    eval_batch_size: int = 256,
+    in_memory: str = "auto",
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Train ``probe.head`` on ``train_ds`` (backbone frozen), evaluate on ``test_ds`` every epoch.
+
+    Writes ``metrics.jsonl`` and ``head.pt`` into ``run_dir`` (which must exist) and returns the
+    summary (``best_top1``, ``best_epoch``, ``last_top1``, ...). With ``augment=True`` the
+    backbone runs on every train batch (fresh crop / flip each epoch); with ``augment=False`` the
+    train features are extracted once and the head is trained on them (``train_ds`` should then
+    be built without augmentation). Test features are always extracted once (exact: no
+    augmentation, fixed backbone).
+    """
+    from relkd.engine.trainer import _unpack, seed_everything
+    from relkd.models.checkpoint import save_student
+
+    run_dir = Path(run_dir)
+    device = torch.device(device)
+
+    def log(msg: str) -> None:
+        if not quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    probe.to(device)
+    probe.train()
+    opt = head_optimizer(probe, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    head = probe.head
+
+    t0 = time.time()
+    test_feats, test_y = extract_features(
+        probe,
+        _eval_loader(test_ds, batch_size=eval_batch_size, device=device,
+                     num_workers=num_workers, in_memory=in_memory),
+        device,
+    )  # fmt: skip
+    log(f"test features {tuple(test_feats.shape)} in {time.time() - t0:.1f}s")
+    if augment:
+        train_loader, loader_kind = _train_loader(
+            train_ds, batch_size=batch_size, seed=seed, device=device, num_workers=num_workers,
+            in_memory=in_memory, log=log,
+        )  # fmt: skip
+        steps_per_epoch = len(train_loader)
+        train_feats = train_y = None
+    else:
+        t0 = time.time()
+        train_feats, train_y = extract_features(
+            probe,
+            _eval_loader(train_ds, batch_size=eval_batch_size, device=device,
+                         num_workers=num_workers, in_memory=in_memory),
+            device,
+        )  # fmt: skip
+        log(f"train features {tuple(train_feats.shape)} in {time.time() - t0:.1f}s (no augment)")
+        train_loader, loader_kind = None, "cached_features"
+        steps_per_epoch = math.ceil(len(train_feats) / batch_size)
+    if max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, max_steps_per_epoch)
+
+    (run_dir / "metrics.jsonl").write_text("")
+    history: list[dict[str, Any]] = []
+    best = {"top1": -1.0, "epoch": -1}
+    t_start = time.time()
+    step = 0
+    for epoch in range(epochs):
+        seed_everything(seed * 1_000_003 + epoch)
+        cur_lr = lr_at(epoch, lr, milestones, gamma)
+        for g in opt.param_groups:
+            g["lr"] = cur_lr
+        probe.train()
+        t_ep = time.time()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.float64, device=device)
+        seen = 0
+        if train_loader is not None:
+            train_loader.set_epoch(epoch)
+            batches: Any = train_loader
+        else:
+            g = torch.Generator()
+            g.manual_seed(seed * 1_000_003 + epoch)
+            order = torch.randperm(len(train_feats), generator=g).to(device)
+            batches = (
+                (train_feats[idx], train_y[idx])
+                for idx in order.split(batch_size)
+            )  # fmt: skip
+        for i, batch in enumerate(batches):
+            if i >= steps_per_epoch:
+                break
+            if train_loader is not None:
+                x, y, _ = _unpack(batch, device)
+                feats = probe.features(x)
+            else:
+                feats, y = batch
+            logits = head(feats)
+            loss = F.cross_entropy(logits, y)
+            if not torch.isfinite(loss):
+                raise RelkdError(
+                    f"non-finite probe loss at epoch {epoch + 1} step {i}; lower the lr"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += len(y)
+        ev = evaluate_head(head, test_feats, test_y)
+        if ev["top1"] > best["top1"]:
+            best = {"top1": ev["top1"], "epoch": epoch + 1}
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "step": step,
+            "lr": cur_lr,
+            "train/loss": float(loss_sum) / max(1, seen),
+            "train/top1": 100.0 * float(correct) / max(1, seen),
+            **ev,
+            "best_top1": best["top1"],
+            "epoch_time_s": time.time() - t_ep,
+        }
+        history.append(record)
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        log(
+            f"probe epoch {epoch + 1}/{epochs} loss {record['train/loss']:.4f} "
+            f"top1 {ev['top1']:.2f} best {best['top1']:.2f}"
+        )
+    save_student(head, run_dir / "head.pt")
+    last = history[-1]
+    return {
+        "best_top1": best["top1"],
+        "best_epoch": best["epoch"],
+        "last_top1": last["top1"],
+        "last_top5": last["top5"],
+        "epochs": epochs,
+        "steps_per_epoch": steps_per_epoch,
+        "feature_dim": head.in_features,
+        "num_classes": head.out_features,
+        "num_train": len(train_ds),  # type: ignore[arg-type]
+        "num_test": len(test_feats),
+        "augment": augment,
+        "train_data_path": loader_kind,
+        "backbone_mode": "eval",
+        "train_time_s": time.time() - t_start,
+        "run_dir": str(run_dir),
+    }
+
+
+def run_probe(
+    model_name: str,
+    checkpoint: str,
+    data: str,
+    root: str | None,
+    *,
+    num_source_classes: int,
+    image_size: int | None = 32,
+    epochs: int = 120,
+    lr: float = 0.05,
+    milestones: Sequence[int] = (30, 60, 90),
+    batch_size: int = 64,
+    weight_decay: float = 5e-4,
+    augment: bool = True,
+    device: str = "auto",
+    seed: int = 0,
+    out_dir: str = "runs/probe",
+    max_steps_per_epoch: int | None = None,
+    quiet: bool = False,
+    momentum: float = 0.9,
+    gamma: float = 0.1,
+    name: str | None = None,
+    num_workers: int = 4,
+    eval_batch_size: int = 256,
+    in_memory: str = "auto",
+    model_kwargs: Mapping[str, Any] | None = None,
+    download: bool = False,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Linear-probe transfer of a trained student, the RRD protocol (arXiv 2407.12073).
+
+    Args:
+        model_name: the student's zoo name (``relkd list models``), e.g. ``wrn_16_2``.
+        checkpoint: its weights (``relkd train``'s ``student.pt`` / ``.safetensors``, a
+            RepDistiller ``{"model": sd}`` file, a bare state dict); loaded strictly.
+        data: the target data set (``stl10``, ``tiny_imagenet`` or any registered one).
+        root: the target's data root (``None``: its default location).
+        num_source_classes: classifier width of the checkpoint (100 for CIFAR-100 students).
+        image_size: side the target images are resized to (32, the protocol); ``None`` or 0
+            keeps the data set's own size (needed for fixed-size sets such as fashion_mnist).
+        epochs, lr, milestones, gamma, batch_size, momentum, weight_decay: the head's SGD
+            schedule (protocol: 120, 0.05, 30/60/90, 0.1, 64, 0.9, 5e-4).
+        augment: the data set's train augmentation (RandomCrop(32, pad 4) + flip for STL-10 and
+            Tiny-ImageNet at 32). ``False`` extracts the train features once (fast, **not** the
+            protocol).
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
+        seed: head init, shuffle order and augmentation draws.
+        out_dir, name: the run folder is ``out_dir/name`` (default name
+            ``<data>_<model>_s<seed>``); an existing finished run there is an error unless
+            ``overwrite``.
+        max_steps_per_epoch: cap the train steps per epoch (smoke tests).
+        quiet: no progress lines on stderr.
+        num_workers, eval_batch_size: DataLoader workers (file-based sets) and the batch size of
+            feature extraction.
+        in_memory: ``auto`` (on-device batches when the split fits: in-memory sets, and file sets
+            with a plain resize + crop + flip pipeline such as Tiny-ImageNet), ``true``, ``false``.
+        model_kwargs: extra arguments of the model factory (e.g. ``{"in_chans": 3}``).
+        download: let the data set builder download missing data (where it can).
+
+    Returns:
+        the summary (also written to ``summary.json``): ``best_top1``, ``last_top1``,
+        ``best_epoch``, ``last_top5``, ``run_dir``, the data and model names, timings.
+    """
+    from relkd.data import build_datasets
+    from relkd.engine.trainer import resolve_device, seed_everything
+
+    _check(isinstance(epochs, int) and epochs >= 1, f"epochs must be >= 1, got {epochs!r}")
+    _check(batch_size >= 1, f"batch_size must be >= 1, got {batch_size}")
+    _check(eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {eval_batch_size}")
+    _check(lr > 0, f"lr must be > 0, got {lr}")
+    _check(weight_decay >= 0 and momentum >= 0, "weight_decay and momentum must be >= 0")
+    _check(0 < gamma <= 1, f"gamma must be in (0, 1], got {gamma}")
+    milestones = [int(m) for m in milestones]
+    _check(
+        all(m >= 1 for m in milestones) and milestones == sorted(milestones),
+        f"milestones must be increasing epochs >= 1, got {milestones}",
+    )
+    _check(
+        max_steps_per_epoch is None or max_steps_per_epoch >= 1,
+        f"max_steps_per_epoch must be >= 1 (or unset), got {max_steps_per_epoch}",
+    )
+    _check(
+        in_memory in ("auto", "true", "false"),
+        f"in_memory must be auto|true|false, got {in_memory!r}",
+    )
+    _check(
+        isinstance(num_source_classes, int) and num_source_classes >= 1,
+        f"num_source_classes must be a positive int, got {num_source_classes!r}",
+    )
+    if not image_size:
+        image_size = None
+    dev = resolve_device(device)
+    run_dir = Path(out_dir) / (name or f"{data}_{model_name.replace(':', '-')}_s{seed}")
+    if (run_dir / "summary.json").exists() and not overwrite:
+        raise RelkdError(
+            f"run folder {str(run_dir)!r} already holds a finished probe; pass --overwrite "
+            "(overwrite=True) or choose another --out / --name"
+        )
+
+    train_ds, test_ds, info = build_datasets(
+        data, root, download=download, augment=augment, image_size=image_size
+    )
+    seed_everything(seed)
+    probe = build_probe(
+        model_name, checkpoint, num_source_classes=num_source_classes,
+        num_classes=info.num_classes, in_channels=info.in_channels, image_size=info.image_size,
+        model_kwargs=model_kwargs, init_std=PROTOCOL["head_init_std"],
+    )  # fmt: skip
+
+    options = {
+        "model": model_name, "checkpoint": str(checkpoint), "data": data, "root": root,
+        "num_source_classes": num_source_classes, "image_size": image_size, "epochs": epochs,
+        "lr": lr, "milestones": milestones, "gamma": gamma, "batch_size": batch_size,
+        "momentum": momentum, "weight_decay": weight_decay, "augment": augment,
+        "device": str(dev), "seed": seed, "out_dir": str(out_dir), "name": run_dir.name,
+        "max_steps_per_epoch": max_steps_per_epoch, "num_workers": num_workers,
+        "eval_batch_size": eval_batch_size, "in_memory": in_memory,
+        "model_kwargs": dict(model_kwargs or {}), "download": download,
+    }  # fmt: skip
+    as_protocol = {k: options[k] for k in PROTOCOL if k in options}
+    differs = {k: v for k, v in as_protocol.items() if v != PROTOCOL[k]}
+    deviations = [BN_NOTE]
+    if not augment:
+        deviations.append(NO_AUGMENT_NOTE)
+    if max_steps_per_epoch:
+        deviations.append(f"max_steps_per_epoch={max_steps_per_epoch} (truncated epochs)")
+    if differs:
+        deviations.append(f"settings differ from the protocol: {differs}")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "summary.json").unlink(missing_ok=True)
+        meta = {
+            "paper": PAPER,
+            "protocol": PROTOCOL,
+            "options": options,
+            "target": {
+                "name": info.name, "num_classes": info.num_classes,
+                "in_channels": info.in_channels, "image_size": info.image_size,
+                "mean": list(info.mean), "std": list(info.std),
+                "crop_padding": info.crop_padding,
+            },
+            "feature_dim": probe.head.in_features,
+            "backbone_mode": "eval",
+            "matches_protocol": not differs and augment and not max_steps_per_epoch,
+            "deviations": deviations,
+            "torch": torch.__version__,
+        }  # fmt: skip
+        (run_dir / "probe.json").write_text(json.dumps(meta, indent=2))
+    except OSError as e:
+        raise RelkdError(f"cannot write the run folder {str(run_dir)!r}: {e}") from e
+
+    if not quiet:
+        print(
+            f"probe {model_name} ({checkpoint}) -> {info.name}: {len(train_ds)} train / "  # type: ignore[arg-type]
+            f"{len(test_ds)} test images at {info.image_size}px, {info.num_classes} classes, "  # type: ignore[arg-type]
+            f"feature dim {probe.head.in_features}, device {dev}",
+            file=sys.stderr,
+            flush=True,
+        )
+    summary = fit_probe(
+        probe, train_ds, test_ds, run_dir=run_dir, epochs=epochs, lr=lr, milestones=milestones,
+        gamma=gamma, batch_size=batch_size, momentum=momentum, weight_decay=weight_decay,
+        augment=augment, device=dev, seed=seed, max_steps_per_epoch=max_steps_per_epoch,
+        num_workers=num_workers, eval_batch_size=eval_batch_size, in_memory=in_memory,
+        quiet=quiet,
+    )  # fmt: skip
+    summary = {
+        **summary,
+        "model": model_name,
+        "checkpoint": str(checkpoint),
+        "data": info.name,
+        "seed": seed,
+        "matches_protocol": meta["matches_protocol"],
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+# ----------------------------------------------------------------------------------- the CLI
+
+#: Options a probe YAML (``configs/transfer/*.yaml``) may set: key -> type.
+CONFIG_KEYS: dict[str, Any] = {
+    "model": str, "checkpoint": str, "data": str, "root": str, "num_source_classes": int,
+    "image_size": int, "epochs": int, "lr": float, "milestones": list, "gamma": float,
+    "batch_size": int, "momentum": float, "weight_decay": float, "augment": bool,
+    "device": str, "seed": int, "out_dir": str, "name": str, "max_steps_per_epoch": int,
+    "num_workers": int, "eval_batch_size": int, "in_memory": str, "model_kwargs": dict,
+    "download": bool, "overwrite": bool,
+}  # fmt: skip
+_REQUIRED = ("model", "checkpoint", "data", "num_source_classes")
+
+
+def load_probe_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a probe YAML: a flat mapping of :data:`CONFIG_KEYS` (``null`` = the default)."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise RelkdError(f"probe config {str(p)!r} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RelkdError(f"probe config {str(p)!r} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise RelkdError(f"probe config {str(p)!r} must be a mapping of options")
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        if k not in CONFIG_KEYS:
+            raise RelkdError(
+                f"probe config {str(p)!r}: unknown key {k!r}; valid keys: {', '.join(CONFIG_KEYS)}"
+            )
+        if v is None:
+            continue
+        want = CONFIG_KEYS[k]
+        if want is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if want is list and isinstance(v, (int, str)):
+            v = _parse_milestones(str(v))
+        if not isinstance(v, want) or (want is int and isinstance(v, bool)):
+            raise RelkdError(f"probe config {str(p)!r}: {k} must be {want.__name__}, got {v!r}")
+        out[k] = v
+    return out
+
+
+def _parse_milestones(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError as e:
+        raise RelkdError(f"milestones must be comma-separated epochs, got {text!r}") from e
+
+
+def _parse_model_arg(text: str) -> tuple[str, Any]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, yaml.safe_load(value)
+
+
+def probe_options(args: argparse.Namespace | Mapping[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of :func:`run_probe` from parsed flags: protocol defaults, then the
+    ``--config`` YAML, then the flags given on the command line."""
+    given = dict(vars(args) if isinstance(args, argparse.Namespace) else args)
+    cfg_path = given.pop("config", None)
+    for k in ("fn", "cmd"):
+        given.pop(k, None)
+    opts: dict[str, Any] = load_probe_config(cfg_path) if cfg_path else {}
+    model_args = given.pop("model_arg", None)
+    if model_args:
+        opts["model_kwargs"] = {**opts.get("model_kwargs", {}), **dict(model_args)}
+    opts.update({k: v for k, v in given.items() if v is not None})
+    missing = [k for k in _REQUIRED if opts.get(k) is None]
+    if missing:
+        flags = ", ".join("--" + k.replace("_", "-") for k in missing)
+        raise RelkdError(f"relkd probe needs {flags} (as flags or in the --config YAML)")
+    opts["model_name"] = opts.pop("model")
+    opts.setdefault("root", None)
+    unknown = set(opts) - set(CONFIG_KEYS) - {"model_name", "quiet"}
+    if unknown:  # a flag added to the parser but not to CONFIG_KEYS
+        raise RelkdError(f"unknown probe options: {sorted(unknown)}")
+    return opts
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    summary = run_probe(**probe_options(args))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def add_probe_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``relkd probe`` on ``subparsers`` (from ``add_subparsers``) and return it.
+
+    Unset flags stay absent (``argparse.SUPPRESS``) so that a ``--config`` YAML fills them and
+    given flags override it; :func:`probe_options` does the merge.
+    """
+    S = argparse.SUPPRESS
+    p = subparsers.add_parser(
+        "probe",
+        help="linear-probe transfer of a trained student (RRD protocol, arXiv 2407.12073)",
+        description=(
+            "Freeze a trained student (eval mode), train a new linear head on its pooled "
+            "features on a target data set and report the best / last test top-1. Defaults are "
+            "the RRD transfer protocol (arXiv 2407.12073): 32x32 images, RandomCrop(32, pad 4) + "
+            "flip, SGD lr 0.05 momentum 0.9 wd 5e-4, batch 64, 120 epochs, lr x0.1 at 30/60/90. "
+            "Options come from --config FILE (configs/transfer/*.yaml), flags override it."
+        ),
+    )
+    p.add_argument("--config", default=None, help="probe YAML (e.g. configs/transfer/stl10.yaml)")
+    p.add_argument("--model", default=S, help="student zoo name, e.g. wrn_16_2")
+    p.add_argument("--checkpoint", default=S, help="student weights (student.pt, ...)")
+    p.add_argument("--data", default=S, help="target data set: stl10, tiny_imagenet, ...")
+    p.add_argument("--root", default=S, help="target data root (default: its cache location)")
+    p.add_argument(
+        "--num-source-classes", dest="num_source_classes", type=int, default=S,
+        help="classifier width of the checkpoint (100 for CIFAR-100 students)",
+    )  # fmt: skip
+    p.add_argument(
+        "--image-size", dest="image_size", type=int, default=S,
+        help="resize the target images to this side (default 32; 0: the data set's own size)",
+    )  # fmt: skip
+    p.add_argument("--epochs", type=int, default=S, help="default 120")
+    p.add_argument("--lr", type=float, default=S, help="default 0.05")
+    p.add_argument(
+        "--milestones", type=_parse_milestones, default=S, help="lr x gamma at these epochs "
+        "(comma-separated; default 30,60,90)",
+    )  # fmt: skip
+    p.add_argument("--gamma", type=float, default=S, help="lr decay factor (default 0.1)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=S, help="default 64")
+    p.add_argument("--momentum", type=float, default=S, help="default 0.9")
+    p.add_argument(
+        "--weight-decay", dest="weight_decay", type=float, default=S, help="default 5e-4"
+    )
+    p.add_argument(
+        "--no-augment", dest="augment", action="store_false", default=S,
+        help="no crop / flip: extract the train features once and train the head on them "
+        "(fast; deviates from the protocol)",
+    )  # fmt: skip
+    p.add_argument("--device", default=S, help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=int, default=S, help="default 0")
+    p.add_argument("--out", dest="out_dir", default=S, help="output folder (default runs/probe)")
+    p.add_argument("--name", default=S, help="run folder name (default <data>_<model>_s<seed>)")
+    p.add_argument(
+        "--max-steps-per-epoch", dest="max_steps_per_epoch", type=int, default=S,
+        help="cap the train steps per epoch (smoke tests)",
+    )  # fmt: skip
+    p.add_argument("--num-workers", dest="num_workers", type=int, default=S, help="default 4")
+    p.add_argument(
+        "--eval-batch-size", dest="eval_batch_size", type=int, default=S,
+        help="batch size of feature extraction (default 256)",
+    )  # fmt: skip
+    p.add_argument(
+        "--in-memory", dest="in_memory", choices=["auto", "true", "false"], default=S,
+        help="on-device train batches where possible (default auto)",
+    )  # fmt: skip
+    p.add_argument(
+        "--model-arg", dest="model_arg", action="append", type=_parse_model_arg, default=S,
+        metavar="KEY=VALUE", help="extra model factory argument, e.g. in_chans=3 (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--download", action="store_true", default=S, help="download missing data")
+    p.add_argument(
+        "--overwrite", action="store_true", default=S, help="replace a finished run's folder"
+    )
+    p.add_argument("--quiet", action="store_true", default=False)
+    p.set_defaults(fn=_cmd_probe)
+    return p
