@@ -43,6 +43,30 @@ METHODS: dict[str, dict] = {
     "kd+cmkd": {},
     # tau 4, beta = gamma = 2: DIST's CIFAR setting as we recall it (see methods/dist.py).
     "dist": {"args": {"temperature": 4.0, "beta": 2.0, "gamma": 2.0}},
+    # The CRD-table baselines (methods/<name>.py hold the RepDistiller defaults) and their
+    # "+KD" variants (KD weight 1, T 4 in a composition).
+    "fitnet": {},
+    "at": {},
+    "sp": {},
+    "cc": {},
+    "vid": {},
+    "rkd": {},
+    "pkt": {},
+    "ab": {},
+    "ft": {},
+    "fsp": {},
+    "nst": {},
+    "fitnet+kd": {},
+    "at+kd": {},
+    "sp+kd": {},
+    "cc+kd": {},
+    "vid+kd": {},
+    "rkd+kd": {},
+    "pkt+kd": {},
+    "ab+kd": {},
+    "ft+kd": {},
+    "fsp+kd": {},
+    "nst+kd": {},
 }
 
 LOW_LR = {"MobileNetV2": 0.01, "ShuffleV1": 0.01, "ShuffleV2": 0.01}
@@ -97,12 +121,16 @@ def fashion_mnist_configs() -> dict[Path, dict]:
     teacher = demo.teacher_config(Path(out_dir), None)
     out = {base / "teacher.yaml": teacher}
     for cfg in [teacher]:
-        cfg["train"] = {k: v for k, v in cfg["train"].items() if k not in ("progress", "tensorboard")}
+        cfg["train"] = {
+            k: v for k, v in cfg["train"].items() if k not in ("progress", "tensorboard")
+        }
     ckpt = Path(out_dir) / "teacher" / "student.pt"
     for m in demo.DEMO_METHODS:
         cfg = demo.student_config(Path(out_dir), None, m, 0, demo.STUDENT_EPOCHS, ckpt)
         cfg["name"] = f"{m}_s0"
-        cfg["train"] = {k: v for k, v in cfg["train"].items() if k not in ("progress", "tensorboard")}
+        cfg["train"] = {
+            k: v for k, v in cfg["train"].items() if k not in ("progress", "tensorboard")
+        }
         if m == "ce":
             cfg.pop("teacher")
         out[base / f"{m}.yaml"] = cfg

@@ -126,7 +126,11 @@ def test_method_needing_teacher_without_one_fails_early(fmnist_root, tmp_path):
 
 def test_class_count_mismatch_fails(fmnist_root, tmp_path):
     with pytest.raises(RelkdError, match="classes"):
-        relkd.train(_cfg(fmnist_root, tmp_path, "m"), student=nn.Sequential(nn.Flatten(), nn.Linear(784, 7)), quiet=True)
+        relkd.train(
+            _cfg(fmnist_root, tmp_path, "m"),
+            student=nn.Sequential(nn.Flatten(), nn.Linear(784, 7)),
+            quiet=True,
+        )
 
 
 def test_model_that_cannot_take_the_data_fails_clearly(fmnist_root, tmp_path):
@@ -142,5 +146,7 @@ def test_cli_user_error_exit_2_without_traceback(tmp_path):
     )
     assert p.returncode == 2
     assert "batch_sise" in p.stderr and "Traceback" not in p.stderr
-    p = subprocess.run([sys.executable, "-m", "relkd", "list", "methods"], capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "relkd", "list", "methods"], capture_output=True, text=True
+    )
     assert p.returncode == 0 and "kd" in p.stdout.split()

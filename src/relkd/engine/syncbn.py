@@ -6,9 +6,25 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """all_reduce(SUM) whose backward is again all_reduce(SUM): every rank's loss depends on
+    the summed statistics, so each rank's input receives the sum of all ranks' gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
 
 
 class GlobalBatchNorm(_BatchNorm):
@@ -30,7 +46,7 @@ class GlobalBatchNorm(_BatchNorm):
         xf = x.float()
         n_local = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=torch.float32)
         stats = torch.cat([xf.sum(dims), xf.square().sum(dims), n_local])
-        stats = dist_fn.all_reduce(stats)  # differentiable sum over ranks
+        stats = _SumOverRanks.apply(stats)
         c = x.shape[1]
         total = stats[2 * c]
         mean = stats[:c] / total
