@@ -386,7 +386,11 @@ def fit(
         convert_sync_bn(distiller, device)
     if D.world_size() > 1:
         model = nn.parallel.DistributedDataParallel(
-            distiller, device_ids=[device.index] if device.type == "cuda" else None
+            distiller,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            # Multi-stage methods leave parts idle in a phase (the classifier during a hint
+            # stage, init-only connectors afterwards); DDP must not wait for their gradients.
+            find_unused_parameters=bool(method.phases()),
         )
     step_fn = model
     if cfg.train.compile:

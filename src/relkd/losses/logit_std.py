@@ -29,3 +29,17 @@ def zscore_logits(z: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     # sqrt(var + eps^2) instead of the authors' std + eps: equal up to ~eps, but the gradient of
     # std is 0/0 for a constant row, this one is finite.
     return zc / torch.sqrt(zc.square().sum(dim=-1, keepdim=True) / (z.shape[-1] - 1) + eps**2)
+
+
+def maybe_standardize(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    enabled: bool,
+    base_temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The switch every logit method shares: ``(z_s, z_t, T)`` unchanged when ``enabled`` is
+    False, else both z-scored and ``T`` replaced by the base temperature."""
+    if not enabled:
+        return student_logits, teacher_logits, temperature
+    return zscore_logits(student_logits), zscore_logits(teacher_logits), base_temperature

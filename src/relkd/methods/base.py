@@ -210,6 +210,10 @@ class Composite(Method):
     def forward(self, student, teacher, targets, **extras):
         terms: dict[str, torch.Tensor] = {}
         for pname, part in self.parts.items():
+            # A pre-training phase belongs to the parts that declare it ("ab+kd": no KD in
+            # AB's init phase, as in RepDistiller).
+            if self.phase != "main" and self.phase not in {n for n, _ in part.phases()}:
+                continue
             for k, v in part(student, teacher, targets, **extras).items():
                 terms[f"{pname}/{k}" if k in terms else k] = v
         return terms

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from relkd import distributed as D
 from relkd.losses.cmkd import cmkd_terms
+from relkd.losses.logit_std import maybe_standardize
 from relkd.methods.base import Method, MethodContext, register_method
 from relkd.registry import RelkdError
 
@@ -27,7 +28,8 @@ class CMKD(Method):
     (teacher_entropy | teacher_entropy_inverse | none), ``rank`` (soft_sigmoid | soft_isotonic),
     ``rank_eps``, ``intra_weight``, ``temperature`` (4 on CIFAR, 1 on ImageNet). CE weight 1.
     Works on top of other logit methods as a composition, e.g. ``kd+cmkd``. The intra-class term
-    is computed on the batch gathered from every rank under DDP.
+    is computed on the batch gathered from every rank under DDP. ``logit_std`` z-scores the
+    logits before the softmax (arXiv 2403.01427); the Spearman part z-scores in any case.
     """
 
     def __init__(
@@ -39,6 +41,8 @@ class CMKD(Method):
         rank: str = "soft_sigmoid",
         rank_eps: float = 0.1,
         intra_weight: float = 1.0,
+        logit_std: bool = False,
+        logit_std_temperature: float = 2.0,
     ) -> None:
         super().__init__(ctx)
         for key, value, valid in (
@@ -51,14 +55,13 @@ class CMKD(Method):
                 )
         self.weight, self.temperature, self.intra_weight = weight, temperature, intra_weight
         self.kw = {"difficulty": difficulty, "rank": rank, "rank_eps": rank_eps}
+        self.logit_std, self.logit_std_temperature = logit_std, logit_std_temperature
 
     def forward(self, student, teacher, targets, **extras):
-        t = cmkd_terms(
-            student.logits,
-            teacher.logits,
-            temperature=self.temperature,
-            gather=D.is_dist(),
-            **self.kw,
-        )
-        s = self.weight * self.temperature**2
+        z_s, z_t, temp = maybe_standardize(
+            student.logits, teacher.logits, self.temperature, self.logit_std,
+            self.logit_std_temperature,
+        )  # fmt: skip
+        t = cmkd_terms(z_s, z_t, temperature=temp, gather=D.is_dist(), **self.kw)
+        s = self.weight * temp**2
         return {"cmkd_corr": s * t["mix"], "cmkd_intra": s * self.intra_weight * t["intra"]}
