@@ -1,4 +1,4 @@
-"""Command line: ``relkd train|eval|list|demo``.
+"""Command line: ``relkd train|eval|probe|list|demo|bench|report``.
 
 User errors (:class:`relkd.registry.RelkdError`, bad configs, missing data) print one line and
 exit with code 2; anything else is a bug and keeps its traceback.
@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--epochs", type=int, default=None, help="student epochs (default: demo's)")
     d.add_argument("--verbose", action="store_true")
     d.set_defaults(fn=_cmd_demo)
+    from relkd.bench.cli import add_bench_parsers
+
+    add_bench_parsers(sub)
     return p
 
 

@@ -62,3 +62,28 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
         t = t.clone()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def local_rows(global_t: torch.Tensor, n_local: int) -> torch.Tensor:
+    """This rank's rows of a tensor built for the all-gathered batch (rank order).
+
+    Random draws that a method makes per sample (CRD negatives, CORSD's wrong classes) are
+    drawn for the *global* batch with the RNG that every rank holds in the same state, then
+    sliced: N ranks then draw exactly what one process at the global batch draws.
+    """
+    if not is_dist() or world_size() == 1:
+        return global_t
+    n = torch.tensor([n_local], device=global_t.device)
+    sizes = [torch.zeros_like(n) for _ in range(world_size())]
+    dist.all_gather(sizes, n)
+    start = int(sum(int(s.item()) for s in sizes[: rank()]))
+    return global_t[start : start + n_local]
+
+
+def on_global_batch(fn, *xs: torch.Tensor) -> torch.Tensor:
+    """``fn(*xs)`` for a loss that relates the samples of a batch to each other (SP, RKD, PKT,
+    CC, ...), computed on the batch gathered from every rank: the value equals one process at
+    the global batch, and :func:`global_batch_term` makes the DDP-averaged gradient equal too."""
+    if not is_dist() or world_size() == 1:
+        return fn(*xs)
+    return global_batch_term(fn(*(all_gather_with_grad(x) for x in xs)))

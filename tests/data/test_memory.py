@@ -137,7 +137,7 @@ def test_crop_flip_outputs_differ_per_sample_and_epoch() -> None:
 
 
 @pytest.mark.parametrize(("n", "world"), [(12, 3), (10, 3), (7, 4), (5, 1)])
-def test_sharding_matches_distributed_sampler(n: int, world: int) -> None:
+def test_sharding_blocks_of_the_global_batch(n: int, world: int) -> None:
     images = _images(n)
     seen: list[int] = []
     lengths = set()
@@ -150,7 +150,8 @@ def test_sharding_matches_distributed_sampler(n: int, world: int) -> None:
         sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=7)
         sampler.set_epoch(2)
         idx = torch.cat([ex["index"] for _, _, ex in loader]).tolist()
-        assert idx == list(sampler)
+        # the same number of samples per rank as DistributedSampler, the same epoch permutation
+        assert len(idx) == len(list(sampler))
         lengths.add(len(idx))
         seen += idx
     assert len(lengths) == 1  # equal shard lengths (DDP needs the same number of steps)
@@ -159,6 +160,29 @@ def test_sharding_matches_distributed_sampler(n: int, world: int) -> None:
         assert len(seen) == n  # disjoint
     else:
         assert len(seen) == world * -(-n // world)
+
+
+@pytest.mark.parametrize(("n", "world", "bs"), [(12, 3, 2), (10, 3, 3), (7, 2, 2)])
+def test_ranks_together_equal_one_process_at_the_global_batch(n, world, bs) -> None:
+    """Batch k of every rank, concatenated in rank order == batch k of one process at bs * W,
+    images (augmentation included) and indices alike."""
+    images = _images(n, h=8, w=8)
+    kw = {"shuffle": True, "seed": 3, "augment": True, "padding": 2, "flip": True}
+    single = _loader(images, batch_size=bs * world, return_index=True, **kw)
+    ranks = [
+        _loader(images, batch_size=bs, rank=r, world_size=world, return_index=True, **kw)
+        for r in range(world)
+    ]
+    for ld in [single, *ranks]:
+        ld.set_epoch(1)
+    # one process pads nothing; compare over the batches where the padded tail is not involved
+    for k, (xs, _, es) in enumerate(single):
+        parts = [list(ld)[k] for ld in ranks]
+        idx = torch.cat([p[2]["index"] for p in parts])
+        if len(idx) != len(es["index"]):
+            break  # the last, padded global batch
+        assert torch.equal(idx, es["index"])
+        assert torch.equal(torch.cat([p[0] for p in parts]), xs)
 
 
 def test_uneven_shards_partition_exactly() -> None:

@@ -8,6 +8,7 @@ relative ``output_dir``: that directory must stay empty, which shows only rank 0
 
 from __future__ import annotations
 
+import inspect
 import os
 import socket
 from pathlib import Path
@@ -16,29 +17,43 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from relkd.methods import METHODS as METHODS_REG
 from relkd.methods import list_methods
 
 METHODS = list_methods()
 B = 8  # per-rank batch; the single process runs at 2 * B
-# fp32 sums in a different order (all-reduce vs one batch) after a few SGD steps.
-ATOL = 2e-5
+# The runs differ only in the order of fp32 sums (all-reduce vs one batch); tiny networks
+# amplify such noise along the trajectory, so the lr is small and we compare the weight
+# *updates*: ||u_ddp - u_single|| <= RTOL * ||u_single|| per tensor. Measured while writing
+# this test: correct methods stay below ~5e-3 (high-weight losses such as FitNet x100 and
+# SP x3000 amplify the noise most); a missing gather (SP, RKD, PKT, CC before theirs), per-rank
+# batch norm or per-rank random draws (CRD negatives, CORSD) gave 1.5e-2 to 0.9.
+LR = 1e-3
+RTOL = 1e-2
+SEED = 5
+
+
+def _method_args(method: str) -> dict:
+    """Shorten pre-training phases (30 epochs by default) to one epoch."""
+    cls = METHODS_REG.get(method)
+    return {"init_epochs": 1} if "init_epochs" in inspect.signature(cls.__init__).parameters else {}
 
 
 def _cfg(root: str, ckpt: str, method: str, batch: int) -> dict:
     return {
         "student": {"name": "cnn_tiny"},
         "teacher": {"name": "cnn_small", "checkpoint": ckpt},
-        "method": {"name": method},
+        "method": {"name": method, "args": _method_args(method)},
         "data": {"name": "fashion_mnist", "root": root, "batch_size": batch, "augment": False},
-        "optim": {"lr": 0.01},  # at 0.05 this tiny task is chaotic: float-order noise grows
+        "optim": {"lr": LR},
         "schedule": {"name": "constant"},
         "train": {
             "epochs": 2,
-            "max_steps_per_epoch": 3,
+            "max_steps_per_epoch": 2,
             "progress": False,
             "tensorboard": False,
             "sync_bn": True,
-            "seed": 5,
+            "seed": SEED,
         },
         "output_dir": "runs",
         "name": method,
@@ -106,7 +121,19 @@ def test_ddp_equals_single_process(method, ddp_runs):
     w_ddp = torch.load(rank0 / "runs" / method / "student.pt", weights_only=True)["model"]
     w_one = torch.load(single / "runs" / method / "student.pt", weights_only=True)["model"]
     assert w_ddp.keys() == w_one.keys()
+    # the initial weights: the engine seeds, then builds the student (the same on every rank)
+    from relkd.engine.trainer import seed_everything
+    from relkd.models import create_model
+
+    seed_everything(SEED)
+    w0 = create_model("cnn_tiny", 10, in_chans=1).state_dict()
     for k in w_ddp:
-        torch.testing.assert_close(w_ddp[k], w_one[k], atol=ATOL, rtol=1e-4, msg=k)
+        if not w_ddp[k].is_floating_point() or "running" in k:
+            continue
+        u_one = (w_one[k] - w0[k]).double()
+        u_ddp = (w_ddp[k] - w0[k]).double()
+        assert u_one.norm() > 0, f"{k} did not train"
+        rel = ((u_ddp - u_one).norm() / u_one.norm()).item()
+        assert rel <= RTOL, f"{k}: relative update error {rel:.3g}"
     # only rank 0 wrote anything
     assert not any(Path(rank1).rglob("*")), sorted(Path(rank1).rglob("*"))[:5]

@@ -60,6 +60,21 @@ def to_tensors(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
+def block_positions(total: int, batch_size: int, rank: int, world_size: int) -> torch.Tensor:
+    """Rank ``rank``'s positions in an order of ``total`` (a multiple of ``world_size``) items:
+    the r-th block of every global batch of ``batch_size * world_size`` consecutive positions
+    (the last global batch is split evenly too). int64 [total / world_size]."""
+    gbs = batch_size * world_size
+    starts = range(0, total, gbs)
+    return torch.cat(
+        [
+            torch.arange(st + rank * b, st + (rank + 1) * b)
+            for st in starts
+            for b in [min(gbs, total - st) // world_size]
+        ]
+    )
+
+
 def _mix_seed(*parts: int | str) -> int:
     """A 63-bit seed derived from ``parts`` (independent streams for shuffle and augmentation)."""
     digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
@@ -84,9 +99,10 @@ class InMemoryLoader:
         device: where the data lives and batches are produced.
         drop_last: drop the last incomplete batch of each rank.
         seed: base seed of the shuffle order and of the augmentation draws.
-        rank, world_size: shard like ``DistributedSampler``: the permutation is padded (by
-            repeating its head) to a multiple of ``world_size`` and rank r takes positions
-            r, r + W, r + 2W, ... so ranks get disjoint, equally long shards.
+        rank, world_size: shard for DDP: the permutation is padded (by repeating its head) to a
+            multiple of ``world_size``; each global batch of ``batch_size * world_size``
+            positions is split into one block per rank (see :meth:`shard_positions`), so ranks
+            get disjoint, equally long shards and together see one process's batches.
         return_index: also yield ``{"index": int64 [B]}`` (positions in the split) for
             memory-bank methods.
         even_shards: pad shards to equal length (needed for training under DDP); ``False``
@@ -216,12 +232,9 @@ class InMemoryLoader:
         """N, the size of the whole split (all ranks)."""
         return len(self.images)
 
-    def shard_indices(self) -> torch.Tensor:
-        """This rank's sample positions for the current epoch, int64 [num_samples] on the CPU.
-
-        Identical to ``DistributedSampler(num_replicas=world_size, rank=rank, shuffle=shuffle,
-        seed=seed)`` after ``set_epoch(epoch)``.
-        """
+    def _order(self) -> torch.Tensor:
+        """The epoch's permutation of the split (``randperm(N)`` seeded with seed + epoch, as
+        ``DistributedSampler``), padded by repeating its head to ``num_samples * world_size``."""
         n = len(self.images)
         if self.shuffle:
             g = torch.Generator()
@@ -229,29 +242,53 @@ class InMemoryLoader:
             order = torch.randperm(n, generator=g)
         else:
             order = torch.arange(n)
-        if self.even_shards:
-            total = self.num_samples * self.world_size
-            if total > n:  # pad by repeating the head, as DistributedSampler does
-                order = torch.cat([order, order.repeat(math.ceil((total - n) / n))[: total - n]])
-            return order[self.rank : total : self.world_size]
-        return order[self.rank :: self.world_size]
+        total = self.num_samples * self.world_size
+        if self.even_shards and total > n:
+            order = torch.cat([order, order.repeat(math.ceil((total - n) / n))[: total - n]])
+        return order
 
-    def _draw_augmentation(self, count: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Per-sample crop offsets int64 [count, 2] in [0, 2p] and flips bool [count].
+    def shard_positions(self) -> torch.Tensor:
+        """Positions in :meth:`_order` that this rank visits, int64 [num_samples].
 
-        Drawn on the CPU from a generator seeded by (seed, epoch, rank), so a given seed gives
-        the same augmentation on every device type; moved to the device once per epoch.
+        Training shards are *blocks of global batches*: global batch k is the run of
+        ``batch_size * world_size`` consecutive positions, and rank r takes the r-th block of
+        it. Concatenating the ranks' k-th batches therefore gives exactly the k-th batch of one
+        process at batch ``batch_size * world_size`` — the same samples in the same order, so
+        order-dependent and sampled terms match too. (``DistributedSampler`` interleaves
+        instead; the set of samples per epoch and rank is the same size.) Evaluation shards
+        (``even_shards=False``) interleave and cover every sample exactly once.
         """
+        if not self.even_shards:
+            return torch.arange(self.rank, len(self.images), self.world_size)
+        total = self.num_samples * self.world_size
+        return block_positions(total, self.batch_size, self.rank, self.world_size)
+
+    def shard_indices(self) -> torch.Tensor:
+        """This rank's sample indices for the current epoch, int64 [num_samples] on the CPU."""
+        return self._order()[self.shard_positions()]
+
+    def _draw_augmentation(
+        self, positions: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Crop offsets int64 [n, 2] in [0, 2p] and flips bool [n] for the given positions.
+
+        Drawn on the CPU for the whole (padded) epoch order from a generator seeded by
+        (seed, epoch) and then indexed by position: the same seed gives the same augmentation
+        on every device type *and* for every world size.
+        """
+        # One draw per position of the unpadded order (padding repeats the head, and so do its
+        # draws): the stream does not depend on the world size.
+        total = len(self.images)
+        positions = positions % total
         g = torch.Generator()
-        g.manual_seed(_mix_seed(self.seed, self.epoch, self.rank, "augment"))
+        g.manual_seed(_mix_seed(self.seed, self.epoch, "augment"))
         offsets = flips = None
         if self.padding > 0:
-            offsets = torch.randint(0, 2 * self.padding + 1, (count, 2), generator=g)
+            offsets = torch.randint(0, 2 * self.padding + 1, (total, 2), generator=g)[positions]
             offsets = offsets.to(self.device, non_blocking=True)
         if self.flip:
-            flips = (
-                torch.randint(0, 2, (count,), generator=g).bool().to(self.device, non_blocking=True)
-            )
+            flips = torch.randint(0, 2, (total,), generator=g)[positions].bool()
+            flips = flips.to(self.device, non_blocking=True)
         return offsets, flips
 
     def crop_flip(
@@ -283,10 +320,11 @@ class InMemoryLoader:
         return x_u8.float().div_(255).sub_(self.mean).div_(self.std)
 
     def __iter__(self) -> Iterator[Batch]:
-        idx = self.shard_indices().to(self.device, non_blocking=True)
+        pos = self.shard_positions()
+        idx = self._order()[pos].to(self.device, non_blocking=True)
         offsets = flips = None
         if self.augment:
-            offsets, flips = self._draw_augmentation(len(idx))
+            offsets, flips = self._draw_augmentation(pos)
         bs = self.batch_size
         for k in range(len(self)):
             sl = slice(k * bs, min((k + 1) * bs, len(idx)))

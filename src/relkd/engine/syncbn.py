@@ -43,14 +43,17 @@ class GlobalBatchNorm(_BatchNorm):
         if not (self.training and dist.is_available() and dist.is_initialized()):
             return super().forward(x)
         dims = [0, *range(2, x.dim())]
-        xf = x.float()
-        n_local = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=torch.float32)
-        stats = torch.cat([xf.sum(dims), xf.square().sum(dims), n_local])
-        stats = _SumOverRanks.apply(stats)
         c = x.shape[1]
-        total = stats[2 * c]
-        mean = stats[:c] / total
-        var = stats[c : 2 * c] / total - mean.square()  # biased, as batch norm normalises
+        shape = [1, c] + [1] * (x.dim() - 2)
+        xf = x.float()
+        n_local = torch.tensor([x.numel() / c], device=x.device, dtype=torch.float32)
+        # Two passes (mean, then squared deviations), as single-process batch norm: the one-pass
+        # E[x^2] - mean^2 cancels catastrophically for near-constant channels.
+        sums = _SumOverRanks.apply(torch.cat([xf.sum(dims), n_local]))
+        total = sums[c]
+        mean = sums[:c] / total
+        dev = xf - mean.view(shape)
+        var = _SumOverRanks.apply(dev.square().sum(dims)) / total  # biased, as BN normalises
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
@@ -62,8 +65,7 @@ class GlobalBatchNorm(_BatchNorm):
                 unbiased = var * total / (total - 1).clamp(min=1)
                 self.running_mean.mul_(1 - m).add_(m * mean.detach())
                 self.running_var.mul_(1 - m).add_(m * unbiased.detach())
-        shape = [1, c] + [1] * (x.dim() - 2)
-        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        y = dev * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)

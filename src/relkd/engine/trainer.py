@@ -182,6 +182,33 @@ def _make_loaders(cfg: Config, method: Method, train_ds, test_ds, info, device):
     return train, test
 
 
+class BlockSampler(torch.utils.data.Sampler[int]):
+    """Shuffle of (seed, epoch) padded like ``DistributedSampler``, sharded in blocks of each
+    global batch (see :func:`relkd.data.memory.block_positions`): N ranks at batch b see the
+    batches of one process at batch N*b."""
+
+    def __init__(self, n: int, batch_size: int, rank: int, world_size: int, seed: int) -> None:
+        self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world_size
+        self.seed, self.epoch = seed, 0
+        self.num_samples = math.ceil(n / world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        from relkd.data.memory import block_positions
+
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=g)
+        total = self.num_samples * self.world
+        order = torch.cat([order, order.repeat(math.ceil(total / self.n))])[:total]
+        yield from order[block_positions(total, self.batch_size, self.rank, self.world)].tolist()
+
+
 class _EpochLoader:
     """DataLoader whose shuffle order and sharding are a function of (seed, epoch) only, so a
     resumed run sees exactly the batches of an uninterrupted one."""
@@ -189,13 +216,13 @@ class _EpochLoader:
     def __init__(self, ds, batch_size, num_workers, seed, collate, device) -> None:
         self.ds, self.batch_size, self.num_workers = ds, batch_size, num_workers
         self.seed, self.collate, self.device = seed, collate, device
-        self.sampler = torch.utils.data.DistributedSampler(
-            ds, num_replicas=D.world_size(), rank=D.rank(), shuffle=True, seed=seed
-        )
+        self.sampler = BlockSampler(len(ds), batch_size, D.rank(), D.world_size(), seed)
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
         self.epoch = epoch
+        if hasattr(self.ds, "set_epoch"):  # e.g. triplets drawn per (seed, epoch, index)
+            self.ds.set_epoch(epoch)
 
     def __len__(self) -> int:
         return math.ceil(len(self.sampler) / self.batch_size)
@@ -313,6 +340,7 @@ def build_components(
         student_shapes=s_shapes,
         epochs=cfg.train.epochs,
         num_train_samples=len(train_ds),
+        seed=cfg.train.seed,
     )
     if teacher_model is not None:
         ctx.teacher_stages = get_feature_info(teacher_model)

@@ -42,6 +42,8 @@ class MethodContext:
     epochs: int = 1
     #: size of the (rank-global) training set, for per-sample memories (CRD).
     num_train_samples: int = 0
+    #: the run's seed (for data-side draws that must not depend on the rank, e.g. triplets).
+    seed: int = 0
 
 
 class Method(nn.Module):

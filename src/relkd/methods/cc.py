@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from relkd import distributed as D
 from relkd.losses.relation import cc_gaussian_loss, cc_loss
 from relkd.methods._connectors import require_teacher
 from relkd.methods.base import Method, MethodContext, register_method
@@ -61,8 +62,11 @@ class CC(Method):
         e_s = self.embed_s(student.feats[POOLED].flatten(1))
         # The teacher features are fixed, but the teacher-side embedding trains with the loss.
         e_t = self.embed_t(teacher.feats[POOLED].detach().flatten(1))
+        # correlations between the samples of a batch: the gathered batch under DDP
         if self.kernel == "gaussian":
-            loss = cc_gaussian_loss(e_s, e_t, self.gamma, self.order)
+            loss = D.on_global_batch(
+                lambda s, t: cc_gaussian_loss(s, t, self.gamma, self.order), e_s, e_t
+            )
         else:
-            loss = cc_loss(e_s, e_t)
+            loss = D.on_global_batch(cc_loss, e_s, e_t)
         return {"cc": self.weight * loss}

@@ -100,7 +100,9 @@ class CORSD(Method):
         return list(self.stages)
 
     def wrap_train_dataset(self, dataset: torch.utils.data.Dataset) -> torch.utils.data.Dataset:
-        return TripletDataset(dataset)
+        # Seeded: the triplet of sample i depends only on (seed, epoch, i), not on the rank that
+        # loads it or the DataLoader worker.
+        return TripletDataset(dataset, seed=self.ctx.seed)
 
     def prepare_batch(self, images, targets, extras):
         """``[anchors; positives; negatives]`` -> 3B images / targets; ``triplets=B`` in extras."""
@@ -154,7 +156,11 @@ class CORSD(Method):
         if self.training:  # every rank adds every rank's batch: M = the single-process memory
             delta = L.update_class_memory(torch.zeros_like(self.memory), targets, probs)
             self.memory += D.all_reduce_sum(delta)
-        wrong = L.random_wrong_class(targets, self.ctx.num_classes)
+        # drawn for the gathered batch and sliced: under DDP the same draws as one process
+        wrong = D.local_rows(
+            L.random_wrong_class(D.all_gather_with_grad(targets), self.ctx.num_classes),
+            targets.shape[0],
+        )
         lg = L.class_centre_relation(self.rn_logits, probs, self.memory, targets, wrong)
         terms["corsd_lg"] = self.w_lg * lg
         return terms

@@ -123,7 +123,12 @@ class CRD(Method):
             raise RelkdError("method 'crd' needs the batch extra 'index' (dataset indices, [B])")
         index = index.to(self.memory_s.device).long()
         v_s, v_t = self.embed(student.feats[POOLED], teacher.feats[POOLED])
-        idx = sample_contrast_index(index, self.num_data, self.nce_k)
+        # Negatives drawn for the gathered batch, then this rank's rows: DDP draws what one
+        # process at the global batch would (the global RNG is in the same state on every rank).
+        idx = D.local_rows(
+            sample_contrast_index(D.all_gather_with_grad(index), self.num_data, self.nce_k),
+            index.shape[0],
+        )
         z = self._normalisers(v_s, v_t, idx)
         # Scored against the banks before this batch's update; the scores copy the sampled rows,
         # so the in-place update below does not disturb backward.

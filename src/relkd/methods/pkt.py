@@ -3,6 +3,7 @@ with Probabilistic Knowledge Transfer", ECCV 2018, arXiv 1803.10837)."""
 
 from __future__ import annotations
 
+from relkd import distributed as D
 from relkd.losses.relation import pkt_loss
 from relkd.methods._connectors import require_teacher
 from relkd.methods.base import Method, MethodContext, register_method
@@ -34,5 +35,8 @@ class PKT(Method):
         teacher = require_teacher(teacher, "pkt")
         if self.phase != "main":
             return {}  # another part's pre-training phase
-        loss = pkt_loss(student.feats[POOLED], teacher.feats[POOLED], self.eps)
+        # pairwise similarities within the batch: the gathered batch under DDP
+        loss = D.on_global_batch(
+            lambda s, t: pkt_loss(s, t, self.eps), student.feats[POOLED], teacher.feats[POOLED]
+        )
         return {"pkt": self.weight * loss}

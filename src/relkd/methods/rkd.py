@@ -3,6 +3,7 @@ CVPR 2019, arXiv 1904.05068)."""
 
 from __future__ import annotations
 
+from relkd import distributed as D
 from relkd.losses.relation import rkd_loss
 from relkd.methods._connectors import require_teacher
 from relkd.methods.base import Method, MethodContext, register_method
@@ -40,7 +41,10 @@ class RKD(Method):
         teacher = require_teacher(teacher, "rkd")
         if self.phase != "main":
             return {}  # another part's pre-training phase
-        loss = rkd_loss(
-            student.feats[POOLED], teacher.feats[POOLED], self.distance_weight, self.angle_weight
+        # pairwise distances / angles within the batch: the gathered batch under DDP
+        loss = D.on_global_batch(
+            lambda s, t: rkd_loss(s, t, self.distance_weight, self.angle_weight),
+            student.feats[POOLED],
+            teacher.feats[POOLED],
         )
         return {"rkd": self.weight * loss}

@@ -3,6 +3,7 @@ Distillation", ICCV 2019, arXiv 1907.09682)."""
 
 from __future__ import annotations
 
+from relkd import distributed as D
 from relkd.losses.relation import sp_loss
 from relkd.methods._connectors import require_teacher, stage_pair
 from relkd.methods.base import Method, MethodContext, register_method
@@ -44,5 +45,8 @@ class SP(Method):
         teacher = require_teacher(teacher, "sp")
         if self.phase != "main":
             return {}  # another part's pre-training phase
-        loss = sp_loss(student.feats[self.s_name], teacher.feats[self.t_name])
+        # the [B, B] similarity of the batch: the gathered batch under DDP
+        loss = D.on_global_batch(
+            sp_loss, student.feats[self.s_name], teacher.feats[self.t_name].detach()
+        )
         return {"sp": self.weight * loss}

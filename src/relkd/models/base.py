@@ -77,18 +77,19 @@ class FeatureTap:
         self._store: dict[str, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         modules = dict(model.named_modules())
-        for name in self.names:
-            if name == POOLED:
-                target = find_classifier(model)
-                self._handles.append(modules[target].register_forward_pre_hook(self._pre(name)))
-                continue
-            if name not in modules:
+        for name in self.names:  # validate every name before registering any hook
+            if name != POOLED and name not in modules:
                 stages = [i.name for i in get_feature_info(model)]
                 raise RelkdError(
                     f"tap {name!r} is not a module of {type(model).__name__}. Stages: "
                     f"{stages or 'none declared'}; '{POOLED}' taps the classifier input; any "
                     "dotted name from model.named_modules() also works"
                 )
+        for name in self.names:
+            if name == POOLED:
+                target = find_classifier(model)
+                self._handles.append(modules[target].register_forward_pre_hook(self._pre(name)))
+                continue
             self._handles.append(modules[name].register_forward_hook(self._post(name)))
 
     def _pre(self, name: str):

@@ -1,0 +1,317 @@
+"""Accuracy suites: grid, validation before training, resume without redoing finished runs, locks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import relkd
+from relkd.bench import accuracy as acc
+from relkd.bench import load_suite, run_suite
+from relkd.bench.accuracy import RunLock
+from relkd.registry import RelkdError
+
+
+def write_suite(path: Path, fmnist_root: Path, teacher: dict, **kw) -> Path:
+    suite = {
+        "name": "tiny",
+        "base": {
+            "data": {"name": "fashion_mnist", "root": str(fmnist_root), "batch_size": 32},
+            "schedule": {"name": "constant"},
+            "train": {
+                "epochs": 2,
+                "max_steps_per_epoch": 2,
+                "progress": False,
+                "tensorboard": False,
+            },
+        },
+        "teachers": {"cnn_small": teacher},
+        "pairs": [["cnn_small", "cnn_tiny"]],
+        "methods": ["ce", "kd"],
+        "seeds": [0, 1],
+    }
+    suite.update(kw)
+    path.write_text(yaml.safe_dump(suite, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def suite_file(tmp_path, fmnist_root, tiny_teacher_ckpt) -> Path:
+    return write_suite(tmp_path / "tiny.yaml", fmnist_root, {"checkpoint": str(tiny_teacher_ckpt)})
+
+
+class Counter:
+    """Wraps relkd.train, recording (run folder name, resume) of every call."""
+
+    def __init__(self, fail_on: int | None = None, exc: type[BaseException] = KeyboardInterrupt):
+        self.calls: list[tuple[str, bool]] = []
+        self.fail_on, self.exc = fail_on, exc
+        self.real = relkd.train
+
+    def __call__(self, config, **kw):
+        self.calls.append((config["name"], kw.get("resume", False)))
+        if self.fail_on is not None and len(self.calls) == self.fail_on:
+            raise self.exc("simulated interruption")
+        return self.real(config, **kw)
+
+
+def summaries(out: Path) -> dict[str, float]:
+    return {str(p.parent.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("summary.json")}
+
+
+def test_grid_runs_then_resume_redoes_nothing_finished(suite_file, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    res = run_suite(suite_file, out, progress=False)
+    # ce needs no teacher: it runs once per student, in runs/ce/<student>/
+    assert [r["id"] for r in res] == [
+        "ce/cnn_tiny/s0",
+        "ce/cnn_tiny/s1",
+        "kd/cnn_small_cnn_tiny/s0",
+        "kd/cnn_small_cnn_tiny/s1",
+    ]
+    assert {r["status"] for r in res} == {"trained"}
+    for r in res:
+        run = Path(r["run_dir"])
+        summary = json.loads((run / "summary.json").read_text())
+        assert r["best_top1"] == summary["best_top1"]
+        assert json.loads((run / "bench.json").read_text())["method"] == r["method"]
+        assert not (run / ".lock").exists()
+    cfg = yaml.safe_load((out / "runs/kd/cnn_small_cnn_tiny/s1/config.yaml").read_text())
+    assert cfg["train"]["seed"] == 1 and cfg["teacher"]["name"] == "cnn_small"
+
+    # A run left with a checkpoint but no summary (interrupted after its last epoch) resumes;
+    # every finished run is left alone.
+    victim = out / "runs/kd/cnn_small_cnn_tiny/s0"
+    old = json.loads((victim / "summary.json").read_text())
+    (victim / "summary.json").unlink()
+    before = summaries(out)
+    counter = Counter()
+    monkeypatch.setattr(relkd, "train", counter)
+    res2 = run_suite(suite_file, out, progress=False)
+    assert counter.calls == [("runs/kd/cnn_small_cnn_tiny/s0", True)]
+    assert [r["status"] for r in res2] == ["skipped", "skipped", "resumed", "skipped"]
+    after = summaries(out)
+    assert all(after[k] == v for k, v in before.items()), "finished runs untouched"
+    assert json.loads((victim / "summary.json").read_text())["best_top1"] == old["best_top1"]
+
+    # Nothing left to do: no training at all.
+    counter.calls.clear()
+    assert {r["status"] for r in run_suite(suite_file, out, progress=False)} == {"skipped"}
+    assert counter.calls == []
+
+
+def test_interrupted_suite_continues_where_it_stopped(suite_file, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setattr(relkd, "train", Counter(fail_on=2))
+    with pytest.raises(KeyboardInterrupt):
+        run_suite(suite_file, out, progress=False)
+    done = summaries(out)
+    assert list(done) == ["runs/ce/cnn_tiny/s0"]
+    assert not list(out.rglob(".lock")), "an interrupted run must release its lock"
+    counter = Counter()
+    monkeypatch.setattr(relkd, "train", counter)
+    res = run_suite(suite_file, out, progress=False)
+    assert [c[0] for c in counter.calls] == [
+        "runs/ce/cnn_tiny/s1",
+        "runs/kd/cnn_small_cnn_tiny/s0",
+        "runs/kd/cnn_small_cnn_tiny/s1",
+    ]
+    assert [r["status"] for r in res] == ["skipped", "trained", "trained", "trained"]
+    assert summaries(out)["runs/ce/cnn_tiny/s0"] == done["runs/ce/cnn_tiny/s0"]
+
+
+def test_only_and_failures(suite_file, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    counter = Counter(fail_on=1, exc=RuntimeError)
+    monkeypatch.setattr(relkd, "train", counter)
+    res = run_suite(suite_file, out, only="kd/*", progress=False)
+    assert [r["id"] for r in res] == ["kd/cnn_small_cnn_tiny/s0", "kd/cnn_small_cnn_tiny/s1"]
+    # a failed run is recorded and does not stop the grid
+    assert [r["status"] for r in res] == ["failed", "trained"]
+    assert "simulated interruption" in res[0]["error"]
+    assert (out / "runs/kd/cnn_small_cnn_tiny/s0/failed.json").is_file()
+    counter = Counter()
+    monkeypatch.setattr(relkd, "train", counter)
+    res = run_suite(suite_file, out, only="*/s0", progress=False)  # the next call retries it
+    assert [r["status"] for r in res] == ["trained", "trained"]
+    assert sorted(c[0] for c in counter.calls) == [
+        "runs/ce/cnn_tiny/s0",
+        "runs/kd/cnn_small_cnn_tiny/s0",
+    ]
+    assert not (out / "runs/kd/cnn_small_cnn_tiny/s0/failed.json").exists()
+    with pytest.raises(RelkdError, match="no run"):
+        run_suite(suite_file, out, only="nothing/*", progress=False)
+
+
+def test_teacher_trained_once_and_reused(tmp_path, fmnist_root, monkeypatch):
+    teacher = {"train": {"train": {"epochs": 1}, "data": {"batch_size": 64}}}
+    suite = write_suite(tmp_path / "s.yaml", fmnist_root, teacher, methods=["kd", "dkd"], seeds=[0])
+    counter = Counter()
+    monkeypatch.setattr(relkd, "train", counter)
+    out = tmp_path / "out"
+    res = run_suite(suite, out, progress=False)
+    assert [c[0] for c in counter.calls] == [
+        "cnn_small",
+        "runs/kd/cnn_small_cnn_tiny/s0",
+        "runs/dkd/cnn_small_cnn_tiny/s0",
+    ]
+    tcfg = yaml.safe_load((out / "teachers/cnn_small/config.yaml").read_text())
+    assert tcfg["method"]["name"] == "ce" and tcfg["train"]["epochs"] == 1
+    assert tcfg["data"]["batch_size"] == 64
+    for r in res:
+        cfg = yaml.safe_load((Path(r["run_dir"]) / "config.yaml").read_text())
+        assert cfg["teacher"]["checkpoint"] == str(out / "teachers/cnn_small/student.pt")
+    counter.calls.clear()
+    run_suite(suite, out, progress=False)
+    assert counter.calls == []
+
+
+def test_bad_names_fail_before_training(suite_file, tmp_path, fmnist_root, monkeypatch):
+    counter = Counter(fail_on=1, exc=AssertionError)
+    monkeypatch.setattr(relkd, "train", counter)
+    ck = {"checkpoint": "nowhere.pt"}
+    bad = write_suite(tmp_path / "bad.yaml", fmnist_root, ck, methods=["kd", "fitnez", "rrd+kdd"])
+    with pytest.raises(RelkdError, match=r"unknown method\(s\): fitnez, kdd") as e:
+        run_suite(bad, tmp_path / "o1", progress=False)
+    assert "registered:" in str(e.value)
+    bad = write_suite(tmp_path / "bad2.yaml", fmnist_root, ck, pairs=[["cnn_small", "cnn_tinyy"]])
+    with pytest.raises(RelkdError, match=r"unknown model.*cnn_tinyy"):
+        run_suite(bad, tmp_path / "o2", progress=False)
+    bad = write_suite(
+        tmp_path / "bad3.yaml",
+        fmnist_root,
+        ck,
+        methods=[{"name": "kd", "method": {"args": {"tau": 2}}}],
+    )
+    with pytest.raises(RelkdError, match="'kd' has no argument 'tau'"):
+        run_suite(bad, tmp_path / "o3", progress=False)
+    bad = write_suite(tmp_path / "bad4.yaml", fmnist_root, ck, overrides=["train.epochz=3"])
+    with pytest.raises(RelkdError, match="epochz"):
+        run_suite(bad, tmp_path / "o4", progress=False)
+    with pytest.raises(RelkdError, match=r"teacher checkpoint.*nowhere\.pt"):
+        run_suite(
+            write_suite(tmp_path / "b5.yaml", fmnist_root, ck), tmp_path / "o5", progress=False
+        )
+    bad = tmp_path / "bad6.yaml"
+    bad.write_text(suite_file.read_text() + "methodz: [kd]\n")
+    with pytest.raises(RelkdError, match=r"unknown key.*methodz"):
+        load_suite(bad)
+    assert counter.calls == []
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))
+    # a dry run validates and lists, trains nothing, and tolerates a missing checkpoint
+    res = run_suite(
+        write_suite(tmp_path / "ok.yaml", fmnist_root, ck),
+        tmp_path / "o6",
+        dry_run=True,
+        progress=False,
+    )
+    assert {r["status"] for r in res} == {"planned"} and counter.calls == []
+
+
+def test_resume_refuses_a_changed_config(suite_file, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    run_suite(suite_file, out, only="kd/*/s0", progress=False)
+    (out / "runs/kd/cnn_small_cnn_tiny/s0/summary.json").unlink()
+    res = run_suite(suite_file, out, only="kd/*/s0", overrides=["optim.lr=0.5"], progress=False)
+    assert res[0]["status"] == "failed" and "differs" in res[0]["error"]
+    # machine-specific keys (data root, devices) may change
+    res = run_suite(
+        suite_file, out, only="kd/*/s0", overrides=["data.num_workers=0"], progress=False
+    )
+    assert res[0]["status"] == "resumed"
+
+
+def test_lock_claims_and_breaks_stale_locks(tmp_path):
+    a, b = RunLock(tmp_path), RunLock(tmp_path)
+    assert a.acquire()
+    assert not b.acquire(), "a live holder keeps the run"
+    a.release()
+    assert not (tmp_path / ".lock").exists()
+    assert b.acquire()
+    b.release()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    info = {"pid": dead.pid, "host": acc.socket.gethostname(), "start": None, "time": 0}
+    (tmp_path / ".lock").write_text(json.dumps(info))
+    assert a.acquire(), "the lock of a dead process is broken"
+    a.release()
+    (tmp_path / ".lock").write_text(json.dumps({**info, "host": "elsewhere"}))
+    assert not a.acquire(), "a lock from another host is never broken"
+    (tmp_path / ".lock").unlink()
+    # pid reused by a process that started later than the lock's owner
+    (tmp_path / ".lock").write_text(json.dumps({**info, "pid": os.getpid(), "start": "1"}))
+    assert a.acquire()
+    a.release()
+
+
+def test_worker_env_round_robin():
+    envs = [acc.worker_env(w, 1, ["0", "1", "2"]) for w in range(4)]
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0", "1", "2", "0"]
+    assert envs[0]["OMP_NUM_THREADS"] == "1"
+    assert "CUDA_VISIBLE_DEVICES" not in acc.worker_env(0, 2, [])
+
+
+@pytest.mark.slow  # spawns two Python processes that import torch (~10 s on 2 idle cores)
+def test_two_worker_processes_share_the_grid(suite_file, tmp_path):
+    out = tmp_path / "out"
+    res = run_suite(suite_file, out, workers=2, only="ce/*", progress=False)
+    assert [r["status"] for r in res] == ["trained", "trained"]
+    for r in res:
+        lines = (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == 2, "each run trained exactly once (2 epochs)"
+    assert not list(out.rglob(".lock"))
+
+
+SUITES = Path(__file__).resolve().parents[1] / "benchmarks" / "suites"
+
+
+@pytest.mark.parametrize("name", ["fmnist-mini", "cifar10jpg-mini", "cifar100-crd", "imagenet"])
+def test_shipped_suites_are_valid(name):
+    suite = load_suite(SUITES / f"{name}.yaml")
+    acc._check_names(suite)  # every method and model is registered
+    teachers, runs = acc.build_grid(suite, "out")
+    assert len({r.id for r in runs}) == len(runs)
+    if name == "cifar100-crd":
+        assert len(suite.pairs) == 13 and suite.seeds == [0, 1, 2, 3, 4]
+        assert not teachers  # released checkpoints, no teacher training
+        beta = {
+            (r.teacher, r.student): r.config["method"].get("args", {}).get("beta", 8.0)
+            for r in runs
+            if r.label == "dkd"
+        }
+        assert len(beta) == 13 and beta[("resnet56", "resnet20")] == 2.0
+        assert beta[("vgg13", "vgg8")] == 6.0 and beta[("resnet32x4", "resnet8x4")] == 8.0
+    if name.endswith("-mini"):
+        assert [t.student for t in teachers] == [suite.pairs[0][0]]
+        acc._validate_configs(teachers, runs[:: len(suite.seeds)])
+
+
+def test_cli_bench_accuracy(suite_file, tmp_path, capsys):
+    import argparse
+
+    from relkd.bench.cli import add_bench_parsers
+
+    p = argparse.ArgumentParser(prog="relkd")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    group = add_bench_parsers(sub)
+    assert "accuracy" in group.choices  # `bench speed` can be added to the same group
+    out = tmp_path / "out"
+    cmd = ["bench", "accuracy", str(suite_file), "train.epochs=1", "--out", str(out)]
+    args = p.parse_args([*cmd, "--only", "ce/*"])
+    assert args.fn(args) == 0
+    assert "report:" in capsys.readouterr().out
+    assert (out / "report.html").is_file() and (out / "runs/ce/cnn_tiny/s1/summary.json").is_file()
+    cfg = yaml.safe_load((out / "runs/ce/cnn_tiny/s0/config.yaml").read_text())
+    assert cfg["train"]["epochs"] == 1
+    args = p.parse_args(["bench", "accuracy", str(suite_file), "--out", str(out), "--dry-run"])
+    assert args.fn(args) == 0
+    text = capsys.readouterr().out
+    assert "ce/cnn_tiny/s0: finished" in text and "kd/cnn_small_cnn_tiny/s0: new" in text
+    args = p.parse_args(["report", str(out), "--out", str(tmp_path / "rep")])
+    assert args.fn(args) == 0 and (tmp_path / "rep/report.md").is_file()
