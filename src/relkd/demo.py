@@ -17,16 +17,18 @@ from typing import Any
 
 from relkd.config import load_config, to_yaml
 
-#: Demo methods and their config overrides ("method.*" keys). Later methods add a line here.
-DEMO_METHODS: dict[str, dict[str, Any]] = {
+#: Demo methods and their config overrides by section. A new method adds a line here.
+DEMO_METHODS: dict[str, dict[str, dict[str, Any]]] = {
     "ce": {},
     "kd": {},
-    "dkd": {"args": {"warmup": 1}},  # the 20-epoch warm-up is for 240-epoch schedules
-    "dist": {"args": {"temperature": 4.0, "beta": 2.0, "gamma": 2.0}},
-    "clkd": {"ce_weight": 1.0},  # short schedules want lambda 1 (methods.md section 3)
+    "dkd": {"method": {"args": {"warmup": 1}}},  # the 20-epoch warm-up is for 240 epochs
+    "dist": {"method": {"args": {"temperature": 4.0, "beta": 2.0, "gamma": 2.0}}},
+    "clkd": {"method": {"ce_weight": 1.0}},  # short schedules want lambda 1 (methods.md s. 3)
     "cmkd": {},
-    "rrd": {"args": {"queue_size": 4096}},  # a queue smaller than the 10k-image training set
-    "crd": {"args": {"nce_k": 4096}},
+    "rrd": {"method": {"args": {"queue_size": 4096}}},  # smaller than the 10k training images
+    "crd": {"method": {"args": {"nce_k": 4096}}},
+    # self-distillation, same student, no teacher; a batch holds 43 triplets = 129 images
+    "corsd": {"data": {"batch_size": 43}},
 }
 
 TEACHER_EPOCHS = 3
@@ -63,11 +65,13 @@ def student_config(
     cfg.update(
         student={"name": "cnn_tiny"},
         teacher={"name": "cnn_small", "checkpoint": str(teacher_ckpt)},
-        method={"name": method, **DEMO_METHODS.get(method, {})},
+        method={"name": method},
         output_dir=str(out),
         name=f"{method}_s{seed}",
     )
     cfg["train"].update(epochs=epochs, seed=seed)
+    for section, values in DEMO_METHODS.get(method, {}).items():
+        cfg[section].update(values)
     return cfg
 
 

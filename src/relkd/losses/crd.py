@@ -54,8 +54,15 @@ def contrast_scores(
     """
     # fp32 with autocast off: exp(sim / 0.07) of bf16 similarities is off by up to ~10 %.
     with torch.autocast(anchor.device.type, enabled=False):
-        rows = memory.detach().float()[contrast_index]  # [B, K + 1, d]
-        sim = torch.bmm(rows, anchor.float()[:, :, None])[:, :, 0]
+        mem, a = memory.detach().float(), anchor.float()
+        b, k1 = contrast_index.shape
+        if mem.shape[0] <= 4 * k1:
+            # Small banks (CIFAR: N = 50k, K + 1 = 16385): all similarities in one matmul, then
+            # pick the sampled ones. Same numbers, no [B, K + 1, d] copy of the bank rows.
+            # (clone: autograd keeps the bank for backward, and the method updates it in place)
+            sim = torch.gather(a @ mem.clone().t(), 1, contrast_index)
+        else:  # large banks (ImageNet): gather the sampled rows
+            sim = torch.bmm(mem[contrast_index], a[:, :, None])[:, :, 0]
         return torch.exp(sim / temperature)
 
 
