@@ -55,7 +55,7 @@ def contrast_scores(
     # fp32 with autocast off: exp(sim / 0.07) of bf16 similarities is off by up to ~10 %.
     with torch.autocast(anchor.device.type, enabled=False):
         mem, a = memory.detach().float(), anchor.float()
-        b, k1 = contrast_index.shape
+        k1 = contrast_index.shape[1]
         if mem.shape[0] <= 4 * k1:
             # Small banks (CIFAR: N = 50k, K + 1 = 16385): all similarities in one matmul, then
             # pick the sampled ones. Same numbers, no [B, K + 1, d] copy of the bank rows.
