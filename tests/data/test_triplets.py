@@ -110,3 +110,20 @@ def test_collate_and_extras_passthrough():
     assert set(ex) == {"index", "pos", "neg", "pos_target", "neg_target"}
     assert ex["pos"].shape == (4, 1) and torch.equal(ex["pos_target"], y)
     assert ex["index"].tolist() == [0, 1, 2, 3]
+
+
+def test_wrappers_keep_their_extras_through_a_dataloader_over_a_subset():
+    """Regression: a pass-through ``__getattr__`` exposed Subset.__getitems__ to DataLoader,
+    which then returned the inner (img, target) pairs without the wrapper's extras."""
+    import torch
+    from torch.utils.data import DataLoader, Subset, TensorDataset
+
+    from relkd.data import IndexedDataset, collate_with_extras
+    from relkd.data.triplets import TripletDataset
+
+    base = TensorDataset(torch.randn(12, 1, 4, 4), torch.arange(12) % 3)
+    base.targets = torch.arange(12) % 3
+    sub = Subset(base, list(range(10)))
+    for ds, key in ((TripletDataset(sub, seed=0), "pos"), (IndexedDataset(sub), "index")):
+        batch = next(iter(DataLoader(ds, batch_size=4, collate_fn=collate_with_extras)))
+        assert len(batch) == 3 and key in batch[2]

@@ -36,7 +36,9 @@ class IndexedDataset(Dataset):
 
     def __getattr__(self, name: str) -> Any:
         # Forward attributes (classes, targets, mean, ...) to the wrapped data set.
-        if name == "dataset":
+        # Never dunders: DataLoader looks for ``__getitems__`` and would fetch the *inner*
+        # items (a Subset has one), silently dropping this wrapper's extras.
+        if name == "dataset" or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 

@@ -506,7 +506,7 @@ def fit(
                 _, terms = step_fn(x, y, t_out, **extras)
             loss = sum(t.float() for t in terms.values())
             if not torch.isfinite(loss):
-                detail = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+                detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
                 if cfg.train.on_nonfinite == "skip":
                     skipped += 1
                     opt.zero_grad(set_to_none=True)
