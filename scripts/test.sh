@@ -3,8 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
-.venv/bin/ruff format --check src tests benchmarks
-.venv/bin/ruff check src tests benchmarks
+.venv/bin/ruff format --check src tests benchmarks scripts
+.venv/bin/ruff check src tests benchmarks scripts
 # One BLAS/OpenMP thread per worker: two workers on two cores must not oversubscribe them.
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 exec .venv/bin/python -m pytest -n 2 --durations=15 "$@"

@@ -150,3 +150,19 @@ def test_cli_user_error_exit_2_without_traceback(tmp_path):
         [sys.executable, "-m", "relkd", "list", "methods"], capture_output=True, text=True
     )
     assert p.returncode == 0 and "kd" in p.stdout.split()
+
+
+def test_cli_eval_reports_the_checkpoint_accuracy(fmnist_root, tiny_teacher_ckpt):
+    p = subprocess.run(
+        [
+            sys.executable, "-m", "relkd", "eval", "--model", "cnn_small",
+            "--checkpoint", str(tiny_teacher_ckpt), "--data", "fashion_mnist",
+            "--root", str(fmnist_root), "--device", "cpu",
+        ],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    # the teacher's own run recorded the same test accuracy in its summary
+    summary = json.loads((Path(tiny_teacher_ckpt).parent / "summary.json").read_text())
+    assert res["top1"] == pytest.approx(summary["last_top1"])
