@@ -148,3 +148,30 @@ def set_trainable(module: nn.Module, trainable: bool) -> None:
 
 def stage_feats(out: ModelOutput, names: Sequence[str]) -> list[torch.Tensor]:
     return [out.feats[n] for n in names]
+
+
+class InitPhaseMixin:
+    """The RepDistiller "init" stage shared by AB and FSP: ``init_epochs`` of pre-training with
+    weight ``init_weight`` before the main phase (weight ``weight``); ``self.connectors`` are
+    trainable exactly in the phases whose weight is non-zero. Mix into a :class:`Method`."""
+
+    init_epochs: int
+    init_weight: float
+    weight: float
+    connectors: nn.Module
+
+    def _weight_in(self, phase: str) -> float:
+        if phase == "main":
+            return self.weight
+        return self.init_weight if phase == "init" and self.init_epochs else 0.0
+
+    def _init_trainable(self) -> None:
+        # Trainable at build time if any phase uses them (the optimizer is built from that).
+        set_trainable(self.connectors, self._weight_in("init") > 0 or self._weight_in("main") > 0)
+
+    def phases(self) -> list[tuple[str, int]]:
+        return [("init", self.init_epochs)] if self.init_epochs > 0 else []
+
+    def set_phase(self, phase: str) -> None:
+        super().set_phase(phase)  # type: ignore[misc]
+        set_trainable(self.connectors, self._weight_in(phase) > 0)

@@ -8,9 +8,9 @@ from torch import nn
 from relkd.losses.feature import ab_loss
 from relkd.methods._connectors import (
     ConvReg,
+    InitPhaseMixin,
     map_shape,
     require_teacher,
-    set_trainable,
     stage_pairs,
 )
 from relkd.methods.base import Method, MethodContext, register_method
@@ -20,7 +20,7 @@ AB_SCALE = 3e-3
 
 
 @register_method("ab")
-class AB(Method):
+class AB(InitPhaseMixin, Method):
     """Activation-boundary transfer as a pre-training phase, then plain training.
 
     Phase ``"init"`` (``init_epochs``, 30 by default; the engine skips CE there) returns
@@ -61,26 +61,13 @@ class AB(Method):
             ConvReg(map_shape(ctx, "student", s, "ab"), map_shape(ctx, "teacher", t, "ab"), False)
             for s, t in self.pairs
         )
-        # Trainable at build time if any phase uses them (the optimizer is built from that).
-        set_trainable(self.connectors, self._weight_in("init") > 0 or self._weight_in("main") > 0)
+        self._init_trainable()
 
     def student_taps(self) -> list[str]:
         return [s for s, _ in self.pairs]
 
     def teacher_taps(self) -> list[str]:
         return [t for _, t in self.pairs]
-
-    def phases(self) -> list[tuple[str, int]]:
-        return [("init", self.init_epochs)] if self.init_epochs > 0 else []
-
-    def set_phase(self, phase: str) -> None:
-        super().set_phase(phase)
-        set_trainable(self.connectors, self._weight_in(phase) > 0)
-
-    def _weight_in(self, phase: str) -> float:
-        if phase == "main":
-            return self.weight
-        return self.init_weight if phase == "init" and self.init_epochs else 0.0
 
     def forward(self, student, teacher, targets, **extras):
         teacher = require_teacher(teacher, "ab")

@@ -6,13 +6,13 @@ from __future__ import annotations
 from torch import nn
 
 from relkd.losses.feature import fsp_loss
-from relkd.methods._connectors import map_shape, require_teacher, set_trainable, stage_pairs
+from relkd.methods._connectors import InitPhaseMixin, map_shape, require_teacher, stage_pairs
 from relkd.methods.base import Method, MethodContext, register_method
 from relkd.registry import RelkdError
 
 
 @register_method("fsp")
-class FSP(Method):
+class FSP(InitPhaseMixin, Method):
     """FSP matching as a pre-training phase, then plain training.
 
     Phase ``"init"`` (``init_epochs``, 30 by default; no CE) returns ``init_weight *
@@ -63,25 +63,13 @@ class FSP(Method):
                 else nn.Sequential(nn.Conv2d(c_s, c_t, 1, bias=False), nn.BatchNorm2d(c_t))
             )
         self.connectors = nn.ModuleList(conns)
-        set_trainable(self.connectors, self._weight_in("init") > 0 or self._weight_in("main") > 0)
+        self._init_trainable()
 
     def student_taps(self) -> list[str]:
         return [s for s, _ in self.pairs]
 
     def teacher_taps(self) -> list[str]:
         return [t for _, t in self.pairs]
-
-    def phases(self) -> list[tuple[str, int]]:
-        return [("init", self.init_epochs)] if self.init_epochs > 0 else []
-
-    def set_phase(self, phase: str) -> None:
-        super().set_phase(phase)
-        set_trainable(self.connectors, self._weight_in(phase) > 0)
-
-    def _weight_in(self, phase: str) -> float:
-        if phase == "main":
-            return self.weight
-        return self.init_weight if phase == "init" and self.init_epochs else 0.0
 
     def forward(self, student, teacher, targets, **extras):
         teacher = require_teacher(teacher, "fsp")
