@@ -17,8 +17,15 @@ from relkd.registry import RelkdError
 def _cmd_train(args: argparse.Namespace) -> int:
     from relkd import train
 
+    from relkd import distributed as D
+
     summary = train(args.config, overrides=args.overrides, resume=args.resume, quiet=args.quiet)
-    print(json.dumps(summary, indent=2))
+    if D.is_main():  # under torchrun every rank returns the same summary; print it once
+        print(json.dumps(summary, indent=2))
+    if D.is_dist():
+        import torch.distributed
+
+        torch.distributed.destroy_process_group()
     return 0
 
 

@@ -88,6 +88,11 @@ class TrainConfig:
     # Under DDP: batch norm statistics over the global batch (N ranks at batch b then train like
     # one process at N*b). Off by default, as in the CRD / mdistiller recipes (per-GPU BN).
     sync_bn: bool = False
+    # Exact teacher-output cache (relkd.data.teacher_cache): off | auto (under the relkd cache
+    # folder, keyed by teacher + data + transform) | PATH (that folder; a stale cache there is
+    # refused). KD-family methods on in-memory data then run no teacher forward pass.
+    teacher_cache: str = "off"
+    teacher_cache_dtype: str = "fp16"  # fp16 | fp32: storage of the cached outputs
 
 
 @dataclass
@@ -109,6 +114,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.on_nonfinite": ("stop", "skip"),
     "data.in_memory": ("auto", "true", "false"),
+    "train.teacher_cache_dtype": ("fp16", "fp32"),
 }
 POSITIVE: tuple[str, ...] = (
     "optim.lr",
@@ -164,6 +170,8 @@ def _validate(cfg: Config) -> None:
         raise RelkdError(f"data.num_workers={cfg.data.num_workers} must be >= 0")
     if cfg.train.max_steps_per_epoch is not None and cfg.train.max_steps_per_epoch <= 0:
         raise RelkdError(f"train.max_steps_per_epoch={cfg.train.max_steps_per_epoch} must be > 0")
+    if not str(cfg.train.teacher_cache).strip():
+        raise RelkdError("train.teacher_cache='' is not valid: use off, auto or a folder path")
     for m in cfg.schedule.milestones:
         if m < 0:
             raise RelkdError(f"schedule.milestones has a negative epoch: {m}")

@@ -1,4 +1,4 @@
-"""Command-line entries of :mod:`relkd.bench`: ``relkd bench accuracy`` and ``relkd report``.
+"""Command-line entries of :mod:`relkd.bench`: ``relkd bench accuracy``, ``relkd bench speed`` and ``relkd report``.
 
 Wired into ``relkd`` by :func:`add_bench_parsers` (called from :func:`relkd.cli.build_parser`).
 ``bench`` is a group of subcommands so that more benchmarks (``bench speed``) can be added to the
@@ -48,8 +48,61 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_speed(args: argparse.Namespace) -> int:
+    import json
+
+    from relkd.bench.speed import format_ratios, format_table, run_speed, speed_ratios
+
+    def both(value: str) -> list[bool]:
+        return {"off": [False], "on": [True], "both": [False, True]}[value]
+
+    def show(rec: dict) -> None:
+        if args.json:
+            print(json.dumps(rec), flush=True)
+        elif rec["status"] == "ok":
+            extra = f" workers={rec['workers']}" if rec["workers"] is not None else ""
+            print(
+                f"{rec['config']:16s} {rec['method'] or '':8s} {rec['precision'] or '':5s}"
+                f"{' cl' if rec['channels_last'] else ''}{' compile' if rec['compile'] else ''}"
+                f"{extra}: {rec['step_ms_median']:.2f} ms/step (mean {rec['step_ms_mean']:.2f}), "
+                f"{rec['images_per_s']:.0f} images/s, peak {rec['peak_mem_mb']:.1f} MiB",
+                flush=True,
+            )
+        else:
+            print(f"{rec['config']:16s} {rec['method'] or '':8s} skipped: {rec['reason']}")
+
+    records = run_speed(
+        args.teacher,
+        args.student,
+        args.method or ["ce", "kd"],
+        batch=args.batch,
+        steps=args.steps,
+        warmup=args.warmup,
+        device=args.device,
+        precisions=args.precision,
+        channels_last=both(args.channels_last),
+        compile=both(args.compile),
+        image_size=args.image_size,
+        num_classes=args.num_classes,
+        in_chans=args.in_chans,
+        threads=args.threads,
+        num_train_samples=args.num_train_samples,
+        data=not args.no_data,
+        data_workers=[int(w) for w in args.data_workers.split(",") if w.strip()],
+        on_record=show,
+    )
+    if not args.json:
+        print()
+        print(format_table(records))
+        ratios = speed_ratios(records)
+        if ratios:
+            print()
+            print(format_ratios(ratios))
+    return 0
+
+
 def add_bench_parsers(subparsers) -> argparse._SubParsersAction:
-    """Register ``bench {accuracy}`` and ``report`` on the ``relkd`` subparsers; returns the
+    """Register ``bench {accuracy,speed}`` and ``report`` on the ``relkd`` subparsers; returns the
     ``bench`` group so that other benchmarks can add their subcommand to it."""
     b = subparsers.add_parser("bench", help="benchmarks (accuracy suites, ...)")
     group = b.add_subparsers(dest="bench_cmd", required=True)
@@ -72,6 +125,41 @@ def add_bench_parsers(subparsers) -> argparse._SubParsersAction:
     a.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     a.add_argument("--verbose", action="store_true", help="show each run's per-epoch output")
     a.set_defaults(fn=_cmd_accuracy)
+
+    s = group.add_parser(
+        "speed",
+        help="images/s and peak memory of a training step per method (synthetic data)",
+        description="Time the engine's training step for a teacher/student pair on synthetic "
+        "data: teacher forward, student CE step, online and cached-teacher step per method, "
+        "and the data pipelines (InMemoryLoader vs DataLoader). Warm-up steps are excluded; "
+        "images/s = batch / median step time.",
+    )
+    s.add_argument("--teacher", required=True, help="teacher model, e.g. resnet32x4")
+    s.add_argument("--student", required=True, help="student model, e.g. resnet8x4")
+    s.add_argument(
+        "--method", action="append", default=None,
+        help="method(s), repeatable or comma separated (default: ce,kd)",
+    )  # fmt: skip
+    s.add_argument("--batch", type=int, default=64)
+    s.add_argument("--steps", type=int, default=20, help="measured steps per configuration")
+    s.add_argument("--warmup", type=int, default=5, help="excluded warm-up steps")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    s.add_argument("--precision", default="fp32", help="comma list of fp32, bf16, fp16")
+    for flag in ("--channels-last", "--compile"):
+        s.add_argument(
+            flag, nargs="?", const="both", default="off", choices=["off", "on", "both"],
+            help="off (default), on, or both (bare flag: measure without and with)",
+        )  # fmt: skip
+    s.add_argument("--image-size", type=int, default=32)
+    s.add_argument("--in-chans", type=int, default=3, help="image channels (1: grey)")
+    s.add_argument("--num-classes", type=int, default=100)
+    s.add_argument("--num-train-samples", type=int, default=50000,
+                   help="training-set size N (memory banks, teacher cache, data pipelines)")  # fmt: skip
+    s.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    s.add_argument("--no-data", action="store_true", help="skip the data pipeline measurements")
+    s.add_argument("--data-workers", default="0,2", help="DataLoader worker counts (comma list)")
+    s.add_argument("--json", action="store_true", help="one JSON object per configuration")
+    s.set_defaults(fn=_cmd_speed)
 
     r = subparsers.add_parser(
         "report", help="tables (markdown, HTML) and plots from a folder of runs"

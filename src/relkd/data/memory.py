@@ -81,6 +81,33 @@ def _mix_seed(*parts: int | str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def crop_flip(
+    x: torch.Tensor, offsets: torch.Tensor | None, flips: torch.Tensor | None, padding: int
+) -> torch.Tensor:
+    """Crop + flip of a batch [B, C, H, W] -> [B, C, H, W] in one gather.
+
+    Output pixel (i, j) of sample b is padded[b, oy + i, ox + j], or
+    padded[b, oy + i, ox + W - 1 - j] when flipped (crop first, then flip, as torchvision),
+    where ``padded`` is the batch zero-padded by ``padding`` on every side and
+    ``offsets[b] = (oy, ox)`` in [0, 2 * padding]. ``offsets=None``: no crop; ``flips=None``: no
+    flip.
+    """
+    b, c, h, w = x.shape
+    p = padding if offsets is not None else 0
+    dev = x.device
+    rows = torch.arange(h, device=dev).expand(b, h)
+    cols = torch.arange(w, device=dev).expand(b, w)
+    if flips is not None:
+        cols = torch.where(flips[:, None], (w - 1) - cols, cols)
+    if offsets is not None:
+        x = F.pad(x, (p, p, p, p))  # zero fill, like RandomCrop(padding=p, fill=0)
+        rows = rows + offsets[:, :1]
+        cols = cols + offsets[:, 1:]
+    wp = w + 2 * p
+    lin = (rows[:, :, None] * wp + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+    return torch.gather(x.reshape(b, c, -1), 2, lin).view(b, c, h, w)
+
+
 class InMemoryLoader:
     """Batches ``(x float [B, C, H, W] normalised, y int64 [B])`` (``+ extras``) from device memory.
 
@@ -105,6 +132,12 @@ class InMemoryLoader:
             get disjoint, equally long shards and together see one process's batches.
         return_index: also yield ``{"index": int64 [B]}`` (positions in the split) for
             memory-bank methods.
+        return_aug: also yield the augmentation actually drawn, ``{"index": int64 [B],
+            "aug_offsets": int64 [B, 2], "aug_flips": bool [B]}`` (crop offsets in [0, 2p] in the
+            frame of :attr:`aug_padding`, see :func:`crop_flip`): what an exact teacher-output
+            cache (:mod:`relkd.data.teacher_cache`) looks its entries up by. Zeros / ``False``
+            where that augmentation is off (then ``aug_padding`` is 0 / ``aug_flip`` False, so
+            zeros are the identity).
         even_shards: pad shards to equal length (needed for training under DDP); ``False``
             gives every sample exactly once over all ranks (exact distributed evaluation).
 
@@ -131,6 +164,7 @@ class InMemoryLoader:
         world_size: int = 1,
         return_index: bool = False,
         even_shards: bool = True,
+        return_aug: bool = False,
     ) -> None:
         if images_u8.dtype != torch.uint8 or images_u8.dim() != 4:
             raise RelkdError(
@@ -172,6 +206,7 @@ class InMemoryLoader:
         self.rank = rank
         self.world_size = world_size
         self.return_index = return_index
+        self.return_aug = return_aug
         self.even_shards = even_shards
         self.epoch = 0
         n = len(self.images)
@@ -231,6 +266,17 @@ class InMemoryLoader:
     def dataset_size(self) -> int:
         """N, the size of the whole split (all ranks)."""
         return len(self.images)
+
+    @property
+    def aug_padding(self) -> int:
+        """Crop padding actually applied (0 when augmentation is off): the frame of
+        ``aug_offsets``."""
+        return self.padding if self.augment else 0
+
+    @property
+    def aug_flip(self) -> bool:
+        """Whether random flips are actually applied."""
+        return self.flip and self.augment
 
     def _order(self) -> torch.Tensor:
         """The epoch's permutation of the split (``randperm(N)`` seeded with seed + epoch, as
@@ -294,26 +340,9 @@ class InMemoryLoader:
     def crop_flip(
         self, x: torch.Tensor, offsets: torch.Tensor | None, flips: torch.Tensor | None
     ) -> torch.Tensor:
-        """Random crop + flip of a uint8 batch [B, C, H, W] -> [B, C, H, W] in one gather.
-
-        Output pixel (i, j) of sample b is padded[b, oy + i, ox + j], or
-        padded[b, oy + i, ox + W - 1 - j] when flipped (crop first, then flip, as torchvision),
-        where ``padded`` is the batch zero-padded by p on every side.
-        """
-        b, c, h, w = x.shape
-        p = self.padding if offsets is not None else 0
-        dev = x.device
-        rows = torch.arange(h, device=dev).expand(b, h)
-        cols = torch.arange(w, device=dev).expand(b, w)
-        if flips is not None:
-            cols = torch.where(flips[:, None], (w - 1) - cols, cols)
-        if offsets is not None:
-            x = F.pad(x, (p, p, p, p))  # zero fill, like RandomCrop(padding=p, fill=0)
-            rows = rows + offsets[:, :1]
-            cols = cols + offsets[:, 1:]
-        wp = w + 2 * p
-        lin = (rows[:, :, None] * wp + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
-        return torch.gather(x.reshape(b, c, -1), 2, lin).view(b, c, h, w)
+        """Random crop + flip of a uint8 batch [B, C, H, W] -> [B, C, H, W] in one gather
+        (:func:`crop_flip` with this loader's padding)."""
+        return crop_flip(x, offsets, flips, self.padding)
 
     def normalize(self, x_u8: torch.Tensor) -> torch.Tensor:
         """uint8 [B, C, H, W] -> float32, bit-identical to ToTensor() + Normalize(mean, std)."""
@@ -338,7 +367,15 @@ class InMemoryLoader:
                 )
             x = self.normalize(x)
             y = self.targets.index_select(0, i)
-            if self.return_index:
+            if self.return_aug:
+                b = len(i)
+                aug = {
+                    "index": i,
+                    "aug_offsets": offsets[sl] if offsets is not None else i.new_zeros(b, 2),
+                    "aug_flips": flips[sl] if flips is not None else i.new_zeros(b).bool(),
+                }
+                yield x, y, aug
+            elif self.return_index:
                 yield x, y, {"index": i}
             else:
                 yield x, y

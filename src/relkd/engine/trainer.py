@@ -182,6 +182,59 @@ def _make_loaders(cfg: Config, method: Method, train_ds, test_ds, info, device):
     return train, test
 
 
+def _teacher_cache(cfg: Config, method: Method, tea, train_loader, device, log, progress: bool):
+    """``train.teacher_cache``: swap the online teacher for an exact teacher-output cache
+    (:mod:`relkd.data.teacher_cache`) when the run allows one. Returns ``(teacher, keys)``:
+    the teacher to call as ``teacher(x, **extras)`` and the batch extras only it reads (the
+    engine drops them before the method). Falls back to the online teacher, saying why once."""
+    mode = str(cfg.train.teacher_cache).strip()
+    if tea is None or mode.lower() in ("off", "false", "no", "none"):  # YAML reads off as False
+        return tea, ()
+    from relkd.data import InMemoryLoader, cache_dir
+    from relkd.data.teacher_cache import TeacherCache, cache_key
+    from relkd.engine.teacher import CachedTeacher
+
+    taps = list(method.teacher_taps())
+    parts = list(method.parts.values()) if hasattr(method, "parts") else [method]
+    why = None
+    if not isinstance(train_loader, InMemoryLoader):
+        why = "it needs the in-memory data pipeline (data.in_memory)"
+    elif not set(taps) <= {POOLED}:
+        why = (
+            f"method {cfg.method.name!r} needs teacher features {[t for t in taps if t != POOLED]}"
+        )
+    elif any(type(p).prepare_batch is not Method.prepare_batch for p in parts):
+        why = f"method {cfg.method.name!r} changes the batch (prepare_batch)"
+    if why:
+        log(f"teacher cache: {why}; using the online teacher")
+        return tea, ()
+    train_loader.return_aug = True
+    images = train_loader.images
+    kw = dict(
+        padding=train_loader.aug_padding, flip=train_loader.aug_flip,
+        mean=train_loader.mean.flatten().tolist(), std=train_loader.std.flatten().tolist(),
+        taps=["logits", *taps], dtype=cfg.train.teacher_cache_dtype,
+    )  # fmt: skip
+    key = cache_key(tea.model, images, **kw)
+    auto = mode.lower() in ("auto", "on", "true", "yes")
+    path = cache_dir() / "teacher" / key[0][:32] if auto else Path(mode).expanduser()
+    if not D.is_dist() or int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one builder per node
+        cache = TeacherCache.build(
+            tea.model, images, **kw, path=path, rebuild="auto" if auto else "missing",
+            batch_size=cfg.data.eval_batch_size, device=device, progress=progress, log=log,
+            key=key,
+        )  # fmt: skip
+    else:  # wait for this node's builder (torchrun stops every rank if it fails)
+        while not (path / "manifest.json").exists():
+            time.sleep(2)
+        cache = TeacherCache.open(path, key=key[0], device=device)
+    if device.type == "cuda" and cache.nbytes < 0.4 * torch.cuda.mem_get_info(device)[0]:
+        cache = TeacherCache.open(path, key=key[0], device=device, preload=True)
+    log(f"teacher cache: {cache}; no teacher forward pass while training")
+    drop = ("aug_offsets", "aug_flips") + (() if train_loader.return_index else ("index",))
+    return CachedTeacher(cache, tea.model), drop
+
+
 class BlockSampler(torch.utils.data.Sampler[int]):
     """Shuffle of (seed, epoch) padded like ``DistributedSampler``, sharded in blocks of each
     global batch (see :func:`relkd.data.memory.block_positions`): N ranks at batch b see the
@@ -438,6 +491,8 @@ def fit(
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
     amp_ctx = _amp(cfg.train.precision, device)
     train_loader, test_loader = _make_loaders(cfg, method, train_ds, test_ds, info, device)
+    progress = cfg.train.progress and D.is_main() and not quiet
+    tea, cache_only = _teacher_cache(cfg, method, tea, train_loader, device, log.info, progress)
     steps_per_epoch = len(train_loader)
     if cfg.train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
@@ -501,7 +556,9 @@ def fit(
             )
             for g in opt.param_groups:
                 g["lr"] = lr * f
-            t_out = tea(x) if tea is not None else None
+            t_out = tea(x, **extras) if tea is not None else None
+            if cache_only:  # extras only the cached teacher reads
+                extras = {k: v for k, v in extras.items() if k not in cache_only}
             with amp_ctx():
                 _, terms = step_fn(x, y, t_out, **extras)
             loss = sum(t.float() for t in terms.values())
