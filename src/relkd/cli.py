@@ -15,9 +15,8 @@ from relkd.registry import RelkdError
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from relkd import train
-
     from relkd import distributed as D
+    from relkd import train
 
     summary = train(args.config, overrides=args.overrides, resume=args.resume, quiet=args.quiet)
     if D.is_main():  # under torchrun every rank returns the same summary; print it once
