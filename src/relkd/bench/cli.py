@@ -89,6 +89,8 @@ def _cmd_speed(args: argparse.Namespace) -> int:
         num_train_samples=args.num_train_samples,
         data=not args.no_data,
         data_workers=[int(w) for w in args.data_workers.split(",") if w.strip()],
+        cache_budget_mb=args.cache_budget_mb,
+        cache_dtype=args.cache_dtype,
         on_record=show,
     )
     if not args.json:
@@ -158,6 +160,10 @@ def add_bench_parsers(subparsers) -> argparse._SubParsersAction:
     s.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     s.add_argument("--no-data", action="store_true", help="skip the data pipeline measurements")
     s.add_argument("--data-workers", default="0,2", help="DataLoader worker counts (comma list)")
+    s.add_argument("--cache-dtype", default="fp16", choices=["fp16", "fp32"],
+                   help="storage dtype of the teacher cache of the cached step")  # fmt: skip
+    s.add_argument("--cache-budget-mb", type=float, default=8192.0,
+                   help="largest teacher cache to write for the cached step (MiB)")  # fmt: skip
     s.add_argument("--json", action="store_true", help="one JSON object per configuration")
     s.set_defaults(fn=_cmd_speed)
 
