@@ -65,7 +65,8 @@ def _cmd_speed(args: argparse.Namespace) -> int:
                 f"{rec['config']:16s} {rec['method'] or '':8s} {rec['precision'] or '':5s}"
                 f"{' cl' if rec['channels_last'] else ''}{' compile' if rec['compile'] else ''}"
                 f"{extra}: {rec['step_ms_median']:.2f} ms/step (mean {rec['step_ms_mean']:.2f}), "
-                f"{rec['images_per_s']:.0f} images/s, peak {rec['peak_mem_mb']:.1f} MiB",
+                f"{rec['images_per_s']:.0f} images/s, peak {rec['peak_mem_mb']:.1f} MiB"
+                + (f" ({rec['file_mem_mb']:.0f} file-backed)" if rec["file_mem_mb"] else ""),
                 flush=True,
             )
         else:
@@ -91,6 +92,7 @@ def _cmd_speed(args: argparse.Namespace) -> int:
         data_workers=[int(w) for w in args.data_workers.split(",") if w.strip()],
         cache_budget_mb=args.cache_budget_mb,
         cache_dtype=args.cache_dtype,
+        rounds=args.rounds,
         on_record=show,
     )
     if not args.json:
@@ -145,6 +147,8 @@ def add_bench_parsers(subparsers) -> argparse._SubParsersAction:
     s.add_argument("--batch", type=int, default=64)
     s.add_argument("--steps", type=int, default=20, help="measured steps per configuration")
     s.add_argument("--warmup", type=int, default=5, help="excluded warm-up steps")
+    s.add_argument("--rounds", type=int, default=5,
+                   help="interleave the configurations' timed steps in this many rounds")  # fmt: skip
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     s.add_argument("--precision", default="fp32", help="comma list of fp32, bf16, fp16")
     for flag in ("--channels-last", "--compile"):

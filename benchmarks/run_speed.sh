@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The run behind benchmarks/speed.md: `relkd bench speed` for resnet32x4 -> resnet8x4, batch 64,
+# CIFAR-100-shaped synthetic data (3x32x32, 100 classes, N = 50000), fp32, CPU, 2 threads.
+#
+#   benchmarks/run_speed.sh [OUT.jsonl]        (default: ${TMPDIR:-/tmp}/relkd_speed.jsonl)
+#
+# Prints the date, the machine and the exact command, writes one JSON record per configuration
+# to OUT, then the table and the ratios rendered from those records (one run, one process).
+# Run it on an otherwise idle machine: anything else on the same cores distorts every number.
+# Needs ~8 GiB of free disk for the temporary teacher caches of the cached steps.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RELKD=${RELKD:-.venv/bin/relkd}
+PY=${PYTHON:-.venv/bin/python}
+OUT=${1:-${TMPDIR:-/tmp}/relkd_speed.jsonl}
+
+echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+echo "machine: nproc=$(nproc), CPU:$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)," \
+    "torch $($PY -c 'import torch; print(torch.__version__)'), kernel $(uname -r)"
+echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+CMD=("$RELKD" bench speed --teacher resnet32x4 --student resnet8x4
+    --method ce,kd,dkd,crd,rrd,at --batch 64 --steps 40 --warmup 5 --device cpu
+    --precision fp32 --image-size 32 --num-classes 100 --threads 2 --json)
+echo "command: ${CMD[*]} > $OUT"
+"${CMD[@]}" >"$OUT"
+echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
+"$PY" - "$OUT" <<'PYEOF'
+import json
+import sys
+
+from relkd.bench.speed import format_ratios, format_table, speed_ratios
+
+records = [json.loads(line) for line in open(sys.argv[1])]
+print(format_table(records))
+print()
+print(format_ratios(speed_ratios(records)))
+PYEOF

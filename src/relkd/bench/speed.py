@@ -1,0 +1,1140 @@
+"""Speed benchmark: images/s and peak memory of a training step, per method, on synthetic data.
+
+``run_speed("resnet32x4", "resnet8x4", ["ce", "kd"], batch=64)`` measures, for one teacher /
+student pair, batch size and device, each *configuration* below and returns one record (a dict)
+per configuration (``relkd bench speed`` prints them, ``--json`` as JSON lines):
+
+``teacher_forward``
+    ``Teacher(model)(x)`` alone: eval mode, no grad, no taps (what a logit-KD step pays for it).
+``student_ce_step``
+    One training step of the student with method ``ce`` and no teacher: the baseline.
+``online_step`` (per method)
+    The full step of the engine: teacher forward + student forward + method terms + backward +
+    optimizer step.
+``cached_step`` (per method that needs a teacher)
+    The same step with the teacher forward replaced by the engine's teacher-output cache
+    (``train.teacher_cache``): :class:`~relkd.engine.teacher.CachedTeacher` over a
+    :class:`~relkd.data.teacher_cache.TeacherCache` opened as the engine opens it
+    (memory-mapped ``.npy`` files on the host; preloaded onto a GPU when it fits), looked up
+    by sample index and the drawn crop / flip. The cache files have the real format, shapes and
+    storage dtype (``[N, K, C]`` logits, ``[N, K, D]`` pooled features, K = (2p+1)^2 * 2
+    augmentation outcomes) but synthetic contents (building a real one runs the teacher on
+    every outcome of every image); they are written once per run into a temporary folder and
+    deleted at the end. A record with ``status: "skipped"`` and the reason where the engine
+    would use the online teacher anyway (methods that read teacher feature maps or change the
+    batch) or where the cache would exceed ``cache_budget_mb``.
+``data_inmemory`` / ``data_dataloader``
+    The input pipeline alone at the same batch size: :class:`~relkd.data.InMemoryLoader` (the
+    whole split as uint8 on the device, batched crop + flip + normalise there) versus a
+    ``torch.utils.data.DataLoader`` over :class:`~relkd.data.ArrayImageDataset` (per sample:
+    ``Image.fromarray`` (= ``ToPILImage``) -> RandomCrop -> RandomHorizontalFlip -> ToTensor ->
+    Normalize, then default collate and ``.to(device)``), for each worker count.
+
+The training step is the engine's (:func:`relkd.engine.trainer.fit`), built from the same pieces
+with the same calls as :func:`relkd.engine.trainer.build_components` (models from the zoo,
+:func:`probe_shapes` for the :class:`MethodContext`, :func:`build_method`, :class:`Distiller`,
+:class:`Teacher`, channels-last, ``torch.compile``, autocast, ``GradScaler``, SGD with the config
+defaults) and per step does what the loop does: ``prepare_batch``, channels-last input, teacher
+forward *outside* autocast, ``Distiller`` forward under autocast, the non-finite check, backward,
+optimizer step and the per-term ``float()`` of the logger. Only the data differ: a fixed
+synthetic batch of the right shape already on the device (random images, random labels, random
+sample indices for memory-bank methods), so the step is measured without its input pipeline.
+Models are randomly initialised (timing does not depend on the weights).
+
+Measurement: ``warmup`` steps first (excluded; they also absorb ``torch.compile``), then
+``steps`` steps, each timed with ``time.perf_counter`` (CUDA synchronised after every step).
+The training configurations of one option set (precision, channels-last, compile) are
+measured *interleaved*: all of them are built and warmed up, then in each of ``rounds`` rounds
+every configuration runs a block of ``steps / rounds`` consecutive timed steps in turn. A slow
+drift of the machine (clock, a neighbour on the host) then hits all configurations alike and
+the ratios between them stay fair; measured one after the other, the same configurations
+differed by up to ~15% between two runs on the 2-core dev VM. The data pipelines are
+measured one after the other (a DataLoader's workers would keep prefetching while other
+configurations run). Records give the median and mean wall time per step and
+``images_per_s = batch / median`` (``images_per_s_mean = batch / mean`` too), ``warmup_s``
+the whole warm-up and ``first_step_ms`` its first step (one-off costs: ``torch.compile``,
+first-use kernel selection, and for the data pipelines the start of an epoch: the shuffle and
+augmentation draws of InMemoryLoader, the worker start-up of a DataLoader). Memory:
+
+* CUDA: ``torch.cuda.memory_allocated`` / ``max_memory_allocated`` (peak stats reset right
+  before the first measured block).
+* CPU: the process's resident set size from ``/proc/self/status``. Right before the first
+  measured block, after ``gc.collect()`` + ``malloc_trim(0)`` returned freed heap to the
+  kernel, the high-water mark ``VmHWM`` is reset to the current RSS (``echo 5 >
+  /proc/self/clear_refs``, Linux >= 4.0); after the block ``VmHWM`` is its peak RSS.
+  ``tracemalloc`` is no use here: it only sees allocations made through Python's allocator,
+  and torch allocates tensor storage with its own C++ allocator; ``resource.getrusage`` gives a
+  high-water mark that cannot be reset. Where ``clear_refs`` cannot be written the high-water
+  mark since process start is used and ``mem_source`` says so. RSS counts pages, not tensors:
+  the numbers include allocator slack and, for the DataLoader, exclude the worker processes'
+  own memory.
+
+Memory fields (MiB): ``step_mem_mb`` = the transient memory of a step (activations,
+gradients, temporaries): peak during the first measured block minus the usage right before
+it; ``peak_mem_mb`` = that plus the persistent memory of the configuration (usage after its
+build and warm-up minus before its build: weights, optimizer state, buffers, data, cache). On
+CPU ``file_mem_mb`` is the file-backed part of the growth (RssFile): pages of memory-mapped
+files, i.e. the teacher cache's ``.npy`` files, which are page cache (shared, reclaimable)
+rather than memory the process allocated; a memory-mapped cache maps whole page-cache folios
+around every row it reads, and over an epoch the whole file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from relkd.registry import RelkdError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+CONFIGS = (
+    "teacher_forward",
+    "student_ce_step",
+    "online_step",
+    "cached_step",
+    "data_inmemory",
+    "data_dataloader",
+)
+#: keys of every record (numbers are None where a record has status "skipped").
+RECORD_KEYS = (
+    "config",
+    "method",
+    "teacher",
+    "student",
+    "batch",
+    "steps",
+    "warmup",
+    "device",
+    "precision",
+    "channels_last",
+    "compile",
+    "image_size",
+    "in_chans",
+    "num_classes",
+    "threads",
+    "workers",
+    "status",
+    "reason",
+    "step_ms_median",
+    "step_ms_mean",
+    "step_ms_min",
+    "step_ms_max",
+    "images_per_s",
+    "images_per_s_mean",
+    "warmup_s",
+    "first_step_ms",
+    "peak_mem_mb",
+    "step_mem_mb",
+    "file_mem_mb",
+    "mem_source",
+    "nonfinite_steps",
+    "rounds",
+    "cache",
+)
+#: the measured numbers of a record with status "ok" (all finite; timings positive except
+#: ``warmup_s`` (0 without warm-up); memory >= 0).
+NUMBER_KEYS = (
+    "step_ms_median",
+    "step_ms_mean",
+    "step_ms_min",
+    "step_ms_max",
+    "images_per_s",
+    "images_per_s_mean",
+    "warmup_s",
+    "first_step_ms",
+    "peak_mem_mb",
+    "step_mem_mb",
+)
+MIB = 1024.0 * 1024.0
+
+
+# ----------------------------------------------------------------------------------- memory
+
+
+def _proc_status_kb(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _malloc_trim() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class _Memory:
+    """Memory of one configuration: what its build + warm-up left resident (persistent: weights,
+    optimizer state, buffers, data) and the peak above that during measured steps (transient)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.source = "cuda_max_memory_allocated" if self.cuda else "rss_vmhwm"
+        self.file_mb: float | None = None
+
+    def _settle(self) -> float:
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            return float(torch.cuda.memory_allocated(self.device))
+        _malloc_trim()
+        kb = _proc_status_kb("VmRSS")
+        return float("nan") if kb is None else kb * 1024.0
+
+    def _file_kb(self) -> float:
+        kb = None if self.cuda else _proc_status_kb("RssFile")
+        return float("nan") if kb is None else float(kb)
+
+    def begin(self) -> None:
+        """Before the build."""
+        self.base = self._settle()
+        self.file0 = self._file_kb()
+
+    def built(self) -> None:
+        """After the build and the warm-up."""
+        self.resident = self._settle()
+        self.file_built = self._file_kb()
+
+    def before_steps(self) -> None:
+        self.before = self._settle()
+        self.file_before = self._file_kb()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif not _reset_hwm():
+            self.source = "rss_vmhwm_since_start"  # not resettable: peak since process start
+
+    def after_steps(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self.peak = float(torch.cuda.max_memory_allocated(self.device))
+            return
+        kb = _proc_status_kb("VmHWM")
+        self.peak = float("nan") if kb is None else kb * 1024.0
+        # File-backed pages (memory-mapped files such as a teacher cache): page cache, shared
+        # and reclaimable; mapped during the build / warm-up and during the measured steps.
+        grow = (self.file_built - self.file0) + (self._file_kb() - self.file_before)
+        self.file_mb = None if math.isnan(grow) else grow / 1024.0
+
+    def result(self) -> dict[str, Any]:
+        transient = max(0.0, self.peak - self.before)
+        return {
+            "peak_mem_mb": (self.resident - self.base + transient) / MIB,
+            "step_mem_mb": transient / MIB,
+            "file_mem_mb": self.file_mb,
+            "mem_source": self.source,
+        }
+
+
+# ------------------------------------------------------------------------------- measuring
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Run:
+    """One configuration: built and warmed up by :meth:`start`, then timed in blocks of
+    consecutive steps (:meth:`block`); memory is measured around its first block."""
+
+    def __init__(self, build: Callable[[], Callable[[int], Any]], device: torch.device) -> None:
+        self.build, self.device = build, device
+        self.mem = _Memory(device)
+        self.times: list[float] = []
+        self.nonfinite = 0
+
+    def start(self, warmup: int) -> None:
+        self.mem.begin()
+        self.step = self.build()
+        t0 = time.perf_counter()
+        self.first: float | None = None
+        for i in range(warmup):
+            self.nonfinite += bool(self.step(i) is False)
+            if self.first is None:
+                _sync(self.device)
+                self.first = time.perf_counter() - t0
+        _sync(self.device)
+        self.warmup_s = time.perf_counter() - t0
+        self.i = warmup
+        self.mem.built()
+
+    def block(self, k: int) -> None:
+        measure_memory = not self.times
+        if measure_memory:
+            self.mem.before_steps()
+        for _ in range(k):
+            t = time.perf_counter()
+            self.nonfinite += bool(self.step(self.i) is False)
+            _sync(self.device)
+            self.times.append(time.perf_counter() - t)
+            self.i += 1
+        if measure_memory:
+            self.mem.after_steps()  # before the step (and its memory maps) goes
+
+    def finish(self) -> dict[str, Any]:
+        del self.step
+        times = self.times
+        med, mean = statistics.median(times), statistics.fmean(times)
+        return {
+            "step_ms_median": 1e3 * med,
+            "step_ms_mean": 1e3 * mean,
+            "step_ms_min": 1e3 * min(times),
+            "step_ms_max": 1e3 * max(times),
+            "_median_s": med,
+            "_mean_s": mean,
+            "warmup_s": self.warmup_s,
+            "first_step_ms": 1e3 * (times[0] if self.first is None else self.first),
+            **self.mem.result(),
+            "nonfinite_steps": self.nonfinite,
+        }
+
+
+def _blocks(steps: int, rounds: int) -> list[int]:
+    """``steps`` split into ``rounds`` nearly equal blocks (none empty)."""
+    r = max(1, min(rounds, steps))
+    return [steps // r + (1 if j < steps % r else 0) for j in range(r)]
+
+
+def _measure_group(
+    builds: Sequence[Callable[[], Callable[[int], Any]]],
+    *,
+    steps: int,
+    warmup: int,
+    rounds: int,
+    device: torch.device,
+) -> list[dict[str, Any]]:
+    """Measure several configurations *interleaved*: all are built and warmed up first, then
+    each round times one block of consecutive steps of every configuration in turn, so a slow
+    drift of the machine (clock, a neighbour's load) affects all of them alike and the ratios
+    between them stay fair. ``rounds=1``: one block each, one configuration after the other."""
+    runs = [_Run(b, device) for b in builds]
+    try:
+        for run in runs:
+            run.start(warmup)
+        for k in _blocks(steps, rounds):
+            for run in runs:
+                run.block(k)
+        return [run.finish() for run in runs]
+    finally:
+        for run in runs:
+            run.__dict__.pop("step", None)
+
+
+# ------------------------------------------------------------------------------ the pieces
+
+
+class _Spec:
+    """Everything fixed for one run_speed call."""
+
+    def __init__(self, **kw: Any) -> None:
+        self.__dict__.update(kw)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        # As the engine: in_chans only for non-RGB data (the zoo's CIFAR models take no in_chans).
+        return {"in_chans": self.in_chans} if self.in_chans != 3 else {}
+
+    def create(self, name: str) -> nn.Module:
+        from relkd.models import create_model
+
+        torch.manual_seed(self.seed)
+        return create_model(name, self.num_classes, **self.model_kwargs())
+
+    def shape(self, b: int) -> tuple[int, int, int, int]:
+        return (b, self.in_chans, self.image_size, self.image_size)
+
+
+class _SyntheticSet(Dataset):
+    """``batch`` random float images with labels (``targets`` for triplet samplers)."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor) -> None:
+        self.images, self.targets = images, targets.numpy()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], int(self.targets[i])
+
+
+def _context(spec: _Spec, student: nn.Module, teacher: nn.Module | None):
+    """The MethodContext exactly as build_components makes it (on a CPU dummy batch)."""
+    from relkd.config import TrainConfig
+    from relkd.engine.trainer import _tappable, probe_shapes
+    from relkd.methods import MethodContext
+    from relkd.models import get_feature_info
+
+    dummy = torch.zeros(spec.shape(2))
+    s_shapes = probe_shapes(student, _tappable(student), dummy)
+    if s_shapes["logits"] != (spec.num_classes,):
+        raise RelkdError(
+            f"student {spec.student!r} predicts {s_shapes['logits'][0]} classes, not "
+            f"num_classes={spec.num_classes}"
+        )
+    ctx = MethodContext(
+        num_classes=spec.num_classes,
+        student_stages=get_feature_info(student),
+        student_shapes=s_shapes,
+        epochs=TrainConfig.epochs,
+        num_train_samples=spec.num_train_samples,
+        seed=spec.seed,
+    )
+    if teacher is not None:
+        ctx.teacher_stages = get_feature_info(teacher)
+        ctx.teacher_shapes = probe_shapes(teacher, _tappable(teacher), dummy)
+        if ctx.teacher_shapes["logits"] != s_shapes["logits"]:
+            raise RelkdError(
+                f"teacher {spec.teacher!r} predicts {ctx.teacher_shapes['logits'][0]} classes "
+                f"but the student {s_shapes['logits'][0]}"
+            )
+    return ctx
+
+
+def _synthetic_batch(spec: _Spec, method) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """One batch as the engine's loader would deliver it to this method (on the device):
+    through the method's ``wrap_train_dataset`` (e.g. triplets) and ``IndexedDataset`` when it
+    wants sample indices, collated with ``collate_with_extras``."""
+    from relkd.data import IndexedDataset, collate_with_extras
+
+    g = torch.Generator().manual_seed(spec.seed)
+    images = torch.randn(spec.shape(spec.batch), generator=g)
+    targets = torch.randint(0, spec.num_classes, (spec.batch,), generator=g)
+    ds: Dataset = _SyntheticSet(images, targets)
+    ds = method.wrap_train_dataset(ds)
+    if "index" in method.batch_extras:
+        ds = IndexedDataset(ds)
+    batch = collate_with_extras([ds[i] for i in range(spec.batch)])
+    x, y, extras = batch if len(batch) == 3 else (*batch, {})
+    dev = spec.device
+    extras = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in extras.items()}
+    return x.to(dev), y.to(dev), extras
+
+
+def _index_pool(spec: _Spec, n_steps: int, per_step: int) -> torch.Tensor:
+    """Distinct random sample indices in [0, num_train_samples) for every step, [steps, n]."""
+    g = torch.Generator().manual_seed(spec.seed + 1)
+    n = spec.num_train_samples
+    rows = [torch.randperm(n, generator=g)[:per_step] for _ in range(n_steps)]
+    if per_step > n:
+        rows = [torch.randint(0, n, (per_step,), generator=g) for _ in range(n_steps)]
+    return torch.stack(rows).to(spec.device)
+
+
+def _cache_taps(method) -> tuple[str, ...]:
+    """What the engine caches for ``method``: logits plus its teacher taps."""
+    return tuple(dict.fromkeys(["logits", *method.teacher_taps()]))
+
+
+def _cache_fallback(method_name: str, method) -> str | None:
+    """The engine's reasons to keep the online teacher (relkd.engine.trainer._teacher_cache)."""
+    from relkd.methods.base import Method
+    from relkd.models import POOLED
+
+    taps = list(method.teacher_taps())
+    parts = list(method.parts.values()) if hasattr(method, "parts") else [method]
+    if not set(taps) <= {POOLED}:
+        feats = [t for t in taps if t != POOLED]
+        return (
+            f"method {method_name!r} needs teacher features {feats}: the teacher cache holds "
+            "logits and pooled features only, the engine uses the online teacher"
+        )
+    if any(type(p).prepare_batch is not Method.prepare_batch for p in parts):
+        return (
+            f"method {method_name!r} changes the batch (prepare_batch): the engine uses the "
+            "online teacher"
+        )
+    return None
+
+
+class _CacheFiles:
+    """Teacher-output caches in the format of :mod:`relkd.data.teacher_cache` (one per set of
+    taps, written once per run into a temporary folder, removed at the end).
+
+    The entries are synthetic (a random block tiled over the images): building a real cache runs
+    the teacher on every (image, outcome) pair -- 8.1M forward passes for CIFAR -- and the
+    lookup cost does not depend on the values. Files, shapes, dtype and the manifest are those
+    :meth:`TeacherCache.build` writes, and they are opened with :meth:`TeacherCache.open`.
+    """
+
+    def __init__(self, spec: _Spec, dtype: str, root: str | None) -> None:
+        self.spec, self.dtype, self.root_arg = spec, dtype, root
+        self.root: Path | None = None
+        self.paths: dict[tuple[str, ...], Path] = {}
+
+    def nbytes(self, taps: Sequence[str], dims: dict[str, int]) -> int:
+        from relkd.data.teacher_cache import num_outcomes
+
+        k = num_outcomes(_padding(self.spec.image_size), True)
+        esize = 2 if self.dtype == "fp16" else 4
+        return self.spec.num_train_samples * k * sum(dims[t] for t in taps) * esize
+
+    def path(self, taps: tuple[str, ...], dims: dict[str, int]) -> Path:
+        if taps not in self.paths:
+            self.paths[taps] = self._write(taps, dims)
+        return self.paths[taps]
+
+    def _write(self, taps: tuple[str, ...], dims: dict[str, int]) -> Path:
+        import json
+        import tempfile
+        import uuid
+
+        from relkd.data.teacher_cache import CACHE_VERSION, FORMAT, MANIFEST, num_outcomes
+
+        spec = self.spec
+        if self.root is None:
+            self.root = Path(tempfile.mkdtemp(prefix="relkd_speed_cache_", dir=self.root_arg))
+        path = self.root / "_".join(taps)
+        path.mkdir()
+        p = _padding(spec.image_size)
+        n, k = spec.num_train_samples, num_outcomes(p, True)
+        np_dtype = np.float16 if self.dtype == "fp16" else np.float32
+        rng = np.random.default_rng(spec.seed)
+        for tap in taps:
+            arr = np.lib.format.open_memmap(
+                path / f"{tap}.npy", mode="w+", dtype=np_dtype, shape=(n, k, dims[tap])
+            )
+            block = rng.standard_normal((min(n, 256), k, dims[tap])).astype(np_dtype)
+            for a in range(0, n, len(block)):
+                m = min(len(block), n - a)
+                arr[a : a + m] = block[:m]
+            arr.flush()
+            del arr
+        mean, std = _norm_stats(spec.in_chans)
+        manifest = {
+            "format": FORMAT,
+            "version": CACHE_VERSION,
+            "key": f"relkd-bench-speed-synthetic-{uuid.uuid4().hex}",
+            "parts": {
+                "version": CACHE_VERSION, "teacher": "synthetic", "data": "synthetic",
+                "padding": p, "flip": True, "mean": list(mean), "std": list(std),
+                "taps": list(taps), "dtype": self.dtype,
+            },
+            "num_images": n,
+            "num_outcomes": k,
+            "num_classes": dims["logits"],
+            "pooled_dim": dims.get("pooled"),
+        }  # fmt: skip
+        (path / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        return path
+
+    def close(self) -> None:
+        import shutil
+
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _open_cache(path: Path, device: torch.device):
+    """Open as the engine does: memory-mapped on the host, preloaded onto a GPU when it takes
+    under 40% of the free GPU memory."""
+    from relkd.data.teacher_cache import TeacherCache
+
+    cache = TeacherCache.open(path, device=device)
+    if device.type == "cuda" and cache.nbytes < 0.4 * torch.cuda.mem_get_info(device)[0]:
+        cache = TeacherCache.open(path, device=device, preload=True)
+    return cache
+
+
+def _train_step(
+    spec: _Spec,
+    method_name: str,
+    *,
+    precision: str,
+    channels_last: bool,
+    compile_: bool,
+    teacher_mode: str,  # "none" | "online" | "cached"
+    cache_path: Path | None = None,
+) -> Callable[[], Callable[[int], Any]]:
+    def build() -> Callable[[int], Any]:
+        from relkd.config import OptimConfig
+        from relkd.data.teacher_cache import num_outcomes
+        from relkd.engine.distiller import Distiller
+        from relkd.engine.teacher import CachedTeacher, Teacher
+        from relkd.engine.trainer import _amp
+        from relkd.methods import build_method
+
+        device = spec.device
+        student = spec.create(spec.student)
+        teacher_model = spec.create(spec.teacher) if teacher_mode != "none" else None
+        ctx = _context(spec, student, teacher_model)
+        method, ce_weight = build_method(method_name, ctx)
+        distiller = Distiller(student, method, ce_weight).to(device)
+        if channels_last:
+            distiller = distiller.to(memory_format=torch.channels_last)
+        tea: Any = None
+        drop: tuple[str, ...] = ()
+        if teacher_mode == "online" and method.requires_teacher:
+            tea = Teacher(teacher_model, method.teacher_taps()).to(device)
+        elif teacher_mode == "cached":
+            # As the engine: the cached teacher reads index + the drawn augmentation, which are
+            # dropped before the method (index kept when the method wants it).
+            tea = CachedTeacher(_open_cache(cache_path, device))
+            drop = ("aug_offsets", "aug_flips")
+            drop += () if "index" in method.batch_extras else ("index",)
+        del teacher_model
+        step_fn: Callable[..., Any] = torch.compile(distiller) if compile_ else distiller
+        oc = OptimConfig()
+        params = [p for p in distiller.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(
+            params, lr=oc.lr, momentum=oc.momentum, weight_decay=oc.weight_decay,
+            nesterov=oc.nesterov,
+        )  # fmt: skip
+        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        amp_ctx = _amp(precision, device)
+        method.set_phase("main")
+        method.set_epoch(0)
+        distiller.train()
+        x0, y0, extras0 = _synthetic_batch(spec, method)
+        n_steps = spec.warmup + spec.steps
+        pool = offs = flips = None
+        if "index" in method.batch_extras or teacher_mode == "cached":
+            pool = _index_pool(spec, n_steps, len(x0))
+        if teacher_mode == "cached":
+            p = _padding(spec.image_size)
+            g = torch.Generator().manual_seed(spec.seed + 2)
+            offs = torch.randint(0, 2 * p + 1, (n_steps, len(x0), 2), generator=g).to(device)
+            flips = torch.randint(0, 2, (n_steps, len(x0)), generator=g).bool().to(device)
+            assert num_outcomes(p, True) == tea.cache.num_outcomes
+
+        def step(i: int) -> bool:
+            extras = dict(extras0)
+            if pool is not None:
+                extras["index"] = pool[i]
+            if offs is not None:
+                extras["aug_offsets"], extras["aug_flips"] = offs[i], flips[i]
+            x, y, extras = method.prepare_batch(x0, y0, extras)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            t_out = tea(x, **extras) if tea is not None else None
+            if drop:
+                extras = {k: v for k, v in extras.items() if k not in drop}
+            with amp_ctx():
+                _, terms = step_fn(x, y, t_out, **extras)
+            loss = sum(t.float() for t in terms.values())
+            if not torch.isfinite(loss):  # the engine checks every step (a sync on CUDA)
+                opt.zero_grad(set_to_none=True)
+                return False
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            for v in terms.values():  # the engine's per-term logging sums
+                float(v.detach())
+            float(loss.detach())
+            return True
+
+        return step
+
+    return build
+
+
+def _teacher_forward(spec: _Spec, channels_last: bool) -> Callable[[], Callable[[int], Any]]:
+    def build() -> Callable[[int], Any]:
+        from relkd.engine.teacher import Teacher
+
+        # As in the engine's step: no taps for a logit method, the model not converted to
+        # channels-last (only the input is), and no autocast (the engine calls the teacher
+        # outside amp_ctx).
+        tea = Teacher(spec.create(spec.teacher)).to(spec.device)
+        g = torch.Generator().manual_seed(spec.seed)
+        x = torch.randn(spec.shape(spec.batch), generator=g).to(spec.device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+
+        def step(i: int) -> None:
+            tea(x)
+
+        return step
+
+    return build
+
+
+def _norm_stats(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    from relkd.data import transforms as T
+
+    if in_chans == 3:
+        return T.CIFAR100_MEAN, T.CIFAR100_STD
+    if in_chans == 1:
+        return T.FASHION_MNIST_MEAN, T.FASHION_MNIST_STD
+    return (0.5,) * in_chans, (0.25,) * in_chans
+
+
+def _fake_split(spec: _Spec) -> tuple[np.ndarray, np.ndarray]:
+    """A uint8 [N, H, W, C] array of random pixels and int64 labels (a CIFAR-shaped split)."""
+    rng = np.random.default_rng(spec.seed)
+    s, c, n = spec.image_size, spec.in_chans, spec.num_train_samples
+    data = rng.integers(0, 256, size=(n, s, s, c), dtype=np.uint8)
+    return data, rng.integers(0, spec.num_classes, size=n).astype(np.int64)
+
+
+def _padding(image_size: int) -> int:
+    return 4 if image_size >= 32 else 2  # as the engine's default crop padding
+
+
+def _cycling(make_iter: Callable[[int], Iterable[Any]]) -> Callable[[int], Any]:
+    """A step that takes the next batch, starting a new epoch when one runs out."""
+    state: dict[str, Any] = {"epoch": 0}
+    state["it"] = iter(make_iter(0))
+
+    def step(i: int) -> Any:
+        try:
+            return next(state["it"])
+        except StopIteration:
+            state["epoch"] += 1
+            state["it"] = iter(make_iter(state["epoch"]))
+            return next(state["it"])
+
+    return step
+
+
+def _data_inmemory(spec: _Spec) -> Callable[[], Callable[[int], Any]]:
+    def build() -> Callable[[int], Any]:
+        from relkd.data import InMemoryLoader
+
+        data, targets = _fake_split(spec)
+        mean, std = _norm_stats(spec.in_chans)
+        loader = InMemoryLoader(
+            torch.from_numpy(data).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(targets),
+            batch_size=spec.batch, shuffle=True, augment=True, padding=_padding(spec.image_size),
+            flip=True, mean=mean, std=std, device=spec.device, seed=spec.seed,
+        )  # fmt: skip
+        del data
+
+        def epoch(e: int) -> InMemoryLoader:
+            loader.set_epoch(e)
+            return loader
+
+        return _cycling(epoch)
+
+    return build
+
+
+def _data_dataloader(spec: _Spec, workers: int) -> Callable[[], Callable[[int], Any]]:
+    def build() -> Callable[[int], Any]:
+        from relkd.data import ArrayImageDataset
+        from relkd.data.transforms import crop_flip_transforms
+
+        data, targets = _fake_split(spec)
+        mean, std = _norm_stats(spec.in_chans)
+        train_tf, _ = crop_flip_transforms(spec.image_size, _padding(spec.image_size), mean, std)
+        ds = ArrayImageDataset(data, targets, transform=train_tf, mean=mean, std=std)
+        cuda = spec.device.type == "cuda"
+
+        def epoch(e: int):
+            g = torch.Generator().manual_seed(spec.seed + e)
+            loader = torch.utils.data.DataLoader(
+                ds, batch_size=spec.batch, shuffle=True, num_workers=workers, generator=g,
+                pin_memory=cuda, persistent_workers=False,
+            )  # fmt: skip
+            # As the engine's _unpack: the batch goes to the device.
+            return ((x.to(spec.device, non_blocking=cuda), y.to(spec.device)) for x, y in loader)
+
+        return _cycling(epoch)
+
+    return build
+
+
+# ----------------------------------------------------------------------------------- API
+
+
+def _as_list(value: Any, what: str) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    out = [v.strip() for item in value for v in str(item).split(",") if v.strip()]
+    if not out:
+        raise RelkdError(f"no {what} given")
+    return list(dict.fromkeys(out))
+
+
+def _as_flags(value: bool | Sequence[bool], what: str) -> list[bool]:
+    if isinstance(value, bool):
+        return [value]
+    flags = list(dict.fromkeys(bool(v) for v in value))
+    if not flags:
+        raise RelkdError(f"{what}: give True, False or both")
+    return flags
+
+
+def _validate(spec: _Spec, methods: list[str]) -> None:
+    """Every name and number checked before anything is measured."""
+    from relkd.methods.base import METHODS
+    from relkd.models import create_model
+
+    for m in methods:
+        for part in m.split("+"):
+            METHODS.get(part.strip())  # RelkdError naming the unknown method
+    for name in (spec.student, spec.teacher):
+        create_model(name, spec.num_classes, **spec.model_kwargs())  # names an unknown model
+    for p in spec.precisions:
+        if p not in PRECISIONS:
+            raise RelkdError(f"unknown precision {p!r}; choose from {', '.join(PRECISIONS)}")
+    for key in ("batch", "steps", "image_size", "num_classes", "in_chans"):
+        if int(getattr(spec, key)) < 1:
+            raise RelkdError(f"{key} must be >= 1, got {getattr(spec, key)}")
+    if spec.warmup < 0:
+        raise RelkdError(f"warmup must be >= 0, got {spec.warmup}")
+    if spec.num_train_samples < max(2, spec.batch):
+        raise RelkdError(
+            f"num_train_samples ({spec.num_train_samples}) must be >= the batch ({spec.batch})"
+        )
+    if spec.threads is not None and spec.threads < 1:
+        raise RelkdError(f"threads must be >= 1, got {spec.threads}")
+    if spec.rounds < 1:
+        raise RelkdError(f"rounds must be >= 1, got {spec.rounds}")
+    if spec.cache_dtype not in ("fp16", "fp32"):
+        raise RelkdError(f"cache_dtype must be fp16 or fp32, got {spec.cache_dtype!r}")
+    if any(w < 0 for w in spec.data_workers):
+        raise RelkdError(f"data_workers must be >= 0, got {list(spec.data_workers)}")
+
+
+def run_speed(
+    teacher: str,
+    student: str,
+    methods: str | Sequence[str] = ("ce", "kd"),
+    *,
+    batch: int = 64,
+    steps: int = 20,
+    warmup: int = 5,
+    device: str = "auto",
+    precisions: str | Sequence[str] = ("fp32",),
+    channels_last: bool | Sequence[bool] = False,
+    compile: bool | Sequence[bool] = False,
+    image_size: int = 32,
+    num_classes: int = 100,
+    threads: int | None = None,
+    in_chans: int = 3,
+    num_train_samples: int = 50_000,
+    data: bool = True,
+    data_workers: Sequence[int] = (0, 2),
+    cache_budget_mb: float = 8192.0,
+    cache_dtype: str = "fp16",
+    cache_root: str | None = None,
+    rounds: int = 5,
+    seed: int = 0,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Measure every configuration (see the module doc) and return one record per configuration.
+
+    Args:
+        teacher, student: zoo names (or ``torchvision:`` / ``timm:`` names).
+        methods: registered methods or compositions, a list or a comma list. ``ce`` is the
+            ``student_ce_step`` configuration (measured always); the others give an
+            ``online_step`` and (with a teacher) a ``cached_step`` record each.
+        batch, steps, warmup: batch size, measured steps, excluded warm-up steps per config.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
+        precisions: any of ``fp32``, ``bf16``, ``fp16`` (autocast as ``train.precision``).
+        channels_last, compile: a flag, or ``(False, True)`` to measure without and with.
+        image_size, in_chans, num_classes: the synthetic data's shape (CIFAR-100: 32, 3, 100).
+        threads: ``torch.set_num_threads`` for the run (restored afterwards); None keeps it.
+        num_train_samples: the training-set size N: memory banks (CRD), the teacher-output
+            cache, and the uint8 split the data pipelines read (CIFAR: 50000).
+        data: also measure the data pipelines; ``data_workers``: DataLoader worker counts.
+        cache_budget_mb: the largest teacher-output cache file set to write (MiB); a method
+            whose cache needs more gets a ``cached_step`` record with status skipped.
+        cache_dtype: storage dtype of the cache, ``fp16`` (the engine's default) or ``fp32``.
+        cache_root: folder for the temporary cache files (default: the system's temp folder).
+        rounds: the training configurations of one option set are measured interleaved: all
+            are built and warmed up, then ``rounds`` times each runs a block of
+            ``steps / rounds`` consecutive timed steps in turn (1: one block each, one after the
+            other). The data pipelines are measured one after the other (DataLoader workers
+            would prefetch while other configurations run).
+        on_record: called with each record as soon as it is measured.
+    """
+    from relkd.engine.trainer import resolve_device
+
+    methods = _as_list(methods, "methods")
+    spec = _Spec(
+        teacher=teacher, student=student, batch=int(batch), steps=int(steps),
+        warmup=int(warmup), precisions=_as_list(precisions, "precisions"),
+        image_size=int(image_size), num_classes=int(num_classes), in_chans=int(in_chans),
+        threads=threads, num_train_samples=int(num_train_samples),
+        data_workers=[int(w) for w in data_workers], seed=int(seed), cache_dtype=cache_dtype,
+        rounds=int(rounds),
+    )  # fmt: skip
+    cl_flags = _as_flags(channels_last, "channels_last")
+    compile_flags = _as_flags(compile, "compile")
+    _validate(spec, methods)
+    spec.device = resolve_device(device)
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    base = {
+        "teacher": teacher, "student": student, "batch": spec.batch, "steps": spec.steps,
+        "warmup": spec.warmup, "device": str(spec.device), "image_size": spec.image_size,
+        "in_chans": spec.in_chans, "num_classes": spec.num_classes,
+        "threads": torch.get_num_threads(),
+    }  # fmt: skip
+    records: list[dict[str, Any]] = []
+    files = _CacheFiles(spec, cache_dtype, cache_root)
+
+    # (fields, build or None, skip reason or None), measured and emitted group by group.
+    group: list[tuple[dict[str, Any], Any, str | None]] = []
+
+    def add(config: str, build, *, skip: str | None = None, **fields: Any) -> None:
+        group.append(({"config": config, **fields}, build, skip))
+
+    def flush(interleave: bool) -> None:
+        todo = [b for _, b, why in group if why is None]
+        if interleave:
+            results = _measure_group(
+                todo, steps=spec.steps, warmup=spec.warmup, rounds=rounds, device=spec.device
+            )
+        else:  # one configuration after the other (the data pipelines: see run_speed's doc)
+            results = [
+                _measure_group(
+                    [b], steps=spec.steps, warmup=spec.warmup, rounds=1, device=spec.device
+                )[0]
+                for b in todo
+            ]
+        it = iter(results)
+        for fields, _, why in group:
+            rec: dict[str, Any] = dict.fromkeys(RECORD_KEYS)
+            rec.update(base, **fields)
+            if why is not None:
+                rec.update(status="skipped", reason=why)
+            else:
+                res = next(it)
+                med, mean = res.pop("_median_s"), res.pop("_mean_s")
+                rec.update(res, status="ok", rounds=rounds if interleave else 1)
+                rec["images_per_s"] = spec.batch / med
+                rec["images_per_s_mean"] = spec.batch / mean
+            records.append(rec)
+            if on_record is not None:
+                on_record(rec)
+        group.clear()
+
+    try:
+        from relkd.methods.base import METHODS
+
+        _prime(spec)
+        # Objects alive now (modules, the imported libraries) are moved out of the collector's
+        # reach: the gc.collect() before each measurement then costs milliseconds, not ~0.3 s.
+        gc.collect()
+        gc.freeze()
+        for precision in spec.precisions:
+            for cl in cl_flags:
+                for comp in compile_flags:
+                    opts = {"precision": precision, "channels_last": cl, "compile": comp}
+                    add("teacher_forward", _teacher_forward(spec, cl), **opts)
+                    kw = {"precision": precision, "channels_last": cl, "compile_": comp}
+                    add(
+                        "student_ce_step",
+                        _train_step(spec, "ce", teacher_mode="none", **kw),
+                        method="ce",
+                        **opts,
+                    )
+                    for m in methods:
+                        if m == "ce":
+                            continue
+                        add(
+                            "online_step",
+                            _train_step(spec, m, teacher_mode="online", **kw),
+                            method=m,
+                            **opts,
+                        )
+                        parts = [METHODS.get(p.strip()) for p in m.split("+")]
+                        if not any(p.requires_teacher for p in parts):
+                            continue
+                        why, taps, dims, nbytes = _cache_plan(spec, m, files, cache_budget_mb)
+                        path = files.path(taps, dims) if why is None else None
+                        add(
+                            "cached_step",
+                            _train_step(spec, m, teacher_mode="cached", cache_path=path, **kw),
+                            method=m,
+                            skip=why,
+                            cache=f"TeacherCache {files.dtype} {'+'.join(taps)}, "
+                            f"{nbytes / MIB:.0f} MiB"
+                            if why is None
+                            else None,
+                            **opts,
+                        )
+                    flush(interleave=True)
+        if data:
+            add("data_inmemory", _data_inmemory(spec))
+            for w in spec.data_workers:
+                add("data_dataloader", _data_dataloader(spec, w), workers=w)
+            flush(interleave=False)
+    finally:
+        files.close()
+        gc.unfreeze()
+        torch.set_num_threads(old_threads)
+    return records
+
+
+def _prime(spec: _Spec) -> None:
+    """Two unrecorded steps of a teacher forward and a student step: one-off costs of the
+    process (lazy library initialisation, first-use kernel caches) are not charged to the
+    first configuration measured."""
+    for build in (
+        _teacher_forward(spec, False),
+        _train_step(
+            spec, "ce", precision="fp32", channels_last=False, compile_=False, teacher_mode="none"
+        ),
+    ):
+        step = build()
+        step(0)
+        step(min(1, spec.warmup + spec.steps - 1))
+        del step
+
+
+def _cache_plan(
+    spec: _Spec, method_name: str, files: _CacheFiles, budget_mb: float
+) -> tuple[str | None, tuple[str, ...], dict[str, int], int]:
+    """``(why not, taps, dims, bytes)`` of the teacher cache of a method."""
+    from relkd.methods import build_method
+
+    student, teacher = spec.create(spec.student), spec.create(spec.teacher)
+    ctx = _context(spec, student, teacher)
+    method, _ = build_method(method_name, ctx)
+    taps = _cache_taps(method)
+    why = _cache_fallback(method_name, method)
+    if why is not None:
+        return why, taps, {}, 0
+    dims = {t: int(math.prod(ctx.teacher_shapes[t])) for t in taps}
+    need = files.nbytes(taps, dims)
+    if need > budget_mb * MIB:
+        why = (
+            f"a {files.dtype} teacher cache ({', '.join(taps)}) for {spec.num_train_samples} "
+            f"images x their augmentation outcomes needs {need / MIB:.0f} MiB > "
+            f"cache_budget_mb={budget_mb:.0f}"
+        )
+    return why, taps, dims, need
+
+
+def speed_ratios(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ratios of the speed targets, from the records of ONE run_speed call.
+
+    * ``online / (ce + teacher)``: online step median / (student CE step median + teacher
+      forward median), per method and option set (target <= 1.05 for ``kd``);
+    * ``cached / ce``: cached step median / student CE step median (target <= 1.10 for ``kd``);
+    * ``inmemory / dataloader``: InMemoryLoader images/s / DataLoader images/s per worker count
+      (target >= 3), from the medians and, as ``value_mean``, from the means.
+    """
+    ok = [r for r in records if r["status"] == "ok"]
+    out: list[dict[str, Any]] = []
+
+    def opts(r):
+        return (r["precision"], r["channels_last"], r["compile"])
+
+    def find(config: str, o) -> dict[str, Any] | None:
+        return next((r for r in ok if r["config"] == config and opts(r) == o), None)
+
+    for r in ok:
+        o = opts(r)
+        ce, tf = find("student_ce_step", o), find("teacher_forward", o)
+        common = {"method": r["method"], "precision": o[0], "channels_last": o[1], "compile": o[2]}
+        if r["config"] == "online_step" and ce and tf:
+            den = ce["step_ms_median"] + tf["step_ms_median"]
+            den_mean = ce["step_ms_mean"] + tf["step_ms_mean"]
+            out.append(
+                {
+                    "ratio": "online / (ce + teacher)",
+                    **common,
+                    "value": r["step_ms_median"] / den,
+                    "value_mean": r["step_ms_mean"] / den_mean,
+                    "target": "<= 1.05" if r["method"] == "kd" else None,
+                    "meets": r["step_ms_median"] / den <= 1.05 if r["method"] == "kd" else None,
+                }
+            )
+        if r["config"] == "cached_step" and ce:
+            v = r["step_ms_median"] / ce["step_ms_median"]
+            out.append(
+                {
+                    "ratio": "cached / ce",
+                    **common,
+                    "value": v,
+                    "value_mean": r["step_ms_mean"] / ce["step_ms_mean"],
+                    "target": "<= 1.10" if r["method"] == "kd" else None,
+                    "meets": v <= 1.10 if r["method"] == "kd" else None,
+                }
+            )
+    mem = next((r for r in ok if r["config"] == "data_inmemory"), None)
+    for r in ok:
+        if r["config"] == "data_dataloader" and mem:
+            v = mem["images_per_s"] / r["images_per_s"]
+            out.append(
+                {
+                    "ratio": f"inmemory / dataloader(workers={r['workers']})",
+                    "method": None,
+                    "precision": None,
+                    "channels_last": None,
+                    "compile": None,
+                    "value": v,
+                    "value_mean": mem["images_per_s_mean"] / r["images_per_s_mean"],
+                    "target": ">= 3",
+                    "meets": v >= 3,
+                }
+            )
+    return out
+
+
+def format_table(records: Sequence[dict[str, Any]]) -> str:
+    """A markdown table of the records."""
+    head = (
+        "| config | method | precision | channels_last | compile | workers | ms/step median | "
+        "ms/step mean | images/s | peak MiB | step MiB | file MiB |"
+    )
+    lines = [head, "|" + "---|" * 12]
+    for r in records:
+
+        def f(k, fmt="{:.1f}", r=r):
+            v = r.get(k)
+            return "" if v is None else fmt.format(v) if isinstance(v, float) else str(v)
+
+        if r["status"] != "ok":
+            lines.append(
+                f"| {r['config']} | {f('method')} | {f('precision')} | {f('channels_last')} | "
+                f"{f('compile')} | {f('workers')} | skipped: {r['reason']} | | | | | |"
+            )
+            continue
+        lines.append(
+            f"| {r['config']} | {f('method')} | {f('precision')} | {f('channels_last')} | "
+            f"{f('compile')} | {f('workers')} | {f('step_ms_median', '{:.2f}')} | "
+            f"{f('step_ms_mean', '{:.2f}')} | {f('images_per_s', '{:.0f}')} | "
+            f"{f('peak_mem_mb')} | {f('step_mem_mb')} | {f('file_mem_mb', '{:.0f}')} |"
+        )
+    return "\n".join(lines)
+
+
+def format_ratios(ratios: Sequence[dict[str, Any]]) -> str:
+    lines = []
+    for q in ratios:
+        opt = "" if q["precision"] is None else f" [{q['precision']}"
+        if q["precision"] is not None:
+            opt += (", channels_last" if q["channels_last"] else "") + (
+                ", compile" if q["compile"] else ""
+            )
+            opt += "]"
+        who = f" {q['method']}" if q["method"] else ""
+        tgt = ""
+        if q["target"]:
+            tgt = f"  target {q['target']}: {'met' if q['meets'] else 'MISSED'}"
+        lines.append(
+            f"{q['ratio']}{who}{opt}: {q['value']:.3f} (means: {q['value_mean']:.3f}){tgt}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,154 @@
+"""``relkd bench speed``: records, JSON lines, errors. No timing assertions (speed is measured
+in benchmarks/speed.md only)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from relkd.bench.speed import NUMBER_KEYS, RECORD_KEYS, run_speed, speed_ratios
+from relkd.cli import main
+from relkd.registry import RelkdError
+
+TINY = dict(
+    batch=8,
+    steps=3,
+    warmup=1,
+    device="cpu",
+    image_size=28,
+    in_chans=1,
+    num_classes=10,
+    num_train_samples=64,
+)
+CLI_TINY = [
+    "--teacher", "cnn_small", "--student", "cnn_tiny", "--batch", "8", "--steps", "2",
+    "--warmup", "1", "--device", "cpu", "--image-size", "28", "--in-chans", "1",
+    "--num-classes", "10", "--num-train-samples", "64",
+]  # fmt: skip
+
+
+def check_ok(rec: dict) -> None:
+    assert rec["status"] == "ok", rec
+    for k in NUMBER_KEYS:
+        v = rec[k]
+        assert isinstance(v, float) and math.isfinite(v), (k, v)
+        if k in ("peak_mem_mb", "step_mem_mb", "warmup_s"):
+            assert v >= 0, (k, v)  # RSS growth on CPU may be 0 for a step that allocates nothing
+        else:
+            assert v > 0, (k, v)
+    assert rec["images_per_s"] == pytest.approx(rec["batch"] / (rec["step_ms_median"] / 1e3))
+    assert rec["mem_source"] in ("rss_vmhwm", "rss_vmhwm_since_start")
+    assert rec["nonfinite_steps"] == 0
+
+
+def test_run_speed_records(tmp_path):
+    threads = torch.get_num_threads()
+    recs = run_speed(
+        "cnn_small", "cnn_tiny", ["ce", "kd,crd"], threads=1, data_workers=(0,),
+        cache_root=str(tmp_path), **TINY,
+    )  # fmt: skip
+    assert torch.get_num_threads() == threads  # restored
+    assert list(tmp_path.iterdir()) == []  # the temporary teacher caches are removed
+    got = [(r["config"], r["method"], r["workers"]) for r in recs]
+    assert got == [
+        ("teacher_forward", None, None),
+        ("student_ce_step", "ce", None),
+        ("online_step", "kd", None),
+        ("cached_step", "kd", None),
+        ("online_step", "crd", None),  # memory bank: per-step sample indices
+        ("cached_step", "crd", None),
+        ("data_inmemory", None, None),
+        ("data_dataloader", None, 0),
+    ]
+    for r in recs:
+        assert set(r) == set(RECORD_KEYS)
+        assert r["threads"] == 1 and r["batch"] == 8 and r["steps"] == 3 and r["warmup"] == 1
+        check_ok(r)
+    for r in recs[:6]:
+        assert (r["precision"], r["channels_last"], r["compile"]) == ("fp32", False, False)
+    assert "logits" in recs[3]["cache"] and "pooled" in recs[5]["cache"]  # crd reads pooled
+    assert all(r["cache"] is None for r in recs if r["config"] != "cached_step")
+    kinds = {q["ratio"] for q in speed_ratios(recs)}
+    assert kinds == {"online / (ce + teacher)", "cached / ce", "inmemory / dataloader(workers=0)"}
+    for q in speed_ratios(recs):
+        assert q["value"] > 0 and math.isfinite(q["value"])
+        assert (q["meets"] is None) == (q["target"] is None)
+
+
+def test_options_and_skipped_cache():
+    """One record per (precision, channels_last) x configuration; a cache over the budget is a
+    skipped record with a reason, not a silent omission."""
+    opts = {**TINY, "steps": 1, "warmup": 0}
+    recs = run_speed(
+        "cnn_small", "cnn_tiny", "kd", precisions="fp32,bf16", channels_last=(False, True),
+        data=False, cache_budget_mb=0, **opts,
+    )  # fmt: skip
+    assert len(recs) == 2 * 2 * 4
+    combos = {(r["precision"], r["channels_last"]) for r in recs}
+    assert combos == {("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)}
+    for r in recs:
+        if r["config"] == "cached_step":
+            assert r["status"] == "skipped" and "cache_budget_mb" in r["reason"]
+            assert all(r[k] is None for k in NUMBER_KEYS)
+        else:
+            check_ok(r)
+
+
+def test_wrapped_dataset_and_feature_methods():
+    """A method with its own training-set structure (corsd: triplets -> 3B images) runs; a
+    method reading teacher feature maps (at) has no cached step in the engine: skipped, why."""
+    recs = run_speed("cnn_small", "cnn_tiny", ["corsd", "at"], data=False, **{**TINY, "steps": 1})
+    got = [(r["config"], r["method"]) for r in recs]
+    assert got == [
+        ("teacher_forward", None),
+        ("student_ce_step", "ce"),
+        ("online_step", "corsd"),
+        ("online_step", "at"),
+        ("cached_step", "at"),
+    ]
+    for r in recs[:-1]:
+        check_ok(r)
+    assert recs[-1]["status"] == "skipped" and "teacher features" in recs[-1]["reason"]
+
+
+def test_cli_json_lines(capsys):
+    assert main(["bench", "speed", *CLI_TINY, "--method", "kd", "--json", "--no-data"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    recs = [json.loads(line) for line in lines]
+    assert [r["config"] for r in recs] == [
+        "teacher_forward",
+        "student_ce_step",
+        "online_step",
+        "cached_step",
+    ]
+    for r in recs:
+        check_ok(r)
+
+
+@pytest.mark.parametrize(
+    ("teacher", "student", "method", "bad"),
+    [
+        ("cnn_small", "cnn_tiny", ["kd", "no_such_method"], "no_such_method"),
+        ("cnn_small", "cnn_tiny", ["kd+nope_part"], "nope_part"),
+        ("cnn_small", "no_such_student", ["kd"], "no_such_student"),
+        ("no_such_teacher", "cnn_tiny", ["kd"], "no_such_teacher"),
+    ],
+)
+def test_unknown_names(teacher, student, method, bad):
+    with pytest.raises(RelkdError, match=bad):
+        run_speed(teacher, student, method, **TINY)
+
+
+def test_bad_values():
+    with pytest.raises(RelkdError, match="precision"):
+        run_speed("cnn_small", "cnn_tiny", ["kd"], precisions=["fp8"], **TINY)
+    with pytest.raises(RelkdError, match="batch"):
+        run_speed("cnn_small", "cnn_tiny", ["kd"], **{**TINY, "batch": 0})
+
+
+def test_cli_unknown_method(capsys):
+    assert main(["bench", "speed", *CLI_TINY, "--method", "nope_method"]) == 2
+    assert "nope_method" in capsys.readouterr().err
