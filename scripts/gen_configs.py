@@ -10,24 +10,12 @@ from pathlib import Path
 
 import yaml
 
+from relkd.bench.reference import CRD_PAIRS as _CRD_PAIRS
+
 ROOT = Path(__file__).resolve().parents[1] / "configs"
 
-#: The 13 teacher -> student pairs of the CRD table (protocol.md).
-CRD_PAIRS: list[tuple[str, str]] = [
-    ("wrn_40_2", "wrn_16_2"),
-    ("wrn_40_2", "wrn_40_1"),
-    ("resnet56", "resnet20"),
-    ("resnet110", "resnet20"),
-    ("resnet110", "resnet32"),
-    ("resnet32x4", "resnet8x4"),
-    ("vgg13", "vgg8"),
-    ("vgg13", "MobileNetV2"),
-    ("ResNet50", "MobileNetV2"),
-    ("ResNet50", "vgg8"),
-    ("resnet32x4", "ShuffleV1"),
-    ("resnet32x4", "ShuffleV2"),
-    ("wrn_40_2", "ShuffleV1"),
-]
+#: The 13 teacher -> student pairs of the CRD table (protocol.md), one list for the whole project.
+CRD_PAIRS: list[tuple[str, str]] = list(_CRD_PAIRS)
 
 #: Distillation methods with shipped CIFAR-100 configs: name -> method section overrides.
 #: An empty dict means the method's own defaults (which follow the papers' protocol).
