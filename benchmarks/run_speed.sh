@@ -7,7 +7,7 @@
 # Prints the date, the machine and the exact command, writes one JSON record per configuration
 # to OUT, then the table and the ratios rendered from those records (one run, one process).
 # Run it on an otherwise idle machine: anything else on the same cores distorts every number.
-# Needs ~8 GiB of free disk for the temporary teacher caches of the cached steps.
+# Needs ~8 GiB of free disk (temporary teacher caches, deleted at the end) and ~10 GiB of RAM.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RELKD=${RELKD:-.venv/bin/relkd}
@@ -19,8 +19,9 @@ echo "machine: nproc=$(nproc), CPU:$(grep -m1 'model name' /proc/cpuinfo | cut -
     "torch $($PY -c 'import torch; print(torch.__version__)'), kernel $(uname -r)"
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 CMD=("$RELKD" bench speed --teacher resnet32x4 --student resnet8x4
-    --method ce,kd,dkd,crd,rrd,at --batch 64 --steps 40 --warmup 5 --device cpu
-    --precision fp32 --image-size 32 --num-classes 100 --threads 2 --json)
+    --method ce,kd,dkd,crd,rrd,at --batch 64 --steps 40 --warmup 5 --rounds 5 --device cpu
+    --precision fp32 --image-size 32 --num-classes 100 --num-train-samples 50000 --threads 2
+    --cache-variants engine,preloaded --data-workers 0,2 --json)
 echo "command: ${CMD[*]} > $OUT"
 "${CMD[@]}" >"$OUT"
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -58,8 +58,10 @@ def test_run_speed_records(tmp_path):
         ("student_ce_step", "ce", None),
         ("online_step", "kd", None),
         ("cached_step", "kd", None),
+        ("cached_step_preloaded", "kd", None),
         ("online_step", "crd", None),  # memory bank: per-step sample indices
         ("cached_step", "crd", None),
+        ("cached_step_preloaded", "crd", None),
         ("data_inmemory", None, None),
         ("data_dataloader", None, 0),
     ]
@@ -67,12 +69,19 @@ def test_run_speed_records(tmp_path):
         assert set(r) == set(RECORD_KEYS)
         assert r["threads"] == 1 and r["batch"] == 8 and r["steps"] == 3 and r["warmup"] == 1
         check_ok(r)
-    for r in recs[:6]:
+    for r in recs[:8]:
         assert (r["precision"], r["channels_last"], r["compile"]) == ("fp32", False, False)
-    assert "logits" in recs[3]["cache"] and "pooled" in recs[5]["cache"]  # crd reads pooled
-    assert all(r["cache"] is None for r in recs if r["config"] != "cached_step")
+        assert r["rounds"] == 3  # interleaved in min(rounds=5, steps=3) blocks
+    assert "memory-mapped" in recs[3]["cache"] and "preloaded" in recs[4]["cache"]
+    assert "pooled" not in recs[3]["cache"] and "pooled" in recs[6]["cache"]  # crd reads pooled
+    assert all(r["cache"] is None for r in recs if not r["config"].startswith("cached"))
     kinds = {q["ratio"] for q in speed_ratios(recs)}
-    assert kinds == {"online / (ce + teacher)", "cached / ce", "inmemory / dataloader(workers=0)"}
+    assert kinds == {
+        "online / (ce + teacher)",
+        "cached / ce",
+        "cached (preloaded) / ce",
+        "inmemory / dataloader(workers=0)",
+    }
     for q in speed_ratios(recs):
         assert q["value"] > 0 and math.isfinite(q["value"])
         assert (q["meets"] is None) == (q["target"] is None)
@@ -84,7 +93,7 @@ def test_options_and_skipped_cache():
     opts = {**TINY, "steps": 1, "warmup": 0}
     recs = run_speed(
         "cnn_small", "cnn_tiny", "kd", precisions="fp32,bf16", channels_last=(False, True),
-        data=False, cache_budget_mb=0, **opts,
+        data=False, cache_budget_mb=0, cache_variants="engine", **opts,
     )  # fmt: skip
     assert len(recs) == 2 * 2 * 4
     combos = {(r["precision"], r["channels_last"]) for r in recs}
@@ -108,10 +117,12 @@ def test_wrapped_dataset_and_feature_methods():
         ("online_step", "corsd"),
         ("online_step", "at"),
         ("cached_step", "at"),
+        ("cached_step_preloaded", "at"),
     ]
-    for r in recs[:-1]:
+    for r in recs[:-2]:
         check_ok(r)
-    assert recs[-1]["status"] == "skipped" and "teacher features" in recs[-1]["reason"]
+    for r in recs[-2:]:
+        assert r["status"] == "skipped" and "teacher features" in r["reason"]
 
 
 def test_cli_json_lines(capsys):
@@ -123,6 +134,7 @@ def test_cli_json_lines(capsys):
         "student_ce_step",
         "online_step",
         "cached_step",
+        "cached_step_preloaded",
     ]
     for r in recs:
         check_ok(r)

@@ -93,6 +93,7 @@ def _cmd_speed(args: argparse.Namespace) -> int:
         cache_budget_mb=args.cache_budget_mb,
         cache_dtype=args.cache_dtype,
         rounds=args.rounds,
+        cache_variants=args.cache_variants,
         on_record=show,
     )
     if not args.json:
@@ -168,6 +169,8 @@ def add_bench_parsers(subparsers) -> argparse._SubParsersAction:
                    help="storage dtype of the teacher cache of the cached step")  # fmt: skip
     s.add_argument("--cache-budget-mb", type=float, default=8192.0,
                    help="largest teacher cache to write for the cached step (MiB)")  # fmt: skip
+    s.add_argument("--cache-variants", default="engine,preloaded",
+                   help="cached steps: engine (opened as the engine does), preloaded (in memory)")  # fmt: skip
     s.add_argument("--json", action="store_true", help="one JSON object per configuration")
     s.set_defaults(fn=_cmd_speed)
 

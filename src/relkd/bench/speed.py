@@ -23,6 +23,11 @@ per configuration (``relkd bench speed`` prints them, ``--json`` as JSON lines):
     deleted at the end. A record with ``status: "skipped"`` and the reason where the engine
     would use the online teacher anyway (methods that read teacher feature maps or change the
     batch) or where the cache would exceed ``cache_budget_mb``.
+``cached_step_preloaded`` (likewise)
+    The same with the cache read into memory on the device first (``preload=True``): a lookup
+    is pure tensor indexing. On a CPU the engine memory-maps the cache instead; the lookups then
+    cost whatever reading the rows from the page cache, or from disk once the kernel dropped
+    those pages, costs (see benchmarks/speed.md).
 ``data_inmemory`` / ``data_dataloader``
     The input pipeline alone at the same batch size: :class:`~relkd.data.InMemoryLoader` (the
     whole split as uint8 on the device, batched crop + flip + normalise there) versus a
@@ -83,6 +88,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import gc
 import math
 import statistics
@@ -104,6 +110,7 @@ CONFIGS = (
     "student_ce_step",
     "online_step",
     "cached_step",
+    "cached_step_preloaded",
     "data_inmemory",
     "data_dataloader",
 )
@@ -485,6 +492,7 @@ class _CacheFiles:
         self.spec, self.dtype, self.root_arg = spec, dtype, root
         self.root: Path | None = None
         self.paths: dict[tuple[str, ...], Path] = {}
+        self.loaded: dict[tuple[str, ...], Any] = {}
 
     def nbytes(self, taps: Sequence[str], dims: dict[str, int]) -> int:
         from relkd.data.teacher_cache import num_outcomes
@@ -542,20 +550,36 @@ class _CacheFiles:
         (path / MANIFEST).write_text(json.dumps(manifest, indent=2))
         return path
 
+    def preloaded(self, taps: tuple[str, ...], dims: dict[str, int]):
+        """The cache of ``taps`` read into memory on the device (``preload=True``), one copy
+        shared by every configuration of the run."""
+        from relkd.data.teacher_cache import TeacherCache
+
+        if taps not in self.loaded:
+            path = self.path(taps, dims)
+            self.loaded[taps] = TeacherCache.open(path, device=self.spec.device, preload=True)
+        return self.loaded[taps]
+
     def close(self) -> None:
+        self.loaded.clear()
         import shutil
 
         if self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
+def _engine_preloads(nbytes: int, device: torch.device) -> bool:
+    """The engine's choice (relkd.engine.trainer._teacher_cache): memory-mapped on the host,
+    preloaded onto a GPU when the cache takes under 40% of the free GPU memory."""
+    return device.type == "cuda" and nbytes < 0.4 * torch.cuda.mem_get_info(device)[0]
+
+
 def _open_cache(path: Path, device: torch.device):
-    """Open as the engine does: memory-mapped on the host, preloaded onto a GPU when it takes
-    under 40% of the free GPU memory."""
+    """Open the cache as the engine does (see :func:`_engine_preloads`)."""
     from relkd.data.teacher_cache import TeacherCache
 
     cache = TeacherCache.open(path, device=device)
-    if device.type == "cuda" and cache.nbytes < 0.4 * torch.cuda.mem_get_info(device)[0]:
+    if _engine_preloads(cache.nbytes, device):
         cache = TeacherCache.open(path, device=device, preload=True)
     return cache
 
@@ -568,7 +592,7 @@ def _train_step(
     channels_last: bool,
     compile_: bool,
     teacher_mode: str,  # "none" | "online" | "cached"
-    cache_path: Path | None = None,
+    cache: Callable[[], Any] | None = None,
 ) -> Callable[[], Callable[[int], Any]]:
     def build() -> Callable[[int], Any]:
         from relkd.config import OptimConfig
@@ -593,7 +617,7 @@ def _train_step(
         elif teacher_mode == "cached":
             # As the engine: the cached teacher reads index + the drawn augmentation, which are
             # dropped before the method (index kept when the method wants it).
-            tea = CachedTeacher(_open_cache(cache_path, device))
+            tea = CachedTeacher(cache())
             drop = ("aug_offsets", "aug_flips")
             drop += () if "index" in method.batch_extras else ("index",)
         del teacher_model
@@ -835,6 +859,7 @@ def run_speed(
     cache_dtype: str = "fp16",
     cache_root: str | None = None,
     rounds: int = 5,
+    cache_variants: str | Sequence[str] = ("engine", "preloaded"),
     seed: int = 0,
     on_record: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
@@ -858,6 +883,10 @@ def run_speed(
             whose cache needs more gets a ``cached_step`` record with status skipped.
         cache_dtype: storage dtype of the cache, ``fp16`` (the engine's default) or ``fp32``.
         cache_root: folder for the temporary cache files (default: the system's temp folder).
+        cache_variants: the cached steps to measure: ``engine`` (``cached_step``: the cache
+            opened as the engine opens it -- memory-mapped on the host, preloaded onto a GPU
+            when it fits) and/or ``preloaded`` (``cached_step_preloaded``: read into memory on
+            the device first, so a lookup is pure tensor indexing).
         rounds: the training configurations of one option set are measured interleaved: all
             are built and warmed up, then ``rounds`` times each runs a block of
             ``steps / rounds`` consecutive timed steps in turn (1: one block each, one after the
@@ -876,6 +905,10 @@ def run_speed(
         data_workers=[int(w) for w in data_workers], seed=int(seed), cache_dtype=cache_dtype,
         rounds=int(rounds),
     )  # fmt: skip
+    cache_variants = _as_list(cache_variants, "cache_variants")
+    bad = [v for v in cache_variants if v not in ("engine", "preloaded")]
+    if bad:
+        raise RelkdError(f"unknown cache variant(s) {bad}: choose engine, preloaded")
     cl_flags = _as_flags(channels_last, "channels_last")
     compile_flags = _as_flags(compile, "compile")
     _validate(spec, methods)
@@ -920,7 +953,9 @@ def run_speed(
             else:
                 res = next(it)
                 med, mean = res.pop("_median_s"), res.pop("_mean_s")
-                rec.update(res, status="ok", rounds=rounds if interleave else 1)
+                rec.update(
+                    res, status="ok", rounds=len(_blocks(spec.steps, rounds if interleave else 1))
+                )
                 rec["images_per_s"] = spec.batch / med
                 rec["images_per_s_mean"] = spec.batch / mean
             records.append(rec)
@@ -961,18 +996,38 @@ def run_speed(
                         if not any(p.requires_teacher for p in parts):
                             continue
                         why, taps, dims, nbytes = _cache_plan(spec, m, files, cache_budget_mb)
-                        path = files.path(taps, dims) if why is None else None
-                        add(
-                            "cached_step",
-                            _train_step(spec, m, teacher_mode="cached", cache_path=path, **kw),
-                            method=m,
-                            skip=why,
-                            cache=f"TeacherCache {files.dtype} {'+'.join(taps)}, "
-                            f"{nbytes / MIB:.0f} MiB"
-                            if why is None
-                            else None,
-                            **opts,
-                        )
+                        what = f"TeacherCache {files.dtype} {'+'.join(taps)} {nbytes / MIB:.0f} MiB"
+                        for variant in cache_variants:
+                            if variant == "engine":
+                                mode = "memory-mapped" + (
+                                    ", preloaded on the GPU"
+                                    if why is None and _engine_preloads(nbytes, spec.device)
+                                    else ""
+                                )
+                                path = files.path(taps, dims) if why is None else None
+                                open_ = functools.partial(_open_cache, path, spec.device)
+                                add(
+                                    "cached_step", _train_step(
+                                        spec, m, teacher_mode="cached", cache=open_, **kw
+                                    ),
+                                    method=m, skip=why, **opts,
+                                    cache=None if why else f"{what}, engine's choice: {mode}",
+                                )  # fmt: skip
+                                continue
+                            pwhy = why
+                            if pwhy is None and _engine_preloads(nbytes, spec.device):
+                                pwhy = "the engine preloads this cache on this device already"
+                            loaded = files.preloaded(taps, dims) if pwhy is None else None
+                            add(
+                                "cached_step_preloaded", _train_step(
+                                    spec, m, teacher_mode="cached",
+                                    cache=functools.partial(lambda c: c, loaded), **kw,
+                                ),
+                                method=m, skip=pwhy, **opts,
+                                cache=None if pwhy else f"{what}, preloaded into {spec.device} "
+                                "memory before the build (one copy shared by the run, not in "
+                                "peak_mem_mb)",
+                            )  # fmt: skip
                     flush(interleave=True)
         if data:
             add("data_inmemory", _data_inmemory(spec))
@@ -1031,7 +1086,8 @@ def speed_ratios(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
     * ``online / (ce + teacher)``: online step median / (student CE step median + teacher
       forward median), per method and option set (target <= 1.05 for ``kd``);
-    * ``cached / ce``: cached step median / student CE step median (target <= 1.10 for ``kd``);
+    * ``cached / ce`` and ``cached (preloaded) / ce``: cached step median / student CE step
+      median (target <= 1.10 for ``kd``);
     * ``inmemory / dataloader``: InMemoryLoader images/s / DataLoader images/s per worker count
       (target >= 3), from the medians and, as ``value_mean``, from the means.
     """
@@ -1061,11 +1117,13 @@ def speed_ratios(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                     "meets": r["step_ms_median"] / den <= 1.05 if r["method"] == "kd" else None,
                 }
             )
-        if r["config"] == "cached_step" and ce:
+        if r["config"] in ("cached_step", "cached_step_preloaded") and ce:
             v = r["step_ms_median"] / ce["step_ms_median"]
             out.append(
                 {
-                    "ratio": "cached / ce",
+                    "ratio": "cached / ce"
+                    if r["config"] == "cached_step"
+                    else "cached (preloaded) / ce",
                     **common,
                     "value": v,
                     "value_mean": r["step_ms_mean"] / ce["step_ms_mean"],
