@@ -175,3 +175,16 @@ class InitPhaseMixin:
     def set_phase(self, phase: str) -> None:
         super().set_phase(phase)  # type: ignore[misc]
         set_trainable(self.connectors, self._weight_in(phase) > 0)
+
+
+class StagePairTaps:
+    """``student_taps`` / ``teacher_taps`` from ``self.pairs`` (student stage, teacher stage),
+    the shape every stage-matching method (AT, NST, VID, AB, FSP) shares. Mix into a Method."""
+
+    pairs: list[tuple[str, str]]
+
+    def student_taps(self) -> list[str]:
+        return [s for s, _ in self.pairs]
+
+    def teacher_taps(self) -> list[str]:
+        return [t for _, t in self.pairs]

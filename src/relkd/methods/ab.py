@@ -9,6 +9,7 @@ from relkd.losses.feature import ab_loss
 from relkd.methods._connectors import (
     ConvReg,
     InitPhaseMixin,
+    StagePairTaps,
     map_shape,
     require_teacher,
     stage_pairs,
@@ -20,7 +21,7 @@ AB_SCALE = 3e-3
 
 
 @register_method("ab")
-class AB(InitPhaseMixin, Method):
+class AB(InitPhaseMixin, StagePairTaps, Method):
     """Activation-boundary transfer as a pre-training phase, then plain training.
 
     Phase ``"init"`` (``init_epochs``, 30 by default; the engine skips CE there) returns
@@ -62,12 +63,6 @@ class AB(InitPhaseMixin, Method):
             for s, t in self.pairs
         )
         self._init_trainable()
-
-    def student_taps(self) -> list[str]:
-        return [s for s, _ in self.pairs]
-
-    def teacher_taps(self) -> list[str]:
-        return [t for _, t in self.pairs]
 
     def forward(self, student, teacher, targets, **extras):
         teacher = require_teacher(teacher, "ab")

@@ -5,12 +5,12 @@ arXiv 1612.03928)."""
 from __future__ import annotations
 
 from relkd.losses.feature import at_loss
-from relkd.methods._connectors import require_teacher, stage_pairs
+from relkd.methods._connectors import StagePairTaps, require_teacher, stage_pairs
 from relkd.methods.base import Method, MethodContext, register_method
 
 
 @register_method("at")
-class AT(Method):
+class AT(StagePairTaps, Method):
     """``weight * sum_stages mean((Q_s - Q_t)^2)``, ``Q = l2norm(vec(mean_c |A_c|^p))`` [B, H*W].
 
     No trainable parameters: attention maps are channel-free, so any student / teacher pair
@@ -37,12 +37,6 @@ class AT(Method):
         super().__init__(ctx)
         self.weight, self.p = weight, p
         self.pairs = stage_pairs(ctx, "at", stages, teacher_stages)
-
-    def student_taps(self) -> list[str]:
-        return [s for s, _ in self.pairs]
-
-    def teacher_taps(self) -> list[str]:
-        return [t for _, t in self.pairs]
 
     def forward(self, student, teacher, targets, **extras):
         teacher = require_teacher(teacher, "at")

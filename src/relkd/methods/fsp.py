@@ -6,13 +6,19 @@ from __future__ import annotations
 from torch import nn
 
 from relkd.losses.feature import fsp_loss
-from relkd.methods._connectors import InitPhaseMixin, map_shape, require_teacher, stage_pairs
+from relkd.methods._connectors import (
+    InitPhaseMixin,
+    StagePairTaps,
+    map_shape,
+    require_teacher,
+    stage_pairs,
+)
 from relkd.methods.base import Method, MethodContext, register_method
 from relkd.registry import RelkdError
 
 
 @register_method("fsp")
-class FSP(InitPhaseMixin, Method):
+class FSP(InitPhaseMixin, StagePairTaps, Method):
     """FSP matching as a pre-training phase, then plain training.
 
     Phase ``"init"`` (``init_epochs``, 30 by default; no CE) returns ``init_weight *
@@ -64,12 +70,6 @@ class FSP(InitPhaseMixin, Method):
             )
         self.connectors = nn.ModuleList(conns)
         self._init_trainable()
-
-    def student_taps(self) -> list[str]:
-        return [s for s, _ in self.pairs]
-
-    def teacher_taps(self) -> list[str]:
-        return [t for _, t in self.pairs]
 
     def forward(self, student, teacher, targets, **extras):
         teacher = require_teacher(teacher, "fsp")

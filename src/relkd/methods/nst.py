@@ -4,12 +4,12 @@ Neuron Selectivity Transfer", arXiv 1707.01219)."""
 from __future__ import annotations
 
 from relkd.losses.feature import nst_loss
-from relkd.methods._connectors import require_teacher, stage_pairs
+from relkd.methods._connectors import StagePairTaps, require_teacher, stage_pairs
 from relkd.methods.base import Method, MethodContext, register_method
 
 
 @register_method("nst")
-class NST(Method):
+class NST(StagePairTaps, Method):
     """``weight * sum_stages MMD^2`` between the student's and the teacher's channel maps
     (polynomial kernel ``(x.y)^2``, maps L2-normalised over H*W; see
     :func:`relkd.losses.feature.nst_loss`). No trainable parameters; channel counts may differ.
@@ -34,12 +34,6 @@ class NST(Method):
         super().__init__(ctx)
         self.weight = weight
         self.pairs = stage_pairs(ctx, "nst", stages, teacher_stages)
-
-    def student_taps(self) -> list[str]:
-        return [s for s, _ in self.pairs]
-
-    def teacher_taps(self) -> list[str]:
-        return [t for _, t in self.pairs]
 
     def forward(self, student, teacher, targets, **extras):
         teacher = require_teacher(teacher, "nst")

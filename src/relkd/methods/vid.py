@@ -8,7 +8,7 @@ from torch import nn
 
 from relkd.losses.feature import match_spatial
 from relkd.losses.vid import vid_log_scale_init, vid_loss
-from relkd.methods._connectors import map_shape, require_teacher, stage_pairs
+from relkd.methods._connectors import StagePairTaps, map_shape, require_teacher, stage_pairs
 from relkd.methods.base import Method, MethodContext, register_method
 
 
@@ -29,7 +29,7 @@ class VIDRegressor(nn.Module):
 
 
 @register_method("vid")
-class VID(Method):
+class VID(StagePairTaps, Method):
     """``weight * sum_stages NLL(f_t | mu(f_s), sigma^2)`` with a trainable regressor and
     per-channel variance per stage pair (:func:`relkd.losses.vid.vid_loss`); the larger of the
     two maps is average-pooled to the smaller before the regressor.
@@ -65,12 +65,6 @@ class VID(Method):
             )
             for s, t in self.pairs
         )
-
-    def student_taps(self) -> list[str]:
-        return [s for s, _ in self.pairs]
-
-    def teacher_taps(self) -> list[str]:
-        return [t for _, t in self.pairs]
 
     def forward(self, student, teacher, targets, **extras):
         teacher = require_teacher(teacher, "vid")
