@@ -92,7 +92,12 @@ class TrainConfig:
     # folder, keyed by teacher + data + transform) | PATH (that folder; a stale cache there is
     # refused). KD-family methods on in-memory data then run no teacher forward pass.
     teacher_cache: str = "off"
-    teacher_cache_dtype: str = "fp16"  # fp16 | fp32: storage of the cached outputs
+    teacher_cache_dtype: str = "fp16"  # fp16 | fp32: storage of the cached / replayed outputs
+    # FKD-style replay (relkd.data.replay) for RandomResizedCrop on file-based data: off | auto
+    # (under the relkd cache folder) | PATH. Crops then follow replay_seed, not seed, so every
+    # method and seed of a table shares them and the teacher's stored outputs.
+    teacher_replay: str = "off"
+    replay_seed: int = 0
 
 
 @dataclass
@@ -172,6 +177,8 @@ def _validate(cfg: Config) -> None:
         raise RelkdError(f"train.max_steps_per_epoch={cfg.train.max_steps_per_epoch} must be > 0")
     if not str(cfg.train.teacher_cache).strip():
         raise RelkdError("train.teacher_cache='' is not valid: use off, auto or a folder path")
+    if not str(cfg.train.teacher_replay).strip():
+        raise RelkdError("train.teacher_replay='' is not valid: use off, auto or a folder path")
     for m in cfg.schedule.milestones:
         if m < 0:
             raise RelkdError(f"schedule.milestones has a negative epoch: {m}")

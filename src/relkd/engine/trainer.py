@@ -105,18 +105,30 @@ def _tappable(model: nn.Module) -> list[str]:
     return names
 
 
+def _chans_kwargs(name: str, kwargs: Any, in_channels: int) -> dict[str, Any]:
+    """The model's kwargs with ``in_chans`` = the data's channels when the factory takes it (the
+    small CNNs default to 1 channel, the CIFAR zoo to 3) or the data is not RGB."""
+    import inspect
+
+    from relkd.models.registry import MODELS
+
+    kw = dict(kwargs)
+    takes = False
+    if ":" not in name and name in MODELS.names():
+        takes = "in_chans" in inspect.signature(MODELS.get(name)).parameters
+    if takes or in_channels != 3:
+        kw.setdefault("in_chans", in_channels)
+    return kw
+
+
 def _build_models(cfg: Config, info: Any, teacher: nn.Module | None, student: nn.Module | None):
-    kw = dict(cfg.student.kwargs)
-    if info.in_channels != 3:
-        kw.setdefault("in_chans", info.in_channels)
+    kw = _chans_kwargs(cfg.student.name, cfg.student.kwargs, info.in_channels)
     if student is None:
         student = create_model(cfg.student.name, info.num_classes, **kw)
         if cfg.student.checkpoint:
             load_checkpoint(student, cfg.student.checkpoint)
     if teacher is None and cfg.teacher is not None:
-        tkw = dict(cfg.teacher.kwargs)
-        if info.in_channels != 3:
-            tkw.setdefault("in_chans", info.in_channels)
+        tkw = _chans_kwargs(cfg.teacher.name, cfg.teacher.kwargs, info.in_channels)
         teacher = create_model(cfg.teacher.name, info.num_classes, **tkw)
         if not cfg.teacher.checkpoint:
             raise RelkdError(
@@ -127,8 +139,9 @@ def _build_models(cfg: Config, info: Any, teacher: nn.Module | None, student: nn
     return teacher, student
 
 
-def _make_loaders(cfg: Config, method: Method, train_ds, test_ds, info, device):
-    """In-memory batched pipeline where possible, else a DataLoader (DistributedSampler)."""
+def _make_loaders(cfg: Config, method: Method, train_ds, test_ds, info, device, replay=False):
+    """In-memory batched pipeline where possible, else a DataLoader (DistributedSampler);
+    ``replay``: the train set wrapped for FKD-style replay (see :func:`_replay_plan`)."""
     from relkd.data import InMemoryLoader, collate_with_extras, supports_in_memory, to_tensors
     from relkd.data.wrappers import IndexedDataset
 
@@ -157,6 +170,13 @@ def _make_loaders(cfg: Config, method: Method, train_ds, test_ds, info, device):
             drop_last=False, seed=seed, rank=D.rank(), world_size=D.world_size(),
             return_index="index" in extras,
         )  # fmt: skip
+    elif replay:
+        from relkd.data.replay import ReplayCropDataset
+
+        ds = ReplayCropDataset(train_ds, seed=cfg.train.replay_seed)  # yields "index" too
+        train = _EpochLoader(
+            ds, cfg.data.batch_size, cfg.data.num_workers, seed, collate_with_extras, device
+        )
     else:
         ds = method.wrap_train_dataset(train_ds)
         if "index" in extras:
@@ -188,7 +208,7 @@ def _teacher_cache(cfg: Config, method: Method, tea, train_loader, device, log, 
     the teacher to call as ``teacher(x, **extras)`` and the batch extras only it reads (the
     engine drops them before the method). Falls back to the online teacher, saying why once."""
     mode = str(cfg.train.teacher_cache).strip()
-    if tea is None or mode.lower() in ("off", "false", "no", "none"):  # YAML reads off as False
+    if tea is None or _off(mode):
         return tea, ()
     from relkd.data import InMemoryLoader, cache_dir
     from relkd.data.teacher_cache import TeacherCache, cache_key
@@ -233,6 +253,59 @@ def _teacher_cache(cfg: Config, method: Method, tea, train_loader, device, log, 
     log(f"teacher cache: {cache}; no teacher forward pass while training")
     drop = ("aug_offsets", "aug_flips") + (() if train_loader.return_index else ("index",))
     return CachedTeacher(cache, tea.model), drop
+
+
+def _off(value: Any) -> bool:
+    return str(value).strip().lower() in ("off", "false", "no", "none")  # YAML reads off as False
+
+
+def _replay_plan(cfg: Config, method: Method, tea, train_ds, log) -> bool:
+    """Whether ``train.teacher_replay`` applies to this run; says why not, once, when asked for."""
+    if _off(cfg.train.teacher_replay) or tea is None:
+        return False
+    from relkd.data import supports_in_memory
+    from relkd.data.replay import replay_unsupported
+
+    parts = list(method.parts.values()) if hasattr(method, "parts") else [method]
+    taps = list(method.teacher_taps())
+    if cfg.data.in_memory != "false" and supports_in_memory(train_ds):
+        why = "the data set runs on the in-memory pipeline (its exact cache is train.teacher_cache)"
+    elif any(type(p).wrap_train_dataset is not Method.wrap_train_dataset for p in parts):
+        why = f"method {cfg.method.name!r} wraps the train set itself"
+    elif not set(method.batch_extras) <= {"index"}:
+        why = f"method {cfg.method.name!r} needs the batch extras {sorted(method.batch_extras)}"
+    elif not set(taps) <= {POOLED}:
+        why = (
+            f"method {cfg.method.name!r} needs teacher features {[t for t in taps if t != POOLED]}"
+        )
+    elif any(type(p).prepare_batch is not Method.prepare_batch for p in parts):
+        why = f"method {cfg.method.name!r} changes the batch (prepare_batch)"
+    else:
+        why = replay_unsupported(train_ds)
+    if why:
+        log(f"teacher replay: {why}; using the online teacher")
+    return why is None
+
+
+def _teacher_replay(cfg: Config, method: Method, tea, train_loader, log):
+    """The :class:`~relkd.data.replay.ReplayTeacher` for a replay loader, and the extras only
+    it reads."""
+    from relkd.data import cache_dir
+    from relkd.data.replay import ReplayStore, ReplayTeacher, replay_key
+    from relkd.data.teacher_cache import teacher_fingerprint
+
+    ds = train_loader.ds
+    taps = list(dict.fromkeys(["logits", *method.teacher_taps()]))
+    key = replay_key(teacher_fingerprint(tea.model), ds.fingerprint(), taps,
+                     cfg.train.teacher_cache_dtype)  # fmt: skip
+    mode = str(cfg.train.teacher_replay).strip()
+    auto = mode.lower() in ("auto", "on", "true", "yes")
+    path = cache_dir() / "teacher-replay" / key[0][:32] if auto else Path(mode).expanduser()
+    store = ReplayStore.open(path, key, len(ds))
+    write = D.world_size() == 1
+    log(f"teacher replay: {store}")
+    drop = ("aug_params",) + (() if "index" in method.batch_extras else ("index",))
+    return ReplayTeacher(tea, store, write=write, log=log), drop
 
 
 class BlockSampler(torch.utils.data.Sampler[int]):
@@ -490,9 +563,15 @@ def fit(
         )
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
     amp_ctx = _amp(cfg.train.precision, device)
-    train_loader, test_loader = _make_loaders(cfg, method, train_ds, test_ds, info, device)
+    replay = _replay_plan(cfg, method, tea, train_ds, log.info)
+    train_loader, test_loader = _make_loaders(
+        cfg, method, train_ds, test_ds, info, device, replay=replay
+    )
     progress = cfg.train.progress and D.is_main() and not quiet
-    tea, cache_only = _teacher_cache(cfg, method, tea, train_loader, device, log.info, progress)
+    if replay:
+        tea, cache_only = _teacher_replay(cfg, method, tea, train_loader, log.info)
+    else:
+        tea, cache_only = _teacher_cache(cfg, method, tea, train_loader, device, log.info, progress)
     steps_per_epoch = len(train_loader)
     if cfg.train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
@@ -528,6 +607,8 @@ def fit(
         # depend on what ran before, which makes --resume continue exactly.
         seed_everything(cfg.train.seed * 1_000_003 + epoch)
         train_loader.set_epoch(epoch)
+        if hasattr(tea, "set_epoch"):  # teacher replay: this epoch's stored outputs
+            tea.set_epoch(epoch)
         phase = phase_of[epoch] if epoch < pre else "main"
         main_epoch = epoch - pre
         method.set_phase(phase)
@@ -592,6 +673,8 @@ def fit(
                     bar.set_postfix(loss=f"{float(loss):.3f}")
         if bar is not None:
             bar.close()
+        if hasattr(tea, "end_epoch"):
+            tea.end_epoch()
         # Metrics: per-rank means averaged over ranks.
         keys = sorted(sums)
         vec = torch.tensor(

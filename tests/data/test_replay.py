@@ -1,0 +1,319 @@
+"""FKD-style teacher replay (relkd.data.replay): replayed crops against torchvision's transform,
+their distribution against torchvision's RandomResizedCrop, the store's write-through / read /
+staleness rules, and runs that read a stored epoch against the run that wrote it.
+
+Tolerances: a run that reads the store is compared with the run that wrote it *bit for bit*
+(the writer hands the method the same dtype-rounded values it stores); replayed images equal
+torchvision's ``resized_crop`` + flip + tail applied by hand exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import Subset
+from torchvision import transforms as T
+from torchvision.transforms import functional as TF
+
+import relkd
+from relkd.data import build_datasets
+from relkd.data.replay import (
+    ReplayCropDataset,
+    ReplayStore,
+    ReplayTeacher,
+    replay_key,
+    replay_unsupported,
+)
+from relkd.models.base import ModelOutput
+from relkd.registry import RelkdError
+
+CLASSES = ["a", "b", "c"]
+
+
+def _write_tree(root: Path, per_class: int = 8, seed: int = 0) -> Path:
+    """An ImageFolder tree of JPEGs of varied sizes (so crops differ per image)."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", per_class), ("val", 2)):
+        for c in CLASSES:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for k in range(n):
+                h, w = int(rng.integers(12, 40)), int(rng.integers(12, 40))
+                arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(root / split / c / f"{k:03d}.jpg", quality=95)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    return _write_tree(tmp_path_factory.mktemp("imgfolder"))
+
+
+def _train_set(tree: Path, size: int = 16):
+    train, _, _ = build_datasets("imagefolder", tree, image_size=size)
+    return train
+
+
+def test_replayed_item_equals_the_transform_applied_by_hand(tree):
+    train = _train_set(tree)
+    sub = Subset(train, [5, 1, 17, 9])
+    ds = ReplayCropDataset(sub, seed=3)
+    ds.set_epoch(2)
+    x, y, extras = ds[2]
+    assert extras["index"] == 2 and y == train.samples[17][1]
+    top, left, h, w, f = (int(v) for v in extras["aug_params"])
+    img = Image.open(train.samples[17][0]).convert("RGB")
+    assert top >= 0 and left >= 0 and top + h <= img.height and left + w <= img.width
+    ref = TF.resized_crop(img, top, left, h, w, [16, 16], T.InterpolationMode.BILINEAR)
+    if f:
+        ref = TF.hflip(ref)
+    ref = TF.normalize(TF.to_tensor(ref), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert torch.equal(x, ref)
+    # a function of (seed, epoch, index) only: same again, other epoch / seed differ
+    assert torch.equal(ds[2][0], x)
+    ds.set_epoch(3)
+    assert not torch.equal(ds[2][2]["aug_params"], extras["aug_params"])
+    other = ReplayCropDataset(sub, seed=4)
+    other.set_epoch(2)
+    assert not torch.equal(other[2][2]["aug_params"], extras["aug_params"])
+
+
+def _ks(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic (written here, no scipy)."""
+    grid = np.sort(np.concatenate([a, b]))
+    fa = np.searchsorted(np.sort(a), grid, side="right") / len(a)
+    fb = np.searchsorted(np.sort(b), grid, side="right") / len(b)
+    return float(np.abs(fa - fb).max())
+
+
+def test_replayed_crops_follow_torchvision_distribution(tree):
+    """Area fraction, aspect ratio, position and flips of 3000 replayed draws against 3000 of
+    torchvision's RandomResizedCrop.get_params on a 30 x 37 image: two-sample KS statistics
+    below the alpha = 0.001 critical value 1.95 * sqrt(2 / n) = 0.050."""
+    ds = ReplayCropDataset(_train_set(tree), seed=0)
+    n, (H, W) = 3000, (30, 37)
+    ours = torch.stack([ds.params(i, H, W, epoch=0) for i in range(n)]).numpy()
+    torch.manual_seed(0)
+    crop = T.RandomResizedCrop(16)
+    ref = np.array(
+        [crop.get_params(torch.zeros(3, H, W), crop.scale, crop.ratio) for _ in range(n)]
+    )
+    crit = 1.95 * np.sqrt(2 / n)
+
+    def stats(top, left, h, w):
+        return {
+            "area": h * w / (H * W),
+            "ratio": np.log(w / h),
+            "cy": (top + h / 2) / H,
+            "cx": (left + w / 2) / W,
+        }
+
+    a = stats(*(ours[:, k].astype(float) for k in range(4)))
+    b = stats(*(ref[:, k].astype(float) for k in range(4)))
+    for k in a:
+        assert _ks(a[k], b[k]) < crit, k
+    assert abs(ours[:, 4].mean() - 0.5) < 3.3 * 0.5 / np.sqrt(n)  # flips: Bernoulli(0.5)
+
+
+def test_unsupported_transforms_are_named(tmp_path):
+    from relkd.data.datasets import FileImageDataset
+
+    samples = [(str(tmp_path / "x.jpg"), 0)]
+    mk = lambda tf: FileImageDataset(samples, transform=tf)  # noqa: E731
+    assert "no RandomResizedCrop" in replay_unsupported(mk(T.Compose([T.ToTensor()])))
+    jitter = T.Compose([T.RandomResizedCrop(8), T.ColorJitter(0.4), T.ToTensor()])
+    assert "ColorJitter" in replay_unsupported(mk(jitter))
+    flip = T.Compose([T.RandomResizedCrop(8), T.RandomHorizontalFlip(0.3), T.ToTensor()])
+    assert "p = 0.5" in replay_unsupported(mk(flip))
+    assert replay_unsupported(torch.utils.data.TensorDataset(torch.zeros(2))) is not None
+    with pytest.raises(RelkdError, match="cannot wrap"):
+        ReplayCropDataset(mk(jitter))
+
+
+class _Counting:
+    """An online teacher stand-in: a fixed linear map of the image, counting its calls."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        self.w = torch.randn(3 * 16 * 16, 3)
+        self.calls = 0
+
+    def __call__(self, images: torch.Tensor, **_) -> ModelOutput:
+        self.calls += 1
+        return ModelOutput(images.flatten(1) @ self.w / 7.0, {})
+
+
+def _batches(ds: ReplayCropDataset, epoch: int, bs: int = 5):
+    from relkd.data.wrappers import collate_with_extras
+
+    ds.set_epoch(epoch)
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(epoch)).tolist()
+    for a in range(0, len(order), bs):
+        yield collate_with_extras([ds[i] for i in order[a : a + bs]])
+
+
+def test_store_write_through_then_read(tree, tmp_path):
+    ds = ReplayCropDataset(_train_set(tree), seed=1)
+    key = replay_key("teacher-x", ds.fingerprint(), ["logits"], "fp16")
+    online = _Counting()
+    rt = ReplayTeacher(online, ReplayStore.open(tmp_path / "s", key, len(ds)))
+    rt.set_epoch(0)
+    written = {}
+    for x, _, ex in _batches(ds, 0):
+        out = rt(x, **ex)
+        # the writer hands out exactly what it stores: the fp16-rounded online logits
+        ref = online(x).logits
+        online.calls -= 1
+        assert torch.equal(out.logits, ref.half().float())
+        for i, row in zip(ex["index"].tolist(), out.logits):
+            written[i] = row
+    rt.end_epoch()
+    assert online.calls == 5 and ReplayStore.open(tmp_path / "s", key, len(ds)).has_epoch(0)
+    assert not list((tmp_path / "s").glob(".tmp-*"))
+    stored = np.load(tmp_path / "s" / "epoch_0" / "logits.npy")
+    assert stored.dtype == np.float16 and stored.shape == (24, 3)
+    # a second reader (another method / seed) sees the same values with no teacher call
+    rt2 = ReplayTeacher(_Counting(), ReplayStore.open(tmp_path / "s", key, len(ds)))
+    rt2.set_epoch(0)
+    for x, _, ex in _batches(ds, 0, bs=7):
+        out = rt2(x, **ex)
+        for i, row in zip(ex["index"].tolist(), out.logits):
+            assert torch.equal(row, written[i])
+    assert rt2.teacher.calls == 0
+    # an epoch that was not fully seen is not stored
+    rt2.set_epoch(1)
+    x, _, ex = next(_batches(ds, 1))
+    rt2(x, **ex)
+    rt2.end_epoch()
+    assert not rt2.store.has_epoch(1) and not list((tmp_path / "s").glob(".tmp-*"))
+
+
+def test_store_refuses_stale_and_changed_crops(tree, tmp_path):
+    ds = ReplayCropDataset(_train_set(tree), seed=1)
+    key = replay_key("teacher-x", ds.fingerprint(), ["logits"], "fp32")
+    store = ReplayStore.open(tmp_path / "s", key, len(ds))
+    other = replay_key("teacher-y", ds.fingerprint(), ["logits"], "fp32")
+    with pytest.raises(RelkdError, match=r"stale.*teacher"):
+        ReplayStore.open(tmp_path / "s", other, len(ds))
+    seed2 = ReplayCropDataset(_train_set(tree), seed=2)
+    with pytest.raises(RelkdError, match=r"stale.*replay_seed"):
+        ReplayStore.open(
+            tmp_path / "s",
+            replay_key("teacher-x", seed2.fingerprint(), ["logits"], "fp32"),
+            len(ds),
+        )
+    rt = ReplayTeacher(_Counting(), store)
+    rt.set_epoch(0)
+    for x, _, ex in _batches(ds, 0):
+        rt(x, **ex)
+    rt.end_epoch()
+    # tamper with one recorded crop: the reader refuses rather than answer for another crop
+    p = tmp_path / "s" / "epoch_0" / "params.npy"
+    arr = np.load(p)
+    arr[4, 0] += 1
+    np.save(p, arr)
+    rt.set_epoch(0)
+    with pytest.raises(RelkdError, match="sample 4 was recorded with another crop"):
+        for x, _, ex in _batches(ds, 0, bs=24):
+            rt(x, **ex)
+    with pytest.raises(RelkdError, match="aug_params"):
+        rt(torch.zeros(1, 3, 16, 16), index=torch.tensor([0]))
+
+
+def test_fingerprint_sees_changed_files(tmp_path):
+    root = _write_tree(tmp_path / "t", per_class=2)
+    fp = ReplayCropDataset(_train_set(root)).fingerprint()
+    moved = tmp_path / "moved"
+    root.rename(moved)
+    assert ReplayCropDataset(_train_set(moved)).fingerprint() == fp  # relative paths
+    f = moved / "train" / "b" / "001.jpg"
+    Image.fromarray(np.zeros((50, 9, 3), np.uint8)).save(f)
+    assert ReplayCropDataset(_train_set(moved)).fingerprint()["data"] != fp["data"]
+
+
+# ------------------------------------------------------------------- through relkd.train
+class _Teacher(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(6 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        return self.fc(nn.functional.adaptive_avg_pool2d(h, 2).flatten(1))
+
+
+def _cfg(tree: Path, out: Path, name: str, method: str = "kd", **train) -> dict:
+    return {
+        "student": {"name": "cnn_tiny"},
+        "method": {"name": method},
+        "data": {"name": "imagefolder", "root": str(tree), "image_size": 16, "batch_size": 6},
+        "optim": {"lr": 0.05},
+        "schedule": {"name": "constant"},
+        "train": {"epochs": 2, "progress": False, "tensorboard": False, "seed": 5,
+                  "teacher_replay": str(out / "store"), **train},
+        "output_dir": str(out),
+        "name": name,
+    }  # fmt: skip
+
+
+def _weights(run_dir: str) -> dict[str, torch.Tensor]:
+    return torch.load(Path(run_dir, "student.pt"), weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("method", ["kd", "rkd"])  # logits only; logits + pooled features
+def test_run_reading_the_store_equals_the_run_that_wrote_it(tree, tmp_path, method, capsys):
+    torch.manual_seed(0)
+    teacher = _Teacher()
+    calls = []
+    # count training forwards (not the all-zero shape probe that every run does once)
+    teacher.register_forward_hook(lambda m, i, o: calls.append(1) if i[0].abs().sum() else None)
+    first = relkd.train(_cfg(tree, tmp_path, "first", method), teacher=teacher)
+    err = capsys.readouterr().err
+    assert "not stored yet: online teacher, writing it" in err and calls
+    assert (tmp_path / "store" / "epoch_0").is_dir() and (tmp_path / "store" / "epoch_1").is_dir()
+    taps = json.loads((tmp_path / "store" / "manifest.json").read_text())["parts"]["taps"]
+    assert taps == (["logits", "pooled"] if method == "rkd" else ["logits"])
+    n_first = len(calls)
+    again = relkd.train(_cfg(tree, tmp_path, "again", method), teacher=teacher)
+    err = capsys.readouterr().err
+    assert "epoch 2 from the store, no teacher forward pass" in err
+    assert len(calls) == n_first  # no teacher forward while training the second run
+    wa, wb = _weights(first["run_dir"]), _weights(again["run_dir"])
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    # another training seed shares the stored crops and outputs (the FKD design)
+    relkd.train(_cfg(tree, tmp_path, "seed6", method, seed=6), teacher=teacher, quiet=True)
+    assert len(calls) == n_first
+
+
+def test_replay_falls_back_and_says_why(tree, tmp_path, fmnist_root, tiny_teacher_ckpt, capsys):
+    torch.manual_seed(0)
+    teacher = relkd.create_model("cnn_small", 3, in_chans=3)  # a zoo model: it has stages
+    relkd.train(_cfg(tree, tmp_path, "at", "at", epochs=1), teacher=teacher)
+    err = capsys.readouterr().err
+    assert err.count("teacher replay:") == 1 and "needs teacher features" in err
+    assert not (tmp_path / "store").exists()
+    cfg = {
+        "student": {"name": "cnn_tiny"},
+        "teacher": {"name": "cnn_small", "checkpoint": str(tiny_teacher_ckpt)},
+        "data": {"name": "fashion_mnist", "root": str(fmnist_root), "train_subset": 64},
+        "train": {"epochs": 1, "progress": False, "tensorboard": False, "teacher_replay": "auto"},
+        "output_dir": str(tmp_path),
+        "name": "fm",
+    }
+    relkd.train(cfg)
+    assert "in-memory pipeline" in capsys.readouterr().err
+
+
+def test_truncated_epochs_are_not_stored(tree, tmp_path, capsys):
+    torch.manual_seed(0)
+    relkd.train(_cfg(tree, tmp_path, "short", max_steps_per_epoch=2), teacher=_Teacher())
+    assert "not every sample was seen" in capsys.readouterr().err
+    assert not list((tmp_path / "store").glob("epoch_*"))
+    assert not list((tmp_path / "store").glob(".tmp-*"))
