@@ -303,7 +303,12 @@ def _teacher_replay(cfg: Config, method: Method, tea, train_loader, log):
     path = cache_dir() / "teacher-replay" / key[0][:32] if auto else Path(mode).expanduser()
     store = ReplayStore.open(path, key, len(ds))
     write = D.world_size() == 1
-    log(f"teacher replay: {store}")
+    # Disk per epoch: ImageNet logits in fp16 are ~2.4 GiB an epoch (FKD keeps only the top-k).
+    shapes = method.ctx.teacher_shapes or {}
+    width = sum(int(np.prod(shapes[t])) for t in taps if t in shapes)
+    per_epoch = len(ds) * (width * (2 if store.dtype == "fp16" else 4) + 40)
+    size = f"{per_epoch / 2**30:.1f} GiB" if per_epoch >= 2**30 else f"{per_epoch / 2**20:.1f} MiB"
+    log(f"teacher replay: {store}; ~{size} per stored epoch")
     drop = ("aug_params",) + (() if "index" in method.batch_extras else ("index",))
     return ReplayTeacher(tea, store, write=write, log=log), drop
 
