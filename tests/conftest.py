@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# relkd's cache folder (decoded data sets, teacher caches, build locks) goes to a fresh temporary
+# folder per test process, never the user's ~/.cache/relkd; tests that look into it set their own.
+os.environ["RELKD_CACHE_DIR"] = tempfile.mkdtemp(prefix="relkd-test-cache-")
 
 
 def write_idx(path: Path, arr: np.ndarray) -> None:

@@ -315,3 +315,31 @@ def test_cli_bench_accuracy(suite_file, tmp_path, capsys):
     assert "ce/cnn_tiny/s0: finished" in text and "kd/cnn_small_cnn_tiny/s0: new" in text
     args = p.parse_args(["report", str(out), "--out", str(tmp_path / "rep")])
     assert args.fn(args) == 0 and (tmp_path / "rep/report.md").is_file()
+
+
+def test_suite_teacher_cache_shared_by_the_grid(
+    tmp_path, fmnist_root, tiny_teacher_ckpt, monkeypatch
+):
+    """``teacher_cache: auto``: every distillation run reads one exact cache (built by the first
+    run that needs it), teacher-free runs and suite teachers do not ask for one, a CLI override
+    wins, and a bad value is refused naming the choices."""
+    monkeypatch.setenv("RELKD_CACHE_DIR", str(tmp_path / "home"))
+    ck = {"checkpoint": str(tiny_teacher_ckpt)}
+    suite = write_suite(tmp_path / "s.yaml", fmnist_root, ck, methods=["ce", "kd", "dkd"],
+                        seeds=[0], teacher_cache="auto")  # fmt: skip
+    res = run_suite(suite, tmp_path / "out", progress=False)
+    assert {r["status"] for r in res} == {"trained"}
+    cache = {}
+    for r in res:
+        cfg = yaml.safe_load((Path(r["run_dir"]) / "config.yaml").read_text())
+        cache[r["method"]] = cfg["train"]["teacher_cache"]
+    assert cache == {"ce": "off", "kd": "auto", "dkd": "auto"}
+    (folder,) = (tmp_path / "home" / "teacher").iterdir()  # one cache for kd and dkd
+    assert json.loads((folder / "manifest.json").read_text())["parts"]["taps"] == ["logits"]
+    _, runs = acc.build_grid(load_suite(suite), tmp_path / "o2", ["train.teacher_cache=off"])
+    assert all(j.overrides[-1] == "train.teacher_cache=off" for j in runs)
+    bad = write_suite(tmp_path / "bad.yaml", fmnist_root, ck, teacher_cache="yes")
+    with pytest.raises(RelkdError, match=r"teacher_cache='yes'.*off, auto"):
+        load_suite(bad)
+    off = write_suite(tmp_path / "off.yaml", fmnist_root, ck, teacher_cache=False)  # YAML `off`
+    assert load_suite(off).teacher_cache == "off"

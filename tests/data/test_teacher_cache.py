@@ -328,3 +328,42 @@ def test_feature_map_method_falls_back_once(fmnist_root, tiny_teacher_ckpt, tmp_
     assert "teacher cache: method 'at' needs teacher features" in err
     assert "using the online teacher" in err
     assert not path.exists()
+
+
+def test_concurrent_builders_build_once(tmp_path, monkeypatch):
+    """Two builders of the same cache (e.g. two benchmark workers): one builds, the other waits
+    on the build lock and then opens the finished cache; both read the same entries."""
+    import threading
+
+    monkeypatch.setenv("RELKD_CACHE_DIR", str(tmp_path / "home"))
+    model, images = _teacher(), _images(12)
+    logs: list[str] = []
+    out: list[TeacherCache] = []
+
+    def build() -> None:
+        out.append(
+            TeacherCache.build(
+                model,
+                images,
+                padding=2,
+                flip=True,
+                mean=MEAN,
+                std=STD,
+                path=tmp_path / "c",
+                batch_size=4,
+                progress=False,
+                log=logs.append,
+                dtype="fp32",
+            )
+        )
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(out) == 2 and sum("building" in m for m in logs) == 1
+    a, b = out
+    idx, offs, fl = torch.arange(12), torch.zeros(12, 2, dtype=torch.long), torch.zeros(12).bool()
+    assert torch.equal(a.lookup(idx, offs, fl).logits, b.lookup(idx, offs, fl).logits)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "home"]  # no lock file beside it

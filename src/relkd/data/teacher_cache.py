@@ -186,6 +186,35 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _build_lock(path: Path, log: Callable[[str], None] | None):
+    """An exclusive ``flock`` for building the cache at ``path`` (released when the holder exits,
+    even if it crashes). The lock file lives under ``cache_dir()/locks``, named by a hash of the
+    cache's absolute path, so no file appears beside a user's cache folder. No-op without
+    ``fcntl``."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    from relkd.data.datasets import cache_dir
+
+    locks = cache_dir() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    name = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
+    with open(locks / f"{name}.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            if log is not None:
+                log(f"teacher cache: {path} is being built by another process; waiting")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _advise_random(arr: np.ndarray) -> None:
     """Tell the kernel that rows of the memory map are read in random order: no read-ahead.
 
@@ -356,10 +385,26 @@ class TeacherCache:
         manifest = _read_manifest(path)
         if manifest is not None and (manifest.get("key") == k or rebuild != "auto"):
             return cls.open(path, key=k, device=device, preload=preload)
-        if manifest is None and rebuild == "never":
-            raise RelkdError(
-                f"no teacher cache at {str(path)!r} and rebuild='never'; build it first"
-            )
+        if rebuild != "never":
+            # Concurrent builders of one cache (workers of a benchmark grid) queue on a lock
+            # file instead of computing it twice; the first builds, the others then open it.
+            with _build_lock(path, log):
+                manifest = _read_manifest(path)
+                if manifest is not None and manifest.get("key") == k:
+                    return cls.open(path, key=k, device=device, preload=preload)
+                return cls._build_locked(
+                    model, images_u8, path, manifest, padding=padding, flip=flip, mean=mean,
+                    std=std, taps=taps, dname=dname, k=k, parts=parts, rebuild=rebuild,
+                    batch_size=batch_size, device=device, preload=preload, progress=progress,
+                    log=log,
+                )  # fmt: skip
+        raise RelkdError(f"no teacher cache at {str(path)!r} and rebuild='never'; build it first")
+
+    @classmethod
+    def _build_locked(
+        cls, model, images_u8, path, manifest, *, padding, flip, mean, std, taps, dname, k, parts,
+        rebuild, batch_size, device, preload, progress, log,
+    ) -> TeacherCache:  # fmt: skip
         if manifest is None and path.exists() and any(path.iterdir()):
             raise RelkdError(
                 f"{str(path)!r} is a non-empty folder that is not a relkd teacher cache; "
