@@ -3,6 +3,8 @@
 # CIFAR-100-shaped synthetic data (3x32x32, 100 classes, N = 50000), fp32, CPU, 2 threads.
 #
 #   benchmarks/run_speed.sh [OUT.jsonl]        (default: ${TMPDIR:-/tmp}/relkd_speed.jsonl)
+#   benchmarks/run_speed.sh --cold [OUT.jsonl] (ce and kd only, adds the cold-page-cache cached
+#                                               step: the "Cold page cache" run of speed.md)
 #
 # Prints the date, the machine and the exact command, writes one JSON record per configuration
 # to OUT, then the table and the ratios rendered from those records (one run, one process).
@@ -12,6 +14,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RELKD=${RELKD:-.venv/bin/relkd}
 PY=${PYTHON:-.venv/bin/python}
+COLD=0
+if [[ ${1:-} == --cold ]]; then
+    COLD=1
+    shift
+fi
 OUT=${1:-${TMPDIR:-/tmp}/relkd_speed.jsonl}
 
 echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
@@ -22,6 +29,12 @@ CMD=("$RELKD" bench speed --teacher resnet32x4 --student resnet8x4
     --method ce,kd,dkd,crd,rrd,at --batch 64 --steps 40 --warmup 5 --rounds 5 --device cpu
     --precision fp32 --image-size 32 --num-classes 100 --num-train-samples 50000 --threads 2
     --cache-variants engine,preloaded --data-workers 0,2 --json)
+if ((COLD)); then
+    CMD=("$RELKD" bench speed --teacher resnet32x4 --student resnet8x4
+        --method ce,kd --batch 64 --steps 40 --warmup 5 --rounds 5 --device cpu
+        --precision fp32 --image-size 32 --num-classes 100 --num-train-samples 50000 --threads 2
+        --cache-variants engine,preloaded,cold --no-data --json)
+fi
 echo "command: ${CMD[*]} > $OUT"
 "${CMD[@]}" >"$OUT"
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"

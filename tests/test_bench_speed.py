@@ -159,8 +159,90 @@ def test_bad_values():
         run_speed("cnn_small", "cnn_tiny", ["kd"], precisions=["fp8"], **TINY)
     with pytest.raises(RelkdError, match="batch"):
         run_speed("cnn_small", "cnn_tiny", ["kd"], **{**TINY, "batch": 0})
+    with pytest.raises(RelkdError, match=r"'warm'.*engine, preloaded, cold"):
+        run_speed("cnn_small", "cnn_tiny", ["kd"], cache_variants="warm", **TINY)
+
+
+def _resident_pages(path) -> int:
+    """Pages of ``path`` in the page cache: mincore(2) over a fresh read-only mapping (a
+    mapping of its own, so the count does not depend on what else maps the file)."""
+    import ctypes
+    import mmap
+    import os
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]  # fmt: skip
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = path.stat().st_size
+    n = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+        try:
+            vec = ctypes.create_string_buffer(n)
+            assert libc.mincore(addr, size, vec) == 0, ctypes.get_errno()
+            return sum(b & 1 for b in vec.raw)
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+def _fs_type(path) -> str:
+    """The file system type of the mount holding ``path`` (from /proc/mounts)."""
+    best, kind = "", ""
+    with open("/proc/mounts") as f:
+        for line in f:
+            _, mnt, fs, *_ = line.split()
+            if str(path).startswith(mnt) and len(mnt) > len(best):
+                best, kind = mnt, fs
+    return kind
 
 
 def test_cli_unknown_method(capsys):
     assert main(["bench", "speed", *CLI_TINY, "--method", "nope_method"]) == 2
     assert "nope_method" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "posix_fadvise"), reason="needs posix_fadvise")
+def test_cold_cache_variant_evicts_pages(tmp_path):
+    """The ``cold`` variant is a measured record, and its eviction really empties the page cache
+    of a cache file the step has been reading (mincore), so its lookups read from storage."""
+    import numpy as np
+
+    from relkd.bench.speed import _evict_pages
+    from relkd.data.teacher_cache import _advise_random
+
+    recs = run_speed(
+        "cnn_small", "cnn_tiny", ["kd"], data=False, cache_variants="engine,cold",
+        cache_root=str(tmp_path), **TINY,
+    )  # fmt: skip
+    cold = recs[-1]
+    assert cold["config"] == "cached_step_cold" and cold["method"] == "kd"
+    check_ok(cold)
+    assert "evicted before every step" in cold["cache"]
+    assert any(q["ratio"] == "cached (cold page cache) / ce" for q in speed_ratios(recs))
+
+    # The eviction itself, on a file shaped like a cache's, mapped as TeacherCache maps it.
+    class _Cache:  # the two attributes _evict_pages reads
+        path = tmp_path
+
+    f = tmp_path / "logits.npy"
+    np.save(f, np.ones((256, 18, 10), np.float16))
+    arr = np.load(f, mmap_mode="r")
+    _advise_random(arr)
+    _Cache._arrays = {"logits": arr}
+    before = float(arr[::7, 3].astype(np.float32).sum())  # touched: mapped, in the page cache
+    assert before == 37 * 10
+    assert _resident_pages(f) > 0
+    if _fs_type(tmp_path) in ("tmpfs", "ramfs", "overlay"):
+        pytest.skip(f"{_fs_type(tmp_path)} pages cannot be dropped from memory")
+    _evict_pages(_Cache)
+    assert _resident_pages(f) == 0
+    assert float(arr[::7, 3].astype(np.float32).sum()) == before  # read again from storage
+    if cold["disk_read_mb"] is not None:  # /proc/self/io exists: the cold steps read from disk
+        assert cold["disk_read_mb"] > 0

@@ -170,7 +170,7 @@ def add_bench_parsers(subparsers) -> argparse._SubParsersAction:
     s.add_argument("--cache-budget-mb", type=float, default=8192.0,
                    help="largest teacher cache to write for the cached step (MiB)")  # fmt: skip
     s.add_argument("--cache-variants", default="engine,preloaded",
-                   help="cached steps: engine (opened as the engine does), preloaded (in memory)")  # fmt: skip
+                   help="cached steps: engine (opened as the engine does), preloaded (in memory), cold (memory-mapped, pages evicted before every step; CPU)")  # fmt: skip
     s.add_argument("--json", action="store_true", help="one JSON object per configuration")
     s.set_defaults(fn=_cmd_speed)
 

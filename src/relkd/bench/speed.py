@@ -28,6 +28,15 @@ per configuration (``relkd bench speed`` prints them, ``--json`` as JSON lines):
     is pure tensor indexing. On a CPU the engine memory-maps the cache instead; the lookups then
     cost whatever reading the rows from the page cache, or from disk once the kernel dropped
     those pages, costs (see benchmarks/speed.md).
+``cached_step_cold`` (likewise; opt-in with the cache variant ``cold``, CPU only)
+    ``cached_step`` with the page cache always cold: before every step (untimed) the cache
+    files' pages are unmapped (``madvise(MADV_DONTNEED)``) and dropped from the page cache
+    (``posix_fadvise(POSIX_FADV_DONTNEED)``, no root needed), so every lookup reads its rows
+    from storage. The worst case of a machine that evicts the file between two visits of an
+    image (one epoch apart). It reads its own copy of the cache files: pages that another
+    configuration's memory map still maps could not be dropped. Where the files cannot be evicted (no ``posix_fadvise``, or a file
+    system such as tmpfs whose pages are not backed by storage) the record is still measured;
+    ``disk_read_mb`` then stays ~0 and shows it.
 ``data_inmemory`` / ``data_dataloader``
     The input pipeline alone at the same batch size: :class:`~relkd.data.InMemoryLoader` (the
     whole split as uint8 on the device, batched crop + flip + normalise there) versus a
@@ -81,7 +90,9 @@ build and warm-up minus before its build: weights, optimizer state, buffers, dat
 CPU ``file_mem_mb`` is the file-backed part of the growth (RssFile): pages of memory-mapped
 files, i.e. the teacher cache's ``.npy`` files, which are page cache (shared, reclaimable)
 rather than memory the process allocated; a memory-mapped cache maps whole page-cache folios
-around every row it reads, and over an epoch the whole file.
+around every row it reads, and over an epoch the whole file. ``disk_read_mb`` (Linux): what
+the process read from storage during its timed steps (``read_bytes`` of ``/proc/self/io``;
+the other configurations running interleaved do not count; None where unavailable).
 """
 
 from __future__ import annotations
@@ -105,12 +116,16 @@ from torch.utils.data import Dataset
 from relkd.registry import RelkdError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+#: cached-step variants: ``engine`` (cached_step), ``preloaded`` (cached_step_preloaded),
+#: ``cold`` (cached_step_cold; not in the default set: it reads from storage on purpose).
+CACHE_VARIANTS = ("engine", "preloaded", "cold")
 CONFIGS = (
     "teacher_forward",
     "student_ce_step",
     "online_step",
     "cached_step",
     "cached_step_preloaded",
+    "cached_step_cold",
     "data_inmemory",
     "data_dataloader",
 )
@@ -149,6 +164,7 @@ RECORD_KEYS = (
     "nonfinite_steps",
     "rounds",
     "cache",
+    "disk_read_mb",
 )
 #: the measured numbers of a record with status "ok" (all finite; timings positive except
 #: ``warmup_s`` (0 without warm-up); memory >= 0).
@@ -261,6 +277,48 @@ class _Memory:
 # ------------------------------------------------------------------------------- measuring
 
 
+def _read_bytes() -> int | None:
+    """Bytes this process has caused to be read from storage (Linux ``/proc/self/io``)."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _evict_pages(cache: Any) -> None:
+    """Make the next lookups in a memory-mapped :class:`TeacherCache` cold: unmap the pages this
+    process has mapped (``MADV_DONTNEED``: page cache pages that are still mapped cannot be
+    dropped), then write back and drop the files' pages from the page cache
+    (``POSIX_FADV_DONTNEED``)."""
+    import mmap
+    import os
+
+    for tap, arr in cache._arrays.items():
+        m = getattr(arr, "_mmap", None)
+        if m is not None and hasattr(mmap, "MADV_DONTNEED"):
+            m.madvise(mmap.MADV_DONTNEED)
+        fd = os.open(cache.path / f"{tap}.npy", os.O_RDONLY)
+        try:
+            os.fdatasync(fd)  # dirty pages (a file just written) are not dropped: write them
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _can_evict() -> str | None:
+    """Why the ``cold`` cache variant cannot run here (None: it can)."""
+    import mmap
+    import os
+
+    if not hasattr(os, "posix_fadvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return "this platform has no posix_fadvise / MADV_DONTNEED to evict the cache's pages"
+    return None
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -281,7 +339,11 @@ class _Run:
         self.step = self.build()
         t0 = time.perf_counter()
         self.first: float | None = None
+        self.before = getattr(self.step, "before", None)  # untimed work before each step
+        self.read = 0
         for i in range(warmup):
+            if self.before is not None:
+                self.before()
             self.nonfinite += bool(self.step(i) is False)
             if self.first is None:
                 _sync(self.device)
@@ -296,10 +358,17 @@ class _Run:
         if measure_memory:
             self.mem.before_steps()
         for _ in range(k):
+            if self.before is not None:
+                self.before()
+            r0 = _read_bytes()
             t = time.perf_counter()
             self.nonfinite += bool(self.step(self.i) is False)
             _sync(self.device)
             self.times.append(time.perf_counter() - t)
+            r1 = _read_bytes()
+            self.read = (
+                None if r0 is None or r1 is None or self.read is None else self.read + r1 - r0
+            )
             self.i += 1
         if measure_memory:
             self.mem.after_steps()  # before the step (and its memory maps) goes
@@ -319,6 +388,7 @@ class _Run:
             "first_step_ms": 1e3 * (times[0] if self.first is None else self.first),
             **self.mem.result(),
             "nonfinite_steps": self.nonfinite,
+            "disk_read_mb": None if self.read is None else self.read / 1e6,
         }
 
 
@@ -491,7 +561,7 @@ class _CacheFiles:
     def __init__(self, spec: _Spec, dtype: str, root: str | None) -> None:
         self.spec, self.dtype, self.root_arg = spec, dtype, root
         self.root: Path | None = None
-        self.paths: dict[tuple[str, ...], Path] = {}
+        self.paths: dict[tuple[tuple[str, ...], str], Path] = {}
         self.loaded: dict[tuple[str, ...], Any] = {}
 
     def nbytes(self, taps: Sequence[str], dims: dict[str, int]) -> int:
@@ -501,12 +571,15 @@ class _CacheFiles:
         esize = 2 if self.dtype == "fp16" else 4
         return self.spec.num_train_samples * k * sum(dims[t] for t in taps) * esize
 
-    def path(self, taps: tuple[str, ...], dims: dict[str, int]) -> Path:
-        if taps not in self.paths:
-            self.paths[taps] = self._write(taps, dims)
-        return self.paths[taps]
+    def path(self, taps: tuple[str, ...], dims: dict[str, int], copy: str = "") -> Path:
+        """The cache files of ``taps``; a non-empty ``copy`` names a separate set of files (the
+        cold variant needs its own: page-cache pages that another configuration's memory map
+        still maps cannot be dropped)."""
+        if (taps, copy) not in self.paths:
+            self.paths[taps, copy] = self._write(taps, dims, copy)
+        return self.paths[taps, copy]
 
-    def _write(self, taps: tuple[str, ...], dims: dict[str, int]) -> Path:
+    def _write(self, taps: tuple[str, ...], dims: dict[str, int], copy: str = "") -> Path:
         import json
         import tempfile
         import uuid
@@ -516,7 +589,7 @@ class _CacheFiles:
         spec = self.spec
         if self.root is None:
             self.root = Path(tempfile.mkdtemp(prefix="relkd_speed_cache_", dir=self.root_arg))
-        path = self.root / "_".join(taps)
+        path = self.root / ("_".join(taps) + (f"_{copy}" if copy else ""))
         path.mkdir()
         p = _padding(spec.image_size)
         n, k = spec.num_train_samples, num_outcomes(p, True)
@@ -593,6 +666,7 @@ def _train_step(
     compile_: bool,
     teacher_mode: str,  # "none" | "online" | "cached"
     cache: Callable[[], Any] | None = None,
+    cold: bool = False,
 ) -> Callable[[], Callable[[int], Any]]:
     def build() -> Callable[[int], Any]:
         from relkd.config import OptimConfig
@@ -672,6 +746,8 @@ def _train_step(
             float(loss.detach())
             return True
 
+        if cold:  # _Run calls this untimed before every step
+            step.before = functools.partial(_evict_pages, tea.cache)  # type: ignore[attr-defined]
         return step
 
     return build
@@ -886,7 +962,9 @@ def run_speed(
         cache_variants: the cached steps to measure: ``engine`` (``cached_step``: the cache
             opened as the engine opens it -- memory-mapped on the host, preloaded onto a GPU
             when it fits) and/or ``preloaded`` (``cached_step_preloaded``: read into memory on
-            the device first, so a lookup is pure tensor indexing).
+            the device first, so a lookup is pure tensor indexing) and/or ``cold``
+            (``cached_step_cold``: memory-mapped with its pages evicted before every step, so
+            every lookup reads from storage; CPU only).
         rounds: the training configurations of one option set are measured interleaved: all
             are built and warmed up, then ``rounds`` times each runs a block of
             ``steps / rounds`` consecutive timed steps in turn (1: one block each, one after the
@@ -906,9 +984,9 @@ def run_speed(
         rounds=int(rounds),
     )  # fmt: skip
     cache_variants = _as_list(cache_variants, "cache_variants")
-    bad = [v for v in cache_variants if v not in ("engine", "preloaded")]
+    bad = [v for v in cache_variants if v not in CACHE_VARIANTS]
     if bad:
-        raise RelkdError(f"unknown cache variant(s) {bad}: choose engine, preloaded")
+        raise RelkdError(f"unknown cache variant(s) {bad}: choose from {', '.join(CACHE_VARIANTS)}")
     cl_flags = _as_flags(channels_last, "channels_last")
     compile_flags = _as_flags(compile, "compile")
     _validate(spec, methods)
@@ -1014,6 +1092,22 @@ def run_speed(
                                     cache=None if why else f"{what}, engine's choice: {mode}",
                                 )  # fmt: skip
                                 continue
+                            if variant == "cold":
+                                cwhy = why or _can_evict()
+                                if cwhy is None and spec.device.type != "cpu":
+                                    cwhy = "the cold variant measures the host memory map (CPU)"
+                                path = files.path(taps, dims, "cold") if cwhy is None else None
+                                add(
+                                    "cached_step_cold", _train_step(
+                                        spec, m, teacher_mode="cached", cold=True,
+                                        cache=functools.partial(_open_cache, path, spec.device),
+                                        **kw,
+                                    ),
+                                    method=m, skip=cwhy, **opts,
+                                    cache=None if cwhy else f"{what}, memory-mapped, its pages "
+                                    "evicted before every step",
+                                )  # fmt: skip
+                                continue
                             pwhy = why
                             if pwhy is None and _engine_preloads(nbytes, spec.device):
                                 pwhy = "the engine preloads this cache on this device already"
@@ -1081,13 +1175,20 @@ def _cache_plan(
     return why, taps, dims, need
 
 
+_CACHED_RATIO = {
+    "cached_step": "cached / ce",
+    "cached_step_preloaded": "cached (preloaded) / ce",
+    "cached_step_cold": "cached (cold page cache) / ce",
+}
+
+
 def speed_ratios(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The ratios of the speed targets, from the records of ONE run_speed call.
 
     * ``online / (ce + teacher)``: online step median / (student CE step median + teacher
       forward median), per method and option set (target <= 1.05 for ``kd``);
-    * ``cached / ce`` and ``cached (preloaded) / ce``: cached step median / student CE step
-      median (target <= 1.10 for ``kd``);
+    * ``cached / ce``, ``cached (preloaded) / ce``, ``cached (cold page cache) / ce``: cached
+      step median / student CE step median (target <= 1.10 for ``kd``);
     * ``inmemory / dataloader``: InMemoryLoader images/s / DataLoader images/s per worker count
       (target >= 3), from the medians and, as ``value_mean``, from the means.
     """
@@ -1117,13 +1218,11 @@ def speed_ratios(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                     "meets": r["step_ms_median"] / den <= 1.05 if r["method"] == "kd" else None,
                 }
             )
-        if r["config"] in ("cached_step", "cached_step_preloaded") and ce:
+        if r["config"] in _CACHED_RATIO and ce:
             v = r["step_ms_median"] / ce["step_ms_median"]
             out.append(
                 {
-                    "ratio": "cached / ce"
-                    if r["config"] == "cached_step"
-                    else "cached (preloaded) / ce",
+                    "ratio": _CACHED_RATIO[r["config"]],
                     **common,
                     "value": v,
                     "value_mean": r["step_ms_mean"] / ce["step_ms_mean"],
@@ -1155,9 +1254,9 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
     """A markdown table of the records."""
     head = (
         "| config | method | precision | channels_last | compile | workers | ms/step median | "
-        "ms/step mean | images/s | peak MiB | step MiB | file MiB |"
+        "ms/step mean | images/s | peak MiB | step MiB | file MiB | disk read MB |"
     )
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 13]
     for r in records:
 
         def f(k, fmt="{:.1f}", r=r):
@@ -1167,14 +1266,15 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
         if r["status"] != "ok":
             lines.append(
                 f"| {r['config']} | {f('method')} | {f('precision')} | {f('channels_last')} | "
-                f"{f('compile')} | {f('workers')} | skipped: {r['reason']} | | | | | |"
+                f"{f('compile')} | {f('workers')} | skipped: {r['reason']} | | | | | | |"
             )
             continue
         lines.append(
             f"| {r['config']} | {f('method')} | {f('precision')} | {f('channels_last')} | "
             f"{f('compile')} | {f('workers')} | {f('step_ms_median', '{:.2f}')} | "
             f"{f('step_ms_mean', '{:.2f}')} | {f('images_per_s', '{:.0f}')} | "
-            f"{f('peak_mem_mb')} | {f('step_mem_mb')} | {f('file_mem_mb', '{:.0f}')} |"
+            f"{f('peak_mem_mb')} | {f('step_mem_mb')} | {f('file_mem_mb', '{:.0f}')} | "
+            f"{f('disk_read_mb')} |"
         )
     return "\n".join(lines)
 
