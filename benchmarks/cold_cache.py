@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from relkd.bench.speed import _read_bytes
 from relkd.data.teacher_cache import _advise_random
 
 
@@ -29,15 +30,6 @@ def _drop_caches() -> None:
     os.sync()
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("1\n")
-
-
-def _read_bytes() -> int:
-    """Bytes this process caused to be read from storage (``/proc/self/io``)."""
-    with open("/proc/self/io") as f:
-        for line in f:
-            if line.startswith("read_bytes:"):
-                return int(line.split()[1])
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,12 +61,12 @@ def main(argv: list[str] | None = None) -> int:
             if variant == "madv_random":
                 _advise_random(m)
             times = []
-            read0 = _read_bytes()
+            read0 = _read_bytes() or 0
             for i, k in draws:
                 t0 = time.perf_counter()
                 np.array(m[i, k])
                 times.append(1e3 * (time.perf_counter() - t0))
-            read = _read_bytes() - read0
+            read = (_read_bytes() or 0) - read0
             del m
             print(
                 json.dumps(

@@ -25,15 +25,18 @@ echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 echo "machine: nproc=$(nproc), CPU:$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)," \
     "torch $($PY -c 'import torch; print(torch.__version__)'), kernel $(uname -r)"
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
-CMD=("$RELKD" bench speed --teacher resnet32x4 --student resnet8x4
-    --method ce,kd,dkd,crd,rrd,at --batch 64 --steps 40 --warmup 5 --rounds 5 --device cpu
-    --precision fp32 --image-size 32 --num-classes 100 --num-train-samples 50000 --threads 2
-    --cache-variants engine,preloaded --data-workers 0,2 --json)
+CMD=("$RELKD" bench speed --teacher resnet32x4 --student resnet8x4)
 if ((COLD)); then
-    CMD=("$RELKD" bench speed --teacher resnet32x4 --student resnet8x4
-        --method ce,kd --batch 64 --steps 40 --warmup 5 --rounds 5 --device cpu
-        --precision fp32 --image-size 32 --num-classes 100 --num-train-samples 50000 --threads 2
-        --cache-variants engine,preloaded,cold --no-data --json)
+    CMD+=(--method ce,kd)
+else
+    CMD+=(--method ce,kd,dkd,crd,rrd,at)
+fi
+CMD+=(--batch 64 --steps 40 --warmup 5 --rounds 5 --device cpu
+    --precision fp32 --image-size 32 --num-classes 100 --num-train-samples 50000 --threads 2)
+if ((COLD)); then
+    CMD+=(--cache-variants engine,preloaded,cold --no-data --json)
+else
+    CMD+=(--cache-variants engine,preloaded --data-workers 0,2 --json)
 fi
 echo "command: ${CMD[*]} > $OUT"
 "${CMD[@]}" >"$OUT"

@@ -34,9 +34,10 @@ per configuration (``relkd bench speed`` prints them, ``--json`` as JSON lines):
     (``posix_fadvise(POSIX_FADV_DONTNEED)``, no root needed), so every lookup reads its rows
     from storage. The worst case of a machine that evicts the file between two visits of an
     image (one epoch apart). It reads its own copy of the cache files: pages that another
-    configuration's memory map still maps could not be dropped. Where the files cannot be evicted (no ``posix_fadvise``, or a file
-    system such as tmpfs whose pages are not backed by storage) the record is still measured;
-    ``disk_read_mb`` then stays ~0 and shows it.
+    configuration's memory map still maps could not be dropped. Skipped, with the reason, off
+    the CPU and where the platform has no ``posix_fadvise``; on a file system whose pages are
+    not backed by storage (tmpfs) nothing can be evicted: the record is still measured and its
+    ``disk_read_mb`` of ~0 shows it.
 ``data_inmemory`` / ``data_dataloader``
     The input pipeline alone at the same batch size: :class:`~relkd.data.InMemoryLoader` (the
     whole split as uint8 on the device, batched crop + flip + normalise there) versus a
@@ -298,9 +299,9 @@ def _evict_pages(cache: Any) -> None:
     import os
 
     for tap, arr in cache._arrays.items():
-        m = getattr(arr, "_mmap", None)
-        if m is not None and hasattr(mmap, "MADV_DONTNEED"):
-            m.madvise(mmap.MADV_DONTNEED)
+        m = getattr(arr, "_mmap", None)  # numpy.memmap keeps its mmap.mmap here
+        if m is not None:
+            m.madvise(mmap.MADV_DONTNEED)  # present: _can_evict() checked it
         fd = os.open(cache.path / f"{tap}.npy", os.O_RDONLY)
         try:
             os.fdatasync(fd)  # dirty pages (a file just written) are not dropped: write them
