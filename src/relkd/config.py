@@ -61,6 +61,13 @@ class ScheduleConfig:
     warmup_epochs: float = 0.0
     min_lr: float = 0.0
     pct_start: float = 0.3  # onecycle: fraction of steps spent rising
+    # onecycle, as torch's OneCycleLR: start lr/div_factor, end start/final_div_factor, and
+    # momentum (SGD) / beta1 (AdamW) cycled max -> base -> max.
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
+    cycle_momentum: bool = True
+    base_momentum: float = 0.85
+    max_momentum: float = 0.95
 
 
 @dataclass

@@ -33,7 +33,7 @@ from relkd.config import Config, load_config, to_yaml
 from relkd.engine.checkpoint import load_latest, save_checkpoint
 from relkd.engine.distiller import Distiller
 from relkd.engine.logger import RunLogger
-from relkd.engine.schedule import lr_factor
+from relkd.engine.schedule import Schedule
 from relkd.engine.teacher import Teacher
 from relkd.methods import MethodContext, build_method
 from relkd.methods.base import Method
@@ -597,10 +597,11 @@ def fit(
     elif D.is_main():
         (run_dir / "metrics.jsonl").write_text("")
 
-    sched_kw = dict(
-        name=cfg.schedule.name, milestones=list(cfg.schedule.milestones), gamma=cfg.schedule.gamma,
-        warmup_epochs=cfg.schedule.warmup_epochs, min_lr_ratio=cfg.schedule.min_lr / lr,
-        pct_start=cfg.schedule.pct_start,
+    sc = cfg.schedule
+    sched = Schedule(
+        sc.name, lr, steps_per_epoch, cfg.train.epochs, tuple(sc.milestones), sc.gamma,
+        sc.warmup_epochs, sc.min_lr, sc.pct_start, sc.div_factor, sc.final_div_factor,
+        sc.cycle_momentum, sc.base_momentum, sc.max_momentum,
     )  # fmt: skip
     # Pre-training phases (multi-stage methods) come first; epoch slots are numbered over all.
     phase_of = [name for name, n in method.phases() for _ in range(n)]
@@ -634,14 +635,11 @@ def fit(
             x, y, extras = method.prepare_batch(x, y, extras)
             if cfg.train.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            main_step = step - pre * steps_per_epoch
-            f = (
-                1.0
-                if phase != "main"
-                else lr_factor(main_step, steps_per_epoch, cfg.train.epochs, **sched_kw)
-            )
-            for g in opt.param_groups:
-                g["lr"] = lr * f
+            if phase == "main":
+                sched.apply(opt, step - pre * steps_per_epoch)
+            else:  # pre-training phases run at the base lr
+                for g in opt.param_groups:
+                    g["lr"] = lr
             t_out = tea(x, **extras) if tea is not None else None
             if cache_only:  # extras only the cached teacher reads
                 extras = {k: v for k, v in extras.items() if k not in cache_only}
