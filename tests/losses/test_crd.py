@@ -12,6 +12,7 @@ from relkd.losses.crd import (
     momentum_update,
     nce_loss,
     sample_contrast_index,
+    sample_other_class_index,
 )
 
 
@@ -111,3 +112,52 @@ def test_momentum_update_duplicate_index_keeps_last():
     assert idx.tolist() == [3, 0]
     s = 1 / math.sqrt(2)
     assert rows.tolist() == [pytest.approx([0, 0, s, s]), pytest.approx([s, 0, 0, s])]
+
+
+def test_sample_other_class_index_only_other_classes_without_replacement():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2, 2, 0, 1, 2])  # N = 12
+    index = torch.tensor([0, 2, 5, 9])
+    idx = sample_other_class_index(index, labels[index], labels, 7, generator=g)
+    assert idx.shape == (4, 8) and idx.dtype == torch.long
+    assert torch.equal(idx[:, 0], index)
+    for row, i in zip(idx[:, 1:], index.tolist()):
+        assert (labels[row] != labels[i]).all()  # no negative shares the anchor's class
+        assert len(set(row.tolist())) == 7  # without replacement (K <= candidates)
+    # class 2 (5 members) leaves 7 candidates: a draw of all of them is exactly those 7
+    assert sorted(idx[2, 1:].tolist()) == [j for j in range(12) if labels[j] != 2]
+
+
+def test_sample_other_class_index_uniform_over_the_other_classes():
+    g = torch.Generator().manual_seed(1)
+    labels = torch.tensor([0, 0, 0, 1, 1, 2])
+    index = torch.zeros(20000, dtype=torch.long)  # anchor 0 of class 0, many rows
+    idx = sample_other_class_index(index, labels[index], labels, 2, generator=g)
+    counts = torch.bincount(idx[:, 1:].flatten(), minlength=6).float() / idx[:, 1:].numel()
+    assert counts[:3].sum() == 0
+    assert torch.allclose(counts[3:], torch.full((3,), 1 / 3), atol=0.01)
+    assert (idx[:, 1] != idx[:, 2]).all()  # without replacement within a row
+
+
+def test_sample_other_class_index_replacement_fallback_unknown_labels_and_chunks():
+    g = torch.Generator().manual_seed(2)
+    labels = torch.tensor([0, 0, 1, 1, -1, 2])  # sample 4 not seen yet: counts as other class
+    index = torch.tensor([0, 2])
+    # K = 9 > the 4 candidates of class 0 and class 1: RepDistiller's rule, with replacement
+    idx = sample_other_class_index(index, labels[index], labels, 9, generator=g)
+    assert set(idx[0, 1:].tolist()) <= {2, 3, 4, 5} and set(idx[1, 1:].tolist()) <= {0, 1, 4, 5}
+    # the anchor's own row is excluded even when its label is unknown in the table
+    idx = sample_other_class_index(torch.tensor([4]), torch.tensor([2]), labels, 50, generator=g)
+    assert set(idx[0, 1:].tolist()) == {0, 1, 2, 3}
+    # replacement=True draws with replacement even when K fits (the official ImageNet loader)
+    many = sample_other_class_index(
+        torch.zeros(200, dtype=torch.long), torch.zeros(200, dtype=torch.long), labels, 4,
+        replacement=True, generator=g,
+    )  # fmt: skip
+    assert any(len(set(r.tolist())) < 4 for r in many[:, 1:])
+    # chunking over rows (1 row per chunk here) draws valid rows too
+    lab = torch.arange(30) % 3
+    out = sample_other_class_index(torch.arange(30), lab, lab, 5, generator=g, chunk_elems=30)
+    assert all((lab[r[1:]] != lab[r[0]]).all() and len(set(r[1:].tolist())) == 5 for r in out)
+    with pytest.raises(ValueError, match="another class"):
+        sample_other_class_index(torch.tensor([0]), torch.tensor([0]), torch.zeros(3).long(), 2)

@@ -28,9 +28,10 @@ def sample_contrast_index(
     """[B, K + 1] memory rows to score: column 0 the positive ``index`` [B], then K negatives.
 
     Negatives are drawn uniformly with replacement from the N - 1 *other* samples (the positive
-    never appears as its own negative). The official CIFAR pipeline instead draws them without
-    replacement from samples of other classes; ContrastMemory's fallback draws uniformly from
-    all N. All three are the uniform-noise NCE of the paper up to a negligible bias.
+    never appears as its own negative): the method's ``negatives="any"`` option. The official
+    CIFAR pipeline instead draws them without replacement from samples of other classes (the
+    method's default, :func:`sample_other_class_index`); ContrastMemory's fallback draws
+    uniformly from all N. With C classes about 1 / C of these negatives share the anchor's class.
     """
     if num_data < 2:
         raise ValueError(f"CRD needs at least 2 training samples, got num_data={num_data}")
@@ -40,6 +41,61 @@ def sample_contrast_index(
     )
     neg = neg + (neg >= index[:, None]).long()  # skip the positive: map [0, N-1) onto the others
     return torch.cat([index[:, None].long(), neg], dim=1)
+
+
+def sample_other_class_index(
+    index: torch.Tensor,
+    anchor_labels: torch.Tensor,
+    labels: torch.Tensor,
+    num_negatives: int,
+    *,
+    replacement: bool = False,
+    generator: torch.Generator | None = None,
+    chunk_elems: int = 1 << 24,
+) -> torch.Tensor:
+    """[B, K + 1] memory rows to score: column 0 the positive ``index`` [B], then K negatives
+    drawn only from samples of *other classes* (RepDistiller's CIFAR-100 CRD sampler).
+
+    Args:
+        index: [B] dataset indices of the anchors.
+        anchor_labels: [B] their class labels.
+        labels: [N] class label of every training sample; ``-1`` marks a sample whose label is
+            not known yet (it counts as another class; see :class:`relkd.methods.crd.CRD`).
+        num_negatives: K.
+        replacement: False (default): without replacement, as the official CIFAR loader does
+            (``np.random.choice(..., replace=False)``), falling back to with replacement for an
+            anchor whose class leaves fewer than K candidates (the same rule). True: with
+            replacement (the official ImageNet loader; cheaper).
+        chunk_elems: rows are drawn in chunks of at most this many [rows, N] elements, so that
+            memory stays bounded for large N (ImageNet: N = 1.28M).
+
+    The anchor itself is never a negative. Each row costs O(N) random numbers (a uniform key
+    per candidate; the K smallest keys are a uniform sample without replacement).
+    """
+    n, b = labels.shape[0], index.shape[0]
+    index, anchor_labels = index.long(), anchor_labels.to(labels.device).long()
+    out = torch.empty(b, num_negatives, dtype=torch.long, device=labels.device)
+    rows = max(1, chunk_elems // max(n, 1))
+    for s in range(0, b, rows):
+        sl = slice(s, min(b, s + rows))
+        allowed = labels[None, :] != anchor_labels[sl, None]  # [r, N]
+        allowed[torch.arange(allowed.shape[0], device=labels.device), index[sl]] = False
+        count = allowed.sum(1)
+        if bool((count == 0).any()):
+            bad = int(anchor_labels[sl][count == 0][0])
+            raise ValueError(f"CRD: no sample of another class than {bad} to draw negatives from")
+        with_repl = (count < num_negatives) | replacement
+        chunk = out[sl]
+        if bool(with_repl.any()):
+            chunk[with_repl] = torch.multinomial(
+                allowed[with_repl].float(), num_negatives, replacement=True, generator=generator
+            )
+        if not bool(with_repl.all()):
+            sel = ~with_repl
+            keys = torch.rand((int(sel.sum()), n), device=labels.device, generator=generator)
+            keys.masked_fill_(~allowed[sel], 2.0)  # never among the K smallest (keys < 1)
+            chunk[sel] = torch.topk(keys, num_negatives, dim=1, largest=False).indices
+    return torch.cat([index[:, None], out], dim=1)
 
 
 def contrast_scores(
