@@ -79,7 +79,7 @@ def test_loss_and_memory_match_explicit_reference(negatives):
     else:  # only the batch's labels are known at the first step
         known = torch.full((N,), -1)
         known[index] = LABELS[index]
-        idx = sample_other_class_index(index, LABELS[index], known, 5).tolist()
+        idx = sample_other_class_index(index, known, 5).tolist()
         assert torch.equal(m.labels, known)
 
     t, k = 0.07, 5

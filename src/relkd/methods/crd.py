@@ -169,10 +169,12 @@ class CRD(Method):
             all_idx = sample_contrast_index(all_index, self.num_data, self.nce_k)
         else:
             all_y = D.all_gather_with_grad(targets.to(self.labels.device).long())
-            if self.training:  # record the batch's labels first: its own rows are excluded too
-                self.labels[all_index] = all_y
+            # The batch's labels are recorded before the draw (its own rows are excluded too);
+            # outside training on a copy, so eval leaves the table as it was.
+            labels = self.labels if self.training else self.labels.clone()
+            labels[all_index] = all_y
             all_idx = sample_other_class_index(
-                all_index, all_y, self.labels, self.nce_k, replacement=self.neg_replacement
+                all_index, labels, self.nce_k, replacement=self.neg_replacement
             )
         idx = D.local_rows(all_idx, index.shape[0])
         z = self._normalisers(v_s, v_t, idx)
