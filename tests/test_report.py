@@ -367,3 +367,50 @@ def test_reference_tables():
     for change in ({"epochs": 2}, {"subset": 10000}, {"batch": 128}, {"steps_per_epoch": 5}):
         assert ref.lookup("cifar100", "kd", "resnet56", "resnet20", {**crd, **change}) == []
     assert [r["value"] for r in ref.lookup("cifar100", "ce", None, "MobileNetV2")] == [64.60]
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHECK_JS = """<script>window.addEventListener("load", () => {
+  const r = [...document.images].map(i => [i.alt, i.complete, i.naturalWidth, i.naturalHeight]);
+  const p = document.createElement("pre");
+  p.id = "relkd-check";
+  p.textContent = JSON.stringify(r);
+  document.body.appendChild(p);
+});</script>"""
+
+
+@pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="no /usr/bin/chromium (Debian package chromium) on this machine"
+)
+def test_report_html_renders_in_a_real_browser(suite_out, tmp_path):
+    """report.html opened headless in Chromium: every figure decodes, at the PNG's own size. A
+    deliberately broken image beside them must read as not loaded (the check can fail)."""
+    import re
+    import struct
+    import subprocess
+
+    write_report(suite_out, tmp_path)
+    page = (tmp_path / "report.html").read_text()
+    broken = '<img alt="control" src="data:image/png;base64,iVBORw0KGgoAAAAN">'
+    (tmp_path / "check.html").write_text(page.replace("</body>", broken + CHECK_JS + "</body>"))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000"]  # fmt: skip
+    url = (tmp_path / "check.html").as_uri()
+    dom = subprocess.run(
+        [str(CHROMIUM), *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120
+    ).stdout
+    m = re.search(r'<pre id="relkd-check">([^<]*)</pre>', dom)
+    assert m, "the page's load handler did not run"
+    images = {alt: (done, w, h) for alt, done, w, h in json.loads(m.group(1))}
+    assert set(images) == {"Top-1 per method", "Test top-1 per epoch", "control"}
+    assert images["control"][1] == 0
+    for alt, name in (("Top-1 per method", "accuracy.png"), ("Test top-1 per epoch", "curves.png")):
+        w, h = struct.unpack(">II", (tmp_path / name).read_bytes()[16:24])  # IHDR width, height
+        assert images[alt] == (True, w, h), alt
+    shot = tmp_path / "page.png"
+    subprocess.run(
+        [str(CHROMIUM), *flags, f"--screenshot={shot}", "--window-size=1280,2000", url],
+        capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

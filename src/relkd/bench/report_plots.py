@@ -110,7 +110,9 @@ def plot_curves(tables: list[Table], path: Path, styles: dict[str, tuple[str, st
     from matplotlib.ticker import MaxNLocator
 
     plt = _plt()
-    fig, axes = plt.subplots(len(tables), 1, figsize=(7.5, 3.6 * len(tables)), squeeze=False)
+    n_methods = len({g.method for t in tables for g in t.groups})
+    height = max(3.6 * len(tables), 0.2 * n_methods / (1 if n_methods <= 16 else 2) + 1.0)
+    fig, axes = plt.subplots(len(tables), 1, figsize=(7.5, height), squeeze=False)
     handles: dict[str, object] = {}
     for ax, tab in zip(axes[:, 0], tables):
         for g in tab.groups:
