@@ -34,8 +34,7 @@ naming all the bad entries at once.
 Resuming and sharing: a run folder with ``summary.json`` is finished and never redone; one with a
 checkpoint but no summary is resumed (``relkd.train(..., resume=True)``); otherwise the run starts
 fresh. A run is claimed with an OS-level lock on ``<run>/.lock`` (:mod:`filelock`), so several
-``relkd bench accuracy`` processes, or ``workers > 1`` spawned processes, can work through one
-grid: a run held by another process is waited for, never trained twice. The operating system
+``relkd bench accuracy`` processes (``workers=N`` starts N of them) can work through one grid: a run held by another process is waited for, never trained twice. The operating system
 releases the lock when its holder exits, however it exits (a SIGKILLed or crashed worker does not
 block the run). A run that fails is recorded in ``<run>/failed.json`` and not retried by the same
 invocation; the next invocation retries it.
@@ -55,7 +54,6 @@ import fnmatch
 import inspect
 import json
 import os
-import queue
 import re
 import sys
 import time
@@ -65,7 +63,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 from filelock import FileLock, Timeout
 
@@ -652,18 +649,6 @@ def _silent(msg: str) -> None:
     pass
 
 
-def _worker_main(wid, jobs, token, quiet, threads, progress, q) -> None:  # pragma: no cover
-    """Entry point of a spawned worker process (covered by the multi-process test)."""
-    import torch
-
-    torch.set_num_threads(threads)
-    try:
-        for res in _work(jobs, token, quiet, _printer(f"[w{wid}] ") if progress else _silent):
-            q.put(("result", res))
-    finally:
-        q.put(("exit", wid))
-
-
 def _visible_gpus() -> list[str]:
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
@@ -682,48 +667,38 @@ def worker_env(wid: int, threads: int, gpus: list[str]) -> dict[str, str]:
 
 
 def _run_pool(
-    jobs: list[Job], token: str, workers: int, quiet: bool, progress: bool
+    suite_path, out: Path, todo: list[Job], token: str, workers: int, opts: dict[str, Any]
 ) -> dict[str, dict[str, Any]]:
-    """Spawn ``workers`` processes over the same job list; each claims runs with locks. CPU:
-    ``cpu_count // workers`` torch threads each. GPUs: CUDA_VISIBLE_DEVICES round-robin."""
-    import multiprocessing as mp
+    """``workers`` independent ``relkd bench accuracy`` processes on the same grid: they share it
+    through the run locks, as separate invocations do. CPU: ``cpu_count // workers`` torch
+    threads each; GPUs: CUDA_VISIBLE_DEVICES round-robin."""
+    import subprocess
 
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
     gpus = _visible_gpus()
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = max(1, (cpus or 1) // workers)
+    cmd = [sys.executable, "-m", "relkd", "bench", "accuracy", str(suite_path), *opts["overrides"]]
+    cmd += ["--out", str(out), "--no-report", *([] if opts["quiet"] else ["--verbose"])]
+    if opts["only"]:
+        only = opts["only"]
+        cmd += ["--only", only if isinstance(only, str) else ",".join(only)]
+    before = {j.id: j.state() for j in todo}
     procs = []
     for wid in range(workers):
-        args = (wid, jobs, token, quiet, threads, progress, q)
-        p = ctx.Process(target=_worker_main, args=args, name=f"relkd-bench-w{wid}")
-        with mock.patch.dict(os.environ, worker_env(wid, threads, gpus)):
-            p.start()  # a spawned child copies the environment at start()
-        procs.append(p)
-    results: dict[str, dict[str, Any]] = {}
-    exited = 0
+        env = {**os.environ, **worker_env(wid, threads, gpus), "RELKD_BENCH_TOKEN": token}
+        env["RELKD_BENCH_PREFIX"] = f"[w{wid}] "
+        stdout = None if opts["progress"] else subprocess.DEVNULL
+        procs.append(subprocess.Popen(cmd, env=env, stdout=stdout))
     try:
-        while exited < workers:
-            try:
-                kind, payload = q.get(timeout=1.0)
-            except queue.Empty:
-                if not any(p.is_alive() for p in procs):
-                    break  # a worker died without saying so (killed); the OS freed its lock
-                continue
-            if kind == "result":
-                results[payload["id"]] = payload
-            else:
-                exited += 1
+        codes = [p.wait() for p in procs]
     except KeyboardInterrupt:
         for p in procs:
             p.terminate()
         raise
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-    if dead := [p.name for p in procs if p.exitcode not in (0, None)]:
+    if dead := [f"w{i} (exit {c})" for i, c in enumerate(codes) if c not in (0, 1)]:
         print(f"warning: worker(s) {', '.join(dead)} exited abnormally", file=sys.stderr)
-    return results
+    done = [j for j in todo if j.kind == "run" and j.finished()]
+    return {j.id: _result(j, "resumed" if before[j.id] == "resume" else "trained") for j in done}
 
 
 def run_suite(
@@ -788,7 +763,7 @@ def run_suite(
         " (set data.root=DIR on the command line or the variable the suite reads)",
         " (download the RepDistiller / mdistiller teachers or change `teachers` in the suite)",
     ]
-    say = _printer() if progress else _silent
+    say = _printer(os.environ.get("RELKD_BENCH_PREFIX", "")) if progress else _silent
     if dry_run:
         say(f"suite {suite.name}: {len(runs)} run(s) in {out} (dry run, nothing is trained)")
         for t in teachers:
@@ -802,7 +777,8 @@ def run_suite(
     for (what, items), hint in zip(missing.items(), hints):
         if items:
             raise RelkdError(what + ", ".join(items) + hint)
-    token = uuid.uuid4().hex
+    # Workers of a pool (below) record failures under their parent's token.
+    token = os.environ.get("RELKD_BENCH_TOKEN") or uuid.uuid4().hex
     t0 = time.time()
     todo = [j for j in [*teachers, *runs] if not j.finished()]
     say(
@@ -814,7 +790,8 @@ def run_suite(
     elif workers <= 1:
         results = {res["id"]: res for res in _work(todo, token, quiet, say)}
     else:
-        results = _run_pool(todo, token, workers, quiet, progress)
+        opts = {"overrides": list(overrides), "only": only, "quiet": quiet, "progress": progress}
+        results = _run_pool(suite_path, out, todo, token, workers, opts)
     final = []
     for job in runs:
         if job.id in results:
