@@ -396,3 +396,17 @@ def test_suite_teacher_cache_shared_by_the_grid(
         load_suite(bad)
     off = write_suite(tmp_path / "off.yaml", fmnist_root, ck, teacher_cache=False)  # YAML `off`
     assert load_suite(off).teacher_cache == "off"
+
+
+def test_suite_data_label_reaches_bench_json_and_the_report(suite_file, tmp_path):
+    from relkd.bench import write_report
+
+    text = suite_file.read_text() + "data_label: Gratings-10 (synthetic)\n"
+    (tmp_path / "l.yaml").write_text(text)
+    out = tmp_path / "out"
+    run_suite(tmp_path / "l.yaml", out, only="ce/*/s0", progress=False)
+    meta = json.loads((out / "runs/ce/cnn_tiny/s0/bench.json").read_text())
+    assert meta["data_label"] == "Gratings-10 (synthetic)"
+    md = write_report(out).read_text()
+    assert "## cnn_tiny, no teacher (Gratings-10 (synthetic))" in md
+    assert "Recipe: Gratings-10 (synthetic), full training set, 2 epochs, batch 32" in md

@@ -249,6 +249,12 @@ def test_teacher_top1_recorded_by_the_run_or_evaluated_once(
     assert "Teacher mynet: 91.25 (recorded by the run)." in md
     assert md_row(md, "teacher (mynet)")[2] == "91.25"
 
+    # ... and without that record: the table still says it distilled from a teacher
+    fake_run(tmp_path / "py", "kd", None, "cnn_tiny", 0, [50.0], rec)
+    md = write_report(tmp_path / "py", tmp_path / "rep_py").read_text()
+    assert "## teacher passed from Python → cnn_tiny (Fashion-MNIST)" in md
+    assert "the engine records no accuracy for an nn.Module teacher" in md
+
     # a bare checkpoint (no run folder beside it) is evaluated once on the test split
     bare = tmp_path / "bare" / "teacher.pt"
     bare.parent.mkdir()

@@ -215,6 +215,20 @@ def _read_json(path: Path) -> Any:
         return None
 
 
+#: The teacher label of a run that distilled from an ``nn.Module`` passed to :func:`relkd.train`
+#: (its config names no teacher).
+PYTHON_TEACHER = "teacher passed from Python"
+
+
+def _needs_teacher(method_name: str) -> bool:
+    from relkd.methods import METHODS
+
+    try:
+        return any(METHODS.get(p.strip()).requires_teacher for p in method_name.split("+"))
+    except Exception:  # not a registered method (renamed since, or a foreign run folder)
+        return False
+
+
 def _read_run(run_dir: Path) -> RunRecord | None:
     import yaml
 
@@ -237,6 +251,8 @@ def _read_run(run_dir: Path) -> RunRecord | None:
         recipe=recipe_of(cfg, student, meta.get("data_label")),
         cfg=cfg,
     )
+    if rec.teacher is None and _needs_teacher(rec.method_name):
+        rec.teacher = PYTHON_TEACHER
     summary = _read_json(run_dir / "summary.json")
     if isinstance(summary, dict) and summary.get("best_top1") is not None:
         rec.summary = summary

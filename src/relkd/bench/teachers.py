@@ -115,7 +115,12 @@ def teacher_top1(
     tcfg = run_cfg.get("teacher") or {}
     data = run_cfg.get("data") or {}
     if not tcfg.get("checkpoint"):
-        return {"top1": None, "how": "not recorded (no checkpoint in the run's config)"}
+        why = (
+            "the engine records no accuracy for an nn.Module teacher"
+            if not tcfg
+            else "no checkpoint in the run's config"
+        )
+        return {"top1": None, "how": f"not recorded ({why})"}
     ckpt = Path(str(tcfg["checkpoint"])).expanduser()
     if not ckpt.is_file():
         return {"top1": None, "how": f"not recorded (checkpoint {ckpt} not found)"}
