@@ -108,7 +108,7 @@ def teacher_top1(
     if teachers_dir is not None:
         s = _read_json(teachers_dir / name.replace(":", "-").replace("/", "-") / "summary.json")
         if isinstance(s, dict) and s.get("last_top1") is not None:
-            how = f"trained by the suite, last epoch (best {s['best_top1']:.2f})"
+            how = f"trained by the suite, last epoch; best {s['best_top1']:.2f}"
             return {"top1": float(s["last_top1"]), "how": how}
     if summary and summary.get("teacher_top1") is not None:
         return {"top1": float(summary["teacher_top1"]), "how": "recorded by the run"}
