@@ -397,7 +397,7 @@ def _table_view(tab: Table) -> dict[str, Any]:
     ce = tab.ce
     ce_mean = mean_std(ce.best)[0] if ce else None
     t1 = tab.teacher_top1.get("top1")
-    rows = [g for g in tab.groups]
+    rows = list(tab.groups)
     refs = {id(g): _refs(g) for g in rows}
     t_refs = _teacher_refs(tab) if tab.teacher else []
     with_refs = any(refs.values()) or bool(t_refs)
