@@ -80,7 +80,9 @@ def test_a_method_trains_from_a_plain_loop(method, kwargs):
     assert len(outs) == 6
     for out in outs:
         assert torch.isfinite(out.loss)
-        assert out.loss.item() == pytest.approx(sum(float(t.detach()) for t in out.terms.values()), rel=1e-5)
+        assert out.loss.item() == pytest.approx(
+            sum(float(t.detach()) for t in out.terms.values()), rel=1e-5
+        )
         assert out.logits.shape == (out.targets.shape[0], 10)
         assert "ce" in out.terms and len(out.terms) >= 2  # CE plus the method's own terms
     if method == "corsd":  # a batch of 16 triplets = 48 images
@@ -129,7 +131,9 @@ def test_kd_terms_are_the_formula():
 
 def test_shapes_are_measured_for_the_user():
     teacher, student = _models()
-    distill = relkd.Distillation("fitnet", student, teacher, example_input=torch.zeros(5, 1, 28, 28))
+    distill = relkd.Distillation(
+        "fitnet", student, teacher, example_input=torch.zeros(5, 1, 28, 28)
+    )
     ctx = distill.method.ctx
     assert ctx.num_classes == 10
     assert ctx.student_shapes["logits"] == (10,) and ctx.teacher_shapes["logits"] == (10,)

@@ -44,8 +44,12 @@ def packaged() -> dict[str, Path]:
 
 
 def list_packaged(prefix: str = "") -> list[str]:
-    """Packaged names starting with ``prefix`` (a folder such as ``cifar100/kd`` or a name)."""
-    return [n for n in packaged() if n.startswith(prefix.strip("/"))]
+    """Packaged names under the folder ``prefix`` (``cifar100/kd``: not ``cifar100/kd+cmkd``),
+    else those starting with it (``cifar100/k``)."""
+    p = prefix.strip("/").removesuffix(".yaml")
+    names = list(packaged())
+    under = [n for n in names if not p or n == p or n.startswith(p + "/")]
+    return under or [n for n in names if n.startswith(p)]
 
 
 def _missing(what: str, name: str, names: list[str]) -> RelkdError:
