@@ -305,3 +305,11 @@ def test_demo_shows_the_teachers_progress_and_reuses_it(fmnist_root, tmp_path, c
     run_demo(out_dir=str(out), methods=["ce"], root=str(fmnist_root), student_epochs=1)
     o, e = capfd.readouterr()
     assert "training the teacher" not in o and "main epoch" not in e
+
+
+def test_probe_resolves_a_packaged_options_file():
+    code, _, err = _cli(["probe", "--config", "transfer/stl1", "--checkpoint", "x.pt"])
+    assert code == 2 and "transfer/stl10" in err  # the close match
+    code, _, err = _cli(["probe", "--config", "transfer/stl10", "--checkpoint", "x.pt",
+                         "--root", "/nonexistent/stl10"])  # fmt: skip
+    assert code == 2 and "transfer/stl10" not in err  # resolved: the next problem is reported

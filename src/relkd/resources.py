@@ -56,8 +56,8 @@ def _missing(what: str, name: str, names: list[str]) -> RelkdError:
     close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     return RelkdError(
-        f"{what} {name!r} is neither a file nor a packaged name.{hint} "
-        "`relkd configs list` shows the packaged ones"
+        f"{what} {name!r} does not exist: no such file and no packaged {what} of that name."
+        f"{hint} `relkd configs list` shows the packaged ones"
     )
 
 
