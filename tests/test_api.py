@@ -39,7 +39,8 @@ def _user_loop(distill: relkd.Distillation, ds, steps: int = 3, batch: int = 16)
     opt = torch.optim.SGD(distill.parameters(), lr=0.05, momentum=0.9)
     outs = []
     distill.train()
-    for _epoch in range(2):
+    for epoch in range(2):
+        distill.set_epoch(epoch)
         for i, (x, y, extras) in enumerate(loader):
             if i >= steps:
                 break
