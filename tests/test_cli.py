@@ -313,3 +313,8 @@ def test_probe_resolves_a_packaged_options_file():
     code, _, err = _cli(["probe", "--config", "transfer/stl10", "--checkpoint", "x.pt",
                          "--root", "/nonexistent/stl10"])  # fmt: skip
     assert code == 2 and "transfer/stl10" not in err  # resolved: the next problem is reported
+
+
+def test_overrides_without_a_config_is_a_usage_error():
+    code, _, err = _cli(["train", "--quiet", "train.seed=1"])
+    assert code == 2 and "no config given" in err

@@ -241,13 +241,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _place_positionals(args: argparse.Namespace, extra: list[str], primary: str) -> list[str]:
+def _place_positionals(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str], primary: str
+) -> list[str]:
     """``key=value`` tokens anywhere on the line become overrides; the one other positional is
     the ``primary`` argument (config / suite). Returns the tokens that fit neither."""
     tokens = [getattr(args, primary), *args.overrides, *extra]
     plain = [t for t in tokens if not _KV.match(t) or Path(t).is_file()]
-    setattr(args, primary, plain[0] if plain else getattr(args, primary))
-    args.overrides = [t for t in tokens if t not in plain[:1]]
+    if not plain:
+        parser.error(f"no {primary} given, only key=value overrides")
+    setattr(args, primary, plain[0])
+    args.overrides = [t for t in tokens if t not in plain]
     return plain[1:]
 
 
@@ -257,7 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     primary = {"train": "config", "bench": "suite"}.get(args.cmd)
     if primary and hasattr(args, "overrides") and hasattr(args, primary):
         opts = [t for t in extra if t.startswith("-")]
-        extra = opts + _place_positionals(args, [t for t in extra if t not in opts], primary)
+        extra = opts + _place_positionals(
+            parser, args, [t for t in extra if t not in opts], primary
+        )
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
