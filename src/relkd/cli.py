@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="top-1/top-5 of a checkpoint on a data set's test split",
         description="Evaluate a run folder (its config.yaml names the model and data; its "
         "student.pt, else checkpoint.pt, holds the weights) or any checkpoint with --model and "
-        "--data. Prints JSON: top1, top5 (%%), test_loss.",
+        "--data. Prints JSON: top1, top5 (%), test_loss, checkpoint.",
     )
     e.add_argument("run_dir", nargs="?", default=None, help="a run folder written by relkd train")
     e.add_argument("--model", default=None, help="model name (default: the run's student)")
