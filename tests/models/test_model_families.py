@@ -1,0 +1,134 @@
+"""Registry-style: every torchvision classification family (one small member, no weights, small
+inputs where the model allows) and a few timm families get stages without a hand-written
+``feature_info``, and train one step of a feature method (FitNet: one hint stage, student side)
+and of a stage method (AT: every stage, teacher side) through relkd's Distiller and Teacher."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from relkd.engine.distiller import Distiller
+from relkd.engine.teacher import Teacher
+from relkd.methods import MethodContext, build_method
+from relkd.models import POOLED, FeatureTap, create_model, get_feature_info
+from relkd.registry import RelkdError
+
+#: torchvision module -> (small member, input size, extra kwargs).
+TORCHVISION = {
+    "alexnet": ("alexnet", 64, {}),
+    "convnext": ("convnext_tiny", 32, {}),
+    "densenet": ("densenet121", 32, {}),
+    "efficientnet": ("efficientnet_b0", 32, {}),
+    "googlenet": ("googlenet", 32, {}),
+    "inception": ("inception_v3", 75, {}),
+    "maxvit": ("maxvit_t", 224, {}),
+    "mnasnet": ("mnasnet0_5", 32, {}),
+    "mobilenetv2": ("mobilenet_v2", 32, {}),
+    "mobilenetv3": ("mobilenet_v3_small", 32, {}),
+    "regnet": ("regnet_y_400mf", 32, {}),
+    "resnet": ("resnet18", 32, {}),
+    "shufflenetv2": ("shufflenet_v2_x0_5", 32, {}),
+    "squeezenet": ("squeezenet1_1", 32, {}),
+    "swin_transformer": ("swin_t", 32, {}),
+    "vgg": ("vgg11", 32, {}),
+    "vision_transformer": ("vit_b_16", 32, {"image_size": 32}),
+}
+SLOW = {"maxvit", "vgg"}  # the two largest steps; still run in CI (not deselected)
+
+TIMM = {
+    "resnet18": (32, {}),
+    "mobilenetv3_small_050": (32, {}),
+    "convnext_atto": (32, {}),
+    "vit_tiny_patch16_224": (32, {"img_size": 32}),
+}
+
+
+def test_every_torchvision_family_is_covered() -> None:
+    families = {
+        torchvision.models.get_model_builder(n).__module__.rsplit(".", 1)[-1]
+        for n in torchvision.models.list_models(module=torchvision.models)
+    }
+    assert families == set(TORCHVISION), "a torchvision family without a test member"
+
+
+def _step(student: nn.Module, teacher: nn.Module, method: str, x: torch.Tensor) -> None:
+    """One SGD step of ``method`` with shapes measured as the engine does."""
+
+    def shapes(model: nn.Module) -> dict[str, tuple]:
+        names = [i.name for i in get_feature_info(model, x)]
+        try:
+            FeatureTap(model, [POOLED]).remove()
+            names.append(POOLED)
+        except RelkdError:
+            pass
+        tap = FeatureTap(model, names)
+        model.eval()
+        with torch.no_grad():
+            out = tap(x)
+        model.train()
+        tap.remove()
+        return {k: tuple(v.shape[1:]) for k, v in out.feats.items()}
+
+    ctx = MethodContext(
+        num_classes=10,
+        student_stages=get_feature_info(student, x),
+        teacher_stages=get_feature_info(teacher, x),
+        student_shapes=shapes(student),
+        teacher_shapes=shapes(teacher),
+    )
+    for side in ("student", "teacher"):
+        for i in getattr(ctx, f"{side}_stages"):
+            shape = getattr(ctx, f"{side}_shapes")[i.name]
+            assert len(shape) == 3 and shape[0] == i.channels, (side, i, shape)
+    m, ce = build_method(method, ctx, {})
+    distiller = Distiller(student, m, ce)
+    tea = Teacher(teacher, m.teacher_taps())
+    opt = torch.optim.SGD([p for p in distiller.parameters() if p.requires_grad], lr=0.01)
+    y = torch.tensor([1, 7])
+    distiller.train()
+    _, terms = distiller(x, y, tea(x))
+    assert method in terms and torch.isfinite(terms[method])
+    loss = sum(terms.values())
+    opt.zero_grad()
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    opt.step()
+
+
+def _partner(size: int) -> nn.Module:
+    return create_model("resnet8", num_classes=10)
+
+
+@pytest.mark.parametrize(
+    "family",
+    [pytest.param(f, marks=pytest.mark.slow) if f in SLOW else f for f in sorted(TORCHVISION)],
+)
+def test_torchvision_family_trains_feature_and_stage_methods(family: str) -> None:
+    name, size, kw = TORCHVISION[family]
+    torch.manual_seed(0)
+    model = create_model(f"torchvision:{name}", num_classes=10, **kw)
+    x = torch.randn(2, 3, size, size)
+    stages = get_feature_info(model, x)
+    assert len(stages) >= 1 and len({s.name for s in stages}) == len(stages)
+    assert [s.reduction for s in stages] == sorted({s.reduction for s in stages})
+    untrained = copy.deepcopy(model)
+    _step(model, _partner(size), "fitnet", x)  # the family as the student
+    _step(_partner(size), untrained, "at", x)  # the family as the teacher
+
+
+@pytest.mark.parametrize("name", sorted(TIMM))
+def test_timm_family_trains_feature_and_stage_methods(name: str) -> None:
+    pytest.importorskip("timm")
+    size, kw = TIMM[name]
+    torch.manual_seed(0)
+    model = create_model(f"timm:{name}", num_classes=10, **kw)
+    x = torch.randn(2, 3, size, size)
+    assert get_feature_info(model, x)
+    untrained = copy.deepcopy(model)
+    _step(model, _partner(size), "fitnet", x)
+    _step(_partner(size), untrained, "at", x)
