@@ -132,3 +132,95 @@ def test_timm_family_trains_feature_and_stage_methods(name: str) -> None:
     untrained = copy.deepcopy(model)
     _step(model, _partner(size), "fitnet", x)
     _step(_partner(size), untrained, "at", x)
+
+
+def test_stage_methods_accept_module_names() -> None:
+    x = torch.randn(2, 3, 32, 32)
+    student = create_model("torchvision:densenet121", num_classes=10)
+    teacher = create_model("resnet8", num_classes=10)
+    stages = get_feature_info(student, x)
+    ctx = MethodContext(
+        num_classes=10,
+        student_stages=stages,
+        teacher_stages=get_feature_info(teacher),
+        student_shapes={s.name: (s.channels, 32 // s.reduction, 32 // s.reduction) for s in stages},
+        teacher_shapes={"layer1": (16, 32, 32), "layer2": (32, 16, 16), "layer3": (64, 8, 8)},
+    )
+    fit, _ = build_method("fitnet", ctx, {"hint_stage": "features.denseblock2"})
+    assert (fit.s_name, fit.t_name) == ("features.denseblock2", "layer3")  # index 2 on both
+    fit, _ = build_method("fitnet", ctx, {"hint_stage": 1, "teacher_hint_stage": "layer1"})
+    assert (fit.s_name, fit.t_name) == ("features.denseblock1", "layer1")
+    at, _ = build_method("at", ctx, {"stages": ["features.relu0", 3], "teacher_stages": [0, -1]})
+    assert at.pairs == [("features.relu0", "layer1"), ("features.denseblock3", "layer3")]
+    with pytest.raises(RelkdError, match=r"'features.conv0' is not a student stage.*denseblock1"):
+        build_method("fitnet", ctx, {"hint_stage": "features.conv0"})
+
+
+def test_user_module_without_feature_info_gets_stages_and_caches_them() -> None:
+    class Net(nn.Module):  # no feature_info, a bottleneck-like stride inside a block
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+            self.down = nn.Sequential(nn.Conv2d(8, 16, 1), nn.Conv2d(16, 16, 3, 2, 1), nn.ReLU())
+            self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 16, 1))  # a 1x1 branch
+            self.down2 = nn.Conv2d(16, 32, 3, 2, 1)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(32, 10)
+
+        def forward(self, x):
+            x = self.down(self.stem(x))
+            x = x * self.se(x).sigmoid()
+            return self.fc(self.pool(self.down2(x)).flatten(1))
+
+    net = Net()
+    assert get_feature_info(net, derive=False) == []
+    stages = get_feature_info(net, torch.zeros(1, 3, 16, 16))
+    assert [(s.name, s.channels, s.reduction) for s in stages] == [
+        ("stem", 8, 1),
+        ("down", 16, 2),
+        ("down2", 32, 4),
+    ]
+    assert get_feature_info(net, derive=False) == stages  # cached on the model
+    tap = FeatureTap(net, [s.name for s in stages])
+    out = tap(torch.randn(2, 3, 16, 16))
+    assert {k: tuple(v.shape) for k, v in out.feats.items()} == {
+        "stem": (2, 8, 16, 16),
+        "down": (2, 16, 8, 8),
+        "down2": (2, 32, 4, 4),
+    }
+
+
+@pytest.mark.parametrize("name", ["swin_t", "vit_b_16"])
+def test_token_and_nhwc_stages_are_handed_over_as_nchw(name: str) -> None:
+    kw = {"image_size": 32} if name.startswith("vit") else {}
+    model = create_model(f"torchvision:{name}", num_classes=10, **kw).eval()
+    x = torch.randn(2, 3, 32, 32)
+    stages = get_feature_info(model, x)
+    raw: dict[str, torch.Tensor] = {}
+    mods = dict(model.named_modules())
+    hooks = [
+        mods[s.name].register_forward_hook(lambda _m, _a, o, n=s.name: raw.__setitem__(n, o))
+        for s in stages
+    ]
+    tap = FeatureTap(model, [s.name for s in stages])
+    with torch.no_grad():
+        feats = tap(x).feats
+    for h in hooks:
+        h.remove()
+    for s in stages:
+        f, r = feats[s.name], raw[s.name]
+        assert f.shape[:2] == (2, s.channels) and f.shape[2] == f.shape[3]
+        if s.layout == "NHWC":
+            torch.testing.assert_close(f, r.permute(0, 3, 1, 2))
+        elif s.layout == "NLC":  # the class token dropped, patch tokens on their 2x2 grid
+            assert s.prefix_tokens == 1
+            torch.testing.assert_close(f[:, :, 0, 1], r[:, 2])
+            torch.testing.assert_close(f[:, :, 1, 0], r[:, 3])
+    if name == "swin_t":
+        assert [s.layout for s in stages] == ["NHWC"] * 3 + ["NCHW"]
+        assert [s.channels for s in stages] == [96, 192, 384, 768]
+        assert [s.reduction for s in stages] == [4, 8, 16, 32]
+    else:
+        assert [(s.name, s.layout, s.channels, s.reduction) for s in stages] == [
+            ("encoder", "NLC", 768, 16)
+        ]
