@@ -143,7 +143,11 @@ class FeatureTap:
                     "dotted name from model.named_modules() also works"
                 )
         # Non-NCHW stages (Swin's NHWC, ViT tokens) are handed over as [B, C, H, W].
-        layouts = {i.name: i for i in get_feature_info(model, derive=False) if i.layout != "NCHW"}
+        try:
+            declared = get_feature_info(model, derive=False)
+        except (RelkdError, TypeError):  # an unusual feature_info: plain taps, as before
+            declared = []
+        layouts = {i.name: i for i in declared if i.layout != "NCHW"}
         for name in self.names:
             if name == POOLED:
                 target = find_classifier(model)
