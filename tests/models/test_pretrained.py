@@ -59,6 +59,7 @@ def test_torchvision_weights_load_from_torch_home() -> None:
     ten = create_model("torchvision:resnet18", num_classes=10, weights="DEFAULT")
     assert torch.equal(ten.layer4[1].conv2.weight, sd["layer4.1.conv2.weight"])
     assert ten.fc.weight.shape == (10, 512)
+    assert ten.new_classifier and not model.new_classifier
     assert [i.name for i in ten.feature_info] == ["layer1", "layer2", "layer3", "layer4"]
 
 
@@ -152,7 +153,7 @@ def test_timm_pretrained_loads_from_the_hf_cache() -> None:
     sd = _fake_hf_cache("resnet18", "timm/resnet18.a1_in1k")
     model = create_model("timm:resnet18", num_classes=10, weights="pretrained")
     assert torch.equal(model.layer3[0].conv1.weight, sd["layer3.0.conv1.weight"])
-    assert model.fc.weight.shape == (10, 512)  # a fresh classifier for 10 classes
+    assert model.fc.weight.shape == (10, 512) and model.new_classifier  # fresh, 10 classes
     assert find_input_norm(model) == IMAGENET
     grey = create_model("timm:resnet18", num_classes=10, weights="pretrained", in_chans=1)
     torch.testing.assert_close(grey.conv1.weight, sd["conv1.weight"].sum(1, keepdim=True))

@@ -12,7 +12,7 @@ Pretrained weights come from the standard local caches only; relkd never downloa
 
 A missing file is one :class:`~relkd.RelkdError` line naming the file and the folder to put it
 in. The classifier of pretrained weights is replaced by a fresh one when ``num_classes``
-differs (fine-tuning), and the model declares the weights' normalisation as
+differs (fine-tuning; ``model.new_classifier`` is then ``True``), and the model declares the weights' normalisation as
 ``model.input_mean`` / ``model.input_std`` (see :mod:`relkd.models.normalization`).
 
 Other input channel counts (``in_chans``, e.g. grey or RGB + depth data): timm adapts its first
@@ -166,6 +166,8 @@ def _load_pretrained_tv(model: nn.Module, name: str, w, num_classes: int) -> Non
         )
     tf = w.transforms()
     model.input_mean, model.input_std = tuple(tf.mean), tuple(tf.std)
+    # A fresh classifier teaches nothing: the engine refuses such a teacher (fine-tune first).
+    model.new_classifier = head is not None
 
 
 def torchvision_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
@@ -308,6 +310,7 @@ def timm_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
             raise RelkdError(f"cannot load {path!r} into timm:{full}: {str(e)[:300]}") from e
         cfg = model.pretrained_cfg
         model.input_mean, model.input_std = tuple(cfg["mean"]), tuple(cfg["std"])
+        model.new_classifier = num_classes != cfg.get("num_classes", num_classes)
     else:
         model.input_mean = model.input_std = None  # trained on the data set's statistics
     info = getattr(model, "feature_info", None) or []
