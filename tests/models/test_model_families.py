@@ -224,3 +224,16 @@ def test_token_and_nhwc_stages_are_handed_over_as_nchw(name: str) -> None:
         assert [(s.name, s.layout, s.channels, s.reduction) for s in stages] == [
             ("encoder", "NLC", 768, 16)
         ]
+
+
+def test_a_model_no_dummy_input_runs_on_has_no_stages_and_says_why() -> None:
+    from relkd.models.base import derive_error
+
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(5 * 7 * 7, 10))  # only [B, 5, 7, 7] inputs
+    assert get_feature_info(mlp) == []
+    assert "no dummy input ran" in derive_error(mlp)
+    noisy = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.Dropout(0.5))
+    noisy.forward = lambda x: nn.Sequential.forward(noisy, x + torch.rand_like(x))
+    state = torch.random.get_rng_state()
+    assert get_feature_info(noisy, torch.zeros(1, 3, 8, 8))
+    assert torch.equal(torch.random.get_rng_state(), state)  # derivation drew nothing globally

@@ -73,6 +73,7 @@ def _as_info(i: object) -> FeatureInfo:
 
 #: attribute under which a derived stage list is cached on the model.
 _DERIVED = "_relkd_derived_stages"
+_DERIVE_ERROR = "_relkd_derive_error"
 
 
 def get_feature_info(
@@ -84,7 +85,8 @@ def get_feature_info(
     timm's convention) wins. Otherwise the stages are derived from one dummy forward pass of
     ``example`` ([B, C, H, W]; default: zeros of a size the model runs on), see
     :mod:`relkd.models.stages`, and cached on the model (later calls return the same list).
-    ``derive=False`` never runs the model: ``[]`` unless declared or already derived.
+    ``derive=False`` never runs the model: ``[]`` unless declared or already derived. A model
+    no dummy input runs on gets ``[]`` (:func:`derive_error` says why).
     """
     info = getattr(model, "feature_info", None)
     if info:
@@ -96,9 +98,19 @@ def get_feature_info(
         return list(cached or [])
     from relkd.models.stages import derive_with_fallback
 
-    stages = derive_with_fallback(model, example)
+    try:
+        stages = derive_with_fallback(model, example)
+    except RelkdError as e:  # no dummy input ran: no stages, and why (for later messages)
+        model.__dict__[_DERIVE_ERROR] = str(e)
+        stages = []
     model.__dict__[_DERIVED] = stages
     return list(stages)
+
+
+def derive_error(model: nn.Module) -> str | None:
+    """Why the stages of a model that declares none could not be derived (``None``: they were,
+    or no derivation ran)."""
+    return model.__dict__.get(_DERIVE_ERROR)
 
 
 def to_nchw(x: torch.Tensor, info: FeatureInfo, model_name: str = "model") -> torch.Tensor:

@@ -83,7 +83,8 @@ def trace(model: nn.Module, example: torch.Tensor) -> tuple[list[_Event], dict[s
     was = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        # fork_rng: a model drawing random numbers in forward leaves the global stream as it was.
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
             model(example)
     finally:
         model.train(was)
