@@ -152,6 +152,46 @@ def test_cifar_corrupt_pickle(tmp_path: Path) -> None:
         build_datasets("cifar10", tmp_path)
 
 
+class _RunsCode:
+    """Unpickling this calls os.system: what a crafted data_batch_1 would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("where", ["payload", "inside_array"])
+def test_cifar_pickle_that_runs_code_is_refused(tmp_path: Path, where: str) -> None:
+    _write_cifar10(tmp_path)
+    marker = tmp_path / "PWNED"
+    evil = _RunsCode(marker)
+    if where == "inside_array":  # an object array smuggling the callable
+        evil = np.array([evil, 1], dtype=object)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    with open(batch, "wb") as f:
+        pickle.dump({b"data": evil, b"labels": [0]}, f)
+    with pytest.raises(RelkdError) as e:
+        build_datasets("cifar10", tmp_path)
+    msg = str(e.value)
+    assert "data_batch_1" in msg and "refused" in msg and "system" in msg, msg
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar_real_format_pickles_still_load(tmp_path: Path, protocol: int) -> None:
+    """Every protocol numpy / the official files use passes the restricted unpickler."""
+    folder = tmp_path / "cifar-10-batches-py"
+    data = _write_cifar10(tmp_path)
+    x, y = data["x"][:2], data["y"][:2].tolist()
+    with open(folder / "data_batch_1", "wb") as f:  # also a numpy scalar and an int64 array
+        obj = {"data": x, "labels": y, "mean": np.float32(0.5), "ids": np.arange(2)}
+        pickle.dump(obj, f, protocol=protocol)
+    train, _, _ = build_datasets("cifar10", tmp_path, augment=False)
+    assert np.array_equal(train.data[:2], x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+
+
 def test_unknown_dataset_lists_choices() -> None:
     with pytest.raises(RelkdError, match=r"cifar100"):
         build_datasets("cifar1000")
@@ -284,6 +324,20 @@ def test_imagefolder_errors(tmp_path: Path) -> None:
         build_datasets("imagefolder", tmp_path)
     _write_class_folders(tmp_path, "val", 1, ["a", "zzz"])
     with pytest.raises(RelkdError, match=r"zzz"):
+        build_datasets("imagefolder", tmp_path)
+
+
+def test_empty_class_folder_is_not_a_class(tmp_path: Path) -> None:
+    _write_class_folders(tmp_path, "train", 2, ["a", "b"])
+    _write_class_folders(tmp_path, "val", 1, ["a", "b"])
+    (tmp_path / "train" / "c_empty").mkdir()
+    (tmp_path / "train" / "c_empty" / "notes.txt").write_text("not an image")
+    with pytest.raises(RelkdError, match=r"c_empty holds no image files"):
+        build_datasets("imagefolder", tmp_path)
+    (tmp_path / "train" / "c_empty" / "notes.txt").unlink()
+    (tmp_path / "train" / "c_empty").rmdir()
+    (tmp_path / "val" / "a_extra").mkdir()  # an empty folder in the eval split: no sample, no class
+    with pytest.raises(RelkdError, match=r"a_extra"):
         build_datasets("imagefolder", tmp_path)
 
 

@@ -306,6 +306,7 @@ def _scan_class_folders(
         raise RelkdError(
             f"{name}: no class folders in {split_dir} (expected {split_dir}/<class>/*). {how}"
         )
+    defines_classes = class_to_idx is None
     if class_to_idx is None:
         class_to_idx = {c: i for i, c in enumerate(classes)}
     samples: list[tuple[str, int]] = []
@@ -319,6 +320,11 @@ def _scan_class_folders(
             for e in os.scandir(split_dir / c)
             if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS)
         )
+        if not files and defines_classes:  # it would become a class no sample ever has
+            raise RelkdError(
+                f"{name}: class folder {split_dir / c} holds no image files "
+                f"({', '.join(IMG_EXTENSIONS)}); remove it or add its images"
+            )
         samples.extend((f, class_to_idx[c]) for f in files)
     if not samples:
         raise RelkdError(f"{name}: no image files ({', '.join(IMG_EXTENSIONS)}) under {split_dir}")
@@ -333,12 +339,38 @@ _CIFAR_HOW = (
 )
 
 
+class _DataUnpickler(pickle.Unpickler):
+    """An unpickler for data files: it admits only the numpy callables that rebuild arrays and
+    dtypes (the CIFAR batches hold dicts, lists, str / bytes and numpy arrays), so a crafted
+    file can never name ``os.system`` or any other callable and run it."""
+
+    _ALLOWED = {
+        (mod, name)
+        for core in ("numpy.core", "numpy._core")
+        for mod, name in (
+            (f"{core}.multiarray", "_reconstruct"),
+            (f"{core}.multiarray", "scalar"),
+            (f"{core}.numeric", "_frombuffer"),
+        )
+    } | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(
+                f"refused {module}.{name}: only numpy arrays, dtypes and builtin containers "
+                "are allowed in a data file"
+            )
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="latin1")
-    except Exception as e:  # any unpickling failure means a broken file
-        raise RelkdError(f"cannot read CIFAR file {path} (corrupt?): {e}") from e
+            d = _DataUnpickler(f, encoding="latin1").load()
+    except Exception as e:  # any unpickling failure means a broken (or hostile) file
+        raise RelkdError(
+            f"cannot read CIFAR file {path} (corrupt or not a CIFAR batch): {e}"
+        ) from e
     if not isinstance(d, dict):
         raise RelkdError(f"CIFAR file {path} does not hold a dict")
     # Python-2 pickles (the official files) load with str keys; Python-3 ones may have bytes keys.
