@@ -25,6 +25,7 @@ from relkd.data import (
     take_subset,
 )
 from relkd.data import datasets as dsm
+from relkd.data import formats as fmt
 from relkd.registry import RelkdError
 
 
@@ -533,7 +534,7 @@ def test_folder_jpg_decodes_and_caches(tmp_path: Path, monkeypatch: pytest.Monke
         raise AssertionError("decoded although the cache is fresh")
 
     with monkeypatch.context() as m:
-        m.setattr(dsm, "decode_images", boom)
+        m.setattr(fmt, "decode_images", boom)
         train2, _, _ = build_datasets("folder_jpg", root)
     assert torch.equal(train2.as_tensors()[0], images)
 
