@@ -606,3 +606,77 @@ def test_take_subset_keeps_class_shares() -> None:
     sub = take_subset(Toy(), 20, seed=3)
     counts = np.bincount([Toy.targets[i] for i in sub.indices])
     assert counts.tolist() == [12, 6, 2]
+
+
+# ---------------------------------------------------------------- validation split (issue 17)
+
+
+def _label_counts(y: np.ndarray) -> dict[int, int]:
+    return {int(c): int(k) for c, k in zip(*np.unique(y, return_counts=True))}
+
+
+def test_val_split_stratified_disjoint_deterministic(tmp_path: Path) -> None:
+    from relkd.data import get_targets, to_tensors
+
+    _write_cifar10(tmp_path, per_batch=40, n_test=7)  # 200 train images, uneven classes
+    full, test, _ = build_datasets("cifar10", tmp_path)
+    train, val, _ = build_datasets("cifar10", tmp_path, val_split=0.2, val_seed=3)
+    held, keep = list(val.indices), list(train.indices)
+    assert len(held) == 40 and len(keep) == 160
+    assert set(held).isdisjoint(keep) and sorted(held + keep) == list(range(200))
+    # stratified: every class gives its share (within one sample of the exact quota)
+    counts, got = _label_counts(full.targets), _label_counts(get_targets(val))
+    for c, k in counts.items():
+        assert abs(got.get(c, 0) - 0.2 * k) < 1, (c, k, got.get(c))
+    # fixed by val_seed alone
+    again = build_datasets("cifar10", tmp_path, val_split=0.2, val_seed=3)[1]
+    other = build_datasets("cifar10", tmp_path, val_split=0.2, val_seed=4)[1]
+    assert list(again.indices) == held and list(other.indices) != held
+    # the held-out images are the training images, as tensors too (in-memory pipeline)
+    xv, yv = to_tensors(val)
+    xf, yf = to_tensors(full)
+    assert torch.equal(xv, xf[held]) and torch.equal(yv, yf[held])
+    assert len(test) == 7  # the test set is not part of the result and not touched
+
+
+def test_val_split_uses_the_test_transform(tmp_path: Path) -> None:
+    _write_cifar10(tmp_path, per_batch=8)
+    full, test, _ = build_datasets("cifar10", tmp_path)
+    train, val, _ = build_datasets("cifar10", tmp_path, val_split=0.25)
+    view = val.dataset
+    assert [type(t).__name__ for t in view.transform.transforms] == ["ToTensor", "Normalize"]
+    assert not view.augment and view.padding == 0 and not view.flip
+    assert train.dataset.augment and train.dataset.padding == 4  # the rest still augments
+    assert full.augment  # the built train set itself is not altered
+    for pos, j in enumerate(val.indices):
+        img = Image.fromarray(full.data[j])
+        want = test.transform(img)
+        assert torch.equal(val[pos][0], want) and torch.equal(val[pos][0], val[pos][0])
+    # file-based sets: the ImageNet test pipeline (Resize + CenterCrop), no RandomResizedCrop
+    root = tmp_path / "imgs"
+    _write_class_folders(root, "train", 4, ["a", "b"])
+    _write_class_folders(root, "val", 1, ["a", "b"])
+    tr, va, _ = build_datasets("imagefolder", root, image_size=8, val_split=0.5, val_seed=1)
+    names = [type(t).__name__ for t in va.dataset.transform.transforms]
+    assert names == ["Resize", "CenterCrop", "ToTensor", "Normalize"]
+    assert "RandomResizedCrop" in [type(t).__name__ for t in tr.dataset.transform.transforms]
+    assert _label_counts(va.dataset.targets[list(va.indices)]) == {0: 2, 1: 2}
+
+
+def test_val_split_and_test_subset_errors_and_caps(tmp_path: Path) -> None:
+    from relkd.data import get_targets
+
+    _write_cifar10(tmp_path, per_batch=2, n_test=40)
+    for bad in (0.0, 1.0, 0.01):  # 0.01 of 10 holds out nothing
+        with pytest.raises(RelkdError, match="val_split"):
+            build_datasets("cifar10", tmp_path, val_split=bad)
+    _, test, _ = build_datasets("cifar10", tmp_path)
+    _, capped, _ = build_datasets("cifar10", tmp_path, test_subset=10)
+    assert len(capped) == 10
+    counts, got = _label_counts(test.targets), _label_counts(get_targets(capped))
+    for c, k in counts.items():
+        assert abs(got.get(c, 0) - k / 4) < 1
+    assert build_datasets("cifar10", tmp_path, test_subset=10)[1].indices == capped.indices
+    assert len(build_datasets("cifar10", tmp_path, test_subset=1000)[1]) == 40  # whole set
+    _, both, _ = build_datasets("cifar10", tmp_path, val_split=0.5, test_subset=3)
+    assert len(both) == 3  # the cap applies to the held-out evaluation set
