@@ -576,23 +576,7 @@ def build_tiny_imagenet(root: Path | None, opts: BuildOptions) -> tuple[Dataset,
         d = root / "train" / w / "images"
         fmt.require_dir(name, d, f"train images of class {w}", _TINY_HOW)
         train_s.extend((f, idx[w]) for f in fmt.image_files(d))
-    test_s: list[tuple[str, int]] = []
-    ann = root / "val" / "val_annotations.txt"
-    with open(ann, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) < 2 or parts[1] not in idx:
-                raise RelkdError(
-                    f"{name}: {ann} line {lineno} is not '<file>\\t<wnid from wnids.txt>\\t...': {line!r}"
-                )
-            path = root / "val" / "images" / parts[0]
-            if not path.is_file():
-                raise RelkdError(
-                    f"{name}: {path} (listed in {ann} line {lineno}) is missing. {_TINY_HOW}"
-                )
-            test_s.append((str(path), idx[parts[1]]))
+    test_s = fmt.read_tiny_val(name, root, idx, _TINY_HOW)
     if not train_s:
         raise RelkdError(f"{name}: no train images under {root / 'train'}. {_TINY_HOW}")
     size = opts.image_size or 64

@@ -163,6 +163,29 @@ def read_id_table(name: str, path: Path) -> dict[int, str]:
     return out
 
 
+def read_tiny_val(name: str, root: Path, idx: dict[str, int], how: str) -> list[tuple[str, int]]:
+    """Tiny-ImageNet's ``val/val_annotations.txt`` (``<file>\\t<wnid>\\t<box>``) -> the val
+    images as (path, label) by ``idx`` (wnid -> label); every listed file must exist."""
+    test_s: list[tuple[str, int]] = []
+    ann = root / "val" / "val_annotations.txt"
+    with open(ann, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) < 2 or parts[1] not in idx:
+                raise RelkdError(
+                    f"{name}: {ann} line {lineno} is not '<file>\\t<wnid from wnids.txt>\\t...': {line!r}"
+                )
+            path = root / "val" / "images" / parts[0]
+            if not path.is_file():
+                raise RelkdError(
+                    f"{name}: {path} (listed in {ann} line {lineno}) is missing. {how}"
+                )
+            test_s.append((str(path), idx[parts[1]]))
+    return test_s
+
+
 # ---------------------------------------------------------------------------- image files
 def image_files(folder: Path | str) -> list[str]:
     """The image files directly in ``folder`` (by extension), sorted."""
