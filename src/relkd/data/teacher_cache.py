@@ -536,8 +536,11 @@ class TeacherCache:
         and compare them with the stored logits: catches a cache whose files were replaced
         together with their checksums. Cost: one teacher forward of ``rows`` images.
 
-        The tolerance covers the fp16 storage (relative 2^-11) and batch-dependent rounding:
-        ``|stored - live| <= 4e-3 * |live| + 1e-3 * (1 + max|live|)``."""
+        The tolerance is coarse on purpose, ``|stored - live| <= 2e-2 * |live| + 1e-2 * (1 +
+        max|live|)``: it must cover the fp16 storage (relative 2^-11) and batch-dependent rounding
+        (TF32 convolutions on a GPU differ in the third digit between batch sizes), while
+        garbage or another teacher's outputs miss it by orders of magnitude; bit-level damage is
+        the checksums' job."""
         n, kk = self.num_images, self.num_outcomes
         idx = torch.linspace(0, n - 1, min(rows, n)).round().long()
         k = (idx * 7919 + 13) % kk  # deterministic, varied outcomes
@@ -558,7 +561,7 @@ class TeacherCache:
             tap.remove()
             model.train(was_training)
         stored = self.lookup(idx, offs[k], fls[k]).logits.cpu()
-        tol = 4e-3 * live.abs() + 1e-3 * (1 + live.abs().max())
+        tol = 2e-2 * live.abs() + 1e-2 * (1 + live.abs().max())
         if stored.shape != live.shape or not bool(((stored - live).abs() <= tol).all()):
             gap = (stored - live).abs().max().item() if stored.shape == live.shape else None
             raise RelkdError(
