@@ -151,3 +151,30 @@ def test_cli_subprocess_exit_2_one_line(tmp_path):
         assert r.returncode == 2, r.stderr
         assert r.stderr.strip().count("\n") == 0 and kv.split("=")[0] in r.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_more_bad_inputs_through_the_cli(tmp_path, capsys, monkeypatch):
+    """AdamW betas, a truncated .safetensors checkpoint, an empty class folder: exit 2, one line."""
+    import numpy as np
+    from PIL import Image
+
+    from relkd.cli import main
+
+    monkeypatch.setenv("RELKD_CACHE_DIR", str(tmp_path / "cache"))
+    bad_ckpt = tmp_path / "w.safetensors"
+    bad_ckpt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{trunc")
+    root = tmp_path / "imgs"
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / split / c / "0.png")
+    (root / "train" / "empty").mkdir()
+    cases = [
+        (["optim.name=adamw", "optim.betas=[0.9,1.2]"], "optim.betas"),
+        ([f"student.checkpoint={bad_ckpt}"], "cannot read checkpoint"),
+        (["data.name=imagefolder", f"data.root={root}", "data.image_size=8"], "holds no image"),
+    ]
+    for overrides, needle in cases:
+        code = main(["train", FM_CE, *overrides, f"output_dir={tmp_path / 'runs'}"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.count("\n") == 0 and needle in err, (overrides, err)
