@@ -46,3 +46,135 @@ def test_strict_errors_name_the_key(cfg, overrides, needles):
 def test_missing_file():
     with pytest.raises(RelkdError, match="does not exist"):
         load_config("/nonexistent/x.yaml")
+
+
+# ------------------------------------------------------------------ values (issue 14 item 5)
+FM_CE = "configs/fashion_mnist/ce.yaml"
+
+BAD_VALUES = [
+    ("schedule.min_lr=-0.01", "schedule.min_lr"),
+    ("schedule.gamma=-0.1", "schedule.gamma"),
+    ("schedule.gamma=0", "schedule.gamma"),
+    ("train.grad_clip=-1", "train.grad_clip"),
+    ("train.grad_clip=0", "train.grad_clip"),
+    ("schedule.pct_start=1.5", "schedule.pct_start"),
+    ("schedule.pct_start=0", "schedule.pct_start"),
+    ("schedule.warmup_epochs=-1", "schedule.warmup_epochs"),
+    ("schedule.warmup_epochs=400", "schedule.warmup_epochs"),
+    ("data.train_subset=0", "data.train_subset"),
+    ("data.test_subset=0", "data.test_subset"),
+    ("data.val_split=1.0", "data.val_split"),
+    ("data.val_split=-0.1", "data.val_split"),
+    ("optim.momentum=-0.9", "optim.momentum"),
+    ("optim.weight_decay=-0.0005", "optim.weight_decay"),
+    ("train.seed=9223372036854775808", "train.seed"),
+    ("train.seed=-1", "train.seed"),
+    ("data.val_seed=-1", "data.val_seed"),
+    ("student.kwargs.num_classes=7", "student.kwargs.num_classes"),
+    ("method.ce_weight=-1", "method.ce_weight"),
+    ("method.ce_weight=0", "method.ce_weight"),  # FM_CE is method ce
+]
+
+
+@pytest.mark.parametrize(("override", "needle"), BAD_VALUES)
+def test_bad_values_refused(override, needle):
+    with pytest.raises(RelkdError) as e:
+        load_config(FM_CE, [override])
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_values_in_combination():
+    adam = ["optim.name=adamw"]
+    for betas in ("[0.9,1.5]", "[0.9]", "[-0.1,0.9]"):
+        with pytest.raises(RelkdError, match=r"optim\.betas"):
+            load_config(BASE, [*adam, f"optim.betas={betas}"])
+    load_config(BASE, [*adam, "optim.betas=[0.5,0.99]"])
+    with pytest.raises(RelkdError, match=r"min_lr.*optim.lr=0.01"):
+        load_config(BASE, ["optim.lr=0.01", "schedule.min_lr=0.1"])
+    with pytest.raises(RelkdError, match=r"teacher\.kwargs\.num_classes"):
+        load_config({**BASE, "teacher": {"name": "resnet8", "kwargs": {"num_classes": 3}}})
+    # ce_weight 0 is fine where a distillation term remains
+    assert load_config(BASE, ["method.name=kd", "method.ce_weight=0"]).method.ce_weight == 0
+    ok = load_config(BASE, ["train.seed=9223372036854775807", "schedule.warmup_epochs=2.5"])
+    assert ok.train.seed == 2**63 - 1
+
+
+@pytest.mark.parametrize(("override", "needle"), BAD_VALUES)
+def test_bad_values_through_the_cli(override, needle, capsys):
+    from relkd.cli import main
+
+    assert main(["train", FM_CE, override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and needle in err and "Traceback" not in err, err
+
+
+YAML_CASES = {
+    "unclosed": ("data: {batch_size: [1, 2\n", "line"),
+    "tab": ("data:\n\tbatch_size: 3\n", "cannot start any token"),
+    "duplicate": ("train:\n  epochs: 1\n  epochs: 2\n", "duplicate key epochs"),
+    "python_tag": ('x: !!python/object/apply:os.system ["touch PWNED"]\n', "never loaded"),
+    "python_name": ("x: !!python/name:os.system\n", "never loaded"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(YAML_CASES))
+def test_malformed_yaml_one_line(case, tmp_path, capsys, monkeypatch):
+    from relkd.cli import main
+
+    text, needle = YAML_CASES[case]
+    p = tmp_path / "c.yaml"
+    p.write_text("student: {name: resnet8}\n" + text)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", str(p)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and needle in err and "not valid YAML" in err, err
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_malformed_override_one_line():
+    with pytest.raises(RelkdError, match=r"override 'data.batch_size=\[1,' is not valid YAML"):
+        load_config(BASE, ["data.batch_size=[1,"])
+
+
+def test_cli_subprocess_exit_2_one_line(tmp_path):
+    """The real command line a user types: exit 2, one line on stderr, no run folder."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": "src", "OMP_NUM_THREADS": "1"}
+    for kv in ("schedule.min_lr=-1", "train.grad_clip=-0.5"):
+        r = subprocess.run(
+            [sys.executable, "-m", "relkd", "train", FM_CE, kv, f"output_dir={tmp_path}"],
+            capture_output=True, text=True, env=env, timeout=120,
+        )  # fmt: skip
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.strip().count("\n") == 0 and kv.split("=")[0] in r.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_more_bad_inputs_through_the_cli(tmp_path, capsys, monkeypatch):
+    """AdamW betas, a truncated .safetensors checkpoint, an empty class folder: exit 2, one line."""
+    import numpy as np
+    from PIL import Image
+
+    from relkd.cli import main
+
+    monkeypatch.setenv("RELKD_CACHE_DIR", str(tmp_path / "cache"))
+    bad_ckpt = tmp_path / "w.safetensors"
+    bad_ckpt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{trunc")
+    root = tmp_path / "imgs"
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / split / c / "0.png")
+    (root / "train" / "empty").mkdir()
+    cases = [
+        (["optim.name=adamw", "optim.betas=[0.9,1.2]"], "optim.betas"),
+        ([f"student.checkpoint={bad_ckpt}"], "cannot read checkpoint"),
+        (["data.name=imagefolder", f"data.root={root}", "data.image_size=8"], "holds no image"),
+    ]
+    for overrides, needle in cases:
+        code = main(["train", FM_CE, *overrides, f"output_dir={tmp_path / 'runs'}"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.count("\n") == 0 and needle in err, (overrides, err)

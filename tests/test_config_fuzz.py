@@ -1,5 +1,6 @@
-"""Property-based: malformed configs always end in exit code 2 with a message naming the
-offending key or value, never in a traceback (hypothesis)."""
+"""Property-based: malformed configs -- unknown keys, wrong types, bad choices and values out of
+their range -- always end in exit code 2 with one line naming the offending key or value, never
+in a traceback (hypothesis)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,31 @@ junk = st.one_of(
 )
 
 
+neg = st.floats(max_value=-1e-9, min_value=-1e6, allow_nan=False)
+#: Out-of-range values per key (each accepted by the type but meaningless or harmful), drawn at
+#: random: negative or zero where a positive value is needed, fractions outside their interval.
+BAD_VALUES = {
+    "schedule.min_lr": neg,
+    "schedule.gamma": st.floats(max_value=0, min_value=-1e6, allow_nan=False),
+    "train.grad_clip": st.floats(max_value=0, min_value=-1e6, allow_nan=False),
+    "schedule.pct_start": st.one_of(
+        st.floats(max_value=0, min_value=-10), st.floats(min_value=1, max_value=10)
+    ),
+    "schedule.warmup_epochs": st.one_of(neg, st.floats(min_value=1, max_value=1e4)),  # epochs 1
+    "data.train_subset": st.integers(max_value=0, min_value=-(10**6)),
+    "data.test_subset": st.integers(max_value=0, min_value=-(10**6)),
+    "data.val_split": st.one_of(
+        st.floats(max_value=0, min_value=-10), st.floats(min_value=1, max_value=10)
+    ),
+    "optim.momentum": st.one_of(neg, st.floats(min_value=1, max_value=100)),
+    "optim.weight_decay": neg,
+    "train.seed": st.one_of(
+        st.integers(min_value=2**63, max_value=2**64 - 1), st.integers(max_value=-1, min_value=-10)
+    ),
+    "method.ce_weight": neg,
+}
+
+
 def _base() -> dict:
     return {"student": {"name": "cnn_tiny"}, "method": {"name": "ce"}, "train": {"epochs": 1}}
 
@@ -36,7 +62,19 @@ def _base() -> dict:
 def malformed(draw) -> tuple[dict, str]:
     """A config with exactly one defect, and the text its error message must contain."""
     cfg = _base()
-    kind = draw(st.sampled_from(["unknown_key", "bad_type", "bad_choice", "non_positive", "top"]))
+    kinds = ["unknown_key", "bad_type", "bad_choice", "non_positive", "top", "bad_value", "betas"]
+    kind = draw(st.sampled_from(kinds))
+    if kind == "bad_value":
+        dotted = draw(st.sampled_from(sorted(BAD_VALUES)))
+        sect, key = dotted.split(".")
+        cfg.setdefault(sect, {})[key] = draw(BAD_VALUES[dotted])
+        return cfg, dotted
+    if kind == "betas":
+        good = st.floats(min_value=0, max_value=0.999)
+        bad = st.one_of(neg, st.floats(min_value=1, max_value=10))
+        betas = draw(st.one_of(st.tuples(good, bad), st.tuples(bad, good), st.tuples(good)))
+        cfg["optim"] = {"name": "adamw", "betas": list(betas)}
+        return cfg, "optim.betas"
     if kind == "unknown_key":
         sect = draw(st.sampled_from(SECTIONS))
         key = draw(ident.filter(lambda k: k not in _fields(sect)))
@@ -81,7 +119,7 @@ def _fields(section: str | None) -> set[str]:
 
 
 @settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(case=malformed())
 def test_malformed_configs_fail_clearly(case, tmp_path_factory):
@@ -95,3 +133,4 @@ def test_malformed_configs_fail_clearly(case, tmp_path_factory):
     assert code == 2, msg
     assert needle in msg, (needle, msg)
     assert "Traceback" not in msg
+    assert msg.strip().count("\n") == 0, msg

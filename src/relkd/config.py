@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -46,6 +47,11 @@ class DataConfig:
     in_memory: str = "auto"  # auto | true | false: whole set as a tensor, batched augmentation
     train_subset: int | None = None  # first-n stratified subset (demos, smoke runs)
     image_size: int | None = None
+    # Stratified hold-out of the training set for choosing variants (evaluation then runs on it,
+    # the test set stays untouched): a fraction in (0, 1); the split is fixed by val_seed alone.
+    val_split: float | None = None
+    val_seed: int = 0
+    test_subset: int | None = None  # cap the evaluation set (stratified; smoke runs)
 
 
 @dataclass
@@ -170,6 +176,67 @@ def _explain(e: OmegaConfBaseException, schema: DictConfig) -> RelkdError:
     return RelkdError(f"config error at {key!r}: {msg}.{hint}")
 
 
+#: Seeds go to torch.manual_seed / numpy, which take unsigned 64-bit values; relkd mixes them
+#: into signed int64 arithmetic, so the largest accepted seed is 2**63 - 1.
+MAX_SEED = 2**63 - 1
+
+
+def _bad(dotted: str, value: Any, want: str) -> RelkdError:
+    return RelkdError(f"{dotted}={value!r} is not valid: {want}")
+
+
+def _validate_values(cfg: Config) -> None:
+    """Ranges of the numeric fields: values that would train silently wrong or crash later."""
+    o, s, t, d = cfg.optim, cfg.schedule, cfg.train, cfg.data
+    rules: list[tuple[str, Any, bool, str]] = [
+        ("optim.momentum", o.momentum, 0 <= o.momentum < 1, "must be in [0, 1)"),
+        ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, "must be >= 0"),
+        ("schedule.gamma", s.gamma, s.gamma > 0, "must be > 0 (the lr factor at a milestone)"),
+        ("schedule.min_lr", s.min_lr, 0 <= s.min_lr <= o.lr, f"must be in [0, optim.lr={o.lr}]"),
+        ("schedule.pct_start", s.pct_start, 0 < s.pct_start < 1, "must be in (0, 1)"),
+        (
+            "schedule.warmup_epochs",
+            s.warmup_epochs,
+            0 <= s.warmup_epochs < t.epochs,
+            f"must be in [0, train.epochs={t.epochs})",
+        ),
+        ("train.seed", t.seed, 0 <= t.seed <= MAX_SEED, "must be in 0 .. 2**63 - 1"),
+        ("train.replay_seed", t.replay_seed, 0 <= t.replay_seed <= MAX_SEED, "0 .. 2**63 - 1"),
+        ("data.val_seed", d.val_seed, 0 <= d.val_seed <= MAX_SEED, "must be in 0 .. 2**63 - 1"),
+        ("data.num_workers", d.num_workers, d.num_workers >= 0, "must be >= 0"),
+    ]
+    optional: list[tuple[str, Any, Any, str]] = [
+        ("train.grad_clip", t.grad_clip, lambda v: v > 0, "must be > 0 (or null: no clipping)"),
+        ("train.max_steps_per_epoch", t.max_steps_per_epoch, lambda v: v > 0, "must be > 0"),
+        ("data.train_subset", d.train_subset, lambda v: v >= 1, "must be >= 1 (or null: all)"),
+        ("data.test_subset", d.test_subset, lambda v: v >= 1, "must be >= 1 (or null: all)"),
+        ("data.val_split", d.val_split, lambda v: 0 < v < 1, "must be a fraction in (0, 1)"),
+        ("data.image_size", d.image_size, lambda v: v > 0, "must be > 0"),
+        ("method.ce_weight", cfg.method.ce_weight, lambda v: v >= 0, "must be >= 0"),
+    ]
+    rules += [(k, v, v is None or ok(v), w) for k, v, ok, w in optional]
+    if o.name == "adamw":
+        ok = len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas)
+        rules.append(("optim.betas", o.betas, ok, "AdamW needs two values in [0, 1)"))
+    for name, lr in o.lr_by_student.items():
+        rules.append((f"optim.lr_by_student.{name}", lr, lr > 0, "must be > 0"))
+    for dotted, value, ok, want in rules:
+        if not ok:
+            raise _bad(dotted, value, want)
+    for m in s.milestones:
+        if m < 0:
+            raise RelkdError(f"schedule.milestones has a negative epoch: {m}")
+    if cfg.method.name == "ce" and cfg.method.ce_weight == 0:
+        raise _bad("method.ce_weight", 0, "method ce with ce_weight 0 has no loss to train on")
+    for sect in ("student", "teacher"):
+        model = getattr(cfg, sect)
+        if model is not None and "num_classes" in model.kwargs:
+            raise RelkdError(
+                f"{sect}.kwargs.num_classes={model.kwargs['num_classes']!r} is not allowed: the "
+                f"class count comes from the data set (data.name={d.name}); remove it"
+            )
+
+
 def _validate(cfg: Config) -> None:
     for dotted, choices in CHOICES.items():
         sect, key = dotted.split(".")
@@ -185,17 +252,21 @@ def _validate(cfg: Config) -> None:
             raise RelkdError(f"{dotted}={value!r} must be > 0")
     if cfg.student.name in (MISSING, "???", None, ""):
         raise RelkdError("student.name is required (e.g. student.name=resnet8x4)")
-    if cfg.data.num_workers < 0:
-        raise RelkdError(f"data.num_workers={cfg.data.num_workers} must be >= 0")
-    if cfg.train.max_steps_per_epoch is not None and cfg.train.max_steps_per_epoch <= 0:
-        raise RelkdError(f"train.max_steps_per_epoch={cfg.train.max_steps_per_epoch} must be > 0")
     if not str(cfg.train.teacher_cache).strip():
         raise RelkdError("train.teacher_cache='' is not valid: use off, auto or a folder path")
     if not str(cfg.train.teacher_replay).strip():
         raise RelkdError("train.teacher_replay='' is not valid: use off, auto or a folder path")
-    for m in cfg.schedule.milestones:
-        if m < 0:
-            raise RelkdError(f"schedule.milestones has a negative epoch: {m}")
+    _validate_values(cfg)
+
+
+def _yaml_error(where: str, e: yaml.YAMLError) -> RelkdError:
+    """One line for a YAML syntax error: what is wrong and where (line, column)."""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    if "tag:yaml.org,2002:python" in str(problem):
+        problem = f"{problem} (Python object tags are never loaded)"
+    return RelkdError(f"{where} is not valid YAML: {problem}{at}")
 
 
 def load_config(
@@ -217,7 +288,10 @@ def load_config(
             path = Path(source)
             if not path.is_file():
                 raise RelkdError(f"config file {str(path)!r} does not exist")
-            loaded = OmegaConf.load(path)
+            try:
+                loaded = OmegaConf.load(path)
+            except yaml.YAMLError as e:
+                raise _yaml_error(f"config file {str(path)!r}", e) from None
             if not isinstance(loaded, DictConfig):
                 raise RelkdError(f"config file {str(path)!r} must hold a mapping at the top")
             merged = OmegaConf.merge(schema, loaded)
@@ -228,7 +302,11 @@ def load_config(
         for item in overrides:
             if "=" not in item:
                 raise RelkdError(f"override {item!r} is not of the form key=value")
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+            try:
+                parsed = OmegaConf.from_dotlist([item])
+            except yaml.YAMLError as e:
+                raise _yaml_error(f"override {item!r}", e) from None
+            merged = OmegaConf.merge(merged, parsed)
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise _explain(e, schema) from None

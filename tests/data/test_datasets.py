@@ -25,6 +25,7 @@ from relkd.data import (
     take_subset,
 )
 from relkd.data import datasets as dsm
+from relkd.data import formats as fmt
 from relkd.registry import RelkdError
 
 
@@ -150,6 +151,46 @@ def test_cifar_corrupt_pickle(tmp_path: Path) -> None:
     (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(b"garbage")
     with pytest.raises(RelkdError, match=r"test_batch"):
         build_datasets("cifar10", tmp_path)
+
+
+class _RunsCode:
+    """Unpickling this calls os.system: what a crafted data_batch_1 would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("where", ["payload", "inside_array"])
+def test_cifar_pickle_that_runs_code_is_refused(tmp_path: Path, where: str) -> None:
+    _write_cifar10(tmp_path)
+    marker = tmp_path / "PWNED"
+    evil = _RunsCode(marker)
+    if where == "inside_array":  # an object array smuggling the callable
+        evil = np.array([evil, 1], dtype=object)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    with open(batch, "wb") as f:
+        pickle.dump({b"data": evil, b"labels": [0]}, f)
+    with pytest.raises(RelkdError) as e:
+        build_datasets("cifar10", tmp_path)
+    msg = str(e.value)
+    assert "data_batch_1" in msg and "refused" in msg and "system" in msg, msg
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar_real_format_pickles_still_load(tmp_path: Path, protocol: int) -> None:
+    """Every protocol numpy / the official files use passes the restricted unpickler."""
+    folder = tmp_path / "cifar-10-batches-py"
+    data = _write_cifar10(tmp_path)
+    x, y = data["x"][:2], data["y"][:2].tolist()
+    with open(folder / "data_batch_1", "wb") as f:  # also a numpy scalar and an int64 array
+        obj = {"data": x, "labels": y, "mean": np.float32(0.5), "ids": np.arange(2)}
+        pickle.dump(obj, f, protocol=protocol)
+    train, _, _ = build_datasets("cifar10", tmp_path, augment=False)
+    assert np.array_equal(train.data[:2], x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
 
 
 def test_unknown_dataset_lists_choices() -> None:
@@ -284,6 +325,20 @@ def test_imagefolder_errors(tmp_path: Path) -> None:
         build_datasets("imagefolder", tmp_path)
     _write_class_folders(tmp_path, "val", 1, ["a", "zzz"])
     with pytest.raises(RelkdError, match=r"zzz"):
+        build_datasets("imagefolder", tmp_path)
+
+
+def test_empty_class_folder_is_not_a_class(tmp_path: Path) -> None:
+    _write_class_folders(tmp_path, "train", 2, ["a", "b"])
+    _write_class_folders(tmp_path, "val", 1, ["a", "b"])
+    (tmp_path / "train" / "c_empty").mkdir()
+    (tmp_path / "train" / "c_empty" / "notes.txt").write_text("not an image")
+    with pytest.raises(RelkdError, match=r"c_empty holds no image files"):
+        build_datasets("imagefolder", tmp_path)
+    (tmp_path / "train" / "c_empty" / "notes.txt").unlink()
+    (tmp_path / "train" / "c_empty").rmdir()
+    (tmp_path / "val" / "a_extra").mkdir()  # an empty folder in the eval split: no sample, no class
+    with pytest.raises(RelkdError, match=r"a_extra"):
         build_datasets("imagefolder", tmp_path)
 
 
@@ -479,7 +534,7 @@ def test_folder_jpg_decodes_and_caches(tmp_path: Path, monkeypatch: pytest.Monke
         raise AssertionError("decoded although the cache is fresh")
 
     with monkeypatch.context() as m:
-        m.setattr(dsm, "decode_images", boom)
+        m.setattr(fmt, "decode_images", boom)
         train2, _, _ = build_datasets("folder_jpg", root)
     assert torch.equal(train2.as_tensors()[0], images)
 
@@ -551,3 +606,77 @@ def test_take_subset_keeps_class_shares() -> None:
     sub = take_subset(Toy(), 20, seed=3)
     counts = np.bincount([Toy.targets[i] for i in sub.indices])
     assert counts.tolist() == [12, 6, 2]
+
+
+# ---------------------------------------------------------------- validation split (issue 17)
+
+
+def _label_counts(y: np.ndarray) -> dict[int, int]:
+    return {int(c): int(k) for c, k in zip(*np.unique(y, return_counts=True))}
+
+
+def test_val_split_stratified_disjoint_deterministic(tmp_path: Path) -> None:
+    from relkd.data import get_targets, to_tensors
+
+    _write_cifar10(tmp_path, per_batch=40, n_test=7)  # 200 train images, uneven classes
+    full, test, _ = build_datasets("cifar10", tmp_path)
+    train, val, _ = build_datasets("cifar10", tmp_path, val_split=0.2, val_seed=3)
+    held, keep = list(val.indices), list(train.indices)
+    assert len(held) == 40 and len(keep) == 160
+    assert set(held).isdisjoint(keep) and sorted(held + keep) == list(range(200))
+    # stratified: every class gives its share (within one sample of the exact quota)
+    counts, got = _label_counts(full.targets), _label_counts(get_targets(val))
+    for c, k in counts.items():
+        assert abs(got.get(c, 0) - 0.2 * k) < 1, (c, k, got.get(c))
+    # fixed by val_seed alone
+    again = build_datasets("cifar10", tmp_path, val_split=0.2, val_seed=3)[1]
+    other = build_datasets("cifar10", tmp_path, val_split=0.2, val_seed=4)[1]
+    assert list(again.indices) == held and list(other.indices) != held
+    # the held-out images are the training images, as tensors too (in-memory pipeline)
+    xv, yv = to_tensors(val)
+    xf, yf = to_tensors(full)
+    assert torch.equal(xv, xf[held]) and torch.equal(yv, yf[held])
+    assert len(test) == 7  # the test set is not part of the result and not touched
+
+
+def test_val_split_uses_the_test_transform(tmp_path: Path) -> None:
+    _write_cifar10(tmp_path, per_batch=8)
+    full, test, _ = build_datasets("cifar10", tmp_path)
+    train, val, _ = build_datasets("cifar10", tmp_path, val_split=0.25)
+    view = val.dataset
+    assert [type(t).__name__ for t in view.transform.transforms] == ["ToTensor", "Normalize"]
+    assert not view.augment and view.padding == 0 and not view.flip
+    assert train.dataset.augment and train.dataset.padding == 4  # the rest still augments
+    assert full.augment  # the built train set itself is not altered
+    for pos, j in enumerate(val.indices):
+        img = Image.fromarray(full.data[j])
+        want = test.transform(img)
+        assert torch.equal(val[pos][0], want) and torch.equal(val[pos][0], val[pos][0])
+    # file-based sets: the ImageNet test pipeline (Resize + CenterCrop), no RandomResizedCrop
+    root = tmp_path / "imgs"
+    _write_class_folders(root, "train", 4, ["a", "b"])
+    _write_class_folders(root, "val", 1, ["a", "b"])
+    tr, va, _ = build_datasets("imagefolder", root, image_size=8, val_split=0.5, val_seed=1)
+    names = [type(t).__name__ for t in va.dataset.transform.transforms]
+    assert names == ["Resize", "CenterCrop", "ToTensor", "Normalize"]
+    assert "RandomResizedCrop" in [type(t).__name__ for t in tr.dataset.transform.transforms]
+    assert _label_counts(va.dataset.targets[list(va.indices)]) == {0: 2, 1: 2}
+
+
+def test_val_split_and_test_subset_errors_and_caps(tmp_path: Path) -> None:
+    from relkd.data import get_targets
+
+    _write_cifar10(tmp_path, per_batch=2, n_test=40)
+    for bad in (0.0, 1.0, 0.01):  # 0.01 of 10 holds out nothing
+        with pytest.raises(RelkdError, match="val_split"):
+            build_datasets("cifar10", tmp_path, val_split=bad)
+    _, test, _ = build_datasets("cifar10", tmp_path)
+    _, capped, _ = build_datasets("cifar10", tmp_path, test_subset=10)
+    assert len(capped) == 10
+    counts, got = _label_counts(test.targets), _label_counts(get_targets(capped))
+    for c, k in counts.items():
+        assert abs(got.get(c, 0) - k / 4) < 1
+    assert build_datasets("cifar10", tmp_path, test_subset=10)[1].indices == capped.indices
+    assert len(build_datasets("cifar10", tmp_path, test_subset=1000)[1]) == 40  # whole set
+    _, both, _ = build_datasets("cifar10", tmp_path, val_split=0.5, test_subset=3)
+    assert len(both) == 3  # the cap applies to the held-out evaluation set

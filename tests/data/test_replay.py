@@ -217,12 +217,28 @@ def test_store_refuses_stale_and_changed_crops(tree, tmp_path):
     arr = np.load(p)
     arr[4, 0] += 1
     np.save(p, arr)
+    with pytest.raises(RelkdError, match=r"damaged: params.npy does not match its checksum"):
+        rt.set_epoch(0)
+    # even with a matching checksum (a forger's), the reader refuses the other crop
+    from relkd.data.teacher_cache import file_sha256
+
+    sums_path = tmp_path / "s" / "epoch_0" / "checksums.json"
+    sums = json.loads(sums_path.read_text())
+    sums["params.npy"] = file_sha256(p)
+    sums_path.write_text(json.dumps(sums))
     rt.set_epoch(0)
     with pytest.raises(RelkdError, match="sample 4 was recorded with another crop"):
         for x, _, ex in _batches(ds, 0, bs=24):
             rt(x, **ex)
     with pytest.raises(RelkdError, match="aug_params"):
         rt(torch.zeros(1, 3, 16, 16), index=torch.tensor([0]))
+
+
+def _restamp(epoch_dir: Path) -> None:
+    from relkd.data.teacher_cache import file_sha256
+
+    sums = {f.name: file_sha256(f) for f in epoch_dir.glob("*.npy")}
+    (epoch_dir / "checksums.json").write_text(json.dumps(sums))
 
 
 def test_fingerprint_sees_changed_files(tmp_path):
@@ -381,6 +397,7 @@ def test_ddp_reads_the_store_like_one_process(tree, tmp_path, monkeypatch):
     for e in stored[:2]:
         f = store / e / "logits.npy"
         np.save(f, np.load(f) * 3)
+        _restamp(store / e)  # a deliberate change: record its checksum, as a writer would
     monkeypatch.chdir(dirs[2])
     relkd.train(_ddp_cfg(str(tree), str(ckpt), str(store), 2 * DDP_B), quiet=True)
     with socket.socket() as s:
@@ -402,3 +419,79 @@ def test_ddp_reads_the_store_like_one_process(tree, tmp_path, monkeypatch):
     assert not torch.allclose(w_one["fc.weight"], w_online["fc.weight"], rtol=1e-4, atol=1e-6)
     assert sorted(p.name for p in store.iterdir()) == stored
     assert not any(Path(dirs[1]).rglob("*")) and os.listdir(dirs[1]) == []
+
+
+# ------------------------------------------------------------ trust (issue 14 item 3)
+def test_same_size_edit_changes_the_key_and_the_stale_store_is_refused(tmp_path):
+    """BMP images: a pixel edit keeps the byte size (and the image size, hence the crops); the
+    content hash still changes the key, so the old teacher outputs are never reused."""
+    root = tmp_path / "bmp"
+    rng = np.random.default_rng(3)
+    for split in ("train", "val"):
+        for c in CLASSES:
+            (root / split / c).mkdir(parents=True)
+            for k in range(2):
+                arr = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(root / split / c / f"{k}.bmp")
+    ds = ReplayCropDataset(_train_set(root), seed=0)
+    key = replay_key("teacher-x", ds.fingerprint(), ["logits"], "fp16")
+    ReplayStore.open(tmp_path / "s", key, len(ds))
+    f = root / "train" / "b" / "1.bmp"
+    size = f.stat().st_size
+    arr = np.asarray(Image.open(f)).copy()
+    arr[5, 7] = 255 - arr[5, 7]
+    Image.fromarray(arr).save(f)
+    assert f.stat().st_size == size
+    ds2 = ReplayCropDataset(_train_set(root), seed=0)
+    key2 = replay_key("teacher-x", ds2.fingerprint(), ["logits"], "fp16")
+    assert key2[0] != key[0]
+    with pytest.raises(RelkdError, match=r"stale.*data"):
+        ReplayStore.open(tmp_path / "s", key2, len(ds2))
+
+
+def _write_epoch(tree: Path, path: Path):
+    ds = ReplayCropDataset(_train_set(tree), seed=1)
+    key = replay_key("teacher-x", ds.fingerprint(), ["logits"], "fp16")
+    rt = ReplayTeacher(_Counting(), ReplayStore.open(path, key, len(ds)))
+    rt.set_epoch(0)
+    for x, _, ex in _batches(ds, 0):
+        rt(x, **ex)
+    rt.end_epoch()
+    assert rt.store.has_epoch(0)
+    return ds, key, rt
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "no_checksums"])
+def test_damaged_epochs_are_refused_not_used(tree, tmp_path, damage):
+    ds, key, _ = _write_epoch(tree, tmp_path / "s")
+    f = tmp_path / "s" / "epoch_0" / "logits.npy"
+    if damage == "garbage":  # same shape, same dtype, other values
+        arr = np.load(f, mmap_mode="r+")
+        arr[:] = np.random.default_rng(0).normal(0, 30, arr.shape).astype(arr.dtype)
+        arr.flush()
+        del arr
+    elif damage == "truncated":
+        f.write_bytes(f.read_bytes()[:90])
+    else:
+        (tmp_path / "s" / "epoch_0" / "checksums.json").write_text("{}")
+    rt = ReplayTeacher(_Counting(), ReplayStore.open(tmp_path / "s", key, len(ds)))
+    with pytest.raises(RelkdError) as e:
+        rt.set_epoch(0)
+    assert "damaged" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_full_disk_epoch_write_fails_with_one_line(tree, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    ds = ReplayCropDataset(_train_set(tree), seed=1)
+    key = replay_key("teacher-x", ds.fingerprint(), ["logits"], "fp16")
+    store = ReplayStore.open(tmp_path / "s", key, len(ds))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 100, 100))
+    rt = ReplayTeacher(_Counting(), store)
+    with pytest.raises(RelkdError) as e:
+        rt.set_epoch(0)  # the params array (24 x 5 int64 = 960 bytes) does not fit
+    msg = str(e.value)
+    assert f"needs {24 * 5 * 8} bytes" in msg and str(tmp_path / "s") in msg and "\n" not in msg
+    assert not list((tmp_path / "s").glob(".tmp-*"))

@@ -367,3 +367,105 @@ def test_concurrent_builders_build_once(tmp_path, monkeypatch):
     idx, offs, fl = torch.arange(12), torch.zeros(12, 2, dtype=torch.long), torch.zeros(12).bool()
     assert torch.equal(a.lookup(idx, offs, fl).logits, b.lookup(idx, offs, fl).logits)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "home"]  # no lock file beside it
+
+
+# ------------------------------------------------------------ trust (issue 14 item 3 / 5)
+def _garble(path: Path) -> None:
+    """Same-shape garbage in logits.npy: header kept, every value replaced."""
+    import numpy as np
+
+    arr = np.load(path / "logits.npy", mmap_mode="r+")
+    arr[:] = np.random.default_rng(0).normal(0, 30, arr.shape).astype(arr.dtype)
+    arr.flush()
+    del arr
+
+
+def test_same_shape_garbage_is_refused_then_rebuilt(tmp_path):
+    model, images = _teacher(), _images()
+    path = tmp_path / "c"
+    good = _build(model, images, path)
+    idx, offs, fl = torch.arange(6), torch.zeros(6, 2, dtype=torch.long), torch.zeros(6).bool()
+    want = good.lookup(idx, offs, fl).logits
+    _garble(path)
+    with pytest.raises(RelkdError, match=r"damaged: logits.npy does not match its checksum"):
+        TeacherCache.open(path, key=good.key)
+    with pytest.raises(RelkdError, match="damaged"):
+        _build(model, images, path, rebuild="missing")  # an explicit folder is never rebuilt
+    rebuilt = _build(model, images, path, rebuild="auto")  # auto: rebuilt, same entries
+    assert torch.equal(rebuilt.lookup(idx, offs, fl).logits, want)
+
+
+def test_spot_check_catches_files_replaced_with_their_checksums(tmp_path):
+    from relkd.data.teacher_cache import file_sha256
+
+    model, images = _teacher(), _images()
+    path = tmp_path / "c"
+    _build(model, images, path, dtype="fp16")  # the tolerance also covers fp16 storage
+    _build(model, images, path, dtype="fp16", rebuild="never")  # a good cache passes
+    _garble(path)
+    m = json.loads((path / "manifest.json").read_text())
+    m["checksums"]["logits.npy"] = file_sha256(path / "logits.npy")  # a forger's manifest
+    (path / "manifest.json").write_text(json.dumps(m))
+    TeacherCache.open(path, key=m["key"])  # the checksum alone is fooled ...
+    with pytest.raises(RelkdError, match="spot check"):  # ... the live teacher is not
+        _build(model, images, path, dtype="fp16", rebuild="never")
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "no_checksums"])
+def test_missing_or_truncated_files_one_line(tmp_path, damage):
+    model, images = _teacher(), _images()
+    path = tmp_path / "c"
+    key = _build(model, images, path).key
+    f = path / "logits.npy"
+    if damage == "missing":
+        f.unlink()
+    elif damage == "truncated":
+        f.write_bytes(f.read_bytes()[:100])
+    else:
+        m = json.loads((path / "manifest.json").read_text())
+        del m["checksums"]
+        (path / "manifest.json").write_text(json.dumps(m))
+    for verify in (True, False):
+        with pytest.raises(RelkdError) as e:
+            TeacherCache.open(path, key=key, verify=verify)
+        assert "damaged" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_full_disk_fails_with_one_line(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    model, images = _teacher(), _images()
+    with pytest.raises(RelkdError) as e:
+        _build(model, images, tmp_path / "c")
+    need = 6 * num_outcomes(2, True) * 5 * 4  # N x K x classes x fp32
+    msg = str(e.value)
+    assert f"needs {need} bytes" in msg and str(tmp_path) in msg and "1000 bytes free" in msg
+    assert "\n" not in msg
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
+
+
+def test_build_lock_is_filelock(tmp_path, monkeypatch):
+    """The build lock is filelock's (released by the OS when a holder dies)."""
+    import filelock
+
+    from relkd.data import teacher_cache as tc
+
+    monkeypatch.setenv("RELKD_CACHE_DIR", str(tmp_path / "home"))
+    seen = []
+    real = filelock.FileLock
+
+    def spy(*a, **k):
+        seen.append(a[0])
+        return real(*a, **k)
+
+    monkeypatch.setattr(filelock, "FileLock", spy)
+    with tc._build_lock(tmp_path / "c", None):
+        other = real(seen[0])
+        with pytest.raises(filelock.Timeout):
+            other.acquire(timeout=0)
+    other.acquire(timeout=0)
+    other.release()
+    assert Path(seen[0]).parent == tmp_path / "home" / "locks"

@@ -59,3 +59,43 @@ def test_weights_only_refuses_arbitrary_pickles(tmp_path):
         pickle.dump({"model": _Evil()}, f)
     with pytest.raises(RelkdError, match="cannot read"):
         load_checkpoint(_fresh(), path)
+
+
+def _one_line(e: pytest.ExceptionInfo) -> str:
+    msg = str(e.value)
+    assert "\n" not in msg and not msg.rstrip().endswith(":"), msg
+    assert "weights_only" not in msg, msg  # never torch's advice to load unsafely
+    return msg
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
+def test_refusal_never_suggests_weights_only_false(tmp_path):
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"model": _Evil()}, f)
+    with pytest.raises(RelkdError) as e:
+        load_checkpoint(_fresh(), path)
+    assert "refused" in _one_line(e)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+@pytest.mark.parametrize("damage", ["truncated", "junk", "empty"])
+def test_damaged_files_one_clear_line(tmp_path, suffix, damage):
+    good = tmp_path / f"good{suffix}"
+    save_student(create_model("resnet8", 100), good)
+    raw = good.read_bytes()
+    bad = tmp_path / f"bad{suffix}"
+    bad.write_bytes({"truncated": raw[: len(raw) // 2], "junk": b"junk" * 64, "empty": b""}[damage])
+    with pytest.raises(RelkdError) as e:
+        load_checkpoint(_fresh(), bad)
+    msg = _one_line(e)
+    assert str(bad) in msg and "cannot read checkpoint" in msg
+    assert msg.split(": ", 1)[1].strip(), msg  # a reason follows the colon
+
+
+def test_mismatch_is_one_line(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_student(create_model("resnet8", 10), path)  # another class count
+    with pytest.raises(RelkdError) as e:
+        load_checkpoint(_fresh(), path)
+    assert "size mismatch" in _one_line(e)

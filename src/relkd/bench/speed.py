@@ -585,6 +585,7 @@ class _CacheFiles:
         import tempfile
         import uuid
 
+        from relkd.data import teacher_cache as tc
         from relkd.data.teacher_cache import CACHE_VERSION, FORMAT, MANIFEST, num_outcomes
 
         spec = self.spec
@@ -620,6 +621,7 @@ class _CacheFiles:
             "num_outcomes": k,
             "num_classes": dims["logits"],
             "pooled_dim": dims.get("pooled"),
+            "checksums": {f"{t}.npy": tc.file_sha256(path / f"{t}.npy") for t in taps},
         }  # fmt: skip
         (path / MANIFEST).write_text(json.dumps(manifest, indent=2))
         return path

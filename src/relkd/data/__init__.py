@@ -3,7 +3,8 @@
 ``build_datasets(name, root) -> (train, test, DataInfo)`` builds any registered data set
 (:data:`DATASETS`); in-memory ones also feed :class:`InMemoryLoader`, which keeps the whole split
 on the device and augments batches there. :class:`IndexedDataset` + :func:`collate_with_extras`
-carry per-sample extras (the sample index for memory banks) through a ``DataLoader``.
+carry per-sample extras (the sample index for memory banks) through a ``DataLoader``;
+:func:`split_train_val` holds out a stratified validation split (``data.val_split``).
 """
 
 from relkd.data.datasets import (
@@ -18,7 +19,14 @@ from relkd.data.datasets import (
     read_idx,
 )
 from relkd.data.memory import InMemoryLoader, supports_in_memory, to_tensors
-from relkd.data.wrappers import IndexedDataset, collate_with_extras, get_targets, take_subset
+from relkd.data.wrappers import (
+    IndexedDataset,
+    cap_subset,
+    collate_with_extras,
+    get_targets,
+    split_train_val,
+    take_subset,
+)
 
 __all__ = [
     "DATASETS",
@@ -30,10 +38,12 @@ __all__ = [
     "IndexedDataset",
     "build_datasets",
     "cache_dir",
+    "cap_subset",
     "collate_with_extras",
     "get_targets",
     "load_image",
     "read_idx",
+    "split_train_val",
     "supports_in_memory",
     "take_subset",
     "to_tensors",

@@ -1,7 +1,9 @@
-"""Data set wrappers: per-sample extras (the sample index for memory banks), collation, subsets."""
+"""Data set wrappers: per-sample extras (the sample index for memory banks), collation, subsets
+and the stratified validation hold-out (:func:`split_train_val`)."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -105,3 +107,51 @@ def take_subset(ds: Dataset, n: int, seed: int = 0, *, stratified: bool = True) 
         members = np.flatnonzero(targets == c)
         chosen.extend(int(i) for i in rng.choice(members, size=int(k), replace=False))
     return Subset(ds, sorted(chosen))
+
+
+def _eval_view(train: Dataset, test: Dataset) -> Dataset:
+    """A shallow copy of ``train`` that serves its images as ``test`` does: the test transform,
+    no augmentation (the data are shared, not copied)."""
+    if not hasattr(train, "transform") or not hasattr(test, "transform"):
+        raise RelkdError(
+            f"data.val_split needs data sets with a 'transform' attribute; "
+            f"{type(train).__name__} has none"
+        )
+    view = copy.copy(train)
+    view.transform = test.transform
+    for attr, off in (("augment", False), ("padding", 0), ("flip", False)):
+        if hasattr(view, attr):
+            setattr(view, attr, off)
+    return view
+
+
+def split_train_val(
+    train: Dataset, test: Dataset, fraction: float, seed: int = 0
+) -> tuple[Subset, Subset]:
+    """``(train minus held-out, held-out)``: a stratified hold-out of ``fraction`` of ``train``.
+
+    Each class gives its share of ``round(fraction * N)`` samples (largest remainders first, as
+    :func:`~relkd.data.wrappers.take_subset`), drawn from ``seed`` alone, so the split is the
+    same for every training seed and method. The held-out samples are served with ``test``'s
+    transform (no augmentation); ``test`` itself is not used otherwise.
+    """
+    n = len(train)  # type: ignore[arg-type]
+    if not 0 < fraction < 1:
+        raise RelkdError(f"val_split={fraction!r} must be a fraction in (0, 1)")
+    n_val = round(fraction * n)
+    if not 0 < n_val < n:
+        raise RelkdError(
+            f"val_split={fraction} of {n} training samples holds out {n_val}: choose a "
+            "fraction that leaves samples on both sides"
+        )
+    held = list(take_subset(train, n_val, seed=seed).indices)
+    keep = np.setdiff1d(np.arange(n), held).tolist()
+    return Subset(train, keep), Subset(_eval_view(train, test), held)
+
+
+def cap_subset(ds: Dataset, n: int) -> Dataset:
+    """At most ``n`` samples of an evaluation set: a stratified subset fixed by seed 0 (all of
+    it when it is not larger)."""
+    if n < 1:
+        raise RelkdError(f"test_subset={n} must be >= 1")
+    return ds if n >= len(ds) else take_subset(ds, n, seed=0)  # type: ignore[arg-type]

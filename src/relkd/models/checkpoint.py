@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -42,30 +43,63 @@ def extract_state_dict(obj: object) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _read_error(p: Path, e: BaseException) -> RelkdError:
+    """One line saying why ``p`` cannot be read, never empty and never torch's advice to retry
+    with ``weights_only=False`` (that would run whatever code the file carries)."""
+    text = str(e)
+    if isinstance(e, pickle.UnpicklingError) and "weights_only" in text:
+        skip = ("weights_only", "Check the documentation", "Weights only load failed")
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        lines = [ln for ln in lines if not any(s in ln for s in skip)]
+        detail = lines[0].rstrip(".") if lines else "it holds objects other than tensors"
+        return RelkdError(
+            f"cannot read checkpoint {str(p)!r}: refused, {detail}. relkd only loads tensors "
+            "and plain containers, since other objects in a pickle can run code"
+        )
+    if isinstance(e, EOFError) or (isinstance(e, RuntimeError) and "zip archive" in text):
+        why = "truncated or not a PyTorch checkpoint"
+    else:
+        first = text.strip().splitlines()[0] if text.strip() else ""
+        why = f"corrupt or not a checkpoint ({type(e).__name__}{': ' + first if first else ''})"
+        if p.suffix == ".safetensors":
+            why = f"not a valid safetensors file (truncated or junk): {first or type(e).__name__}"
+    return RelkdError(f"cannot read checkpoint {str(p)!r}: {why}")
+
+
 def load_checkpoint(
     model: nn.Module, path: str | os.PathLike, *, strict: bool = True, map_location: str = "cpu"
 ) -> nn.Module:
     """Load weights from ``path`` into ``model`` (always ``weights_only=True``) and return it.
 
-    ``.safetensors`` files are read with safetensors; anything else with ``torch.load``.
+    ``.safetensors`` files are read with safetensors; anything else with ``torch.load``. Every
+    failure (missing, empty, truncated or junk file, objects other than tensors, weights of
+    another model) is a :class:`RelkdError` of one line naming the file.
     """
     p = Path(path)
     if not p.is_file():
         raise RelkdError(f"checkpoint {str(p)!r} does not exist")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    if p.stat().st_size == 0:
+        raise RelkdError(f"cannot read checkpoint {str(p)!r}: the file is empty")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        obj: object = load_file(str(p), device=map_location)
-    else:
-        try:
+            obj: object = load_file(str(p), device=map_location)
+        else:
             obj = torch.load(p, map_location=map_location, weights_only=True)
-        except Exception as e:  # unpickling errors carry no file name
-            raise RelkdError(f"cannot read checkpoint {str(p)!r}: {e}") from e
+    except Exception as e:  # unpickling / deserialising errors carry no file name
+        raise _read_error(p, e) from e
     sd = extract_state_dict(obj)
     try:
         model.load_state_dict(sd, strict=strict)
     except RuntimeError as e:
-        raise RelkdError(f"checkpoint {str(p)!r} does not match {type(model).__name__}: {e}") from e
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = "; ".join(lines[1:4]) if len(lines) > 1 else (lines[0] if lines else "")
+        if len(detail) > 300:
+            detail = detail[:300] + " ..."
+        raise RelkdError(
+            f"checkpoint {str(p)!r} does not match {type(model).__name__}: {detail}"
+        ) from e
     return model
 
 
