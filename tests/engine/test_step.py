@@ -290,3 +290,20 @@ def test_fit_stop_raises_before_eval_and_checkpoint(fmnist_root, tmp_path):
     run = tmp_path / "s"
     assert not (run / "checkpoint.pt").exists() and not (run / "student_best.pt").exists()
     assert (run / "metrics.jsonl").read_text() == ""
+
+
+def test_a_failure_after_an_unread_bad_step_names_the_bad_step():
+    class Fragile(_Net):
+        def forward(self, x, y, t_out=None, **extras):
+            if not torch.isfinite(self.fc.weight).all():  # e.g. a sampler given NaN weights
+                raise RuntimeError("invalid multinomial distribution")
+            return super().forward(x, y)
+
+    torch.manual_seed(0)
+    net = Fragile()
+    step = TrainStep(net, torch.optim.SGD(net.parameters(), lr=0.1), method_name="toy")
+    batches = _batches(4, bad=1)
+    step(*batches[0])
+    step(*batches[1])  # the bad one: recorded, the weights go NaN
+    with pytest.raises(RelkdError, match=r"epoch 1 step 1 \(global step 1\) with method 'toy'"):
+        step(*batches[2])

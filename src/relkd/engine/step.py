@@ -172,6 +172,10 @@ class TrainStep:
         # the accumulators without a host read.
         new = [k for k in names if k not in self._keys]
         if self._acc is None:
+            self._consts = (
+                torch.zeros((), dtype=torch.float64, device=device),
+                torch.ones((), dtype=torch.float64, device=device),
+            )
             self._acc = torch.zeros(1, dtype=torch.float64, device=device)
             self._bad_vals = torch.zeros(1, dtype=torch.float64, device=device)
             self._first_bad = torch.full((), -1, dtype=torch.int64, device=device)
@@ -228,6 +232,20 @@ class TrainStep:
     ) -> torch.Tensor:
         """One optimizer step on the batch ``x`` [B, ...], ``y`` [B] (on the device). Returns the
         detached fp32 loss (a device scalar; reading it is a host sync)."""
+        try:
+            return self._step(x, y, extras)
+        except RelkdError:
+            raise
+        except Exception as e:
+            # A step after an unread non-finite one may fail on the NaNs it inherited (e.g. a
+            # sampler given NaN weights): name the first bad step rather than the symptom.
+            if self._first_bad is not None and int(self._first_bad) >= 0:
+                self.read()
+            raise e
+
+    def _step(
+        self, x: torch.Tensor, y: torch.Tensor, extras: dict[str, Any] | None
+    ) -> torch.Tensor:
         extras = dict(extras or {})
         if self.prepare_batch is not None:
             x, y, extras = self.prepare_batch(x, y, extras)
@@ -284,12 +302,10 @@ class TrainStep:
             acc = self._acc
             assert acc is not None and self._bad_vals is not None
             assert self._first_bad is not None
-            vals = [loss.new_zeros((), dtype=torch.float64)] * (len(self._keys))
-            for j, k in enumerate(self._keys):
-                if k in terms:
-                    vals[j] = terms[k].detach().double()
+            zero, one = self._consts
+            vals = [terms[k].detach().double() if k in terms else zero for k in self._keys]
             vals[self._keys.index("loss")] = loss.detach().double()
-            v = torch.stack([*vals, torch.ones((), dtype=torch.float64, device=loss.device)])
+            v = torch.stack([*vals, one])
             good = torch.isfinite(loss)
             if before is not None and D.is_dist():
                 # All ranks skip together: DDP has averaged the bad rank's gradients into all.
