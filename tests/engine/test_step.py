@@ -192,12 +192,18 @@ def _cfg(root, out, name, method="ce", ckpt=None, **train):
 
 @pytest.mark.parametrize(
     # CRD confirms its normalisation constant Z on the host in the first two steps (it is set
-    # by the first one); the steady state after that has no read.
-    "method,mode,warm",
-    [("ce", "stop", 0), ("kd", "stop", 0), ("kd", "skip", 0), ("crd", "stop", 2)],
+    # by the first one); the steady state after that has no read. (Its default other-class
+    # negative sampler reads the host itself; "any" is the sampler without reads.)
+    "method,mode,warm,args",
+    [
+        ("ce", "stop", 0, {}),
+        ("kd", "stop", 0, {}),
+        ("kd", "skip", 0, {}),
+        ("crd", "stop", 2, {"negatives": "any"}),
+    ],
 )
 def test_fit_reads_the_host_once_per_log_every_steps(
-    method, mode, warm, fmnist_root, tiny_teacher_ckpt, tmp_path, monkeypatch
+    method, mode, warm, args, fmnist_root, tiny_teacher_ckpt, tmp_path, monkeypatch
 ):
     """Count every tensor -> host read from the steady state's first step to the last step's
     end: none in the step, exactly one per ``train.log_every`` steps (the read point)."""
@@ -227,6 +233,7 @@ def test_fit_reads_the_host_once_per_log_every_steps(
     every = 4
     ckpt = None if method == "ce" else tiny_teacher_ckpt
     cfg = _cfg(fmnist_root, tmp_path, "r", method, ckpt, log_every=every, on_nonfinite=mode)
+    cfg["method"]["args"] = args
     relkd.train(cfg, quiet=True)
     n = len(calls) // 2
     assert n == 16  # 256 samples / batch 16
