@@ -314,3 +314,25 @@ def test_a_failure_after_an_unread_bad_step_names_the_bad_step():
     step(*batches[1])  # the bad one: recorded, the weights go NaN
     with pytest.raises(RelkdError, match=r"epoch 1 step 1 \(global step 1\) with method 'toy'"):
         step(*batches[2])
+
+
+def test_fp16_skip_with_the_scaler_also_undoes_the_bad_forward_pass():
+    """fp16 + GradScaler checks the loss on the host (the scaler syncs anyway); a skipped batch
+    still leaves the BN statistics, the buffers, the optimizer and the scaler as before."""
+
+    def run(bad):
+        net, opt = _make("sgd")
+        scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=2.0**4)
+        amp = lambda: torch.autocast("cpu", dtype=torch.float16)  # noqa: E731
+        step = TrainStep(net, opt, scaler=scaler, amp=amp, on_nonfinite="skip")
+        for i, (x, y) in enumerate(_batches(4, bad=bad)):
+            if bad is not None or i != 1:
+                step(x, y)
+        return _state(net, opt), scaler.state_dict(), step.read()
+
+    a, sa, stats = run(bad=1)
+    b, sb, ref = run(bad=None)
+    assert stats.skipped == 1 and stats.steps == 3 and stats.sums == ref.sums
+    assert sa == sb
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -35,8 +35,8 @@ Non-finite losses (``on_nonfinite``):
 
 fp16 with an enabled ``GradScaler``: the scaler itself reads its ``found_inf`` flag on the host
 in ``scaler.step`` (a sync per step that torch's AMP design needs), so there the step checks the
-loss on the host as well (no extra cost) and skips exactly as before: no backward, no scaler
-update.
+loss on the host as well (no extra cost) and a skipped batch runs no backward and no scaler
+update; its forward pass's buffer writes (BatchNorm statistics) are undone from the snapshot.
 """
 
 from __future__ import annotations
@@ -255,7 +255,7 @@ class TrainStep:
         if self.drop_extras:
             extras = {k: v for k, v in extras.items() if k not in self.drop_extras}
         skip = self.on_nonfinite == "skip"
-        before = self._snapshot() if skip and not self._host_check else None
+        before = self._snapshot() if skip else None
         with self.amp():
             _, terms = self.model(x, y, t_out, **extras)
         loss = sum(t.float() for t in terms.values())
@@ -267,6 +267,8 @@ class TrainStep:
             if skip:
                 self._host_skipped += 1
                 self.optimizer.zero_grad(set_to_none=True)
+                assert before is not None  # the forward pass wrote BN statistics: undo them
+                self._restore(before, torch.ones((), dtype=torch.bool, device=loss.device))
                 return loss.detach()
             if self._host_bad is None:
                 self._host_bad = (call, {k: float(v.detach()) for k, v in terms.items()})
@@ -307,7 +309,7 @@ class TrainStep:
             vals[self._keys.index("loss")] = loss.detach().double()
             v = torch.stack([*vals, one])
             good = torch.isfinite(loss)
-            if before is not None and D.is_dist():
+            if before is not None and D.is_dist() and not self._host_check:
                 # All ranks skip together: DDP has averaged the bad rank's gradients into all.
                 g = good.to(torch.int32)
                 torch.distributed.all_reduce(g, op=torch.distributed.ReduceOp.MIN)
@@ -316,7 +318,7 @@ class TrainStep:
                 acc.add_(v)  # bad steps never get here
                 return
             acc.add_(torch.where(good, v, torch.zeros_like(v)))
-            if before is not None:
+            if before is not None:  # skip
                 self._restore(before, ~good)
             else:
                 first = (~good) & (self._first_bad < 0)
