@@ -25,6 +25,13 @@ class ModelConfig:
     name: str = MISSING  # zoo name, torchvision:<name> or timm:<name>
     kwargs: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None  # weights to load (RepDistiller format, bare state dict, ...)
+    # Pretrained weights from the local cache: a torchvision weights enum name (IMAGENET1K_V1,
+    # DEFAULT) or, for timm models, "pretrained" / a pretrained tag; never downloaded.
+    weights: str | None = None
+    # The statistics the model was trained on (one value per channel); None: the model's own
+    # (weights enum / timm pretrained_cfg / model.input_mean), else the data set's.
+    mean: list[float] | None = None
+    std: list[float] | None = None
 
 
 @dataclass

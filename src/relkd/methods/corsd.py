@@ -1,5 +1,6 @@
 """CORSD: Class-Oriented Relational Self Distillation (Yu, Tan, Wu, Dong, Zhang, Ma; arXiv
-2305.00918, ICASSP 2023). Official code: github.com/muzhou-yu/CORSD."""
+2305.00918, ICASSP 2023). From the abstract and the official code (github.com/muzhou-yu/CORSD);
+the paper body was not readable to us."""
 
 from __future__ import annotations
 
