@@ -1,99 +1,67 @@
 """Speed benchmark: images/s and peak memory of a training step, per method, on synthetic data.
 
-``run_speed("resnet32x4", "resnet8x4", ["ce", "kd"], batch=64)`` measures, for one teacher /
-student pair, batch size and device, each *configuration* below and returns one record (a dict)
-per configuration (``relkd bench speed`` prints them, ``--json`` as JSON lines):
+``run_speed("resnet32x4", "resnet8x4", ["ce", "kd"], batch=64)`` returns one record (a dict with
+the keys :data:`RECORD_KEYS`) per *configuration* for one teacher / student pair, batch size and
+device (``relkd bench speed`` prints them, ``--json`` as JSON lines; benchmarks/speed.md is one
+recorded run):
 
 ``teacher_forward``
     ``Teacher(model)(x)`` alone: eval mode, no grad, no taps (what a logit-KD step pays for it).
 ``student_ce_step``
-    One training step of the student with method ``ce`` and no teacher: the baseline.
+    The engine's training step of the student with method ``ce`` and no teacher: the baseline.
 ``online_step`` (per method)
-    The full step of the engine: teacher forward + student forward + method terms + backward +
-    optimizer step.
+    The engine's training step with the online teacher.
 ``cached_step`` (per method that needs a teacher)
-    The same step with the teacher forward replaced by the engine's teacher-output cache
-    (``train.teacher_cache``): :class:`~relkd.engine.teacher.CachedTeacher` over a
-    :class:`~relkd.data.teacher_cache.TeacherCache` opened as the engine opens it
-    (memory-mapped ``.npy`` files on the host; preloaded onto a GPU when it fits), looked up
-    by sample index and the drawn crop / flip. The cache files have the real format, shapes and
-    storage dtype (``[N, K, C]`` logits, ``[N, K, D]`` pooled features, K = (2p+1)^2 * 2
-    augmentation outcomes) but synthetic contents (building a real one runs the teacher on
-    every outcome of every image); they are written once per run into a temporary folder and
-    deleted at the end. A record with ``status: "skipped"`` and the reason where the engine
-    would use the online teacher anyway (methods that read teacher feature maps or change the
-    batch) or where the cache would exceed ``cache_budget_mb``.
-``cached_step_preloaded`` (likewise)
-    The same with the cache read into memory on the device first (``preload=True``): a lookup
-    is pure tensor indexing. On a CPU the engine memory-maps the cache instead; the lookups then
-    cost whatever reading the rows from the page cache, or from disk once the kernel dropped
-    those pages, costs (see benchmarks/speed.md).
-``cached_step_cold`` (likewise; opt-in with the cache variant ``cold``, CPU only)
-    ``cached_step`` with the page cache always cold: before every step (untimed) the cache
-    files' pages are unmapped (``madvise(MADV_DONTNEED)``) and dropped from the page cache
-    (``posix_fadvise(POSIX_FADV_DONTNEED)``, no root needed), so every lookup reads its rows
-    from storage. The worst case of a machine that evicts the file between two visits of an
-    image (one epoch apart). It reads its own copy of the cache files: pages that another
-    configuration's memory map still maps could not be dropped. Skipped, with the reason, off
-    the CPU and where the platform has no ``posix_fadvise``; on a file system whose pages are
-    not backed by storage (tmpfs) nothing can be evicted: the record is still measured and its
-    ``disk_read_mb`` of ~0 shows it.
+    The same step with the teacher replaced by the engine's teacher-output cache
+    (:class:`~relkd.engine.teacher.CachedTeacher` over a
+    :class:`~relkd.data.teacher_cache.TeacherCache` opened as the engine opens it: memory-mapped
+    on the host, preloaded onto a GPU when it fits), looked up by sample index and the drawn crop
+    / flip. The cache files have the real format, shapes and dtype but synthetic contents
+    (building a real one runs the teacher on every augmentation outcome of every image); they
+    are written once per run into a temporary folder and deleted at the end. A record with
+    ``status: "skipped"`` and the reason where the engine would use the online teacher anyway
+    or where the cache would exceed ``cache_budget_mb``.
+``cached_step_preloaded``
+    The same with the cache read into device memory first: a lookup is pure tensor indexing.
+``cached_step_cold`` (opt-in: cache variant ``cold``; CPU only)
+    ``cached_step`` with the page cache always cold: before every step (untimed) its own copy of
+    the cache files is unmapped (``MADV_DONTNEED``) and dropped from the page cache
+    (``POSIX_FADV_DONTNEED``, no root needed), so every lookup reads from storage (on tmpfs
+    nothing can be evicted; its ``disk_read_mb`` of ~0 shows it).
 ``data_inmemory`` / ``data_dataloader``
-    The input pipeline alone at the same batch size: :class:`~relkd.data.InMemoryLoader` (the
-    whole split as uint8 on the device, batched crop + flip + normalise there) versus a
-    ``torch.utils.data.DataLoader`` over :class:`~relkd.data.ArrayImageDataset` (per sample:
-    ``Image.fromarray`` (= ``ToPILImage``) -> RandomCrop -> RandomHorizontalFlip -> ToTensor ->
-    Normalize, then default collate and ``.to(device)``), for each worker count.
+    The input pipeline alone at the same batch: :class:`~relkd.data.InMemoryLoader` versus a
+    ``DataLoader`` over :class:`~relkd.data.ArrayImageDataset` (per-sample PIL crop + flip +
+    ToTensor + Normalize, default collate, ``.to(device)``), per worker count.
 
-The training step is the engine's (:func:`relkd.engine.trainer.fit`), built from the same pieces
-with the same calls as :func:`relkd.engine.trainer.build_components` (models from the zoo,
-:func:`probe_shapes` for the :class:`MethodContext`, :func:`build_method`, :class:`Distiller`,
-:class:`Teacher`, channels-last, ``torch.compile``, autocast, ``GradScaler``, SGD with the config
-defaults) and per step does what the loop does: ``prepare_batch``, channels-last input, teacher
-forward *outside* autocast, ``Distiller`` forward under autocast, the non-finite check, backward,
-optimizer step and the per-term ``float()`` of the logger. Only the data differ: a fixed
-synthetic batch of the right shape already on the device (random images, random labels, random
-sample indices for memory-bank methods), so the step is measured without its input pipeline.
-Models are randomly initialised (timing does not depend on the weights).
+The step timed is the engine's own (:mod:`relkd.engine.step`, the one ``fit`` runs), on parts
+built as :func:`relkd.engine.trainer.build_components` builds them (zoo models, random init,
+:class:`MethodContext`, method, :class:`Distiller`, teacher, channels-last, ``torch.compile``,
+autocast, ``GradScaler``, SGD with the config defaults). Only the data differ: a fixed synthetic
+batch already on the device (random images, labels and sample indices; the drawn augmentation
+for the cached teacher), so the step is measured without its input pipeline.
 
-Measurement: ``warmup`` steps first (excluded; they also absorb ``torch.compile``), then
-``steps`` steps, each timed with ``time.perf_counter`` (CUDA synchronised after every step).
-The training configurations of one option set (precision, channels-last, compile) are
-measured *interleaved*: all of them are built and warmed up, then in each of ``rounds`` rounds
-every configuration runs a block of ``steps / rounds`` consecutive timed steps in turn. A slow
-drift of the machine (clock, a neighbour on the host) then hits all configurations alike and
-the ratios between them stay fair; measured one after the other, the same configurations
-differed by up to ~15% between two runs on the 2-core dev VM. The data pipelines are
-measured one after the other (a DataLoader's workers would keep prefetching while other
-configurations run). Records give the median and mean wall time per step and
-``images_per_s = batch / median`` (``images_per_s_mean = batch / mean`` too), ``warmup_s``
-the whole warm-up and ``first_step_ms`` its first step (one-off costs: ``torch.compile``,
-first-use kernel selection, and for the data pipelines the start of an epoch: the shuffle and
-augmentation draws of InMemoryLoader, the worker start-up of a DataLoader). Memory:
+Measurement: ``warmup`` steps first (excluded; they absorb ``torch.compile``), then ``steps``
+steps, each timed with ``time.perf_counter`` (CUDA synchronised after every step). The training
+configurations of one option set (precision, channels-last, compile) are measured
+*interleaved*: all are built and warmed up, then in each of ``rounds`` rounds every
+configuration runs a block of ``steps / rounds`` consecutive timed steps in turn, so a slow
+drift of the machine hits all alike (one after the other, the same configurations differed by
+up to ~15% between two runs on the 2-core dev VM). ``torch.utils.benchmark.Timer`` does not fit
+this design: it times ``number`` repetitions as one measurement and has no untimed per-step
+hook (the cold variant's eviction) nor interleaving. The data pipelines are measured one after
+the other (a DataLoader's workers would keep prefetching). Records give the median and mean
+step time, ``images_per_s = batch / median`` (``images_per_s_mean = batch / mean``),
+``warmup_s`` and ``first_step_ms`` (one-off costs: compile, kernel selection, epoch start).
 
-* CUDA: ``torch.cuda.memory_allocated`` / ``max_memory_allocated`` (peak stats reset right
-  before the first measured block).
-* CPU: the process's resident set size from ``/proc/self/status``. Right before the first
-  measured block, after ``gc.collect()`` + ``malloc_trim(0)`` returned freed heap to the
-  kernel, the high-water mark ``VmHWM`` is reset to the current RSS (``echo 5 >
-  /proc/self/clear_refs``, Linux >= 4.0); after the block ``VmHWM`` is its peak RSS.
-  ``tracemalloc`` is no use here: it only sees allocations made through Python's allocator,
-  and torch allocates tensor storage with its own C++ allocator; ``resource.getrusage`` gives a
-  high-water mark that cannot be reset. Where ``clear_refs`` cannot be written the high-water
-  mark since process start is used and ``mem_source`` says so. RSS counts pages, not tensors:
-  the numbers include allocator slack and, for the DataLoader, exclude the worker processes'
-  own memory.
-
-Memory fields (MiB): ``step_mem_mb`` = the transient memory of a step (activations,
-gradients, temporaries): peak during the first measured block minus the usage right before
-it; ``peak_mem_mb`` = that plus the persistent memory of the configuration (usage after its
-build and warm-up minus before its build: weights, optimizer state, buffers, data, cache). On
-CPU ``file_mem_mb`` is the file-backed part of the growth (RssFile): pages of memory-mapped
-files, i.e. the teacher cache's ``.npy`` files, which are page cache (shared, reclaimable)
-rather than memory the process allocated; a memory-mapped cache maps whole page-cache folios
-around every row it reads, and over an epoch the whole file. ``disk_read_mb`` (Linux): what
-the process read from storage during its timed steps (``read_bytes`` of ``/proc/self/io``;
-the other configurations running interleaved do not count; None where unavailable).
+Memory (MiB). CUDA: ``torch.cuda.memory_allocated`` / ``max_memory_allocated``. CPU: resident
+set size from ``/proc/self/status`` (``VmHWM`` reset via ``/proc/self/clear_refs`` after
+``gc.collect()`` + ``malloc_trim(0)``, Linux >= 4.0; otherwise the peak since process start and
+``mem_source`` says so); ``tracemalloc`` cannot see torch's C++ allocator and ``getrusage``'s
+peak cannot be reset. ``step_mem_mb`` = peak during the first measured block minus the usage
+before it; ``peak_mem_mb`` = that plus what the build and warm-up left resident (weights,
+optimizer state, buffers, data). ``file_mem_mb`` (CPU): the file-backed part of the growth
+(pages of memory-mapped cache files: page cache, shared and reclaimable). ``disk_read_mb``
+(Linux): what the process read from storage during its own timed steps (``/proc/self/io``).
 """
 
 from __future__ import annotations
@@ -117,99 +85,54 @@ from torch.utils.data import Dataset
 from relkd.registry import RelkdError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-#: cached-step variants: ``engine`` (cached_step), ``preloaded`` (cached_step_preloaded),
-#: ``cold`` (cached_step_cold; not in the default set: it reads from storage on purpose).
-CACHE_VARIANTS = ("engine", "preloaded", "cold")
-CONFIGS = (
-    "teacher_forward",
-    "student_ce_step",
-    "online_step",
-    "cached_step",
-    "cached_step_preloaded",
-    "cached_step_cold",
-    "data_inmemory",
-    "data_dataloader",
-)
-#: keys of every record (numbers are None where a record has status "skipped").
-RECORD_KEYS = (
-    "config",
-    "method",
-    "teacher",
-    "student",
-    "batch",
-    "steps",
-    "warmup",
-    "device",
-    "precision",
-    "channels_last",
-    "compile",
-    "image_size",
-    "in_chans",
-    "num_classes",
-    "threads",
-    "workers",
-    "status",
-    "reason",
-    "step_ms_median",
-    "step_ms_mean",
-    "step_ms_min",
-    "step_ms_max",
-    "images_per_s",
-    "images_per_s_mean",
-    "warmup_s",
-    "first_step_ms",
-    "peak_mem_mb",
-    "step_mem_mb",
-    "file_mem_mb",
-    "mem_source",
-    "nonfinite_steps",
-    "rounds",
-    "cache",
-    "disk_read_mb",
-)
+#: cached-step variants and their configurations (``cold`` is not in the default set: it reads
+#: from storage on purpose).
+CACHE_VARIANTS = {
+    "engine": "cached_step",
+    "preloaded": "cached_step_preloaded",
+    "cold": "cached_step_cold",
+}
+CONFIGS = ("teacher_forward", "student_ce_step", "online_step", *CACHE_VARIANTS.values(),
+           "data_inmemory", "data_dataloader")  # fmt: skip
 #: the measured numbers of a record with status "ok" (all finite; timings positive except
 #: ``warmup_s`` (0 without warm-up); memory >= 0).
 NUMBER_KEYS = (
-    "step_ms_median",
-    "step_ms_mean",
-    "step_ms_min",
-    "step_ms_max",
-    "images_per_s",
-    "images_per_s_mean",
-    "warmup_s",
-    "first_step_ms",
-    "peak_mem_mb",
-    "step_mem_mb",
-)
+    "step_ms_median", "step_ms_mean", "step_ms_min", "step_ms_max", "images_per_s",
+    "images_per_s_mean", "warmup_s", "first_step_ms", "peak_mem_mb", "step_mem_mb",
+)  # fmt: skip
+#: keys of every record (numbers are None where a record has status "skipped").
+RECORD_KEYS = (
+    "config", "method", "teacher", "student", "batch", "steps", "warmup", "device", "precision",
+    "channels_last", "compile", "image_size", "in_chans", "num_classes", "threads", "workers",
+    "status", "reason", *NUMBER_KEYS, "file_mem_mb",
+    "mem_source", "nonfinite_steps", "rounds", "cache", "disk_read_mb",
+)  # fmt: skip
 MIB = 1024.0 * 1024.0
 
 
 # ----------------------------------------------------------------------------------- memory
 
 
-def _proc_status_kb(key: str) -> int | None:
+def _proc_field(path: str, key: str) -> int | None:
+    """The first number of the line ``key: N ...`` of a ``/proc`` file (None: unavailable)."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(key + ":"):
                     return int(line.split()[1])
     except OSError:
-        return None
+        pass
     return None
 
 
-def _malloc_trim() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+def _read_bytes() -> int | None:
+    """Bytes this process has caused to be read from storage (Linux ``/proc/self/io``)."""
+    return _proc_field("/proc/self/io", "read_bytes")
 
 
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+def _status_bytes(key: str) -> float:
+    kb = _proc_field("/proc/self/status", key)
+    return float("nan") if kb is None else kb * 1024.0
 
 
 class _Memory:
@@ -220,74 +143,55 @@ class _Memory:
         self.device = device
         self.cuda = device.type == "cuda"
         self.source = "cuda_max_memory_allocated" if self.cuda else "rss_vmhwm"
-        self.file_mb: float | None = None
 
-    def _settle(self) -> float:
+    def _settle(self) -> tuple[float, float]:
+        """(bytes in use, file-backed bytes) after a collection."""
         gc.collect()
         if self.cuda:
             torch.cuda.synchronize(self.device)
-            return float(torch.cuda.memory_allocated(self.device))
-        _malloc_trim()
-        kb = _proc_status_kb("VmRSS")
-        return float("nan") if kb is None else kb * 1024.0
+            return float(torch.cuda.memory_allocated(self.device)), float("nan")
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap back to the kernel
+        return _status_bytes("VmRSS"), _status_bytes("RssFile")
 
-    def _file_kb(self) -> float:
-        kb = None if self.cuda else _proc_status_kb("RssFile")
-        return float("nan") if kb is None else float(kb)
+    def begin(self) -> None:  # before the build
+        self.base, self.file0 = self._settle()
 
-    def begin(self) -> None:
-        """Before the build."""
-        self.base = self._settle()
-        self.file0 = self._file_kb()
-
-    def built(self) -> None:
-        """After the build and the warm-up."""
-        self.resident = self._settle()
-        self.file_built = self._file_kb()
+    def built(self) -> None:  # after the build and the warm-up
+        self.resident, self.file_built = self._settle()
 
     def before_steps(self) -> None:
-        self.before = self._settle()
-        self.file_before = self._file_kb()
+        self.before, self.file_before = self._settle()
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif not _reset_hwm():
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := VmRSS
+        except OSError:
             self.source = "rss_vmhwm_since_start"  # not resettable: peak since process start
 
     def after_steps(self) -> None:
         if self.cuda:
             torch.cuda.synchronize(self.device)
-            self.peak = float(torch.cuda.max_memory_allocated(self.device))
-            return
-        kb = _proc_status_kb("VmHWM")
-        self.peak = float("nan") if kb is None else kb * 1024.0
-        # File-backed pages (memory-mapped files such as a teacher cache): page cache, shared
-        # and reclaimable; mapped during the build / warm-up and during the measured steps.
-        grow = (self.file_built - self.file0) + (self._file_kb() - self.file_before)
-        self.file_mb = None if math.isnan(grow) else grow / 1024.0
+            self.peak, file_now = float(torch.cuda.max_memory_allocated(self.device)), math.nan
+        else:
+            self.peak, file_now = _status_bytes("VmHWM"), _status_bytes("RssFile")
+        # File-backed pages (memory-mapped teacher cache files) mapped during the build /
+        # warm-up and during the measured steps.
+        self.file = (self.file_built - self.file0) + (file_now - self.file_before)
 
     def result(self) -> dict[str, Any]:
         transient = max(0.0, self.peak - self.before)
         return {
             "peak_mem_mb": (self.resident - self.base + transient) / MIB,
             "step_mem_mb": transient / MIB,
-            "file_mem_mb": self.file_mb,
+            "file_mem_mb": None if math.isnan(self.file) else self.file / MIB,
             "mem_source": self.source,
         }
 
 
 # ------------------------------------------------------------------------------- measuring
-
-
-def _read_bytes() -> int | None:
-    """Bytes this process has caused to be read from storage (Linux ``/proc/self/io``)."""
-    try:
-        with open("/proc/self/io") as f:
-            for line in f:
-                if line.startswith("read_bytes:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 def _evict_pages(cache: Any) -> None:
@@ -329,8 +233,9 @@ class _Run:
     """One configuration: built and warmed up by :meth:`start`, then timed in blocks of
     consecutive steps (:meth:`block`); memory is measured around its first block."""
 
-    def __init__(self, build: Callable[[], Callable[[int], Any]], device: torch.device) -> None:
-        self.build, self.device = build, device
+    def __init__(self, build: Callable[[], Callable[[int], Any]], device: torch.device,
+                 batch: int) -> None:  # fmt: skip
+        self.build, self.device, self.batch = build, device, batch
         self.mem = _Memory(device)
         self.times: list[float] = []
         self.nonfinite = 0
@@ -383,8 +288,8 @@ class _Run:
             "step_ms_mean": 1e3 * mean,
             "step_ms_min": 1e3 * min(times),
             "step_ms_max": 1e3 * max(times),
-            "_median_s": med,
-            "_mean_s": mean,
+            "images_per_s": self.batch / med,
+            "images_per_s_mean": self.batch / mean,
             "warmup_s": self.warmup_s,
             "first_step_ms": 1e3 * (times[0] if self.first is None else self.first),
             **self.mem.result(),
@@ -400,22 +305,17 @@ def _blocks(steps: int, rounds: int) -> list[int]:
 
 
 def _measure_group(
-    builds: Sequence[Callable[[], Callable[[int], Any]]],
-    *,
-    steps: int,
-    warmup: int,
-    rounds: int,
-    device: torch.device,
+    builds: Sequence[Callable[[], Callable[[int], Any]]], spec: _Spec, rounds: int
 ) -> list[dict[str, Any]]:
     """Measure several configurations *interleaved*: all are built and warmed up first, then
     each round times one block of consecutive steps of every configuration in turn, so a slow
     drift of the machine (clock, a neighbour's load) affects all of them alike and the ratios
     between them stay fair. ``rounds=1``: one block each, one configuration after the other."""
-    runs = [_Run(b, device) for b in builds]
+    runs = [_Run(b, spec.device, spec.batch) for b in builds]
     try:
         for run in runs:
-            run.start(warmup)
-        for k in _blocks(steps, rounds):
+            run.start(spec.warmup)
+        for k in _blocks(spec.steps, rounds):
             for run in runs:
                 run.block(k)
         return [run.finish() for run in runs]
@@ -665,7 +565,7 @@ def _train_step(
     precision: str,
     channels_last: bool,
     compile_: bool,
-    teacher_mode: str,  # "none" | "online" | "cached"
+    teacher: str = "none",  # "none" | "online" | "cached"
     cache: Callable[[], Any] | None = None,
     cold: bool = False,
 ) -> Callable[[], Callable[[int], Any]]:
@@ -679,7 +579,7 @@ def _train_step(
 
         device = spec.device
         student = spec.create(spec.student)
-        teacher_model = spec.create(spec.teacher) if teacher_mode != "none" else None
+        teacher_model = spec.create(spec.teacher) if teacher != "none" else None
         ctx = _context(spec, student, teacher_model)
         method, ce_weight = build_method(method_name, ctx)
         distiller = Distiller(student, method, ce_weight).to(device)
@@ -687,9 +587,9 @@ def _train_step(
             distiller = distiller.to(memory_format=torch.channels_last)
         tea: Any = None
         drop: tuple[str, ...] = ()
-        if teacher_mode == "online" and method.requires_teacher:
+        if teacher == "online" and method.requires_teacher:
             tea = Teacher(teacher_model, method.teacher_taps()).to(device)
-        elif teacher_mode == "cached":
+        elif teacher == "cached":
             # As the engine: the cached teacher reads index + the drawn augmentation, which are
             # dropped before the method (index kept when the method wants it).
             tea = CachedTeacher(cache())
@@ -711,9 +611,9 @@ def _train_step(
         x0, y0, extras0 = _synthetic_batch(spec, method)
         n_steps = spec.warmup + spec.steps
         pool = offs = flips = None
-        if "index" in method.batch_extras or teacher_mode == "cached":
+        if "index" in method.batch_extras or teacher == "cached":
             pool = _index_pool(spec, n_steps, len(x0))
-        if teacher_mode == "cached":
+        if teacher == "cached":
             p = _padding(spec.image_size)
             g = torch.Generator().manual_seed(spec.seed + 2)
             offs = torch.randint(0, 2 * p + 1, (n_steps, len(x0), 2), generator=g).to(device)
@@ -1003,48 +903,29 @@ def run_speed(
     }  # fmt: skip
     records: list[dict[str, Any]] = []
     files = _CacheFiles(spec, cache_dtype, cache_root)
-
-    # (fields, build or None, skip reason or None), measured and emitted group by group.
+    # (fields, build, skip reason or None), measured and emitted group by group.
     group: list[tuple[dict[str, Any], Any, str | None]] = []
-
-    def add(config: str, build, *, skip: str | None = None, **fields: Any) -> None:
-        group.append(({"config": config, **fields}, build, skip))
 
     def flush(interleave: bool) -> None:
         todo = [b for _, b, why in group if why is None]
         if interleave:
-            results = _measure_group(
-                todo, steps=spec.steps, warmup=spec.warmup, rounds=rounds, device=spec.device
-            )
-        else:  # one configuration after the other (the data pipelines: see run_speed's doc)
-            results = [
-                _measure_group(
-                    [b], steps=spec.steps, warmup=spec.warmup, rounds=1, device=spec.device
-                )[0]
-                for b in todo
-            ]
+            results = _measure_group(todo, spec, rounds)
+        else:  # one after the other (the data pipelines: see the module doc)
+            results = [_measure_group([b], spec, 1)[0] for b in todo]
         it = iter(results)
         for fields, _, why in group:
-            rec: dict[str, Any] = dict.fromkeys(RECORD_KEYS)
-            rec.update(base, **fields)
+            rec: dict[str, Any] = {**dict.fromkeys(RECORD_KEYS), **base, **fields}
             if why is not None:
                 rec.update(status="skipped", reason=why)
             else:
-                res = next(it)
-                med, mean = res.pop("_median_s"), res.pop("_mean_s")
-                rec.update(
-                    res, status="ok", rounds=len(_blocks(spec.steps, rounds if interleave else 1))
-                )
-                rec["images_per_s"] = spec.batch / med
-                rec["images_per_s_mean"] = spec.batch / mean
+                rec.update(next(it), status="ok")
+                rec["rounds"] = len(_blocks(spec.steps, rounds if interleave else 1))
             records.append(rec)
             if on_record is not None:
                 on_record(rec)
         group.clear()
 
     try:
-        from relkd.methods.base import METHODS
-
         _prime(spec)
         # Objects alive now (modules, the imported libraries) are moved out of the collector's
         # reach: the gc.collect() before each measurement then costs milliseconds, not ~0.3 s.
@@ -1054,80 +935,28 @@ def run_speed(
             for cl in cl_flags:
                 for comp in compile_flags:
                     opts = {"precision": precision, "channels_last": cl, "compile": comp}
-                    add("teacher_forward", _teacher_forward(spec, cl), **opts)
                     kw = {"precision": precision, "channels_last": cl, "compile_": comp}
-                    add(
-                        "student_ce_step",
-                        _train_step(spec, "ce", teacher_mode="none", **kw),
-                        method="ce",
-                        **opts,
-                    )
-                    for m in methods:
-                        if m == "ce":
-                            continue
-                        add(
-                            "online_step",
-                            _train_step(spec, m, teacher_mode="online", **kw),
-                            method=m,
-                            **opts,
-                        )
-                        parts = [METHODS.get(p.strip()) for p in m.split("+")]
-                        if not any(p.requires_teacher for p in parts):
-                            continue
-                        why, taps, dims, nbytes = _cache_plan(spec, m, files, cache_budget_mb)
-                        what = f"TeacherCache {files.dtype} {'+'.join(taps)} {nbytes / MIB:.0f} MiB"
-                        for variant in cache_variants:
-                            if variant == "engine":
-                                mode = "memory-mapped" + (
-                                    ", preloaded on the GPU"
-                                    if why is None and _engine_preloads(nbytes, spec.device)
-                                    else ""
+                    group.append(({"config": "teacher_forward", **opts},
+                                  _teacher_forward(spec, cl), None))  # fmt: skip
+                    for m in ["ce", *(m for m in methods if m != "ce")]:
+                        config = "student_ce_step" if m == "ce" else "online_step"
+                        mode = "none" if m == "ce" else "online"
+                        fields = {"config": config, "method": m, **opts}
+                        group.append((fields, _train_step(spec, m, teacher=mode, **kw), None))
+                        if m != "ce":
+                            for f, cache, why in _cached(spec, m, files, cache_budget_mb,
+                                                         cache_variants):  # fmt: skip
+                                cold = f["config"] == "cached_step_cold"
+                                step = _train_step(
+                                    spec, m, teacher="cached", cache=cache, cold=cold, **kw
                                 )
-                                path = files.path(taps, dims) if why is None else None
-                                open_ = functools.partial(_open_cache, path, spec.device)
-                                add(
-                                    "cached_step", _train_step(
-                                        spec, m, teacher_mode="cached", cache=open_, **kw
-                                    ),
-                                    method=m, skip=why, **opts,
-                                    cache=None if why else f"{what}, engine's choice: {mode}",
-                                )  # fmt: skip
-                                continue
-                            if variant == "cold":
-                                cwhy = why or _can_evict()
-                                if cwhy is None and spec.device.type != "cpu":
-                                    cwhy = "the cold variant measures the host memory map (CPU)"
-                                path = files.path(taps, dims, "cold") if cwhy is None else None
-                                add(
-                                    "cached_step_cold", _train_step(
-                                        spec, m, teacher_mode="cached", cold=True,
-                                        cache=functools.partial(_open_cache, path, spec.device),
-                                        **kw,
-                                    ),
-                                    method=m, skip=cwhy, **opts,
-                                    cache=None if cwhy else f"{what}, memory-mapped, its pages "
-                                    "evicted before every step",
-                                )  # fmt: skip
-                                continue
-                            pwhy = why
-                            if pwhy is None and _engine_preloads(nbytes, spec.device):
-                                pwhy = "the engine preloads this cache on this device already"
-                            loaded = files.preloaded(taps, dims) if pwhy is None else None
-                            add(
-                                "cached_step_preloaded", _train_step(
-                                    spec, m, teacher_mode="cached",
-                                    cache=functools.partial(lambda c: c, loaded), **kw,
-                                ),
-                                method=m, skip=pwhy, **opts,
-                                cache=None if pwhy else f"{what}, preloaded into {spec.device} "
-                                "memory before the build (one copy shared by the run, not in "
-                                "peak_mem_mb)",
-                            )  # fmt: skip
+                                group.append(({**f, **opts}, step, why))
                     flush(interleave=True)
         if data:
-            add("data_inmemory", _data_inmemory(spec))
+            group.append(({"config": "data_inmemory"}, _data_inmemory(spec), None))
             for w in spec.data_workers:
-                add("data_dataloader", _data_dataloader(spec, w), workers=w)
+                fields = {"config": "data_dataloader", "workers": w}
+                group.append((fields, _data_dataloader(spec, w), None))
             flush(interleave=False)
     finally:
         files.close()
@@ -1136,15 +965,50 @@ def run_speed(
     return records
 
 
+def _cached(
+    spec: _Spec, m: str, files: _CacheFiles, budget_mb: float, variants: Sequence[str]
+) -> list[tuple[dict[str, Any], Callable[[], Any] | None, str | None]]:
+    """``(record fields, cache opener, skip reason)`` of each cached step of method ``m`` (none
+    for a method without a teacher)."""
+    from relkd.methods.base import METHODS
+
+    if not any(METHODS.get(p.strip()).requires_teacher for p in m.split("+")):
+        return []
+    why, taps, dims, nbytes = _cache_plan(spec, m, files, budget_mb)
+    what = f"TeacherCache {files.dtype} {'+'.join(taps)} {nbytes / MIB:.0f} MiB"
+    gpu_preload = why is None and _engine_preloads(nbytes, spec.device)
+    out = []
+    for v in variants:
+        skip, opener, desc = why, None, None
+        if v == "cold" and skip is None:
+            skip = _can_evict()
+            if skip is None and spec.device.type != "cpu":
+                skip = "the cold variant measures the host memory map (CPU)"
+        if v == "preloaded" and skip is None and gpu_preload:
+            skip = "the engine preloads this cache on this device already"
+        if skip is None and v == "preloaded":
+            opener = functools.partial(lambda c: c, files.preloaded(taps, dims))
+            desc = (f"{what}, preloaded into {spec.device} memory before the build (one copy "
+                    "shared by the run, not in peak_mem_mb)")  # fmt: skip
+        elif skip is None:
+            path = files.path(taps, dims, "cold" if v == "cold" else "")
+            opener = functools.partial(_open_cache, path, spec.device)
+            desc = f"{what}, " + (
+                "memory-mapped, its pages evicted before every step" if v == "cold" else
+                "engine's choice: memory-mapped" + (", preloaded on the GPU" * gpu_preload)
+            )  # fmt: skip
+        fields = {"config": CACHE_VARIANTS[v], "method": m, "cache": desc}
+        out.append((fields, opener, skip))
+    return out
+
+
 def _prime(spec: _Spec) -> None:
     """Two unrecorded steps of a teacher forward and a student step: one-off costs of the
     process (lazy library initialisation, first-use kernel caches) are not charged to the
     first configuration measured."""
     for build in (
         _teacher_forward(spec, False),
-        _train_step(
-            spec, "ce", precision="fp32", channels_last=False, compile_=False, teacher_mode="none"
-        ),
+        _train_step(spec, "ce", precision="fp32", channels_last=False, compile_=False),
     ):
         step = build()
         step(0)
@@ -1190,64 +1054,44 @@ def speed_ratios(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
       forward median), per method and option set (target <= 1.05 for ``kd``);
     * ``cached / ce``, ``cached (preloaded) / ce``, ``cached (cold page cache) / ce``: cached
       step median / student CE step median (target <= 1.10 for ``kd``);
-    * ``inmemory / dataloader``: InMemoryLoader images/s / DataLoader images/s per worker count
-      (target >= 3), from the medians and, as ``value_mean``, from the means.
+    * ``inmemory / dataloader(workers=W)``: InMemoryLoader images/s / DataLoader images/s
+      (target >= 3).
+
+    ``value`` is from the medians, ``value_mean`` from the means.
     """
     ok = [r for r in records if r["status"] == "ok"]
     out: list[dict[str, Any]] = []
 
-    def opts(r):
-        return (r["precision"], r["channels_last"], r["compile"])
+    def opts(r: dict[str, Any]) -> tuple[Any, Any, Any]:
+        return r["precision"], r["channels_last"], r["compile"]
 
-    def find(config: str, o) -> dict[str, Any] | None:
+    def find(config: str, o: tuple[Any, Any, Any]) -> dict[str, Any] | None:
         return next((r for r in ok if r["config"] == config and opts(r) == o), None)
 
-    for r in ok:
+    def add(name: str, r: dict[str, Any], over: list, target: str | None) -> None:
+        """``r``'s time / the summed times of ``over``; ``target`` like ``"<= 1.05"``."""
+        v, v_mean = (r[k] / sum(d[k] for d in over) for k in ("step_ms_median", "step_ms_mean"))
+        meets = None
+        if target is not None:
+            bound = float(target.split()[1])
+            meets = v <= bound if target.startswith("<=") else v >= bound
         o = opts(r)
-        ce, tf = find("student_ce_step", o), find("teacher_forward", o)
-        common = {"method": r["method"], "precision": o[0], "channels_last": o[1], "compile": o[2]}
-        if r["config"] == "online_step" and ce and tf:
-            den = ce["step_ms_median"] + tf["step_ms_median"]
-            den_mean = ce["step_ms_mean"] + tf["step_ms_mean"]
-            out.append(
-                {
-                    "ratio": "online / (ce + teacher)",
-                    **common,
-                    "value": r["step_ms_median"] / den,
-                    "value_mean": r["step_ms_mean"] / den_mean,
-                    "target": "<= 1.05" if r["method"] == "kd" else None,
-                    "meets": r["step_ms_median"] / den <= 1.05 if r["method"] == "kd" else None,
-                }
-            )
-        if r["config"] in _CACHED_RATIO and ce:
-            v = r["step_ms_median"] / ce["step_ms_median"]
-            out.append(
-                {
-                    "ratio": _CACHED_RATIO[r["config"]],
-                    **common,
-                    "value": v,
-                    "value_mean": r["step_ms_mean"] / ce["step_ms_mean"],
-                    "target": "<= 1.10" if r["method"] == "kd" else None,
-                    "meets": v <= 1.10 if r["method"] == "kd" else None,
-                }
-            )
+        out.append({
+            "ratio": name, "method": r["method"], "precision": o[0], "channels_last": o[1],
+            "compile": o[2], "value": v, "value_mean": v_mean, "target": target, "meets": meets,
+        })  # fmt: skip
+
     mem = next((r for r in ok if r["config"] == "data_inmemory"), None)
     for r in ok:
-        if r["config"] == "data_dataloader" and mem:
-            v = mem["images_per_s"] / r["images_per_s"]
-            out.append(
-                {
-                    "ratio": f"inmemory / dataloader(workers={r['workers']})",
-                    "method": None,
-                    "precision": None,
-                    "channels_last": None,
-                    "compile": None,
-                    "value": v,
-                    "value_mean": mem["images_per_s_mean"] / r["images_per_s_mean"],
-                    "target": ">= 3",
-                    "meets": v >= 3,
-                }
-            )
+        o, kd = opts(r), r["method"] == "kd"
+        ce, tf = find("student_ce_step", o), find("teacher_forward", o)
+        if r["config"] == "online_step" and ce and tf:
+            add("online / (ce + teacher)", r, [ce, tf], "<= 1.05" if kd else None)
+        elif r["config"] in _CACHED_RATIO and ce:
+            add(_CACHED_RATIO[r["config"]], r, [ce], "<= 1.10" if kd else None)
+        elif r["config"] == "data_dataloader" and mem:
+            # images/s ratio = the inverse ratio of the step times (images/s = batch / time)
+            add(f"inmemory / dataloader(workers={r['workers']})", r, [mem], ">= 3")
     return out
 
 
