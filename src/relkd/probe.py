@@ -51,7 +51,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -357,28 +356,6 @@ def extract_features(
     return torch.cat(feats), torch.cat(labels)
 
 
-@torch.no_grad()
-def evaluate_head(
-    head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, chunk: int = 4096
-) -> dict[str, float]:
-    """Top-1 / top-5 (%) and mean CE of ``head`` on precomputed features."""
-    was = head.training
-    head.eval()
-    n, top1, top5, ce = 0, 0.0, 0.0, 0.0
-    for i in range(0, len(feats), chunk):
-        logits = head(feats[i : i + chunk]).float()
-        y = labels[i : i + chunk]
-        k = min(5, logits.shape[1])
-        hit = logits.topk(k, dim=1).indices.eq(y[:, None])
-        n += y.numel()
-        top1 += float(hit[:, 0].sum())
-        top5 += float(hit.any(dim=1).sum())
-        ce += float(F.cross_entropy(logits, y, reduction="sum"))
-    head.train(was)
-    n = max(1, n)
-    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "test_loss": ce / n}
-
-
 # ------------------------------------------------------------------------------ the training
 
 
@@ -432,7 +409,7 @@ def fit_probe(
     """
     from relkd.engine.distiller import Distiller
     from relkd.engine.step import TrainStep
-    from relkd.engine.trainer import _unpack, seed_everything
+    from relkd.engine.trainer import _unpack, evaluate, seed_everything
     from relkd.methods import MethodContext, build_method
     from relkd.models.checkpoint import save_student
 
@@ -453,6 +430,7 @@ def fit_probe(
     probe.to(device)
     probe.train()
     test_feats, test_y = features_of(test_ds, "test features")
+    test_batches = list(zip(test_feats.split(4096), test_y.split(4096)))
     if augment:
         train_loader, loader_kind = _train_loader(
             train_ds, batch_size=batch_size, seed=seed, device=device, num_workers=num_workers,
@@ -511,7 +489,7 @@ def fit_probe(
             step += 1
             seen += len(y)
         train_step.read()  # raises on a non-finite loss of the epoch, naming its step
-        ev = evaluate_head(head, test_feats, test_y)
+        ev = evaluate(head, test_batches, device)  # the engine's top-1 / top-5 / CE
         if ev["top1"] > best["top1"]:
             best = {"top1": ev["top1"], "epoch": epoch + 1}
         record: dict[str, Any] = {
@@ -583,33 +561,14 @@ def run_probe(
 ) -> dict[str, Any]:
     """Linear-probe transfer of a trained student, the RRD protocol (arXiv 2407.12073).
 
-    Args:
-        model_name: the student's zoo name (``relkd list models``), e.g. ``wrn_16_2``.
-        checkpoint: its weights (``relkd train``'s ``student.pt`` / ``.safetensors``, a
-            RepDistiller ``{"model": sd}`` file, a bare state dict); loaded strictly.
-        data: the target data set (``stl10``, ``tiny_imagenet`` or any registered one).
-        root: the target's data root (``None``: its default location).
-        num_source_classes: classifier width of the checkpoint (100 for CIFAR-100 students).
-        image_size: side the target images are resized to (32, the protocol); ``None`` or 0
-            keeps the data set's own size (needed for fixed-size sets such as fashion_mnist).
-        epochs, lr, milestones, gamma, batch_size, momentum, weight_decay: the head's SGD
-            schedule (protocol: 120, 0.05, 30/60/90, 0.1, 64, 0.9, 5e-4).
-        augment: the data set's train augmentation (RandomCrop(32, pad 4) + flip for STL-10 and
-            Tiny-ImageNet at 32). ``False`` extracts the train features once (fast, **not** the
-            protocol).
-        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
-        seed: head init, shuffle order and augmentation draws.
-        out_dir, name: the run folder is ``out_dir/name`` (default name
-            ``<data>_<model>_s<seed>``); an existing finished run there is an error unless
-            ``overwrite``.
-        max_steps_per_epoch: cap the train steps per epoch (smoke tests).
-        quiet: no progress bars or lines on stderr.
-        num_workers, eval_batch_size: DataLoader workers (file-based sets) and the batch size of
-            feature extraction.
-        in_memory: ``auto`` (on-device batches when the split fits: in-memory sets, and file sets
-            with a plain resize + crop + flip pipeline such as Tiny-ImageNet), ``true``, ``false``.
-        model_kwargs: extra arguments of the model factory (e.g. ``{"in_chans": 3}``).
-        download: let the data set builder download missing data (where it can).
+    The options are those of ``relkd probe`` (:data:`OPTIONS` says what each does); the
+    defaults are the protocol's (:data:`PROTOCOL`). Notes: ``checkpoint`` is any file
+    :func:`relkd.models.load_checkpoint` reads (``relkd train``'s ``student.pt``, a RepDistiller
+    ``{"model": sd}`` file, a bare state dict), loaded strictly; ``image_size`` None or 0 keeps
+    the data set's own size (fixed-size sets such as fashion_mnist); ``augment=False`` extracts
+    the train features once (fast, **not** the protocol); the run folder is ``out_dir/name``
+    (default name ``<data>_<model>_s<seed>``) and a finished run there is an error unless
+    ``overwrite``; ``quiet``: no progress bars or lines on stderr.
 
     Returns:
         the summary (also written to ``summary.json``): ``best_top1``, ``last_top1``,
