@@ -87,6 +87,30 @@ def test_run_speed_records(tmp_path):
         assert (q["meets"] is None) == (q["target"] is None)
 
 
+def test_the_timed_step_is_the_engines(monkeypatch):
+    """Every timed (and warm-up) training step is a call of the engine's TrainStep, the step
+    fit runs: no copy of the step lives in the benchmark."""
+    from relkd.engine.step import TrainStep
+
+    calls: list[tuple[str, bool, tuple[str, ...]]] = []
+    real = TrainStep.__call__
+
+    def spy(self, x, y, extras=None):
+        calls.append((self.method_name, self.teacher is not None, tuple(sorted(extras or {}))))
+        return real(self, x, y, extras)
+
+    monkeypatch.setattr(TrainStep, "__call__", spy)
+    recs = run_speed("cnn_small", "cnn_tiny", "kd", data=False, cache_variants="engine", **TINY)
+    assert [r["config"] for r in recs] == [
+        "teacher_forward", "student_ce_step", "online_step", "cached_step",
+    ]  # fmt: skip
+    ce, online = ("ce", False, ()), ("kd", True, ())
+    cached = ("kd", True, ("aug_flips", "aug_offsets", "index"))
+    # 2 priming steps, then one warm-up step each, then 3 interleaved rounds of 1 step each.
+    assert calls == [ce] * 2 + [ce, online, cached] * (TINY["warmup"] + TINY["steps"])
+    assert all(r["nonfinite_steps"] == 0 for r in recs if r["config"] != "teacher_forward")
+
+
 def test_options_and_skipped_cache():
     """One record per (precision, channels_last) x configuration; a cache over the budget is a
     skipped record with a reason, not a silent omission."""

@@ -250,7 +250,7 @@ class _Run:
         for i in range(warmup):
             if self.before is not None:
                 self.before()
-            self.nonfinite += bool(self.step(i) is False)
+            self.step(i)
             if self.first is None:
                 _sync(self.device)
                 self.first = time.perf_counter() - t0
@@ -268,7 +268,7 @@ class _Run:
                 self.before()
             r0 = _read_bytes()
             t = time.perf_counter()
-            self.nonfinite += bool(self.step(self.i) is False)
+            self.step(self.i)
             _sync(self.device)
             self.times.append(time.perf_counter() - t)
             r1 = _read_bytes()
@@ -280,6 +280,12 @@ class _Run:
             self.mem.after_steps()  # before the step (and its memory maps) goes
 
     def finish(self) -> dict[str, Any]:
+        stats = getattr(self.step, "stats", None)
+        if stats is not None:
+            try:
+                self.nonfinite = stats().skipped
+            except RelkdError:  # a non-finite loss: the engine (on_nonfinite=stop) stops here
+                self.nonfinite = 1  # at least one
         del self.step
         times = self.times
         med, mean = statistics.median(times), statistics.fmean(times)
@@ -569,10 +575,13 @@ def _train_step(
     cache: Callable[[], Any] | None = None,
     cold: bool = False,
 ) -> Callable[[], Callable[[int], Any]]:
+    """A build of the engine's :class:`~relkd.engine.step.TrainStep` on the synthetic batch;
+    step ``i`` gets its own sample indices (and, cached, its own drawn crop / flip)."""
+
     def build() -> Callable[[int], Any]:
         from relkd.config import OptimConfig
-        from relkd.data.teacher_cache import num_outcomes
         from relkd.engine.distiller import Distiller
+        from relkd.engine.step import TrainStep
         from relkd.engine.teacher import CachedTeacher, Teacher
         from relkd.engine.trainer import _amp
         from relkd.methods import build_method
@@ -580,8 +589,7 @@ def _train_step(
         device = spec.device
         student = spec.create(spec.student)
         teacher_model = spec.create(spec.teacher) if teacher != "none" else None
-        ctx = _context(spec, student, teacher_model)
-        method, ce_weight = build_method(method_name, ctx)
+        method, ce_weight = build_method(method_name, _context(spec, student, teacher_model))
         distiller = Distiller(student, method, ce_weight).to(device)
         if channels_last:
             distiller = distiller.to(memory_format=torch.channels_last)
@@ -596,57 +604,41 @@ def _train_step(
             drop = ("aug_offsets", "aug_flips")
             drop += () if "index" in method.batch_extras else ("index",)
         del teacher_model
-        step_fn: Callable[..., Any] = torch.compile(distiller) if compile_ else distiller
         oc = OptimConfig()
         params = [p for p in distiller.parameters() if p.requires_grad]
         opt = torch.optim.SGD(
             params, lr=oc.lr, momentum=oc.momentum, weight_decay=oc.weight_decay,
             nesterov=oc.nesterov,
         )  # fmt: skip
-        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        amp_ctx = _amp(precision, device)
+        train_step = TrainStep(
+            torch.compile(distiller) if compile_ else distiller, opt, params=params,
+            state_module=distiller,
+            scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+            amp=_amp(precision, device), teacher=tea, drop_extras=drop,
+            prepare_batch=method.prepare_batch, channels_last=channels_last,
+            method_name=method_name,
+        )  # fmt: skip
         method.set_phase("main")
         method.set_epoch(0)
         distiller.train()
         x0, y0, extras0 = _synthetic_batch(spec, method)
-        n_steps = spec.warmup + spec.steps
-        pool = offs = flips = None
+        n = spec.warmup + spec.steps
+        per_step: dict[str, torch.Tensor] = {}  # [steps, B, ...] per-step extras
         if "index" in method.batch_extras or teacher == "cached":
-            pool = _index_pool(spec, n_steps, len(x0))
+            per_step["index"] = _index_pool(spec, n, len(x0))
         if teacher == "cached":
             p = _padding(spec.image_size)
             g = torch.Generator().manual_seed(spec.seed + 2)
-            offs = torch.randint(0, 2 * p + 1, (n_steps, len(x0), 2), generator=g).to(device)
-            flips = torch.randint(0, 2, (n_steps, len(x0)), generator=g).bool().to(device)
-            assert num_outcomes(p, True) == tea.cache.num_outcomes
+            per_step["aug_offsets"] = torch.randint(0, 2 * p + 1, (n, len(x0), 2), generator=g)
+            per_step["aug_flips"] = torch.randint(0, 2, (n, len(x0)), generator=g).bool()
+            per_step = {k: v.to(device) for k, v in per_step.items()}
 
-        def step(i: int) -> bool:
-            extras = dict(extras0)
-            if pool is not None:
-                extras["index"] = pool[i]
-            if offs is not None:
-                extras["aug_offsets"], extras["aug_flips"] = offs[i], flips[i]
-            x, y, extras = method.prepare_batch(x0, y0, extras)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            t_out = tea(x, **extras) if tea is not None else None
-            if drop:
-                extras = {k: v for k, v in extras.items() if k not in drop}
-            with amp_ctx():
-                _, terms = step_fn(x, y, t_out, **extras)
-            loss = sum(t.float() for t in terms.values())
-            if not torch.isfinite(loss):  # the engine checks every step (a sync on CUDA)
-                opt.zero_grad(set_to_none=True)
-                return False
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            for v in terms.values():  # the engine's per-term logging sums
-                float(v.detach())
-            float(loss.detach())
-            return True
+        def step(i: int) -> None:
+            train_step(x0, y0, {**extras0, **{k: v[i] for k, v in per_step.items()}})
 
+        # _Run reads the on-device sums once, after the timed steps (the engine reads them
+        # every train.log_every steps): the number of non-finite steps; "stop" raises there.
+        step.stats = train_step.read  # type: ignore[attr-defined]
         if cold:  # _Run calls this untimed before every step
             step.before = functools.partial(_evict_pages, tea.cache)  # type: ignore[attr-defined]
         return step
