@@ -366,13 +366,16 @@ class _SyntheticSet(Dataset):
         return self.images[i], int(self.targets[i])
 
 
-def _context(spec: _Spec, student: nn.Module, teacher: nn.Module | None):
-    """The MethodContext exactly as build_components makes it (on a CPU dummy batch)."""
+def _parts(spec: _Spec, method_name: str, with_teacher: bool) -> tuple[Any, ...]:
+    """``(student, teacher model or None, MethodContext, method, ce weight)``, random init, the
+    context exactly as build_components makes it (on a CPU dummy batch)."""
     from relkd.config import TrainConfig
     from relkd.engine.trainer import _tappable, probe_shapes
-    from relkd.methods import MethodContext
+    from relkd.methods import MethodContext, build_method
     from relkd.models import get_feature_info
 
+    student = spec.create(spec.student)
+    teacher = spec.create(spec.teacher) if with_teacher else None
     dummy = torch.zeros(spec.shape(2))
     s_shapes = probe_shapes(student, _tappable(student), dummy)
     if s_shapes["logits"] != (spec.num_classes,):
@@ -396,7 +399,7 @@ def _context(spec: _Spec, student: nn.Module, teacher: nn.Module | None):
                 f"teacher {spec.teacher!r} predicts {ctx.teacher_shapes['logits'][0]} classes "
                 f"but the student {s_shapes['logits'][0]}"
             )
-    return ctx
+    return (student, teacher, ctx, *build_method(method_name, ctx))
 
 
 def _synthetic_batch(spec: _Spec, method) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
@@ -427,32 +430,6 @@ def _index_pool(spec: _Spec, n_steps: int, per_step: int) -> torch.Tensor:
     if per_step > n:
         rows = [torch.randint(0, n, (per_step,), generator=g) for _ in range(n_steps)]
     return torch.stack(rows).to(spec.device)
-
-
-def _cache_taps(method) -> tuple[str, ...]:
-    """What the engine caches for ``method``: logits plus its teacher taps."""
-    return tuple(dict.fromkeys(["logits", *method.teacher_taps()]))
-
-
-def _cache_fallback(method_name: str, method) -> str | None:
-    """The engine's reasons to keep the online teacher (relkd.engine.trainer._teacher_cache)."""
-    from relkd.methods.base import Method
-    from relkd.models import POOLED
-
-    taps = list(method.teacher_taps())
-    parts = list(method.parts.values()) if hasattr(method, "parts") else [method]
-    if not set(taps) <= {POOLED}:
-        feats = [t for t in taps if t != POOLED]
-        return (
-            f"method {method_name!r} needs teacher features {feats}: the teacher cache holds "
-            "logits and pooled features only, the engine uses the online teacher"
-        )
-    if any(type(p).prepare_batch is not Method.prepare_batch for p in parts):
-        return (
-            f"method {method_name!r} changes the batch (prepare_batch): the engine uses the "
-            "online teacher"
-        )
-    return None
 
 
 class _CacheFiles:
@@ -584,12 +561,9 @@ def _train_step(
         from relkd.engine.step import TrainStep
         from relkd.engine.teacher import CachedTeacher, Teacher
         from relkd.engine.trainer import _amp
-        from relkd.methods import build_method
 
         device = spec.device
-        student = spec.create(spec.student)
-        teacher_model = spec.create(spec.teacher) if teacher != "none" else None
-        method, ce_weight = build_method(method_name, _context(spec, student, teacher_model))
+        student, teacher_model, _, method, ce_weight = _parts(spec, method_name, teacher != "none")
         distiller = Distiller(student, method, ce_weight).to(device)
         if channels_last:
             distiller = distiller.to(memory_format=torch.channels_last)
@@ -836,33 +810,21 @@ def run_speed(
 
     Args:
         teacher, student: zoo names (or ``torchvision:`` / ``timm:`` names).
-        methods: registered methods or compositions, a list or a comma list. ``ce`` is the
-            ``student_ce_step`` configuration (measured always); the others give an
-            ``online_step`` and (with a teacher) a ``cached_step`` record each.
+        methods: registered methods or compositions, a list or a comma list; ``ce`` (the
+            ``student_ce_step``) is measured always.
         batch, steps, warmup: batch size, measured steps, excluded warm-up steps per config.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
         precisions: any of ``fp32``, ``bf16``, ``fp16`` (autocast as ``train.precision``).
         channels_last, compile: a flag, or ``(False, True)`` to measure without and with.
         image_size, in_chans, num_classes: the synthetic data's shape (CIFAR-100: 32, 3, 100).
         threads: ``torch.set_num_threads`` for the run (restored afterwards); None keeps it.
-        num_train_samples: the training-set size N: memory banks (CRD), the teacher-output
-            cache, and the uint8 split the data pipelines read (CIFAR: 50000).
-        data: also measure the data pipelines; ``data_workers``: DataLoader worker counts.
-        cache_budget_mb: the largest teacher-output cache file set to write (MiB); a method
-            whose cache needs more gets a ``cached_step`` record with status skipped.
-        cache_dtype: storage dtype of the cache, ``fp16`` (the engine's default) or ``fp32``.
-        cache_root: folder for the temporary cache files (default: the system's temp folder).
-        cache_variants: the cached steps to measure: ``engine`` (``cached_step``: the cache
-            opened as the engine opens it -- memory-mapped on the host, preloaded onto a GPU
-            when it fits) and/or ``preloaded`` (``cached_step_preloaded``: read into memory on
-            the device first, so a lookup is pure tensor indexing) and/or ``cold``
-            (``cached_step_cold``: memory-mapped with its pages evicted before every step, so
-            every lookup reads from storage; CPU only).
-        rounds: the training configurations of one option set are measured interleaved: all
-            are built and warmed up, then ``rounds`` times each runs a block of
-            ``steps / rounds`` consecutive timed steps in turn (1: one block each, one after the
-            other). The data pipelines are measured one after the other (DataLoader workers
-            would prefetch while other configurations run).
+        num_train_samples: the training-set size N (memory banks, teacher cache, data split).
+        data, data_workers: also measure the data pipelines, with these DataLoader workers.
+        cache_budget_mb: the largest teacher cache to write (MiB); over it: skipped records.
+        cache_dtype, cache_root: the cache's storage dtype (``fp16``, the engine's default, or
+            ``fp32``) and the folder of its temporary files (default: the system's temp folder).
+        cache_variants: any of ``engine``, ``preloaded``, ``cold`` (:data:`CACHE_VARIANTS`).
+        rounds: interleaved rounds per option set (1: one configuration after the other).
         on_record: called with each record as soon as it is measured.
     """
     from relkd.engine.trainer import resolve_device
@@ -1011,14 +973,27 @@ def _prime(spec: _Spec) -> None:
 def _cache_plan(
     spec: _Spec, method_name: str, files: _CacheFiles, budget_mb: float
 ) -> tuple[str | None, tuple[str, ...], dict[str, int], int]:
-    """``(why not, taps, dims, bytes)`` of the teacher cache of a method."""
-    from relkd.methods import build_method
+    """``(why not, taps, dims, bytes)`` of the teacher cache of a method: logits plus its
+    teacher taps, and the engine's reasons to keep the online teacher (as
+    relkd.engine.trainer._teacher_cache decides)."""
+    from relkd.methods.base import Method
+    from relkd.models import POOLED
 
-    student, teacher = spec.create(spec.student), spec.create(spec.teacher)
-    ctx = _context(spec, student, teacher)
-    method, _ = build_method(method_name, ctx)
-    taps = _cache_taps(method)
-    why = _cache_fallback(method_name, method)
+    _, _, ctx, method, _ = _parts(spec, method_name, with_teacher=True)
+    taps = tuple(dict.fromkeys(["logits", *method.teacher_taps()]))
+    parts = list(method.parts.values()) if hasattr(method, "parts") else [method]
+    feats = [t for t in taps if t not in ("logits", POOLED)]
+    why = None
+    if feats:
+        why = (
+            f"method {method_name!r} needs teacher features {feats}: the teacher cache holds "
+            "logits and pooled features only, the engine uses the online teacher"
+        )
+    elif any(type(p).prepare_batch is not Method.prepare_batch for p in parts):
+        why = (
+            f"method {method_name!r} changes the batch (prepare_batch): the engine uses the "
+            "online teacher"
+        )
     if why is not None:
         return why, taps, {}, 0
     dims = {t: int(math.prod(ctx.teacher_shapes[t])) for t in taps}
