@@ -679,47 +679,38 @@ def _cycling(make_iter: Callable[[int], Iterable[Any]]) -> Callable[[int], Any]:
     return step
 
 
-def _data_inmemory(spec: _Spec) -> Callable[[], Callable[[int], Any]]:
+def _data(spec: _Spec, workers: int | None) -> Callable[[], Callable[[int], Any]]:
+    """The input pipeline over a fake uint8 split: ``InMemoryLoader`` (``workers`` None) or a
+    ``DataLoader`` over ``ArrayImageDataset`` with ``workers`` workers, batches to the device
+    (as the engine's loaders deliver them)."""
+
     def build() -> Callable[[int], Any]:
-        from relkd.data import InMemoryLoader
-
-        data, targets = _fake_split(spec)
-        mean, std = _norm_stats(spec.in_chans)
-        loader = InMemoryLoader(
-            torch.from_numpy(data).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(targets),
-            batch_size=spec.batch, shuffle=True, augment=True, padding=_padding(spec.image_size),
-            flip=True, mean=mean, std=std, device=spec.device, seed=spec.seed,
-        )  # fmt: skip
-        del data
-
-        def epoch(e: int) -> InMemoryLoader:
-            loader.set_epoch(e)
-            return loader
-
-        return _cycling(epoch)
-
-    return build
-
-
-def _data_dataloader(spec: _Spec, workers: int) -> Callable[[], Callable[[int], Any]]:
-    def build() -> Callable[[int], Any]:
-        from relkd.data import ArrayImageDataset
+        from relkd.data import ArrayImageDataset, InMemoryLoader
         from relkd.data.transforms import crop_flip_transforms
 
         data, targets = _fake_split(spec)
         mean, std = _norm_stats(spec.in_chans)
-        train_tf, _ = crop_flip_transforms(spec.image_size, _padding(spec.image_size), mean, std)
-        ds = ArrayImageDataset(data, targets, transform=train_tf, mean=mean, std=std)
-        cuda = spec.device.type == "cuda"
-
-        def epoch(e: int):
-            g = torch.Generator().manual_seed(spec.seed + e)
-            loader = torch.utils.data.DataLoader(
-                ds, batch_size=spec.batch, shuffle=True, num_workers=workers, generator=g,
-                pin_memory=cuda, persistent_workers=False,
+        pad, dev, cuda = _padding(spec.image_size), spec.device, spec.device.type == "cuda"
+        if workers is None:
+            loader = InMemoryLoader(
+                torch.from_numpy(data).permute(0, 3, 1, 2).contiguous(),
+                torch.from_numpy(targets), batch_size=spec.batch, shuffle=True, augment=True,
+                padding=pad, flip=True, mean=mean, std=std, device=dev, seed=spec.seed,
             )  # fmt: skip
-            # As the engine's _unpack: the batch goes to the device.
-            return ((x.to(spec.device, non_blocking=cuda), y.to(spec.device)) for x, y in loader)
+            del data
+        else:
+            train_tf, _ = crop_flip_transforms(spec.image_size, pad, mean, std)
+            ds = ArrayImageDataset(data, targets, transform=train_tf, mean=mean, std=std)
+
+        def epoch(e: int) -> Iterable[Any]:
+            if workers is None:
+                loader.set_epoch(e)
+                return loader
+            batches = torch.utils.data.DataLoader(
+                ds, batch_size=spec.batch, shuffle=True, num_workers=workers, pin_memory=cuda,
+                generator=torch.Generator().manual_seed(spec.seed + e), persistent_workers=False,
+            )  # fmt: skip
+            return ((x.to(dev, non_blocking=cuda), y.to(dev)) for x, y in batches)
 
         return _cycling(epoch)
 
@@ -760,19 +751,15 @@ def _validate(spec: _Spec, methods: list[str]) -> None:
     for p in spec.precisions:
         if p not in PRECISIONS:
             raise RelkdError(f"unknown precision {p!r}; choose from {', '.join(PRECISIONS)}")
-    for key in ("batch", "steps", "image_size", "num_classes", "in_chans"):
-        if int(getattr(spec, key)) < 1:
-            raise RelkdError(f"{key} must be >= 1, got {getattr(spec, key)}")
-    if spec.warmup < 0:
-        raise RelkdError(f"warmup must be >= 0, got {spec.warmup}")
+    lows = {"batch": 1, "steps": 1, "image_size": 1, "num_classes": 1, "in_chans": 1,
+            "warmup": 0, "rounds": 1, "threads": 1}  # fmt: skip
+    for key, low in lows.items():
+        if getattr(spec, key) is not None and int(getattr(spec, key)) < low:
+            raise RelkdError(f"{key} must be >= {low}, got {getattr(spec, key)}")
     if spec.num_train_samples < max(2, spec.batch):
         raise RelkdError(
             f"num_train_samples ({spec.num_train_samples}) must be >= the batch ({spec.batch})"
         )
-    if spec.threads is not None and spec.threads < 1:
-        raise RelkdError(f"threads must be >= 1, got {spec.threads}")
-    if spec.rounds < 1:
-        raise RelkdError(f"rounds must be >= 1, got {spec.rounds}")
     if spec.cache_dtype not in ("fp16", "fp32"):
         raise RelkdError(f"cache_dtype must be fp16 or fp32, got {spec.cache_dtype!r}")
     if any(w < 0 for w in spec.data_workers):
@@ -907,10 +894,9 @@ def run_speed(
                                 group.append(({**f, **opts}, step, why))
                     flush(interleave=True)
         if data:
-            group.append(({"config": "data_inmemory"}, _data_inmemory(spec), None))
+            group.append(({"config": "data_inmemory"}, _data(spec, None), None))
             for w in spec.data_workers:
-                fields = {"config": "data_dataloader", "workers": w}
-                group.append((fields, _data_dataloader(spec, w), None))
+                group.append(({"config": "data_dataloader", "workers": w}, _data(spec, w), None))
             flush(interleave=False)
     finally:
         files.close()
