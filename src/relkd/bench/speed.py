@@ -71,6 +71,8 @@ import ctypes
 import functools
 import gc
 import math
+import mmap
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -199,29 +201,16 @@ def _evict_pages(cache: Any) -> None:
     process has mapped (``MADV_DONTNEED``: page cache pages that are still mapped cannot be
     dropped), then write back and drop the files' pages from the page cache
     (``POSIX_FADV_DONTNEED``)."""
-    import mmap
-    import os
-
     for tap, arr in cache._arrays.items():
         m = getattr(arr, "_mmap", None)  # numpy.memmap keeps its mmap.mmap here
         if m is not None:
-            m.madvise(mmap.MADV_DONTNEED)  # present: _can_evict() checked it
+            m.madvise(mmap.MADV_DONTNEED)  # present: _cached() checked it
         fd = os.open(cache.path / f"{tap}.npy", os.O_RDONLY)
         try:
             os.fdatasync(fd)  # dirty pages (a file just written) are not dropped: write them
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-
-
-def _can_evict() -> str | None:
-    """Why the ``cold`` cache variant cannot run here (None: it can)."""
-    import mmap
-    import os
-
-    if not hasattr(os, "posix_fadvise") or not hasattr(mmap, "MADV_DONTNEED"):
-        return "this platform has no posix_fadvise / MADV_DONTNEED to evict the cache's pages"
-    return None
 
 
 def _sync(device: torch.device) -> None:
@@ -921,8 +910,9 @@ def _cached(
     for v in variants:
         skip, opener, desc = why, None, None
         if v == "cold" and skip is None:
-            skip = _can_evict()
-            if skip is None and spec.device.type != "cpu":
+            if not hasattr(os, "posix_fadvise") or not hasattr(mmap, "MADV_DONTNEED"):
+                skip = "this platform has no posix_fadvise / MADV_DONTNEED to evict the pages"
+            elif spec.device.type != "cpu":
                 skip = "the cold variant measures the host memory map (CPU)"
         if v == "preloaded" and skip is None and gpu_preload:
             skip = "the engine preloads this cache on this device already"
@@ -1048,32 +1038,28 @@ def speed_ratios(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+#: The columns of :func:`format_table`: record key -> (header, format of a float value).
+_COLUMNS = {
+    "config": ("config", ""), "method": ("method", ""), "precision": ("precision", ""),
+    "channels_last": ("channels_last", ""), "compile": ("compile", ""),
+    "workers": ("workers", ""), "step_ms_median": ("ms/step median", ".2f"),
+    "step_ms_mean": ("ms/step mean", ".2f"), "images_per_s": ("images/s", ".0f"),
+    "peak_mem_mb": ("peak MiB", ".1f"), "step_mem_mb": ("step MiB", ".1f"),
+    "file_mem_mb": ("file MiB", ".0f"), "disk_read_mb": ("disk read MB", ".1f"),
+}  # fmt: skip
+
+
 def format_table(records: Sequence[dict[str, Any]]) -> str:
     """A markdown table of the records."""
-    head = (
-        "| config | method | precision | channels_last | compile | workers | ms/step median | "
-        "ms/step mean | images/s | peak MiB | step MiB | file MiB | disk read MB |"
-    )
-    lines = [head, "|" + "---|" * 13]
+    lines = ["| " + " | ".join(h for h, _ in _COLUMNS.values()) + " |", "|---" * 13 + "|"]
     for r in records:
-
-        def f(k, fmt="{:.1f}", r=r):
-            v = r.get(k)
-            return "" if v is None else fmt.format(v) if isinstance(v, float) else str(v)
-
+        cells = [
+            "" if (v := r.get(k)) is None else format(v, f) if isinstance(v, float) else str(v)
+            for k, (_, f) in _COLUMNS.items()
+        ]
         if r["status"] != "ok":
-            lines.append(
-                f"| {r['config']} | {f('method')} | {f('precision')} | {f('channels_last')} | "
-                f"{f('compile')} | {f('workers')} | skipped: {r['reason']} | | | | | | |"
-            )
-            continue
-        lines.append(
-            f"| {r['config']} | {f('method')} | {f('precision')} | {f('channels_last')} | "
-            f"{f('compile')} | {f('workers')} | {f('step_ms_median', '{:.2f}')} | "
-            f"{f('step_ms_mean', '{:.2f}')} | {f('images_per_s', '{:.0f}')} | "
-            f"{f('peak_mem_mb')} | {f('step_mem_mb')} | {f('file_mem_mb', '{:.0f}')} | "
-            f"{f('disk_read_mb')} |"
-        )
+            cells[6:] = [f"skipped: {r['reason']}"] + [""] * 6
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
