@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from relkd.bench.speed import NUMBER_KEYS, RECORD_KEYS, run_speed, speed_ratios
+from relkd.bench.speed import NUMBER_KEYS, RECORD_KEYS, format_table, run_speed, speed_ratios
 from relkd.cli import main
 from relkd.registry import RelkdError
 
@@ -147,6 +147,11 @@ def test_wrapped_dataset_and_feature_methods():
         check_ok(r)
     for r in recs[-2:]:
         assert r["status"] == "skipped" and "teacher features" in r["reason"]
+    table = format_table(recs).splitlines()
+    assert len(table) == 2 + len(recs) and all(len(row.split("|")) == 15 for row in table)
+    assert table[2].startswith("| teacher_forward |  | fp32 | False | False |  | ")
+    assert f"| corsd | fp32 | False | False |  | {recs[2]['step_ms_median']:.2f} |" in table[4]
+    assert "| at | fp32 | False | False |  | skipped: method 'at' needs teacher" in table[-1]
 
 
 def test_cli_json_lines(capsys):

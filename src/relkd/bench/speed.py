@@ -227,54 +227,47 @@ class _Run:
         self.build, self.device, self.batch = build, device, batch
         self.mem = _Memory(device)
         self.times: list[float] = []
-        self.nonfinite = 0
+        self.read: int | None = 0
+
+    def _step(self) -> float:
+        """One step (after its untimed ``before`` work): its wall time, disk reads counted."""
+        if self.before is not None:
+            self.before()
+        r0, t = _read_bytes(), time.perf_counter()
+        self.step(self.i)
+        _sync(self.device)
+        dt, r1 = time.perf_counter() - t, _read_bytes()
+        self.read = None if None in (r0, r1, self.read) else self.read + r1 - r0  # type: ignore[operator]
+        self.i += 1
+        return dt
 
     def start(self, warmup: int) -> None:
         self.mem.begin()
         self.step = self.build()
-        t0 = time.perf_counter()
-        self.first: float | None = None
         self.before = getattr(self.step, "before", None)  # untimed work before each step
-        self.read = 0
-        for i in range(warmup):
-            if self.before is not None:
-                self.before()
-            self.step(i)
-            if self.first is None:
-                _sync(self.device)
-                self.first = time.perf_counter() - t0
-        _sync(self.device)
+        self.i, t0 = 0, time.perf_counter()
+        self.first = self._step() if warmup else None
+        for _ in range(warmup - 1):
+            self._step()
         self.warmup_s = time.perf_counter() - t0
-        self.i = warmup
+        self.read = 0  # disk reads of the timed steps only
         self.mem.built()
 
     def block(self, k: int) -> None:
         measure_memory = not self.times
         if measure_memory:
             self.mem.before_steps()
-        for _ in range(k):
-            if self.before is not None:
-                self.before()
-            r0 = _read_bytes()
-            t = time.perf_counter()
-            self.step(self.i)
-            _sync(self.device)
-            self.times.append(time.perf_counter() - t)
-            r1 = _read_bytes()
-            self.read = (
-                None if r0 is None or r1 is None or self.read is None else self.read + r1 - r0
-            )
-            self.i += 1
+        self.times += [self._step() for _ in range(k)]
         if measure_memory:
             self.mem.after_steps()  # before the step (and its memory maps) goes
 
     def finish(self) -> dict[str, Any]:
-        stats = getattr(self.step, "stats", None)
+        stats, nonfinite = getattr(self.step, "stats", None), 0
         if stats is not None:
             try:
-                self.nonfinite = stats().skipped
+                nonfinite = stats().skipped
             except RelkdError:  # a non-finite loss: the engine (on_nonfinite=stop) stops here
-                self.nonfinite = 1  # at least one
+                nonfinite = 1  # at least one
         del self.step
         times = self.times
         med, mean = statistics.median(times), statistics.fmean(times)
@@ -288,7 +281,7 @@ class _Run:
             "warmup_s": self.warmup_s,
             "first_step_ms": 1e3 * (times[0] if self.first is None else self.first),
             **self.mem.result(),
-            "nonfinite_steps": self.nonfinite,
+            "nonfinite_steps": nonfinite,
             "disk_read_mb": None if self.read is None else self.read / 1e6,
         }
 
