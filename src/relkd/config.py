@@ -92,6 +92,12 @@ class TrainConfig:
     tensorboard: bool = True
     channels_last: bool = False
     compile: bool = False
+    compile_mode: str = (
+        "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
+    )
+    log_every: int = (
+        50  # steps between host reads of the loss sums (progress bar, non-finite check)
+    )
     # Under DDP: batch norm statistics over the global batch (N ranks at batch b then train like
     # one process at N*b). Off by default, as in the CRD / mdistiller recipes (per-GPU BN).
     sync_bn: bool = False

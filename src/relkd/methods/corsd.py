@@ -59,6 +59,8 @@ class CORSD(Method):
 
     requires_teacher = False
     default_ce_weight = 1.0
+    wraps_train_set = True  # triplets (wrap_train_dataset)
+    changes_batch = True  # [anchors; positives; negatives] -> 3B images (prepare_batch)
 
     def __init__(
         self,

@@ -78,6 +78,7 @@ class CRD(Method):
         self.register_buffer("memory_t", torch.empty(n, dim).uniform_(-bound, bound))
         # [Z of the student-anchored scores, Z of the teacher-anchored scores]; < 0: not set yet.
         self.register_buffer("z", torch.full((2,), -1.0))
+        self._z_checked = -1  # z._version at which z > 0 was last confirmed
 
     def student_taps(self) -> list[str]:
         return [POOLED]
@@ -93,7 +94,13 @@ class CRD(Method):
 
     @torch.no_grad()
     def _normalisers(self, v_s, v_t, idx) -> torch.Tensor:
-        if bool((self.z > 0).all()):  # host sync, but Z is set after the first step
+        # Z is set after the first step. Checking that is a host read, so it is done only when
+        # the buffer changed since the last check (its version counter: the first steps, a
+        # load_state_dict, a skipped step's restore), not in the steady-state step.
+        if self._z_checked == self.z._version:
+            return self.z
+        if bool((self.z > 0).all()):
+            self._z_checked = self.z._version
             return self.z
         est = torch.stack(
             [
