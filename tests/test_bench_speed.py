@@ -151,7 +151,7 @@ def test_wrapped_dataset_and_feature_methods():
     assert len(table) == 2 + len(recs) and all(len(row.split("|")) == 15 for row in table)
     assert table[2].startswith("| teacher_forward |  | fp32 | False | False |  | ")
     assert f"| corsd | fp32 | False | False |  | {recs[2]['step_ms_median']:.2f} |" in table[4]
-    assert "| at | fp32 | False | False |  | skipped: method 'at' needs teacher" in table[-1]
+    assert "| at | fp32 | False | False |  | skipped: teacher cache: method 'at' needs" in table[-1]
 
 
 def test_cli_json_lines(capsys):

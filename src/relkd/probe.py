@@ -291,7 +291,7 @@ def _train_loader(
 ) -> tuple[Any, str]:  # fmt: skip
     """Shuffled, augmented train batches: on-device when possible, else a DataLoader."""
     from relkd.data import InMemoryLoader, supports_in_memory
-    from relkd.engine.trainer import _EpochLoader
+    from relkd.engine.plan import EpochLoader
 
     if in_memory != "false" and supports_in_memory(ds):
         loader = InMemoryLoader.from_dataset(
@@ -317,7 +317,7 @@ def _train_loader(
             "in_memory=true but the train split has no in-memory form (its images are files "
             "with a pipeline other than [Resize] + RandomCrop + flip); use auto or false"
         )
-    return _EpochLoader(ds, batch_size, num_workers, seed, None, device), "dataloader"
+    return EpochLoader(ds, batch_size, num_workers, seed, None, device), "dataloader"
 
 
 def _eval_loader(
@@ -344,11 +344,11 @@ def extract_features(
     ``progress``: a progress bar on stderr."""
     from tqdm.auto import tqdm
 
-    from relkd.engine.trainer import _unpack
+    from relkd.engine.plan import unpack
 
     feats, labels = [], []
     for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
-        x, y, _ = _unpack(batch, device)
+        x, y, _ = unpack(batch, device)
         feats.append(probe.features(x))
         labels.append(y)
     if not feats:
@@ -408,8 +408,9 @@ def fit_probe(
     features are always extracted once (exact: no augmentation, fixed backbone).
     """
     from relkd.engine.distiller import Distiller
+    from relkd.engine.plan import unpack
     from relkd.engine.step import TrainStep
-    from relkd.engine.trainer import _unpack, evaluate, seed_everything
+    from relkd.engine.trainer import evaluate, seed_everything
     from relkd.methods import MethodContext, build_method
     from relkd.models.checkpoint import save_student
 
@@ -474,7 +475,7 @@ def fit_probe(
         seen = 0
         if train_loader is not None:
             train_loader.set_epoch(epoch)
-            batches: Any = (_unpack(b, device)[:2] for b in train_loader)
+            batches: Any = (unpack(b, device)[:2] for b in train_loader)
         else:
             g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
             order = torch.randperm(len(train_feats), generator=g).to(device)

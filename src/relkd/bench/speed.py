@@ -347,6 +347,10 @@ class _SyntheticSet(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.images[i], int(self.targets[i])
 
+    def as_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Held in memory as tensors, as CIFAR is (the engine's planner asks for this)."""
+        return self.images, torch.from_numpy(self.targets)
+
 
 def _parts(spec: _Spec, method_name: str, with_teacher: bool) -> tuple[Any, ...]:
     """``(student, teacher model or None, MethodContext, method, ce weight)``, random init, the
@@ -538,7 +542,7 @@ def _train_step(
     step ``i`` gets its own sample indices (and, cached, its own drawn crop / flip)."""
 
     def build() -> Callable[[int], Any]:
-        from relkd.config import OptimConfig
+        from relkd.config import OptimConfig, TrainConfig
         from relkd.engine.distiller import Distiller
         from relkd.engine.step import TrainStep
         from relkd.engine.teacher import CachedTeacher, Teacher
@@ -566,8 +570,10 @@ def _train_step(
             params, lr=oc.lr, momentum=oc.momentum, weight_decay=oc.weight_decay,
             nesterov=oc.nesterov,
         )  # fmt: skip
+        tc = TrainConfig()
+        model = torch.compile(distiller, mode=tc.compile_mode) if compile_ else distiller
         train_step = TrainStep(
-            torch.compile(distiller) if compile_ else distiller, opt, params=params,
+            model, opt, params=params,
             state_module=distiller,
             scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
             amp=_amp(precision, device), teacher=tea, drop_extras=drop,
@@ -591,9 +597,12 @@ def _train_step(
 
         def step(i: int) -> None:
             train_step(x0, y0, {**extras0, **{k: v[i] for k, v in per_step.items()}})
+            if (i + 1) % tc.log_every == 0:  # fit's read point (the one host read)
+                with contextlib.suppress(RelkdError):  # non-finite: counted by _Run.finish
+                    train_step.read()
 
-        # _Run reads the on-device sums once, after the timed steps (the engine reads them
-        # every train.log_every steps): the number of non-finite steps; "stop" raises there.
+        # _Run reads the on-device sums once more after the timed steps (untimed): the number
+        # of non-finite steps; with on_nonfinite "stop" the read raises instead.
         step.stats = train_step.read  # type: ignore[attr-defined]
         if cold:  # _Run calls this untimed before every step
             step.before = functools.partial(_evict_pages, tea.cache)  # type: ignore[attr-defined]
@@ -943,30 +952,21 @@ def _cache_plan(
     spec: _Spec, method_name: str, files: _CacheFiles, budget_mb: float
 ) -> tuple[str | None, tuple[str, ...], dict[str, int], int]:
     """``(why not, taps, dims, bytes)`` of the teacher cache of a method: logits plus its
-    teacher taps, and the engine's reasons to keep the online teacher (as
-    relkd.engine.trainer._teacher_cache decides)."""
-    from relkd.methods.base import Method
-    from relkd.models import POOLED
+    teacher taps; not cached where the engine's planner (on in-memory data, with
+    ``train.teacher_cache`` on) keeps the online teacher, with its reason."""
+    from relkd.engine.plan import make_plan
 
     _, _, ctx, method, _ = _parts(spec, method_name, with_teacher=True)
     taps = tuple(dict.fromkeys(["logits", *method.teacher_taps()]))
-    parts = list(method.parts.values()) if hasattr(method, "parts") else [method]
-    feats = [t for t in taps if t not in ("logits", POOLED)]
-    why = None
-    if feats:
-        why = (
-            f"method {method_name!r} needs teacher features {feats}: the teacher cache holds "
-            "logits and pooled features only, the engine uses the online teacher"
-        )
-    elif any(type(p).prepare_batch is not Method.prepare_batch for p in parts):
-        why = (
-            f"method {method_name!r} changes the batch (prepare_batch): the engine uses the "
-            "online teacher"
-        )
-    if why is not None:
-        return why, taps, {}, 0
+    plan = make_plan(
+        method=method, method_name=method_name, has_teacher=True, teacher_cache="auto",
+        train_ds=_SyntheticSet(torch.zeros(spec.shape(1)), torch.zeros(1, dtype=torch.long)),
+    )  # fmt: skip
+    if plan.teacher != "cache":
+        return "; ".join(plan.notes) or f"the engine's teacher: {plan.teacher}", taps, {}, 0
     dims = {t: int(math.prod(ctx.teacher_shapes[t])) for t in taps}
     need = files.nbytes(taps, dims)
+    why = None
     if need > budget_mb * MIB:
         why = (
             f"a {files.dtype} teacher cache ({', '.join(taps)}) for {spec.num_train_samples} "
