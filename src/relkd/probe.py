@@ -189,12 +189,6 @@ def build_probe(
 # ---------------------------------------------------------------------------------- the data
 
 
-def _unwrap_compose(transform: Any) -> list[Any] | None:
-    from torchvision import transforms as T
-
-    return list(transform.transforms) if isinstance(transform, T.Compose) else None
-
-
 def file_pipeline(ds: Dataset) -> dict[str, Any] | None:
     """Describe a FileImageDataset's transform when it is exactly
     ``[Resize((s, s))] + [RandomCrop(s, p)] + [RandomHorizontalFlip()] + ToTensor + Normalize``
@@ -205,43 +199,33 @@ def file_pipeline(ds: Dataset) -> dict[str, Any] | None:
 
     from relkd.data import FileImageDataset
 
-    if not isinstance(ds, FileImageDataset):
+    if not isinstance(ds, FileImageDataset) or not isinstance(ds.transform, T.Compose):
         return None
-    ts = _unwrap_compose(ds.transform)
-    if not ts or len(ts) < 2:
-        return None
-    *head, to_tensor, norm = ts
-    if not isinstance(to_tensor, T.ToTensor) or not isinstance(norm, T.Normalize):
+    ts = list(ds.transform.transforms)
+    if len(ts) < 2 or not isinstance(ts[-2], T.ToTensor) or not isinstance(ts[-1], T.Normalize):
         return None
     out: dict[str, Any] = {
         "resize": None, "padding": 0, "flip": False, "crop": None,
-        "mean": tuple(float(m) for m in norm.mean), "std": tuple(float(s) for s in norm.std),
+        "mean": tuple(float(m) for m in ts[-1].mean), "std": tuple(float(s) for s in ts[-1].std),
     }  # fmt: skip
-    order = 0
-    for t in head:
+    order = 0  # each of resize, crop, flip at most once, in that order
+    for t in ts[:-2]:
         if isinstance(t, T.Resize) and order == 0:
-            size = t.size if isinstance(t.size, (list, tuple)) else None
-            if size is None or len(size) != 2 or size[0] != size[1]:
+            size = t.size if isinstance(t.size, (list, tuple)) else ()
+            if len(size) != 2 or size[0] != size[1] or t.max_size is not None:
                 return None
-            if t.interpolation != InterpolationMode.BILINEAR or t.max_size is not None:
+            if t.interpolation != InterpolationMode.BILINEAR:
                 return None
-            out["resize"] = int(size[0])
-            order = 1
+            out["resize"], order = int(size[0]), 1
         elif isinstance(t, T.RandomCrop) and order <= 1:
-            pad = t.padding
-            if isinstance(pad, (list, tuple)):
-                if len(set(pad)) != 1:
-                    return None
-                pad = pad[0]
-            if t.size[0] != t.size[1] or t.fill != 0 or t.padding_mode != "constant":
+            pad = t.padding if isinstance(t.padding, (list, tuple)) else [t.padding]
+            if len(set(pad)) != 1 or t.size[0] != t.size[1] or t.pad_if_needed:
                 return None
-            if t.pad_if_needed:
+            if t.fill != 0 or t.padding_mode != "constant":
                 return None
-            out["crop"], out["padding"] = int(t.size[0]), int(pad or 0)
-            order = 2
+            out["crop"], out["padding"], order = int(t.size[0]), int(pad[0] or 0), 2
         elif isinstance(t, T.RandomHorizontalFlip) and order <= 2 and t.p == 0.5:
-            out["flip"] = True
-            order = 3
+            out["flip"], order = True, 3
         else:
             return None
     if out["resize"] and out["crop"] and out["crop"] != out["resize"]:
