@@ -90,16 +90,24 @@ def test_run_speed_records(tmp_path):
 def test_the_timed_step_is_the_engines(monkeypatch):
     """Every timed (and warm-up) training step is a call of the engine's TrainStep, the step
     fit runs: no copy of the step lives in the benchmark."""
+    from relkd.config import TrainConfig
     from relkd.engine.step import TrainStep
 
     calls: list[tuple[str, bool, tuple[str, ...]]] = []
-    real = TrainStep.__call__
+    reads: list[int] = []
+    real, real_read = TrainStep.__call__, TrainStep.read
 
     def spy(self, x, y, extras=None):
         calls.append((self.method_name, self.teacher is not None, tuple(sorted(extras or {}))))
         return real(self, x, y, extras)
 
+    def spy_read(self):
+        reads.append(self.calls)  # steps since start_epoch at the read
+        return real_read(self)
+
     monkeypatch.setattr(TrainStep, "__call__", spy)
+    monkeypatch.setattr(TrainStep, "read", spy_read)
+    monkeypatch.setattr(TrainConfig, "log_every", 3)
     recs = run_speed("cnn_small", "cnn_tiny", "kd", data=False, cache_variants="engine", **TINY)
     assert [r["config"] for r in recs] == [
         "teacher_forward", "student_ce_step", "online_step", "cached_step",
@@ -109,6 +117,9 @@ def test_the_timed_step_is_the_engines(monkeypatch):
     # 2 priming steps, then one warm-up step each, then 3 interleaved rounds of 1 step each.
     assert calls == [ce] * 2 + [ce, online, cached] * (TINY["warmup"] + TINY["steps"])
     assert all(r["nonfinite_steps"] == 0 for r in recs if r["config"] != "teacher_forward")
+    # fit's read point every train.log_every (here 3) steps, then one untimed read at the end:
+    # the priming step (2 calls) is read never; each configuration at its 3rd step and after 4.
+    assert sorted(reads) == [3, 3, 3, 4, 4, 4]
 
 
 def test_options_and_skipped_cache():

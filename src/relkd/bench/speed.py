@@ -36,9 +36,12 @@ recorded run):
 The step timed is the engine's own (:mod:`relkd.engine.step`, the one ``fit`` runs), on parts
 built as :func:`relkd.engine.trainer.build_components` builds them (zoo models, random init,
 :class:`MethodContext`, method, :class:`Distiller`, teacher, channels-last, ``torch.compile``,
-autocast, ``GradScaler``, SGD with the config defaults). Only the data differ: a fixed synthetic
-batch already on the device (random images, labels and sample indices; the drawn augmentation
-for the cached teacher), so the step is measured without its input pipeline.
+autocast, ``GradScaler``, SGD with the config defaults); as in ``fit`` the step reads its
+on-device loss sums to the host only every ``train.log_every`` steps. Only the data differ: a
+fixed synthetic batch already on the device (random images, labels and sample indices; the
+drawn augmentation for the cached teacher), so the step is measured without its input pipeline.
+The cached steps run where the engine's planner (:func:`relkd.engine.plan.make_plan`) would use
+the cache; elsewhere the record is skipped with the planner's reason.
 
 Measurement: ``warmup`` steps first (excluded; they absorb ``torch.compile``), then ``steps``
 steps, each timed with ``time.perf_counter`` (CUDA synchronised after every step). The training
@@ -570,7 +573,7 @@ def _train_step(
             params, lr=oc.lr, momentum=oc.momentum, weight_decay=oc.weight_decay,
             nesterov=oc.nesterov,
         )  # fmt: skip
-        tc = TrainConfig()
+        tc = TrainConfig  # the defaults of train.*
         model = torch.compile(distiller, mode=tc.compile_mode) if compile_ else distiller
         train_step = TrainStep(
             model, opt, params=params,
