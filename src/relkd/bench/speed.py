@@ -324,15 +324,13 @@ class _Spec:
     def __init__(self, **kw: Any) -> None:
         self.__dict__.update(kw)
 
-    def model_kwargs(self) -> dict[str, Any]:
-        # As the engine: in_chans only for non-RGB data (the zoo's CIFAR models take no in_chans).
-        return {"in_chans": self.in_chans} if self.in_chans != 3 else {}
-
     def create(self, name: str) -> nn.Module:
+        """The model as the engine creates it (``in_chans`` as its ``_chans_kwargs`` decides)."""
+        from relkd.engine.trainer import _chans_kwargs
         from relkd.models import create_model
 
         torch.manual_seed(self.seed)
-        return create_model(name, self.num_classes, **self.model_kwargs())
+        return create_model(name, self.num_classes, **_chans_kwargs(name, {}, self.in_chans))
 
     def shape(self, b: int) -> tuple[int, int, int, int]:
         return (b, self.in_chans, self.image_size, self.image_size)
@@ -735,13 +733,12 @@ def _as_flags(value: bool | Sequence[bool], what: str) -> list[bool]:
 def _validate(spec: _Spec, methods: list[str]) -> None:
     """Every name and number checked before anything is measured."""
     from relkd.methods.base import METHODS
-    from relkd.models import create_model
 
     for m in methods:
         for part in m.split("+"):
             METHODS.get(part.strip())  # RelkdError naming the unknown method
     for name in (spec.student, spec.teacher):
-        create_model(name, spec.num_classes, **spec.model_kwargs())  # names an unknown model
+        spec.create(name)  # a RelkdError naming an unknown model
     for p in spec.precisions:
         if p not in PRECISIONS:
             raise RelkdError(f"unknown precision {p!r}; choose from {', '.join(PRECISIONS)}")
