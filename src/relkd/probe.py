@@ -597,6 +597,7 @@ def run_probe(
         image_size=image_size, milestones=milestones, device=str(dev), name=run_dir.name,
         out_dir=str(out_dir), checkpoint=str(checkpoint), model_kwargs=dict(model_kwargs or {}),
     )  # fmt: skip
+    options = {k: options[k] for k in OPTIONS if k in options}  # in the order of OPTIONS
 
     train_ds, test_ds, info = build_datasets(
         data, root, download=download, augment=augment, image_size=image_size
