@@ -232,6 +232,41 @@ def test_head_trains_through_the_engine_step_on_the_engine_schedule(
     assert [r["lr"] for r in _metrics(tmp_path)] == [0.2, 0.1, 0.1, 0.05]
 
 
+def test_head_training_equals_plain_sgd_on_cross_entropy(stl_root, student_ckpt, tmp_path):
+    """The engine's step on the head is exactly the protocol's loop: per batch CE(head(f), y),
+    zero_grad, backward, SGD step; lr from torch's MultiStepLR stepped per epoch (an
+    independent reference, written out here); shuffle order from (seed, epoch)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from relkd.probe import _eval_loader, extract_features
+
+    train, test, _ = build_datasets("stl10", stl_root, image_size=32, augment=False)
+    probe = build_probe("resnet8", student_ckpt, num_source_classes=100, num_classes=10)
+    ref = copy.deepcopy(probe.head)
+    fit_probe(
+        probe, train, test, run_dir=tmp_path, epochs=3, lr=0.2, milestones=(2,), batch_size=48,
+        augment=False, seed=5, quiet=True,
+    )  # fmt: skip
+    loader = _eval_loader(train, batch_size=256, device=torch.device("cpu"), num_workers=0,
+                          in_memory="auto")  # fmt: skip
+    feats, y = extract_features(probe, loader, torch.device("cpu"))
+    opt = torch.optim.SGD(ref.parameters(), lr=0.2, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [2], 0.1)
+    for epoch in range(3):
+        order = torch.randperm(
+            len(y), generator=torch.Generator().manual_seed(5 * 1_000_003 + epoch)
+        )
+        for idx in order.split(48):  # 160 = 3 x 48 + 16: a short last batch
+            loss = F.cross_entropy(ref(feats[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+    assert torch.equal(ref.weight, probe.head.weight) and torch.equal(ref.bias, probe.head.bias)
+
+
 def test_non_finite_head_loss_stops_naming_the_step(stl_root, student_ckpt, tmp_path):
     train, test, _ = build_datasets("stl10", stl_root, image_size=32)
     probe = build_probe("resnet8", student_ckpt, num_source_classes=100, num_classes=10)
