@@ -574,8 +574,7 @@ def _train_step(
         tc = TrainConfig  # the defaults of train.*
         model = torch.compile(distiller, mode=tc.compile_mode) if compile_ else distiller
         train_step = TrainStep(
-            model, opt, params=params,
-            state_module=distiller,
+            model, opt, params=params, state_module=distiller,
             scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
             amp=_amp(precision, device), teacher=tea, drop_extras=drop,
             prepare_batch=method.prepare_batch, channels_last=channels_last,
@@ -594,7 +593,7 @@ def _train_step(
             g = torch.Generator().manual_seed(spec.seed + 2)
             per_step["aug_offsets"] = torch.randint(0, 2 * p + 1, (n, len(x0), 2), generator=g)
             per_step["aug_flips"] = torch.randint(0, 2, (n, len(x0)), generator=g).bool()
-            per_step = {k: v.to(device) for k, v in per_step.items()}
+        per_step = {k: v.to(device) for k, v in per_step.items()}
 
         def step(i: int) -> None:
             train_step(x0, y0, {**extras0, **{k: v[i] for k, v in per_step.items()}})
