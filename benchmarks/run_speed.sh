@@ -5,6 +5,8 @@
 #   benchmarks/run_speed.sh [OUT.jsonl]        (default: ${TMPDIR:-/tmp}/relkd_speed.jsonl)
 #   benchmarks/run_speed.sh --cold [OUT.jsonl] (ce and kd only, adds the cold-page-cache cached
 #                                               step: the "Cold page cache" run of speed.md)
+#   benchmarks/run_speed.sh OUT.jsonl FLAGS... (FLAGS are appended to the command and override
+#                                               its settings: a smoke run, not the recorded one)
 #
 # Prints the date, the machine and the exact command, writes one JSON record per configuration
 # to OUT, then the table and the ratios rendered from those records (one run, one process).
@@ -20,6 +22,7 @@ if [[ ${1:-} == --cold ]]; then
     shift
 fi
 OUT=${1:-${TMPDIR:-/tmp}/relkd_speed.jsonl}
+shift || true
 
 echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 echo "machine: nproc=$(nproc), CPU:$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)," \
@@ -38,6 +41,7 @@ if ((COLD)); then
 else
     CMD+=(--cache-variants engine,preloaded --data-workers 0,2 --json)
 fi
+CMD+=("$@")
 echo "command: ${CMD[*]} > $OUT"
 "${CMD[@]}" >"$OUT"
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from relkd.bench.speed import NUMBER_KEYS, RECORD_KEYS, run_speed, speed_ratios
+from relkd.bench.speed import NUMBER_KEYS, RECORD_KEYS, format_table, run_speed, speed_ratios
 from relkd.cli import main
 from relkd.registry import RelkdError
 
@@ -87,6 +87,41 @@ def test_run_speed_records(tmp_path):
         assert (q["meets"] is None) == (q["target"] is None)
 
 
+def test_the_timed_step_is_the_engines(monkeypatch):
+    """Every timed (and warm-up) training step is a call of the engine's TrainStep, the step
+    fit runs: no copy of the step lives in the benchmark."""
+    from relkd.config import TrainConfig
+    from relkd.engine.step import TrainStep
+
+    calls: list[tuple[str, bool, tuple[str, ...]]] = []
+    reads: list[int] = []
+    real, real_read = TrainStep.__call__, TrainStep.read
+
+    def spy(self, x, y, extras=None):
+        calls.append((self.method_name, self.teacher is not None, tuple(sorted(extras or {}))))
+        return real(self, x, y, extras)
+
+    def spy_read(self):
+        reads.append(self.calls)  # steps since start_epoch at the read
+        return real_read(self)
+
+    monkeypatch.setattr(TrainStep, "__call__", spy)
+    monkeypatch.setattr(TrainStep, "read", spy_read)
+    monkeypatch.setattr(TrainConfig, "log_every", 3)
+    recs = run_speed("cnn_small", "cnn_tiny", "kd", data=False, cache_variants="engine", **TINY)
+    assert [r["config"] for r in recs] == [
+        "teacher_forward", "student_ce_step", "online_step", "cached_step",
+    ]  # fmt: skip
+    ce, online = ("ce", False, ()), ("kd", True, ())
+    cached = ("kd", True, ("aug_flips", "aug_offsets", "index"))
+    # 2 priming steps, then one warm-up step each, then 3 interleaved rounds of 1 step each.
+    assert calls == [ce] * 2 + [ce, online, cached] * (TINY["warmup"] + TINY["steps"])
+    assert all(r["nonfinite_steps"] == 0 for r in recs if r["config"] != "teacher_forward")
+    # fit's read point every train.log_every (here 3) steps, then one untimed read at the end:
+    # the priming step (2 calls) is read never; each configuration at its 3rd step and after 4.
+    assert sorted(reads) == [3, 3, 3, 4, 4, 4]
+
+
 def test_options_and_skipped_cache():
     """One record per (precision, channels_last) x configuration; a cache over the budget is a
     skipped record with a reason, not a silent omission."""
@@ -123,6 +158,11 @@ def test_wrapped_dataset_and_feature_methods():
         check_ok(r)
     for r in recs[-2:]:
         assert r["status"] == "skipped" and "teacher features" in r["reason"]
+    table = format_table(recs).splitlines()
+    assert len(table) == 2 + len(recs) and all(len(row.split("|")) == 15 for row in table)
+    assert table[2].startswith("| teacher_forward |  | fp32 | False | False |  | ")
+    assert f"| corsd | fp32 | False | False |  | {recs[2]['step_ms_median']:.2f} |" in table[4]
+    assert "| at | fp32 | False | False |  | skipped: teacher cache: method 'at' needs" in table[-1]
 
 
 def test_cli_json_lines(capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,8 @@ from relkd.probe import (
     file_pipeline,
     fit_probe,
     head_optimizer,
+    head_schedule,
     load_probe_config,
-    lr_at,
     materialize_file_split,
     probe_options,
     run_probe,
@@ -158,11 +159,23 @@ def test_features_are_the_classifier_input(student_ckpt):
 
 
 def test_lr_schedule_is_the_protocols():
-    lrs = [lr_at(e, 0.05, [30, 60, 90], 0.1) for e in range(120)]
+    """The protocol's rule (official ``adjust_learning_rate``: x0.1 at epochs 30 / 60 / 90) is
+    the engine's multistep schedule, which equals torch's MultiStepLR stepped per epoch."""
+    from relkd.engine.schedule import Schedule
+
+    sched = head_schedule(0.05, 3, 120, [30, 60, 90], 0.1)
+    assert isinstance(sched, Schedule)
+    lrs = [sched.lr(s) for s in range(0, 360, 3)]  # the first step of every epoch
     assert lrs[0] == lrs[29] == 0.05
     assert lrs[30] == pytest.approx(0.005) and lrs[59] == pytest.approx(0.005)
     assert lrs[60] == pytest.approx(5e-4) and lrs[90] == pytest.approx(5e-5)
     assert lrs[119] == pytest.approx(5e-5)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.05)
+    ref = torch.optim.lr_scheduler.MultiStepLR(opt, [30, 60, 90], 0.1)
+    for e in range(120):
+        assert sched.lr(3 * e + 2) == pytest.approx(ref.get_last_lr()[0], rel=1e-12), e
+        opt.step()
+        ref.step()
 
 
 # -------------------------------------------------------------------------- the training
@@ -189,6 +202,94 @@ def test_backbone_frozen_bit_identical_and_bn_stats_unchanged(stl_root, student_
     assert (tmp_path / "head.pt").is_file()
     recs = _metrics(tmp_path)
     assert [r["step"] for r in recs] == [3, 6]
+
+
+def test_head_trains_through_the_engine_step_on_the_engine_schedule(
+    stl_root, student_ckpt, tmp_path, monkeypatch
+):
+    """Every optimizer step of the probe is a call of the engine's TrainStep, and the lr it
+    runs with at each step is the engine schedule's (protocol rule: x gamma per milestone)."""
+    from relkd.engine.step import TrainStep
+
+    seen: list[tuple[float, int]] = []
+    real = TrainStep.__call__
+
+    def spy(self, x, y, extras=None):
+        seen.append((self.optimizer.param_groups[0]["lr"], x.shape[1]))
+        return real(self, x, y, extras)
+
+    monkeypatch.setattr(TrainStep, "__call__", spy)
+    train, test, _ = build_datasets("stl10", stl_root, image_size=32)
+    probe = build_probe("resnet8", student_ckpt, num_source_classes=100, num_classes=10)
+    fit_probe(
+        probe, train, test, run_dir=tmp_path, epochs=4, lr=0.2, milestones=(1, 3), gamma=0.5,
+        batch_size=32, max_steps_per_epoch=2, quiet=True,
+    )  # fmt: skip
+    want = [head_schedule(0.2, 2, 4, (1, 3), 0.5).lr(s) for s in range(8)]
+    assert want == [0.2] * 2 + [0.1] * 4 + [0.05] * 2
+    assert [lr for lr, _ in seen] == want
+    assert all(d == 64 for _, d in seen)  # the step trains the head on [B, 64] features
+    assert [r["lr"] for r in _metrics(tmp_path)] == [0.2, 0.1, 0.1, 0.05]
+
+
+def test_head_training_equals_plain_sgd_on_cross_entropy(stl_root, student_ckpt, tmp_path):
+    """The engine's step on the head is exactly the protocol's loop: per batch CE(head(f), y),
+    zero_grad, backward, SGD step; lr from torch's MultiStepLR stepped per epoch (an
+    independent reference, written out here); shuffle order from (seed, epoch)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from relkd.probe import _eval_loader, extract_features
+
+    train, test, _ = build_datasets("stl10", stl_root, image_size=32, augment=False)
+    probe = build_probe("resnet8", student_ckpt, num_source_classes=100, num_classes=10)
+    ref = copy.deepcopy(probe.head)
+    fit_probe(
+        probe, train, test, run_dir=tmp_path, epochs=3, lr=0.2, milestones=(2,), batch_size=48,
+        augment=False, seed=5, quiet=True,
+    )  # fmt: skip
+    loader = _eval_loader(train, batch_size=256, device=torch.device("cpu"), num_workers=0,
+                          in_memory="auto")  # fmt: skip
+    feats, y = extract_features(probe, loader, torch.device("cpu"))
+    opt = torch.optim.SGD(ref.parameters(), lr=0.2, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [2], 0.1)
+    for epoch in range(3):
+        order = torch.randperm(
+            len(y), generator=torch.Generator().manual_seed(5 * 1_000_003 + epoch)
+        )
+        for idx in order.split(48):  # 160 = 3 x 48 + 16: a short last batch
+            loss = F.cross_entropy(ref(feats[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+    assert torch.equal(ref.weight, probe.head.weight) and torch.equal(ref.bias, probe.head.bias)
+
+
+def test_non_finite_head_loss_stops_naming_the_step(stl_root, student_ckpt, tmp_path):
+    train, test, _ = build_datasets("stl10", stl_root, image_size=32)
+    probe = build_probe("resnet8", student_ckpt, num_source_classes=100, num_classes=10)
+    with pytest.raises(RelkdError, match=r"non-finite loss at epoch 1 step \d+ .*ce="):
+        fit_probe(
+            probe, train, test, run_dir=tmp_path, epochs=1, lr=1e35, milestones=(),
+            batch_size=32, augment=False, quiet=True,
+        )  # fmt: skip
+    assert _metrics(tmp_path) == []  # no epoch of a diverged head is recorded
+
+
+def test_feature_extraction_progress_bars_and_quiet(stl_root, student_ckpt, tmp_path, capsys):
+    kw = dict(
+        num_source_classes=100, epochs=1, max_steps_per_epoch=1, augment=False, device="cpu",
+        out_dir=str(tmp_path), eval_batch_size=16,
+    )  # fmt: skip
+    run_probe("resnet8", str(student_ckpt), "stl10", str(stl_root), name="loud", **kw)
+    err = capsys.readouterr().err
+    # tqdm bars over the test (100 images) and train (160) feature batches of 16
+    assert re.search(r"test features: .*\d/7 \[", err), err
+    assert re.search(r"train features \(no augment\): .*\d/10 \[", err), err
+    run_probe("resnet8", str(student_ckpt), "stl10", str(stl_root), name="q", quiet=True, **kw)
+    assert capsys.readouterr().err == ""
 
 
 def test_run_probe_stl10_run_folder(stl_root, student_ckpt, tmp_path):

@@ -51,7 +51,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -190,12 +189,6 @@ def build_probe(
 # ---------------------------------------------------------------------------------- the data
 
 
-def _unwrap_compose(transform: Any) -> list[Any] | None:
-    from torchvision import transforms as T
-
-    return list(transform.transforms) if isinstance(transform, T.Compose) else None
-
-
 def file_pipeline(ds: Dataset) -> dict[str, Any] | None:
     """Describe a FileImageDataset's transform when it is exactly
     ``[Resize((s, s))] + [RandomCrop(s, p)] + [RandomHorizontalFlip()] + ToTensor + Normalize``
@@ -206,43 +199,33 @@ def file_pipeline(ds: Dataset) -> dict[str, Any] | None:
 
     from relkd.data import FileImageDataset
 
-    if not isinstance(ds, FileImageDataset):
+    if not isinstance(ds, FileImageDataset) or not isinstance(ds.transform, T.Compose):
         return None
-    ts = _unwrap_compose(ds.transform)
-    if not ts or len(ts) < 2:
-        return None
-    *head, to_tensor, norm = ts
-    if not isinstance(to_tensor, T.ToTensor) or not isinstance(norm, T.Normalize):
+    ts = list(ds.transform.transforms)
+    if len(ts) < 2 or not isinstance(ts[-2], T.ToTensor) or not isinstance(ts[-1], T.Normalize):
         return None
     out: dict[str, Any] = {
         "resize": None, "padding": 0, "flip": False, "crop": None,
-        "mean": tuple(float(m) for m in norm.mean), "std": tuple(float(s) for s in norm.std),
+        "mean": tuple(float(m) for m in ts[-1].mean), "std": tuple(float(s) for s in ts[-1].std),
     }  # fmt: skip
-    order = 0
-    for t in head:
+    order = 0  # each of resize, crop, flip at most once, in that order
+    for t in ts[:-2]:
         if isinstance(t, T.Resize) and order == 0:
-            size = t.size if isinstance(t.size, (list, tuple)) else None
-            if size is None or len(size) != 2 or size[0] != size[1]:
+            size = t.size if isinstance(t.size, (list, tuple)) else ()
+            if len(size) != 2 or size[0] != size[1] or t.max_size is not None:
                 return None
-            if t.interpolation != InterpolationMode.BILINEAR or t.max_size is not None:
+            if t.interpolation != InterpolationMode.BILINEAR:
                 return None
-            out["resize"] = int(size[0])
-            order = 1
+            out["resize"], order = int(size[0]), 1
         elif isinstance(t, T.RandomCrop) and order <= 1:
-            pad = t.padding
-            if isinstance(pad, (list, tuple)):
-                if len(set(pad)) != 1:
-                    return None
-                pad = pad[0]
-            if t.size[0] != t.size[1] or t.fill != 0 or t.padding_mode != "constant":
+            pad = t.padding if isinstance(t.padding, (list, tuple)) else [t.padding]
+            if len(set(pad)) != 1 or t.size[0] != t.size[1] or t.pad_if_needed:
                 return None
-            if t.pad_if_needed:
+            if t.fill != 0 or t.padding_mode != "constant":
                 return None
-            out["crop"], out["padding"] = int(t.size[0]), int(pad or 0)
-            order = 2
+            out["crop"], out["padding"], order = int(t.size[0]), int(pad[0] or 0), 2
         elif isinstance(t, T.RandomHorizontalFlip) and order <= 2 and t.p == 0.5:
-            out["flip"] = True
-            order = 3
+            out["flip"], order = True, 3
         else:
             return None
     if out["resize"] and out["crop"] and out["crop"] != out["resize"]:
@@ -292,7 +275,7 @@ def _train_loader(
 ) -> tuple[Any, str]:  # fmt: skip
     """Shuffled, augmented train batches: on-device when possible, else a DataLoader."""
     from relkd.data import InMemoryLoader, supports_in_memory
-    from relkd.engine.trainer import _EpochLoader
+    from relkd.engine.plan import EpochLoader
 
     if in_memory != "false" and supports_in_memory(ds):
         loader = InMemoryLoader.from_dataset(
@@ -318,7 +301,7 @@ def _train_loader(
             "in_memory=true but the train split has no in-memory form (its images are files "
             "with a pipeline other than [Resize] + RandomCrop + flip); use auto or false"
         )
-    return _EpochLoader(ds, batch_size, num_workers, seed, None, device), "dataloader"
+    return EpochLoader(ds, batch_size, num_workers, seed, None, device), "dataloader"
 
 
 def _eval_loader(
@@ -338,14 +321,18 @@ def _eval_loader(
 
 
 def extract_features(
-    probe: LinearProbe, loader: Any, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled features [N, D] and labels [N] of every batch of ``loader`` (on ``device``)."""
-    from relkd.engine.trainer import _unpack
+    probe: LinearProbe, loader: Any, device: torch.device, *, progress: bool = False,
+    desc: str = "features",
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Pooled features [N, D] and labels [N] of every batch of ``loader`` (on ``device``);
+    ``progress``: a progress bar on stderr."""
+    from tqdm.auto import tqdm
+
+    from relkd.engine.plan import unpack
 
     feats, labels = [], []
-    for batch in loader:
-        x, y, _ = _unpack(batch, device)
+    for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
+        x, y, _ = unpack(batch, device)
         feats.append(probe.features(x))
         labels.append(y)
     if not feats:
@@ -353,40 +340,21 @@ def extract_features(
     return torch.cat(feats), torch.cat(labels)
 
 
-@torch.no_grad()
-def evaluate_head(
-    head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, chunk: int = 4096
-) -> dict[str, float]:
-    """Top-1 / top-5 (%) and mean CE of ``head`` on precomputed features."""
-    was = head.training
-    head.eval()
-    n, top1, top5, ce = 0, 0.0, 0.0, 0.0
-    for i in range(0, len(feats), chunk):
-        logits = head(feats[i : i + chunk]).float()
-        y = labels[i : i + chunk]
-        k = min(5, logits.shape[1])
-        hit = logits.topk(k, dim=1).indices.eq(y[:, None])
-        n += y.numel()
-        top1 += float(hit[:, 0].sum())
-        top5 += float(hit.any(dim=1).sum())
-        ce += float(F.cross_entropy(logits, y, reduction="sum"))
-    head.train(was)
-    n = max(1, n)
-    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "test_loss": ce / n}
-
-
 # ------------------------------------------------------------------------------ the training
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise RelkdError(msg)
+def head_schedule(
+    lr: float, steps_per_epoch: int, epochs: int, milestones: Sequence[int], gamma: float
+):
+    """The protocol's lr rule as the engine's schedule: ``lr x gamma`` at each milestone epoch
+    (0-based epochs: milestone 30 = the 31st epoch onwards, as the official
+    ``adjust_learning_rate`` with 1-based epochs), i.e. ``MultiStepLR`` stepped per epoch."""
+    from relkd.engine.schedule import Schedule
 
-
-def lr_at(epoch: int, lr: float, milestones: Sequence[int], gamma: float) -> float:
-    """Base lr times ``gamma`` per milestone reached (0-based ``epoch``; milestone 30 = the
-    31st epoch onwards, as the official ``adjust_learning_rate`` with 1-based epochs)."""
-    return lr * gamma ** sum(1 for m in milestones if epoch >= m)
+    return Schedule(
+        "multistep", base_lr=lr, steps_per_epoch=steps_per_epoch, epochs=epochs,
+        milestones=tuple(int(m) for m in milestones), gamma=gamma,
+    )  # fmt: skip
 
 
 def fit_probe(
@@ -413,56 +381,69 @@ def fit_probe(
 ) -> dict[str, Any]:
     """Train ``probe.head`` on ``train_ds`` (backbone frozen), evaluate on ``test_ds`` every epoch.
 
-    Writes ``metrics.jsonl`` and ``head.pt`` into ``run_dir`` (which must exist) and returns the
-    summary (``best_top1``, ``best_epoch``, ``last_top1``, ...). With ``augment=True`` the
-    backbone runs on every train batch (fresh crop / flip each epoch); with ``augment=False`` the
-    train features are extracted once and the head is trained on them (``train_ds`` should then
-    be built without augmentation). Test features are always extracted once (exact: no
-    augmentation, fixed backbone).
+    The head is trained by the engine's training step (:class:`relkd.engine.step.TrainStep`
+    over a :class:`~relkd.engine.distiller.Distiller` of the head with method ``ce``: the loss
+    is the cross-entropy of the head's logits [B, classes] on the features [B, D]) under the
+    engine's schedule (:func:`head_schedule`). Writes ``metrics.jsonl`` and ``head.pt`` into
+    ``run_dir`` (which must exist) and returns the summary (``best_top1``, ``best_epoch``,
+    ``last_top1``, ...). With ``augment=True`` the backbone runs on every train batch (fresh
+    crop / flip each epoch); with ``augment=False`` the train features are extracted once and
+    the head is trained on them (``train_ds`` should then be built without augmentation). Test
+    features are always extracted once (exact: no augmentation, fixed backbone).
     """
-    from relkd.engine.trainer import _unpack, seed_everything
+    from relkd.engine.distiller import Distiller
+    from relkd.engine.plan import unpack
+    from relkd.engine.step import TrainStep
+    from relkd.engine.trainer import evaluate, seed_everything
+    from relkd.methods import MethodContext, build_method
     from relkd.models.checkpoint import save_student
 
-    run_dir = Path(run_dir)
-    device = torch.device(device)
+    run_dir, device, head = Path(run_dir), torch.device(device), probe.head
 
     def log(msg: str) -> None:
         if not quiet:
             print(msg, file=sys.stderr, flush=True)
 
+    def features_of(ds: Dataset, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+        t0 = time.time()
+        loader = _eval_loader(ds, batch_size=eval_batch_size, device=device,
+                              num_workers=num_workers, in_memory=in_memory)  # fmt: skip
+        out = extract_features(probe, loader, device, progress=not quiet, desc=what)
+        log(f"{what} {tuple(out[0].shape)} in {time.time() - t0:.1f}s")
+        return out
+
     probe.to(device)
     probe.train()
-    opt = head_optimizer(probe, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    head = probe.head
-
-    t0 = time.time()
-    test_feats, test_y = extract_features(
-        probe,
-        _eval_loader(test_ds, batch_size=eval_batch_size, device=device,
-                     num_workers=num_workers, in_memory=in_memory),
-        device,
-    )  # fmt: skip
-    log(f"test features {tuple(test_feats.shape)} in {time.time() - t0:.1f}s")
+    test_feats, test_y = features_of(test_ds, "test features")
+    test_batches = list(zip(test_feats.split(4096), test_y.split(4096)))
     if augment:
         train_loader, loader_kind = _train_loader(
             train_ds, batch_size=batch_size, seed=seed, device=device, num_workers=num_workers,
             in_memory=in_memory, log=log,
         )  # fmt: skip
         steps_per_epoch = len(train_loader)
-        train_feats = train_y = None
     else:
-        t0 = time.time()
-        train_feats, train_y = extract_features(
-            probe,
-            _eval_loader(train_ds, batch_size=eval_batch_size, device=device,
-                         num_workers=num_workers, in_memory=in_memory),
-            device,
-        )  # fmt: skip
-        log(f"train features {tuple(train_feats.shape)} in {time.time() - t0:.1f}s (no augment)")
+        train_feats, train_y = features_of(train_ds, "train features (no augment)")
         train_loader, loader_kind = None, "cached_features"
         steps_per_epoch = math.ceil(len(train_feats) / batch_size)
     if max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, max_steps_per_epoch)
+
+    # The engine's step over the head: Distiller(head, ce) adds the term "ce" = CE(logits, y)
+    # (fp32), the step sums, checks, back-propagates and steps the head's SGD. The step does not
+    # return the logits, so the model callable counts the train top-1 on the device.
+    ce, _ = build_method("ce", MethodContext(num_classes=head.out_features))
+    distiller = Distiller(head, ce, ce_weight=1.0).to(device)
+    opt = head_optimizer(probe, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    schedule = head_schedule(lr, steps_per_epoch, epochs, milestones, gamma)
+    correct = torch.zeros((), dtype=torch.float64, device=device)
+
+    def model(x, y, t_out, **extras):
+        logits, terms = distiller(x, y, t_out, **extras)
+        correct.add_((logits.detach().argmax(1) == y).sum())
+        return logits, terms
+
+    train_step = TrainStep(model, opt, state_module=distiller, method_name="linear probe (ce)")
 
     (run_dir / "metrics.jsonl").write_text("")
     history: list[dict[str, Any]] = []
@@ -471,53 +452,35 @@ def fit_probe(
     step = 0
     for epoch in range(epochs):
         seed_everything(seed * 1_000_003 + epoch)
-        cur_lr = lr_at(epoch, lr, milestones, gamma)
-        for g in opt.param_groups:
-            g["lr"] = cur_lr
         probe.train()
         t_ep = time.time()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        correct = torch.zeros((), dtype=torch.float64, device=device)
+        correct.zero_()
         seen = 0
         if train_loader is not None:
             train_loader.set_epoch(epoch)
-            batches: Any = train_loader
+            batches: Any = (unpack(b, device)[:2] for b in train_loader)
         else:
-            g = torch.Generator()
-            g.manual_seed(seed * 1_000_003 + epoch)
+            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
             order = torch.randperm(len(train_feats), generator=g).to(device)
-            batches = (
-                (train_feats[idx], train_y[idx])
-                for idx in order.split(batch_size)
-            )  # fmt: skip
-        for i, batch in enumerate(batches):
+            batches = ((train_feats[i], train_y[i]) for i in order.split(batch_size))
+        train_step.start_epoch(epoch, step)
+        for i, (x, y) in enumerate(batches):
             if i >= steps_per_epoch:
                 break
-            if train_loader is not None:
-                x, y, _ = _unpack(batch, device)
-                feats = probe.features(x)
-            else:
-                feats, y = batch
-            logits = head(feats)
-            loss = F.cross_entropy(logits, y)
-            if not torch.isfinite(loss):
-                raise RelkdError(
-                    f"non-finite probe loss at epoch {epoch + 1} step {i}; lower the lr"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            feats = probe.features(x) if train_loader is not None else x
+            schedule.apply(opt, step)
+            loss_sum += train_step(feats, y) * len(y)
             step += 1
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.detach().argmax(1) == y).sum()
             seen += len(y)
-        ev = evaluate_head(head, test_feats, test_y)
+        train_step.read()  # raises on a non-finite loss of the epoch, naming its step
+        ev = evaluate(head, test_batches, device)  # the engine's top-1 / top-5 / CE
         if ev["top1"] > best["top1"]:
             best = {"top1": ev["top1"], "epoch": epoch + 1}
         record: dict[str, Any] = {
             "epoch": epoch + 1,
             "step": step,
-            "lr": cur_lr,
+            "lr": schedule.lr(epoch * steps_per_epoch),  # constant within an epoch
             "train/loss": float(loss_sum) / max(1, seen),
             "train/top1": 100.0 * float(correct) / max(1, seen),
             **ev,
@@ -583,66 +546,46 @@ def run_probe(
 ) -> dict[str, Any]:
     """Linear-probe transfer of a trained student, the RRD protocol (arXiv 2407.12073).
 
-    Args:
-        model_name: the student's zoo name (``relkd list models``), e.g. ``wrn_16_2``.
-        checkpoint: its weights (``relkd train``'s ``student.pt`` / ``.safetensors``, a
-            RepDistiller ``{"model": sd}`` file, a bare state dict); loaded strictly.
-        data: the target data set (``stl10``, ``tiny_imagenet`` or any registered one).
-        root: the target's data root (``None``: its default location).
-        num_source_classes: classifier width of the checkpoint (100 for CIFAR-100 students).
-        image_size: side the target images are resized to (32, the protocol); ``None`` or 0
-            keeps the data set's own size (needed for fixed-size sets such as fashion_mnist).
-        epochs, lr, milestones, gamma, batch_size, momentum, weight_decay: the head's SGD
-            schedule (protocol: 120, 0.05, 30/60/90, 0.1, 64, 0.9, 5e-4).
-        augment: the data set's train augmentation (RandomCrop(32, pad 4) + flip for STL-10 and
-            Tiny-ImageNet at 32). ``False`` extracts the train features once (fast, **not** the
-            protocol).
-        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
-        seed: head init, shuffle order and augmentation draws.
-        out_dir, name: the run folder is ``out_dir/name`` (default name
-            ``<data>_<model>_s<seed>``); an existing finished run there is an error unless
-            ``overwrite``.
-        max_steps_per_epoch: cap the train steps per epoch (smoke tests).
-        quiet: no progress lines on stderr.
-        num_workers, eval_batch_size: DataLoader workers (file-based sets) and the batch size of
-            feature extraction.
-        in_memory: ``auto`` (on-device batches when the split fits: in-memory sets, and file sets
-            with a plain resize + crop + flip pipeline such as Tiny-ImageNet), ``true``, ``false``.
-        model_kwargs: extra arguments of the model factory (e.g. ``{"in_chans": 3}``).
-        download: let the data set builder download missing data (where it can).
+    The options are those of ``relkd probe`` (:data:`OPTIONS` says what each does); the
+    defaults are the protocol's (:data:`PROTOCOL`). Notes: ``checkpoint`` is any file
+    :func:`relkd.models.load_checkpoint` reads (``relkd train``'s ``student.pt``, a RepDistiller
+    ``{"model": sd}`` file, a bare state dict), loaded strictly; ``image_size`` None or 0 keeps
+    the data set's own size (fixed-size sets such as fashion_mnist); ``augment=False`` extracts
+    the train features once (fast, **not** the protocol); the run folder is ``out_dir/name``
+    (default name ``<data>_<model>_s<seed>``) and a finished run there is an error unless
+    ``overwrite``; ``quiet``: no progress bars or lines on stderr.
 
     Returns:
         the summary (also written to ``summary.json``): ``best_top1``, ``last_top1``,
         ``best_epoch``, ``last_top5``, ``run_dir``, the data and model names, timings.
     """
+    # The options as called (recorded in probe.json; fit_probe takes its share of them).
+    options = {"model": model_name, **locals()}
+    for k in ("model_name", "quiet", "overwrite"):
+        del options[k]
     from relkd.data import build_datasets
     from relkd.engine.trainer import resolve_device, seed_everything
 
-    _check(isinstance(epochs, int) and epochs >= 1, f"epochs must be >= 1, got {epochs!r}")
-    _check(batch_size >= 1, f"batch_size must be >= 1, got {batch_size}")
-    _check(eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {eval_batch_size}")
-    _check(lr > 0, f"lr must be > 0, got {lr}")
-    _check(weight_decay >= 0 and momentum >= 0, "weight_decay and momentum must be >= 0")
-    _check(0 < gamma <= 1, f"gamma must be in (0, 1], got {gamma}")
     milestones = [int(m) for m in milestones]
-    _check(
-        all(m >= 1 for m in milestones) and milestones == sorted(milestones),
-        f"milestones must be increasing epochs >= 1, got {milestones}",
-    )
-    _check(
-        max_steps_per_epoch is None or max_steps_per_epoch >= 1,
-        f"max_steps_per_epoch must be >= 1 (or unset), got {max_steps_per_epoch}",
-    )
-    _check(
-        in_memory in ("auto", "true", "false"),
-        f"in_memory must be auto|true|false, got {in_memory!r}",
-    )
-    _check(
-        isinstance(num_source_classes, int) and num_source_classes >= 1,
-        f"num_source_classes must be a positive int, got {num_source_classes!r}",
-    )
-    if not image_size:
-        image_size = None
+    for ok, msg in (
+        (isinstance(epochs, int) and epochs >= 1, f"epochs must be >= 1, got {epochs!r}"),
+        (batch_size >= 1, f"batch_size must be >= 1, got {batch_size}"),
+        (eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {eval_batch_size}"),
+        (lr > 0, f"lr must be > 0, got {lr}"),
+        (weight_decay >= 0 and momentum >= 0, "weight_decay and momentum must be >= 0"),
+        (0 < gamma <= 1, f"gamma must be in (0, 1], got {gamma}"),
+        (all(m >= 1 for m in milestones) and milestones == sorted(milestones),
+         f"milestones must be increasing epochs >= 1, got {milestones}"),
+        (max_steps_per_epoch is None or max_steps_per_epoch >= 1,
+         f"max_steps_per_epoch must be >= 1 (or unset), got {max_steps_per_epoch}"),
+        (in_memory in ("auto", "true", "false"),
+         f"in_memory must be auto|true|false, got {in_memory!r}"),
+        (isinstance(num_source_classes, int) and num_source_classes >= 1,
+         f"num_source_classes must be a positive int, got {num_source_classes!r}"),
+    ):  # fmt: skip
+        if not ok:
+            raise RelkdError(msg)
+    image_size = image_size or None
     dev = resolve_device(device)
     run_dir = Path(out_dir) / (name or f"{data}_{model_name.replace(':', '-')}_s{seed}")
     if (run_dir / "summary.json").exists() and not overwrite:
@@ -650,6 +593,11 @@ def run_probe(
             f"run folder {str(run_dir)!r} already holds a finished probe; pass --overwrite "
             "(overwrite=True) or choose another --out / --name"
         )
+    options.update(
+        image_size=image_size, milestones=milestones, device=str(dev), name=run_dir.name,
+        out_dir=str(out_dir), checkpoint=str(checkpoint), model_kwargs=dict(model_kwargs or {}),
+    )  # fmt: skip
+    options = {k: options[k] for k in OPTIONS if k in options}  # in the order of OPTIONS
 
     train_ds, test_ds, info = build_datasets(
         data, root, download=download, augment=augment, image_size=image_size
@@ -660,49 +608,29 @@ def run_probe(
         num_classes=info.num_classes, in_channels=info.in_channels, image_size=info.image_size,
         model_kwargs=model_kwargs, init_std=PROTOCOL["head_init_std"],
     )  # fmt: skip
-
-    options = {
-        "model": model_name, "checkpoint": str(checkpoint), "data": data, "root": root,
-        "num_source_classes": num_source_classes, "image_size": image_size, "epochs": epochs,
-        "lr": lr, "milestones": milestones, "gamma": gamma, "batch_size": batch_size,
-        "momentum": momentum, "weight_decay": weight_decay, "augment": augment,
-        "device": str(dev), "seed": seed, "out_dir": str(out_dir), "name": run_dir.name,
-        "max_steps_per_epoch": max_steps_per_epoch, "num_workers": num_workers,
-        "eval_batch_size": eval_batch_size, "in_memory": in_memory,
-        "model_kwargs": dict(model_kwargs or {}), "download": download,
-    }  # fmt: skip
-    as_protocol = {k: options[k] for k in PROTOCOL if k in options}
-    differs = {k: v for k, v in as_protocol.items() if v != PROTOCOL[k]}
-    deviations = [BN_NOTE]
-    if not augment:
-        deviations.append(NO_AUGMENT_NOTE)
+    differs = {k: options[k] for k in PROTOCOL if k in options and options[k] != PROTOCOL[k]}
+    deviations = [BN_NOTE] + [NO_AUGMENT_NOTE] * (not augment)
     if max_steps_per_epoch:
         deviations.append(f"max_steps_per_epoch={max_steps_per_epoch} (truncated epochs)")
     if differs:
         deviations.append(f"settings differ from the protocol: {differs}")
+    meta = {
+        "paper": PAPER, "protocol": PROTOCOL, "options": options,
+        "target": {
+            "name": info.name, "num_classes": info.num_classes, "in_channels": info.in_channels,
+            "image_size": info.image_size, "mean": list(info.mean), "std": list(info.std),
+            "crop_padding": info.crop_padding,
+        },
+        "feature_dim": probe.head.in_features, "backbone_mode": "eval",
+        "matches_protocol": not differs and augment and not max_steps_per_epoch,
+        "deviations": deviations, "torch": torch.__version__,
+    }  # fmt: skip
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "summary.json").unlink(missing_ok=True)
-        meta = {
-            "paper": PAPER,
-            "protocol": PROTOCOL,
-            "options": options,
-            "target": {
-                "name": info.name, "num_classes": info.num_classes,
-                "in_channels": info.in_channels, "image_size": info.image_size,
-                "mean": list(info.mean), "std": list(info.std),
-                "crop_padding": info.crop_padding,
-            },
-            "feature_dim": probe.head.in_features,
-            "backbone_mode": "eval",
-            "matches_protocol": not differs and augment and not max_steps_per_epoch,
-            "deviations": deviations,
-            "torch": torch.__version__,
-        }  # fmt: skip
         (run_dir / "probe.json").write_text(json.dumps(meta, indent=2))
     except OSError as e:
         raise RelkdError(f"cannot write the run folder {str(run_dir)!r}: {e}") from e
-
     if not quiet:
         print(
             f"probe {model_name} ({checkpoint}) -> {info.name}: {len(train_ds)} train / "  # type: ignore[arg-type]
@@ -711,41 +639,75 @@ def run_probe(
             file=sys.stderr,
             flush=True,
         )
+    fit_kw = {k: options[k] for k in _FIT_OPTIONS}
     summary = fit_probe(
-        probe, train_ds, test_ds, run_dir=run_dir, epochs=epochs, lr=lr, milestones=milestones,
-        gamma=gamma, batch_size=batch_size, momentum=momentum, weight_decay=weight_decay,
-        augment=augment, device=dev, seed=seed, max_steps_per_epoch=max_steps_per_epoch,
-        num_workers=num_workers, eval_batch_size=eval_batch_size, in_memory=in_memory,
-        quiet=quiet,
+        probe, train_ds, test_ds, run_dir=run_dir, device=dev, quiet=quiet, **fit_kw
+    )
+    summary.update(
+        model=model_name, checkpoint=str(checkpoint), data=info.name, seed=seed,
+        matches_protocol=meta["matches_protocol"],
     )  # fmt: skip
-    summary = {
-        **summary,
-        "model": model_name,
-        "checkpoint": str(checkpoint),
-        "data": info.name,
-        "seed": seed,
-        "matches_protocol": meta["matches_protocol"],
-    }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
+#: The options :func:`run_probe` hands on to :func:`fit_probe`.
+_FIT_OPTIONS = (
+    "epochs", "lr", "milestones", "gamma", "batch_size", "momentum", "weight_decay", "augment",
+    "seed", "max_steps_per_epoch", "num_workers", "eval_batch_size", "in_memory",
+)  # fmt: skip
+
+
 # ----------------------------------------------------------------------------------- the CLI
 
-#: Options a probe YAML (``configs/transfer/*.yaml``) may set: key -> type.
-CONFIG_KEYS: dict[str, Any] = {
-    "model": str, "checkpoint": str, "data": str, "root": str, "num_source_classes": int,
-    "image_size": int, "epochs": int, "lr": float, "milestones": list, "gamma": float,
-    "batch_size": int, "momentum": float, "weight_decay": float, "augment": bool,
-    "device": str, "seed": int, "out_dir": str, "name": str, "max_steps_per_epoch": int,
-    "num_workers": int, "eval_batch_size": int, "in_memory": str, "model_kwargs": dict,
-    "download": bool, "overwrite": bool,
+#: Every probe option: ``key -> (type, help)``. The keys a probe YAML (``configs/transfer``) may
+#: set and the ``relkd probe`` flags (``--key-with-dashes``, except where :data:`_FLAGS` says
+#: otherwise) both come from here; the defaults are :func:`run_probe`'s.
+OPTIONS: dict[str, tuple[type, str]] = {
+    "model": (str, "student zoo name, e.g. wrn_16_2"),
+    "checkpoint": (str, "student weights (student.pt, ...)"),
+    "data": (str, "target data set: stl10, tiny_imagenet, ..."),
+    "root": (str, "target data root (default: its cache location)"),
+    "num_source_classes": (int, "classifier width of the checkpoint (100 for CIFAR-100 students)"),
+    "image_size": (int, "resize the target images to this side (0: the data set's own size)"),
+    "epochs": (int, "head training epochs"),
+    "lr": (float, "the head's SGD lr"),
+    "milestones": (list, "lr x gamma at these epochs (comma-separated)"),
+    "gamma": (float, "lr decay factor"),
+    "batch_size": (int, "train batch size"),
+    "momentum": (float, "SGD momentum"),
+    "weight_decay": (float, "SGD weight decay"),
+    "augment": (bool, "no crop / flip: extract the train features once and train the head on "
+                      "them (fast; deviates from the protocol)"),
+    "device": (str, "auto, cpu, cuda, cuda:N"),
+    "seed": (int, "head init, shuffle and augmentation seed"),
+    "out_dir": (str, "output folder"),
+    "name": (str, "run folder name (default <data>_<model>_s<seed>)"),
+    "max_steps_per_epoch": (int, "cap the train steps per epoch (smoke tests)"),
+    "num_workers": (int, "DataLoader workers"),
+    "eval_batch_size": (int, "batch size of feature extraction"),
+    "in_memory": (str, "on-device train batches where possible"),
+    "model_kwargs": (dict, "extra model factory argument, e.g. in_chans=3 (repeatable)"),
+    "download": (bool, "download missing data"),
+    "overwrite": (bool, "replace a finished run's folder"),
 }  # fmt: skip
+#: Flags that are not ``--key`` with a value: key -> (flag, argparse keywords).
+_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "augment": ("--no-augment", {"action": "store_false"}),
+    "out_dir": ("--out", {}),
+    "model_kwargs": ("--model-arg", {"dest": "model_arg", "action": "append",
+                                     "metavar": "KEY=VALUE"}),
+    "download": ("--download", {"action": "store_true"}),
+    "overwrite": ("--overwrite", {"action": "store_true"}),
+    "in_memory": ("--in-memory", {"choices": ["auto", "true", "false"]}),
+}  # fmt: skip
+#: Kept for callers of the first version: key -> type.
+CONFIG_KEYS: dict[str, Any] = {k: t for k, (t, _) in OPTIONS.items()}
 _REQUIRED = ("model", "checkpoint", "data", "num_source_classes")
 
 
 def load_probe_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a probe YAML: a flat mapping of :data:`CONFIG_KEYS` (``null`` = the default)."""
+    """Read a probe YAML: a flat mapping of :data:`OPTIONS` keys (``null`` = the default)."""
     import yaml
 
     p = Path(path)
@@ -759,13 +721,13 @@ def load_probe_config(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise RelkdError(f"probe config {str(p)!r} must be a mapping of options")
     out: dict[str, Any] = {}
     for k, v in raw.items():
-        if k not in CONFIG_KEYS:
+        if k not in OPTIONS:
             raise RelkdError(
-                f"probe config {str(p)!r}: unknown key {k!r}; valid keys: {', '.join(CONFIG_KEYS)}"
+                f"probe config {str(p)!r}: unknown key {k!r}; valid keys: {', '.join(OPTIONS)}"
             )
         if v is None:
             continue
-        want = CONFIG_KEYS[k]
+        want = OPTIONS[k][0]
         if want is float and isinstance(v, int) and not isinstance(v, bool):
             v = float(v)
         if want is list and isinstance(v, (int, str)):
@@ -810,8 +772,8 @@ def probe_options(args: argparse.Namespace | Mapping[str, Any]) -> dict[str, Any
         raise RelkdError(f"relkd probe needs {flags} (as flags or in the --config YAML)")
     opts["model_name"] = opts.pop("model")
     opts.setdefault("root", None)
-    unknown = set(opts) - set(CONFIG_KEYS) - {"model_name", "quiet"}
-    if unknown:  # a flag added to the parser but not to CONFIG_KEYS
+    unknown = set(opts) - set(OPTIONS) - {"model_name", "quiet"}
+    if unknown:  # a flag added to the parser but not to OPTIONS
         raise RelkdError(f"unknown probe options: {sorted(unknown)}")
     return opts
 
@@ -825,10 +787,11 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 def add_probe_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``relkd probe`` on ``subparsers`` (from ``add_subparsers``) and return it.
 
-    Unset flags stay absent (``argparse.SUPPRESS``) so that a ``--config`` YAML fills them and
-    given flags override it; :func:`probe_options` does the merge.
+    One flag per :data:`OPTIONS` key. Unset flags stay absent (``argparse.SUPPRESS``) so that a
+    ``--config`` YAML fills them and given flags override it; :func:`probe_options` merges.
     """
-    S = argparse.SUPPRESS
+    import inspect
+
     p = subparsers.add_parser(
         "probe",
         help="linear-probe transfer of a trained student (RRD protocol, arXiv 2407.12073)",
@@ -841,60 +804,17 @@ def add_probe_parser(subparsers: Any) -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--config", default=None, help="probe YAML (e.g. configs/transfer/stl10.yaml)")
-    p.add_argument("--model", default=S, help="student zoo name, e.g. wrn_16_2")
-    p.add_argument("--checkpoint", default=S, help="student weights (student.pt, ...)")
-    p.add_argument("--data", default=S, help="target data set: stl10, tiny_imagenet, ...")
-    p.add_argument("--root", default=S, help="target data root (default: its cache location)")
-    p.add_argument(
-        "--num-source-classes", dest="num_source_classes", type=int, default=S,
-        help="classifier width of the checkpoint (100 for CIFAR-100 students)",
-    )  # fmt: skip
-    p.add_argument(
-        "--image-size", dest="image_size", type=int, default=S,
-        help="resize the target images to this side (default 32; 0: the data set's own size)",
-    )  # fmt: skip
-    p.add_argument("--epochs", type=int, default=S, help="default 120")
-    p.add_argument("--lr", type=float, default=S, help="default 0.05")
-    p.add_argument(
-        "--milestones", type=_parse_milestones, default=S, help="lr x gamma at these epochs "
-        "(comma-separated; default 30,60,90)",
-    )  # fmt: skip
-    p.add_argument("--gamma", type=float, default=S, help="lr decay factor (default 0.1)")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=S, help="default 64")
-    p.add_argument("--momentum", type=float, default=S, help="default 0.9")
-    p.add_argument(
-        "--weight-decay", dest="weight_decay", type=float, default=S, help="default 5e-4"
-    )
-    p.add_argument(
-        "--no-augment", dest="augment", action="store_false", default=S,
-        help="no crop / flip: extract the train features once and train the head on them "
-        "(fast; deviates from the protocol)",
-    )  # fmt: skip
-    p.add_argument("--device", default=S, help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--seed", type=int, default=S, help="default 0")
-    p.add_argument("--out", dest="out_dir", default=S, help="output folder (default runs/probe)")
-    p.add_argument("--name", default=S, help="run folder name (default <data>_<model>_s<seed>)")
-    p.add_argument(
-        "--max-steps-per-epoch", dest="max_steps_per_epoch", type=int, default=S,
-        help="cap the train steps per epoch (smoke tests)",
-    )  # fmt: skip
-    p.add_argument("--num-workers", dest="num_workers", type=int, default=S, help="default 4")
-    p.add_argument(
-        "--eval-batch-size", dest="eval_batch_size", type=int, default=S,
-        help="batch size of feature extraction (default 256)",
-    )  # fmt: skip
-    p.add_argument(
-        "--in-memory", dest="in_memory", choices=["auto", "true", "false"], default=S,
-        help="on-device train batches where possible (default auto)",
-    )  # fmt: skip
-    p.add_argument(
-        "--model-arg", dest="model_arg", action="append", type=_parse_model_arg, default=S,
-        metavar="KEY=VALUE", help="extra model factory argument, e.g. in_chans=3 (repeatable)",
-    )  # fmt: skip
-    p.add_argument("--download", action="store_true", default=S, help="download missing data")
-    p.add_argument(
-        "--overwrite", action="store_true", default=S, help="replace a finished run's folder"
-    )
-    p.add_argument("--quiet", action="store_true", default=False)
+    defaults = {k: v.default for k, v in inspect.signature(run_probe).parameters.items()}
+    parse = {int: int, float: float, str: str, list: _parse_milestones, dict: _parse_model_arg}
+    for key, (kind, text) in OPTIONS.items():
+        flag, kw = _FLAGS.get(key, ("--" + key.replace("_", "-"), {}))
+        default = defaults.get(key, inspect.Parameter.empty)
+        if kind is not bool and default not in (inspect.Parameter.empty, None):
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            text += f" (default {shown})"
+        if "action" not in kw or kw["action"] == "append":
+            kw = {"type": parse[kind], **kw}
+        p.add_argument(flag, dest=kw.pop("dest", key), default=argparse.SUPPRESS, help=text, **kw)
+    p.add_argument("--quiet", action="store_true", default=False, help="no progress on stderr")
     p.set_defaults(fn=_cmd_probe)
     return p

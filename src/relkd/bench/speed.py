@@ -1,99 +1,70 @@
 """Speed benchmark: images/s and peak memory of a training step, per method, on synthetic data.
 
-``run_speed("resnet32x4", "resnet8x4", ["ce", "kd"], batch=64)`` measures, for one teacher /
-student pair, batch size and device, each *configuration* below and returns one record (a dict)
-per configuration (``relkd bench speed`` prints them, ``--json`` as JSON lines):
+``run_speed("resnet32x4", "resnet8x4", ["ce", "kd"], batch=64)`` returns one record (a dict with
+the keys :data:`RECORD_KEYS`) per *configuration* for one teacher / student pair, batch size and
+device (``relkd bench speed`` prints them, ``--json`` as JSON lines; benchmarks/speed.md is one
+recorded run):
 
 ``teacher_forward``
     ``Teacher(model)(x)`` alone: eval mode, no grad, no taps (what a logit-KD step pays for it).
 ``student_ce_step``
-    One training step of the student with method ``ce`` and no teacher: the baseline.
+    The engine's training step of the student with method ``ce`` and no teacher: the baseline.
 ``online_step`` (per method)
-    The full step of the engine: teacher forward + student forward + method terms + backward +
-    optimizer step.
+    The engine's training step with the online teacher.
 ``cached_step`` (per method that needs a teacher)
-    The same step with the teacher forward replaced by the engine's teacher-output cache
-    (``train.teacher_cache``): :class:`~relkd.engine.teacher.CachedTeacher` over a
-    :class:`~relkd.data.teacher_cache.TeacherCache` opened as the engine opens it
-    (memory-mapped ``.npy`` files on the host; preloaded onto a GPU when it fits), looked up
-    by sample index and the drawn crop / flip. The cache files have the real format, shapes and
-    storage dtype (``[N, K, C]`` logits, ``[N, K, D]`` pooled features, K = (2p+1)^2 * 2
-    augmentation outcomes) but synthetic contents (building a real one runs the teacher on
-    every outcome of every image); they are written once per run into a temporary folder and
-    deleted at the end. A record with ``status: "skipped"`` and the reason where the engine
-    would use the online teacher anyway (methods that read teacher feature maps or change the
-    batch) or where the cache would exceed ``cache_budget_mb``.
-``cached_step_preloaded`` (likewise)
-    The same with the cache read into memory on the device first (``preload=True``): a lookup
-    is pure tensor indexing. On a CPU the engine memory-maps the cache instead; the lookups then
-    cost whatever reading the rows from the page cache, or from disk once the kernel dropped
-    those pages, costs (see benchmarks/speed.md).
-``cached_step_cold`` (likewise; opt-in with the cache variant ``cold``, CPU only)
-    ``cached_step`` with the page cache always cold: before every step (untimed) the cache
-    files' pages are unmapped (``madvise(MADV_DONTNEED)``) and dropped from the page cache
-    (``posix_fadvise(POSIX_FADV_DONTNEED)``, no root needed), so every lookup reads its rows
-    from storage. The worst case of a machine that evicts the file between two visits of an
-    image (one epoch apart). It reads its own copy of the cache files: pages that another
-    configuration's memory map still maps could not be dropped. Skipped, with the reason, off
-    the CPU and where the platform has no ``posix_fadvise``; on a file system whose pages are
-    not backed by storage (tmpfs) nothing can be evicted: the record is still measured and its
-    ``disk_read_mb`` of ~0 shows it.
+    The same step with the teacher replaced by the engine's teacher-output cache
+    (:class:`~relkd.engine.teacher.CachedTeacher` over a
+    :class:`~relkd.data.teacher_cache.TeacherCache` opened as the engine opens it: memory-mapped
+    on the host, preloaded onto a GPU when it fits), looked up by sample index and the drawn crop
+    / flip. The cache files have the real format, shapes and dtype but synthetic contents
+    (building a real one runs the teacher on every augmentation outcome of every image); they
+    are written once per run into a temporary folder and deleted at the end. A record with
+    ``status: "skipped"`` and the reason where the engine would use the online teacher anyway
+    or where the cache would exceed ``cache_budget_mb``.
+``cached_step_preloaded``
+    The same with the cache read into device memory first: a lookup is pure tensor indexing.
+``cached_step_cold`` (opt-in: cache variant ``cold``; CPU only)
+    ``cached_step`` with the page cache always cold: before every step (untimed) its own copy of
+    the cache files is unmapped (``MADV_DONTNEED``) and dropped from the page cache
+    (``POSIX_FADV_DONTNEED``, no root needed), so every lookup reads from storage (on tmpfs
+    nothing can be evicted; its ``disk_read_mb`` of ~0 shows it).
 ``data_inmemory`` / ``data_dataloader``
-    The input pipeline alone at the same batch size: :class:`~relkd.data.InMemoryLoader` (the
-    whole split as uint8 on the device, batched crop + flip + normalise there) versus a
-    ``torch.utils.data.DataLoader`` over :class:`~relkd.data.ArrayImageDataset` (per sample:
-    ``Image.fromarray`` (= ``ToPILImage``) -> RandomCrop -> RandomHorizontalFlip -> ToTensor ->
-    Normalize, then default collate and ``.to(device)``), for each worker count.
+    The input pipeline alone at the same batch: :class:`~relkd.data.InMemoryLoader` versus a
+    ``DataLoader`` over :class:`~relkd.data.ArrayImageDataset` (per-sample PIL crop + flip +
+    ToTensor + Normalize, default collate, ``.to(device)``), per worker count.
 
-The training step is the engine's (:func:`relkd.engine.trainer.fit`), built from the same pieces
-with the same calls as :func:`relkd.engine.trainer.build_components` (models from the zoo,
-:func:`probe_shapes` for the :class:`MethodContext`, :func:`build_method`, :class:`Distiller`,
-:class:`Teacher`, channels-last, ``torch.compile``, autocast, ``GradScaler``, SGD with the config
-defaults) and per step does what the loop does: ``prepare_batch``, channels-last input, teacher
-forward *outside* autocast, ``Distiller`` forward under autocast, the non-finite check, backward,
-optimizer step and the per-term ``float()`` of the logger. Only the data differ: a fixed
-synthetic batch of the right shape already on the device (random images, random labels, random
-sample indices for memory-bank methods), so the step is measured without its input pipeline.
-Models are randomly initialised (timing does not depend on the weights).
+The step timed is the engine's own (:mod:`relkd.engine.step`, the one ``fit`` runs), on parts
+built as :func:`relkd.engine.trainer.build_components` builds them (zoo models, random init,
+:class:`MethodContext`, method, :class:`Distiller`, teacher, channels-last, ``torch.compile``,
+autocast, ``GradScaler``, SGD with the config defaults); as in ``fit`` the step reads its
+on-device loss sums to the host only every ``train.log_every`` steps. Only the data differ: a
+fixed synthetic batch already on the device (random images, labels and sample indices; the
+drawn augmentation for the cached teacher), so the step is measured without its input pipeline.
+The cached steps run where the engine's planner (:func:`relkd.engine.plan.make_plan`) would use
+the cache; elsewhere the record is skipped with the planner's reason.
 
-Measurement: ``warmup`` steps first (excluded; they also absorb ``torch.compile``), then
-``steps`` steps, each timed with ``time.perf_counter`` (CUDA synchronised after every step).
-The training configurations of one option set (precision, channels-last, compile) are
-measured *interleaved*: all of them are built and warmed up, then in each of ``rounds`` rounds
-every configuration runs a block of ``steps / rounds`` consecutive timed steps in turn. A slow
-drift of the machine (clock, a neighbour on the host) then hits all configurations alike and
-the ratios between them stay fair; measured one after the other, the same configurations
-differed by up to ~15% between two runs on the 2-core dev VM. The data pipelines are
-measured one after the other (a DataLoader's workers would keep prefetching while other
-configurations run). Records give the median and mean wall time per step and
-``images_per_s = batch / median`` (``images_per_s_mean = batch / mean`` too), ``warmup_s``
-the whole warm-up and ``first_step_ms`` its first step (one-off costs: ``torch.compile``,
-first-use kernel selection, and for the data pipelines the start of an epoch: the shuffle and
-augmentation draws of InMemoryLoader, the worker start-up of a DataLoader). Memory:
+Measurement: ``warmup`` steps first (excluded; they absorb ``torch.compile``), then ``steps``
+steps, each timed with ``time.perf_counter`` (CUDA synchronised after every step). The training
+configurations of one option set (precision, channels-last, compile) are measured
+*interleaved*: all are built and warmed up, then in each of ``rounds`` rounds every
+configuration runs a block of ``steps / rounds`` consecutive timed steps in turn, so a slow
+drift of the machine hits all alike (one after the other, the same configurations differed by
+up to ~15% between two runs on the 2-core dev VM). ``torch.utils.benchmark.Timer`` does not fit
+this design: it times ``number`` repetitions as one measurement and has no untimed per-step
+hook (the cold variant's eviction) nor interleaving. The data pipelines are measured one after
+the other (a DataLoader's workers would keep prefetching). Records give the median and mean
+step time, ``images_per_s = batch / median`` (``images_per_s_mean = batch / mean``),
+``warmup_s`` and ``first_step_ms`` (one-off costs: compile, kernel selection, epoch start).
 
-* CUDA: ``torch.cuda.memory_allocated`` / ``max_memory_allocated`` (peak stats reset right
-  before the first measured block).
-* CPU: the process's resident set size from ``/proc/self/status``. Right before the first
-  measured block, after ``gc.collect()`` + ``malloc_trim(0)`` returned freed heap to the
-  kernel, the high-water mark ``VmHWM`` is reset to the current RSS (``echo 5 >
-  /proc/self/clear_refs``, Linux >= 4.0); after the block ``VmHWM`` is its peak RSS.
-  ``tracemalloc`` is no use here: it only sees allocations made through Python's allocator,
-  and torch allocates tensor storage with its own C++ allocator; ``resource.getrusage`` gives a
-  high-water mark that cannot be reset. Where ``clear_refs`` cannot be written the high-water
-  mark since process start is used and ``mem_source`` says so. RSS counts pages, not tensors:
-  the numbers include allocator slack and, for the DataLoader, exclude the worker processes'
-  own memory.
-
-Memory fields (MiB): ``step_mem_mb`` = the transient memory of a step (activations,
-gradients, temporaries): peak during the first measured block minus the usage right before
-it; ``peak_mem_mb`` = that plus the persistent memory of the configuration (usage after its
-build and warm-up minus before its build: weights, optimizer state, buffers, data, cache). On
-CPU ``file_mem_mb`` is the file-backed part of the growth (RssFile): pages of memory-mapped
-files, i.e. the teacher cache's ``.npy`` files, which are page cache (shared, reclaimable)
-rather than memory the process allocated; a memory-mapped cache maps whole page-cache folios
-around every row it reads, and over an epoch the whole file. ``disk_read_mb`` (Linux): what
-the process read from storage during its timed steps (``read_bytes`` of ``/proc/self/io``;
-the other configurations running interleaved do not count; None where unavailable).
+Memory (MiB). CUDA: ``torch.cuda.memory_allocated`` / ``max_memory_allocated``. CPU: resident
+set size from ``/proc/self/status`` (``VmHWM`` reset via ``/proc/self/clear_refs`` after
+``gc.collect()`` + ``malloc_trim(0)``, Linux >= 4.0; otherwise the peak since process start and
+``mem_source`` says so); ``tracemalloc`` cannot see torch's C++ allocator and ``getrusage``'s
+peak cannot be reset. ``step_mem_mb`` = peak during the first measured block minus the usage
+before it; ``peak_mem_mb`` = that plus what the build and warm-up left resident (weights,
+optimizer state, buffers, data). ``file_mem_mb`` (CPU): the file-backed part of the growth
+(pages of memory-mapped cache files: page cache, shared and reclaimable). ``disk_read_mb``
+(Linux): what the process read from storage during its own timed steps (``/proc/self/io``).
 """
 
 from __future__ import annotations
@@ -103,6 +74,8 @@ import ctypes
 import functools
 import gc
 import math
+import mmap
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -117,99 +90,54 @@ from torch.utils.data import Dataset
 from relkd.registry import RelkdError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-#: cached-step variants: ``engine`` (cached_step), ``preloaded`` (cached_step_preloaded),
-#: ``cold`` (cached_step_cold; not in the default set: it reads from storage on purpose).
-CACHE_VARIANTS = ("engine", "preloaded", "cold")
-CONFIGS = (
-    "teacher_forward",
-    "student_ce_step",
-    "online_step",
-    "cached_step",
-    "cached_step_preloaded",
-    "cached_step_cold",
-    "data_inmemory",
-    "data_dataloader",
-)
-#: keys of every record (numbers are None where a record has status "skipped").
-RECORD_KEYS = (
-    "config",
-    "method",
-    "teacher",
-    "student",
-    "batch",
-    "steps",
-    "warmup",
-    "device",
-    "precision",
-    "channels_last",
-    "compile",
-    "image_size",
-    "in_chans",
-    "num_classes",
-    "threads",
-    "workers",
-    "status",
-    "reason",
-    "step_ms_median",
-    "step_ms_mean",
-    "step_ms_min",
-    "step_ms_max",
-    "images_per_s",
-    "images_per_s_mean",
-    "warmup_s",
-    "first_step_ms",
-    "peak_mem_mb",
-    "step_mem_mb",
-    "file_mem_mb",
-    "mem_source",
-    "nonfinite_steps",
-    "rounds",
-    "cache",
-    "disk_read_mb",
-)
+#: cached-step variants and their configurations (``cold`` is not in the default set: it reads
+#: from storage on purpose).
+CACHE_VARIANTS = {
+    "engine": "cached_step",
+    "preloaded": "cached_step_preloaded",
+    "cold": "cached_step_cold",
+}
+CONFIGS = ("teacher_forward", "student_ce_step", "online_step", *CACHE_VARIANTS.values(),
+           "data_inmemory", "data_dataloader")  # fmt: skip
 #: the measured numbers of a record with status "ok" (all finite; timings positive except
 #: ``warmup_s`` (0 without warm-up); memory >= 0).
 NUMBER_KEYS = (
-    "step_ms_median",
-    "step_ms_mean",
-    "step_ms_min",
-    "step_ms_max",
-    "images_per_s",
-    "images_per_s_mean",
-    "warmup_s",
-    "first_step_ms",
-    "peak_mem_mb",
-    "step_mem_mb",
-)
+    "step_ms_median", "step_ms_mean", "step_ms_min", "step_ms_max", "images_per_s",
+    "images_per_s_mean", "warmup_s", "first_step_ms", "peak_mem_mb", "step_mem_mb",
+)  # fmt: skip
+#: keys of every record (numbers are None where a record has status "skipped").
+RECORD_KEYS = (
+    "config", "method", "teacher", "student", "batch", "steps", "warmup", "device", "precision",
+    "channels_last", "compile", "image_size", "in_chans", "num_classes", "threads", "workers",
+    "status", "reason", *NUMBER_KEYS, "file_mem_mb",
+    "mem_source", "nonfinite_steps", "rounds", "cache", "disk_read_mb",
+)  # fmt: skip
 MIB = 1024.0 * 1024.0
 
 
 # ----------------------------------------------------------------------------------- memory
 
 
-def _proc_status_kb(key: str) -> int | None:
+def _proc_field(path: str, key: str) -> int | None:
+    """The first number of the line ``key: N ...`` of a ``/proc`` file (None: unavailable)."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(key + ":"):
                     return int(line.split()[1])
     except OSError:
-        return None
+        pass
     return None
 
 
-def _malloc_trim() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+def _read_bytes() -> int | None:
+    """Bytes this process has caused to be read from storage (Linux ``/proc/self/io``)."""
+    return _proc_field("/proc/self/io", "read_bytes")
 
 
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+def _status_bytes(key: str) -> float:
+    kb = _proc_field("/proc/self/status", key)
+    return float("nan") if kb is None else kb * 1024.0
 
 
 class _Memory:
@@ -220,57 +148,50 @@ class _Memory:
         self.device = device
         self.cuda = device.type == "cuda"
         self.source = "cuda_max_memory_allocated" if self.cuda else "rss_vmhwm"
-        self.file_mb: float | None = None
 
-    def _settle(self) -> float:
+    def _settle(self) -> tuple[float, float]:
+        """(bytes in use, file-backed bytes) after a collection."""
         gc.collect()
         if self.cuda:
             torch.cuda.synchronize(self.device)
-            return float(torch.cuda.memory_allocated(self.device))
-        _malloc_trim()
-        kb = _proc_status_kb("VmRSS")
-        return float("nan") if kb is None else kb * 1024.0
+            return float(torch.cuda.memory_allocated(self.device)), float("nan")
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap back to the kernel
+        return _status_bytes("VmRSS"), _status_bytes("RssFile")
 
-    def _file_kb(self) -> float:
-        kb = None if self.cuda else _proc_status_kb("RssFile")
-        return float("nan") if kb is None else float(kb)
+    def begin(self) -> None:  # before the build
+        self.base, self.file0 = self._settle()
 
-    def begin(self) -> None:
-        """Before the build."""
-        self.base = self._settle()
-        self.file0 = self._file_kb()
-
-    def built(self) -> None:
-        """After the build and the warm-up."""
-        self.resident = self._settle()
-        self.file_built = self._file_kb()
+    def built(self) -> None:  # after the build and the warm-up
+        self.resident, self.file_built = self._settle()
 
     def before_steps(self) -> None:
-        self.before = self._settle()
-        self.file_before = self._file_kb()
+        self.before, self.file_before = self._settle()
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif not _reset_hwm():
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := VmRSS
+        except OSError:
             self.source = "rss_vmhwm_since_start"  # not resettable: peak since process start
 
     def after_steps(self) -> None:
         if self.cuda:
             torch.cuda.synchronize(self.device)
-            self.peak = float(torch.cuda.max_memory_allocated(self.device))
-            return
-        kb = _proc_status_kb("VmHWM")
-        self.peak = float("nan") if kb is None else kb * 1024.0
-        # File-backed pages (memory-mapped files such as a teacher cache): page cache, shared
-        # and reclaimable; mapped during the build / warm-up and during the measured steps.
-        grow = (self.file_built - self.file0) + (self._file_kb() - self.file_before)
-        self.file_mb = None if math.isnan(grow) else grow / 1024.0
+            self.peak, file_now = float(torch.cuda.max_memory_allocated(self.device)), math.nan
+        else:
+            self.peak, file_now = _status_bytes("VmHWM"), _status_bytes("RssFile")
+        # File-backed pages (memory-mapped teacher cache files) mapped during the build /
+        # warm-up and during the measured steps.
+        self.file = (self.file_built - self.file0) + (file_now - self.file_before)
 
     def result(self) -> dict[str, Any]:
         transient = max(0.0, self.peak - self.before)
         return {
             "peak_mem_mb": (self.resident - self.base + transient) / MIB,
             "step_mem_mb": transient / MIB,
-            "file_mem_mb": self.file_mb,
+            "file_mem_mb": None if math.isnan(self.file) else self.file / MIB,
             "mem_source": self.source,
         }
 
@@ -278,46 +199,21 @@ class _Memory:
 # ------------------------------------------------------------------------------- measuring
 
 
-def _read_bytes() -> int | None:
-    """Bytes this process has caused to be read from storage (Linux ``/proc/self/io``)."""
-    try:
-        with open("/proc/self/io") as f:
-            for line in f:
-                if line.startswith("read_bytes:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def _evict_pages(cache: Any) -> None:
     """Make the next lookups in a memory-mapped :class:`TeacherCache` cold: unmap the pages this
     process has mapped (``MADV_DONTNEED``: page cache pages that are still mapped cannot be
     dropped), then write back and drop the files' pages from the page cache
     (``POSIX_FADV_DONTNEED``)."""
-    import mmap
-    import os
-
     for tap, arr in cache._arrays.items():
         m = getattr(arr, "_mmap", None)  # numpy.memmap keeps its mmap.mmap here
         if m is not None:
-            m.madvise(mmap.MADV_DONTNEED)  # present: _can_evict() checked it
+            m.madvise(mmap.MADV_DONTNEED)  # present: _cached() checked it
         fd = os.open(cache.path / f"{tap}.npy", os.O_RDONLY)
         try:
             os.fdatasync(fd)  # dirty pages (a file just written) are not dropped: write them
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-
-
-def _can_evict() -> str | None:
-    """Why the ``cold`` cache variant cannot run here (None: it can)."""
-    import mmap
-    import os
-
-    if not hasattr(os, "posix_fadvise") or not hasattr(mmap, "MADV_DONTNEED"):
-        return "this platform has no posix_fadvise / MADV_DONTNEED to evict the cache's pages"
-    return None
 
 
 def _sync(device: torch.device) -> None:
@@ -329,52 +225,52 @@ class _Run:
     """One configuration: built and warmed up by :meth:`start`, then timed in blocks of
     consecutive steps (:meth:`block`); memory is measured around its first block."""
 
-    def __init__(self, build: Callable[[], Callable[[int], Any]], device: torch.device) -> None:
-        self.build, self.device = build, device
+    def __init__(self, build: Callable[[], Callable[[int], Any]], device: torch.device,
+                 batch: int) -> None:  # fmt: skip
+        self.build, self.device, self.batch = build, device, batch
         self.mem = _Memory(device)
         self.times: list[float] = []
-        self.nonfinite = 0
+        self.read: int | None = 0
+
+    def _step(self) -> float:
+        """One step (after its untimed ``before`` work): its wall time, disk reads counted."""
+        if self.before is not None:
+            self.before()
+        r0, t = _read_bytes(), time.perf_counter()
+        self.step(self.i)
+        _sync(self.device)
+        dt, r1 = time.perf_counter() - t, _read_bytes()
+        self.read = None if None in (r0, r1, self.read) else self.read + r1 - r0  # type: ignore[operator]
+        self.i += 1
+        return dt
 
     def start(self, warmup: int) -> None:
         self.mem.begin()
         self.step = self.build()
-        t0 = time.perf_counter()
-        self.first: float | None = None
         self.before = getattr(self.step, "before", None)  # untimed work before each step
-        self.read = 0
-        for i in range(warmup):
-            if self.before is not None:
-                self.before()
-            self.nonfinite += bool(self.step(i) is False)
-            if self.first is None:
-                _sync(self.device)
-                self.first = time.perf_counter() - t0
-        _sync(self.device)
+        self.i, t0 = 0, time.perf_counter()
+        self.first = self._step() if warmup else None
+        for _ in range(warmup - 1):
+            self._step()
         self.warmup_s = time.perf_counter() - t0
-        self.i = warmup
+        self.read = 0  # disk reads of the timed steps only
         self.mem.built()
 
     def block(self, k: int) -> None:
         measure_memory = not self.times
         if measure_memory:
             self.mem.before_steps()
-        for _ in range(k):
-            if self.before is not None:
-                self.before()
-            r0 = _read_bytes()
-            t = time.perf_counter()
-            self.nonfinite += bool(self.step(self.i) is False)
-            _sync(self.device)
-            self.times.append(time.perf_counter() - t)
-            r1 = _read_bytes()
-            self.read = (
-                None if r0 is None or r1 is None or self.read is None else self.read + r1 - r0
-            )
-            self.i += 1
+        self.times += [self._step() for _ in range(k)]
         if measure_memory:
             self.mem.after_steps()  # before the step (and its memory maps) goes
 
     def finish(self) -> dict[str, Any]:
+        stats, nonfinite = getattr(self.step, "stats", None), 0
+        if stats is not None:
+            try:
+                nonfinite = stats().skipped
+            except RelkdError:  # a non-finite loss: the engine (on_nonfinite=stop) stops here
+                nonfinite = 1  # at least one
         del self.step
         times = self.times
         med, mean = statistics.median(times), statistics.fmean(times)
@@ -383,12 +279,12 @@ class _Run:
             "step_ms_mean": 1e3 * mean,
             "step_ms_min": 1e3 * min(times),
             "step_ms_max": 1e3 * max(times),
-            "_median_s": med,
-            "_mean_s": mean,
+            "images_per_s": self.batch / med,
+            "images_per_s_mean": self.batch / mean,
             "warmup_s": self.warmup_s,
             "first_step_ms": 1e3 * (times[0] if self.first is None else self.first),
             **self.mem.result(),
-            "nonfinite_steps": self.nonfinite,
+            "nonfinite_steps": nonfinite,
             "disk_read_mb": None if self.read is None else self.read / 1e6,
         }
 
@@ -400,22 +296,17 @@ def _blocks(steps: int, rounds: int) -> list[int]:
 
 
 def _measure_group(
-    builds: Sequence[Callable[[], Callable[[int], Any]]],
-    *,
-    steps: int,
-    warmup: int,
-    rounds: int,
-    device: torch.device,
+    builds: Sequence[Callable[[], Callable[[int], Any]]], spec: _Spec, rounds: int
 ) -> list[dict[str, Any]]:
     """Measure several configurations *interleaved*: all are built and warmed up first, then
     each round times one block of consecutive steps of every configuration in turn, so a slow
     drift of the machine (clock, a neighbour's load) affects all of them alike and the ratios
     between them stay fair. ``rounds=1``: one block each, one configuration after the other."""
-    runs = [_Run(b, device) for b in builds]
+    runs = [_Run(b, spec.device, spec.batch) for b in builds]
     try:
         for run in runs:
-            run.start(warmup)
-        for k in _blocks(steps, rounds):
+            run.start(spec.warmup)
+        for k in _blocks(spec.steps, rounds):
             for run in runs:
                 run.block(k)
         return [run.finish() for run in runs]
@@ -433,15 +324,13 @@ class _Spec:
     def __init__(self, **kw: Any) -> None:
         self.__dict__.update(kw)
 
-    def model_kwargs(self) -> dict[str, Any]:
-        # As the engine: in_chans only for non-RGB data (the zoo's CIFAR models take no in_chans).
-        return {"in_chans": self.in_chans} if self.in_chans != 3 else {}
-
     def create(self, name: str) -> nn.Module:
+        """The model as the engine creates it (``in_chans`` as its ``_chans_kwargs`` decides)."""
+        from relkd.engine.trainer import _chans_kwargs
         from relkd.models import create_model
 
         torch.manual_seed(self.seed)
-        return create_model(name, self.num_classes, **self.model_kwargs())
+        return create_model(name, self.num_classes, **_chans_kwargs(name, {}, self.in_chans))
 
     def shape(self, b: int) -> tuple[int, int, int, int]:
         return (b, self.in_chans, self.image_size, self.image_size)
@@ -459,14 +348,21 @@ class _SyntheticSet(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.images[i], int(self.targets[i])
 
+    def as_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Held in memory as tensors, as CIFAR is (the engine's planner asks for this)."""
+        return self.images, torch.from_numpy(self.targets)
 
-def _context(spec: _Spec, student: nn.Module, teacher: nn.Module | None):
-    """The MethodContext exactly as build_components makes it (on a CPU dummy batch)."""
+
+def _parts(spec: _Spec, method_name: str, with_teacher: bool) -> tuple[Any, ...]:
+    """``(student, teacher model or None, MethodContext, method, ce weight)``, random init, the
+    context exactly as build_components makes it (on a CPU dummy batch)."""
     from relkd.config import TrainConfig
     from relkd.engine.trainer import _tappable, probe_shapes
-    from relkd.methods import MethodContext
+    from relkd.methods import MethodContext, build_method
     from relkd.models import get_feature_info
 
+    student = spec.create(spec.student)
+    teacher = spec.create(spec.teacher) if with_teacher else None
     dummy = torch.zeros(spec.shape(2))
     s_shapes = probe_shapes(student, _tappable(student), dummy)
     if s_shapes["logits"] != (spec.num_classes,):
@@ -490,7 +386,7 @@ def _context(spec: _Spec, student: nn.Module, teacher: nn.Module | None):
                 f"teacher {spec.teacher!r} predicts {ctx.teacher_shapes['logits'][0]} classes "
                 f"but the student {s_shapes['logits'][0]}"
             )
-    return ctx
+    return (student, teacher, ctx, *build_method(method_name, ctx))
 
 
 def _synthetic_batch(spec: _Spec, method) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
@@ -521,32 +417,6 @@ def _index_pool(spec: _Spec, n_steps: int, per_step: int) -> torch.Tensor:
     if per_step > n:
         rows = [torch.randint(0, n, (per_step,), generator=g) for _ in range(n_steps)]
     return torch.stack(rows).to(spec.device)
-
-
-def _cache_taps(method) -> tuple[str, ...]:
-    """What the engine caches for ``method``: logits plus its teacher taps."""
-    return tuple(dict.fromkeys(["logits", *method.teacher_taps()]))
-
-
-def _cache_fallback(method_name: str, method) -> str | None:
-    """The engine's reasons to keep the online teacher (relkd.engine.trainer._teacher_cache)."""
-    from relkd.methods.base import Method
-    from relkd.models import POOLED
-
-    taps = list(method.teacher_taps())
-    parts = list(method.parts.values()) if hasattr(method, "parts") else [method]
-    if not set(taps) <= {POOLED}:
-        feats = [t for t in taps if t != POOLED]
-        return (
-            f"method {method_name!r} needs teacher features {feats}: the teacher cache holds "
-            "logits and pooled features only, the engine uses the online teacher"
-        )
-    if any(type(p).prepare_batch is not Method.prepare_batch for p in parts):
-        return (
-            f"method {method_name!r} changes the batch (prepare_batch): the engine uses the "
-            "online teacher"
-        )
-    return None
 
 
 class _CacheFiles:
@@ -667,88 +537,75 @@ def _train_step(
     precision: str,
     channels_last: bool,
     compile_: bool,
-    teacher_mode: str,  # "none" | "online" | "cached"
+    teacher: str = "none",  # "none" | "online" | "cached"
     cache: Callable[[], Any] | None = None,
     cold: bool = False,
 ) -> Callable[[], Callable[[int], Any]]:
+    """A build of the engine's :class:`~relkd.engine.step.TrainStep` on the synthetic batch;
+    step ``i`` gets its own sample indices (and, cached, its own drawn crop / flip)."""
+
     def build() -> Callable[[int], Any]:
-        from relkd.config import OptimConfig
-        from relkd.data.teacher_cache import num_outcomes
+        from relkd.config import OptimConfig, TrainConfig
         from relkd.engine.distiller import Distiller
+        from relkd.engine.step import TrainStep
         from relkd.engine.teacher import CachedTeacher, Teacher
         from relkd.engine.trainer import _amp
-        from relkd.methods import build_method
 
         device = spec.device
-        student = spec.create(spec.student)
-        teacher_model = spec.create(spec.teacher) if teacher_mode != "none" else None
-        ctx = _context(spec, student, teacher_model)
-        method, ce_weight = build_method(method_name, ctx)
+        student, teacher_model, _, method, ce_weight = _parts(spec, method_name, teacher != "none")
         distiller = Distiller(student, method, ce_weight).to(device)
         if channels_last:
             distiller = distiller.to(memory_format=torch.channels_last)
         tea: Any = None
         drop: tuple[str, ...] = ()
-        if teacher_mode == "online" and method.requires_teacher:
+        if teacher == "online" and method.requires_teacher:
             tea = Teacher(teacher_model, method.teacher_taps()).to(device)
-        elif teacher_mode == "cached":
+        elif teacher == "cached":
             # As the engine: the cached teacher reads index + the drawn augmentation, which are
             # dropped before the method (index kept when the method wants it).
             tea = CachedTeacher(cache())
             drop = ("aug_offsets", "aug_flips")
             drop += () if "index" in method.batch_extras else ("index",)
         del teacher_model
-        step_fn: Callable[..., Any] = torch.compile(distiller) if compile_ else distiller
         oc = OptimConfig()
         params = [p for p in distiller.parameters() if p.requires_grad]
         opt = torch.optim.SGD(
             params, lr=oc.lr, momentum=oc.momentum, weight_decay=oc.weight_decay,
             nesterov=oc.nesterov,
         )  # fmt: skip
-        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        amp_ctx = _amp(precision, device)
+        tc = TrainConfig  # the defaults of train.*
+        model = torch.compile(distiller, mode=tc.compile_mode) if compile_ else distiller
+        train_step = TrainStep(
+            model, opt, params=params, state_module=distiller,
+            scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+            amp=_amp(precision, device), teacher=tea, drop_extras=drop,
+            prepare_batch=method.prepare_batch, channels_last=channels_last,
+            method_name=method_name,
+        )  # fmt: skip
         method.set_phase("main")
         method.set_epoch(0)
         distiller.train()
         x0, y0, extras0 = _synthetic_batch(spec, method)
-        n_steps = spec.warmup + spec.steps
-        pool = offs = flips = None
-        if "index" in method.batch_extras or teacher_mode == "cached":
-            pool = _index_pool(spec, n_steps, len(x0))
-        if teacher_mode == "cached":
+        n = spec.warmup + spec.steps
+        per_step: dict[str, torch.Tensor] = {}  # [steps, B, ...] per-step extras
+        if "index" in method.batch_extras or teacher == "cached":
+            per_step["index"] = _index_pool(spec, n, len(x0))
+        if teacher == "cached":
             p = _padding(spec.image_size)
             g = torch.Generator().manual_seed(spec.seed + 2)
-            offs = torch.randint(0, 2 * p + 1, (n_steps, len(x0), 2), generator=g).to(device)
-            flips = torch.randint(0, 2, (n_steps, len(x0)), generator=g).bool().to(device)
-            assert num_outcomes(p, True) == tea.cache.num_outcomes
+            per_step["aug_offsets"] = torch.randint(0, 2 * p + 1, (n, len(x0), 2), generator=g)
+            per_step["aug_flips"] = torch.randint(0, 2, (n, len(x0)), generator=g).bool()
+        per_step = {k: v.to(device) for k, v in per_step.items()}
 
-        def step(i: int) -> bool:
-            extras = dict(extras0)
-            if pool is not None:
-                extras["index"] = pool[i]
-            if offs is not None:
-                extras["aug_offsets"], extras["aug_flips"] = offs[i], flips[i]
-            x, y, extras = method.prepare_batch(x0, y0, extras)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            t_out = tea(x, **extras) if tea is not None else None
-            if drop:
-                extras = {k: v for k, v in extras.items() if k not in drop}
-            with amp_ctx():
-                _, terms = step_fn(x, y, t_out, **extras)
-            loss = sum(t.float() for t in terms.values())
-            if not torch.isfinite(loss):  # the engine checks every step (a sync on CUDA)
-                opt.zero_grad(set_to_none=True)
-                return False
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            for v in terms.values():  # the engine's per-term logging sums
-                float(v.detach())
-            float(loss.detach())
-            return True
+        def step(i: int) -> None:
+            train_step(x0, y0, {**extras0, **{k: v[i] for k, v in per_step.items()}})
+            if (i + 1) % tc.log_every == 0:  # fit's read point (the one host read)
+                with contextlib.suppress(RelkdError):  # non-finite: counted by _Run.finish
+                    train_step.read()
 
+        # _Run reads the on-device sums once more after the timed steps (untimed): the number
+        # of non-finite steps; with on_nonfinite "stop" the read raises instead.
+        step.stats = train_step.read  # type: ignore[attr-defined]
         if cold:  # _Run calls this untimed before every step
             step.before = functools.partial(_evict_pages, tea.cache)  # type: ignore[attr-defined]
         return step
@@ -815,47 +672,38 @@ def _cycling(make_iter: Callable[[int], Iterable[Any]]) -> Callable[[int], Any]:
     return step
 
 
-def _data_inmemory(spec: _Spec) -> Callable[[], Callable[[int], Any]]:
+def _data(spec: _Spec, workers: int | None) -> Callable[[], Callable[[int], Any]]:
+    """The input pipeline over a fake uint8 split: ``InMemoryLoader`` (``workers`` None) or a
+    ``DataLoader`` over ``ArrayImageDataset`` with ``workers`` workers, batches to the device
+    (as the engine's loaders deliver them)."""
+
     def build() -> Callable[[int], Any]:
-        from relkd.data import InMemoryLoader
-
-        data, targets = _fake_split(spec)
-        mean, std = _norm_stats(spec.in_chans)
-        loader = InMemoryLoader(
-            torch.from_numpy(data).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(targets),
-            batch_size=spec.batch, shuffle=True, augment=True, padding=_padding(spec.image_size),
-            flip=True, mean=mean, std=std, device=spec.device, seed=spec.seed,
-        )  # fmt: skip
-        del data
-
-        def epoch(e: int) -> InMemoryLoader:
-            loader.set_epoch(e)
-            return loader
-
-        return _cycling(epoch)
-
-    return build
-
-
-def _data_dataloader(spec: _Spec, workers: int) -> Callable[[], Callable[[int], Any]]:
-    def build() -> Callable[[int], Any]:
-        from relkd.data import ArrayImageDataset
+        from relkd.data import ArrayImageDataset, InMemoryLoader
         from relkd.data.transforms import crop_flip_transforms
 
         data, targets = _fake_split(spec)
         mean, std = _norm_stats(spec.in_chans)
-        train_tf, _ = crop_flip_transforms(spec.image_size, _padding(spec.image_size), mean, std)
-        ds = ArrayImageDataset(data, targets, transform=train_tf, mean=mean, std=std)
-        cuda = spec.device.type == "cuda"
-
-        def epoch(e: int):
-            g = torch.Generator().manual_seed(spec.seed + e)
-            loader = torch.utils.data.DataLoader(
-                ds, batch_size=spec.batch, shuffle=True, num_workers=workers, generator=g,
-                pin_memory=cuda, persistent_workers=False,
+        pad, dev, cuda = _padding(spec.image_size), spec.device, spec.device.type == "cuda"
+        if workers is None:
+            loader = InMemoryLoader(
+                torch.from_numpy(data).permute(0, 3, 1, 2).contiguous(),
+                torch.from_numpy(targets), batch_size=spec.batch, shuffle=True, augment=True,
+                padding=pad, flip=True, mean=mean, std=std, device=dev, seed=spec.seed,
             )  # fmt: skip
-            # As the engine's _unpack: the batch goes to the device.
-            return ((x.to(spec.device, non_blocking=cuda), y.to(spec.device)) for x, y in loader)
+            del data
+        else:
+            train_tf, _ = crop_flip_transforms(spec.image_size, pad, mean, std)
+            ds = ArrayImageDataset(data, targets, transform=train_tf, mean=mean, std=std)
+
+        def epoch(e: int) -> Iterable[Any]:
+            if workers is None:
+                loader.set_epoch(e)
+                return loader
+            batches = torch.utils.data.DataLoader(
+                ds, batch_size=spec.batch, shuffle=True, num_workers=workers, pin_memory=cuda,
+                generator=torch.Generator().manual_seed(spec.seed + e), persistent_workers=False,
+            )  # fmt: skip
+            return ((x.to(dev, non_blocking=cuda), y.to(dev)) for x, y in batches)
 
         return _cycling(epoch)
 
@@ -886,29 +734,24 @@ def _as_flags(value: bool | Sequence[bool], what: str) -> list[bool]:
 def _validate(spec: _Spec, methods: list[str]) -> None:
     """Every name and number checked before anything is measured."""
     from relkd.methods.base import METHODS
-    from relkd.models import create_model
 
     for m in methods:
         for part in m.split("+"):
             METHODS.get(part.strip())  # RelkdError naming the unknown method
     for name in (spec.student, spec.teacher):
-        create_model(name, spec.num_classes, **spec.model_kwargs())  # names an unknown model
+        spec.create(name)  # a RelkdError naming an unknown model
     for p in spec.precisions:
         if p not in PRECISIONS:
             raise RelkdError(f"unknown precision {p!r}; choose from {', '.join(PRECISIONS)}")
-    for key in ("batch", "steps", "image_size", "num_classes", "in_chans"):
-        if int(getattr(spec, key)) < 1:
-            raise RelkdError(f"{key} must be >= 1, got {getattr(spec, key)}")
-    if spec.warmup < 0:
-        raise RelkdError(f"warmup must be >= 0, got {spec.warmup}")
+    lows = {"batch": 1, "steps": 1, "image_size": 1, "num_classes": 1, "in_chans": 1,
+            "warmup": 0, "rounds": 1, "threads": 1}  # fmt: skip
+    for key, low in lows.items():
+        if getattr(spec, key) is not None and int(getattr(spec, key)) < low:
+            raise RelkdError(f"{key} must be >= {low}, got {getattr(spec, key)}")
     if spec.num_train_samples < max(2, spec.batch):
         raise RelkdError(
             f"num_train_samples ({spec.num_train_samples}) must be >= the batch ({spec.batch})"
         )
-    if spec.threads is not None and spec.threads < 1:
-        raise RelkdError(f"threads must be >= 1, got {spec.threads}")
-    if spec.rounds < 1:
-        raise RelkdError(f"rounds must be >= 1, got {spec.rounds}")
     if spec.cache_dtype not in ("fp16", "fp32"):
         raise RelkdError(f"cache_dtype must be fp16 or fp32, got {spec.cache_dtype!r}")
     if any(w < 0 for w in spec.data_workers):
@@ -946,33 +789,21 @@ def run_speed(
 
     Args:
         teacher, student: zoo names (or ``torchvision:`` / ``timm:`` names).
-        methods: registered methods or compositions, a list or a comma list. ``ce`` is the
-            ``student_ce_step`` configuration (measured always); the others give an
-            ``online_step`` and (with a teacher) a ``cached_step`` record each.
+        methods: registered methods or compositions, a list or a comma list; ``ce`` (the
+            ``student_ce_step``) is measured always.
         batch, steps, warmup: batch size, measured steps, excluded warm-up steps per config.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
         precisions: any of ``fp32``, ``bf16``, ``fp16`` (autocast as ``train.precision``).
         channels_last, compile: a flag, or ``(False, True)`` to measure without and with.
         image_size, in_chans, num_classes: the synthetic data's shape (CIFAR-100: 32, 3, 100).
         threads: ``torch.set_num_threads`` for the run (restored afterwards); None keeps it.
-        num_train_samples: the training-set size N: memory banks (CRD), the teacher-output
-            cache, and the uint8 split the data pipelines read (CIFAR: 50000).
-        data: also measure the data pipelines; ``data_workers``: DataLoader worker counts.
-        cache_budget_mb: the largest teacher-output cache file set to write (MiB); a method
-            whose cache needs more gets a ``cached_step`` record with status skipped.
-        cache_dtype: storage dtype of the cache, ``fp16`` (the engine's default) or ``fp32``.
-        cache_root: folder for the temporary cache files (default: the system's temp folder).
-        cache_variants: the cached steps to measure: ``engine`` (``cached_step``: the cache
-            opened as the engine opens it -- memory-mapped on the host, preloaded onto a GPU
-            when it fits) and/or ``preloaded`` (``cached_step_preloaded``: read into memory on
-            the device first, so a lookup is pure tensor indexing) and/or ``cold``
-            (``cached_step_cold``: memory-mapped with its pages evicted before every step, so
-            every lookup reads from storage; CPU only).
-        rounds: the training configurations of one option set are measured interleaved: all
-            are built and warmed up, then ``rounds`` times each runs a block of
-            ``steps / rounds`` consecutive timed steps in turn (1: one block each, one after the
-            other). The data pipelines are measured one after the other (DataLoader workers
-            would prefetch while other configurations run).
+        num_train_samples: the training-set size N (memory banks, teacher cache, data split).
+        data, data_workers: also measure the data pipelines, with these DataLoader workers.
+        cache_budget_mb: the largest teacher cache to write (MiB); over it: skipped records.
+        cache_dtype, cache_root: the cache's storage dtype (``fp16``, the engine's default, or
+            ``fp32``) and the folder of its temporary files (default: the system's temp folder).
+        cache_variants: any of ``engine``, ``preloaded``, ``cold`` (:data:`CACHE_VARIANTS`).
+        rounds: interleaved rounds per option set (1: one configuration after the other).
         on_record: called with each record as soon as it is measured.
     """
     from relkd.engine.trainer import resolve_device
@@ -1005,48 +836,29 @@ def run_speed(
     }  # fmt: skip
     records: list[dict[str, Any]] = []
     files = _CacheFiles(spec, cache_dtype, cache_root)
-
-    # (fields, build or None, skip reason or None), measured and emitted group by group.
+    # (fields, build, skip reason or None), measured and emitted group by group.
     group: list[tuple[dict[str, Any], Any, str | None]] = []
-
-    def add(config: str, build, *, skip: str | None = None, **fields: Any) -> None:
-        group.append(({"config": config, **fields}, build, skip))
 
     def flush(interleave: bool) -> None:
         todo = [b for _, b, why in group if why is None]
         if interleave:
-            results = _measure_group(
-                todo, steps=spec.steps, warmup=spec.warmup, rounds=rounds, device=spec.device
-            )
-        else:  # one configuration after the other (the data pipelines: see run_speed's doc)
-            results = [
-                _measure_group(
-                    [b], steps=spec.steps, warmup=spec.warmup, rounds=1, device=spec.device
-                )[0]
-                for b in todo
-            ]
+            results = _measure_group(todo, spec, rounds)
+        else:  # one after the other (the data pipelines: see the module doc)
+            results = [_measure_group([b], spec, 1)[0] for b in todo]
         it = iter(results)
         for fields, _, why in group:
-            rec: dict[str, Any] = dict.fromkeys(RECORD_KEYS)
-            rec.update(base, **fields)
+            rec: dict[str, Any] = {**dict.fromkeys(RECORD_KEYS), **base, **fields}
             if why is not None:
                 rec.update(status="skipped", reason=why)
             else:
-                res = next(it)
-                med, mean = res.pop("_median_s"), res.pop("_mean_s")
-                rec.update(
-                    res, status="ok", rounds=len(_blocks(spec.steps, rounds if interleave else 1))
-                )
-                rec["images_per_s"] = spec.batch / med
-                rec["images_per_s_mean"] = spec.batch / mean
+                rec.update(next(it), status="ok")
+                rec["rounds"] = len(_blocks(spec.steps, rounds if interleave else 1))
             records.append(rec)
             if on_record is not None:
                 on_record(rec)
         group.clear()
 
     try:
-        from relkd.methods.base import METHODS
-
         _prime(spec)
         # Objects alive now (modules, the imported libraries) are moved out of the collector's
         # reach: the gc.collect() before each measurement then costs milliseconds, not ~0.3 s.
@@ -1056,80 +868,27 @@ def run_speed(
             for cl in cl_flags:
                 for comp in compile_flags:
                     opts = {"precision": precision, "channels_last": cl, "compile": comp}
-                    add("teacher_forward", _teacher_forward(spec, cl), **opts)
                     kw = {"precision": precision, "channels_last": cl, "compile_": comp}
-                    add(
-                        "student_ce_step",
-                        _train_step(spec, "ce", teacher_mode="none", **kw),
-                        method="ce",
-                        **opts,
-                    )
-                    for m in methods:
-                        if m == "ce":
-                            continue
-                        add(
-                            "online_step",
-                            _train_step(spec, m, teacher_mode="online", **kw),
-                            method=m,
-                            **opts,
-                        )
-                        parts = [METHODS.get(p.strip()) for p in m.split("+")]
-                        if not any(p.requires_teacher for p in parts):
-                            continue
-                        why, taps, dims, nbytes = _cache_plan(spec, m, files, cache_budget_mb)
-                        what = f"TeacherCache {files.dtype} {'+'.join(taps)} {nbytes / MIB:.0f} MiB"
-                        for variant in cache_variants:
-                            if variant == "engine":
-                                mode = "memory-mapped" + (
-                                    ", preloaded on the GPU"
-                                    if why is None and _engine_preloads(nbytes, spec.device)
-                                    else ""
+                    group.append(({"config": "teacher_forward", **opts},
+                                  _teacher_forward(spec, cl), None))  # fmt: skip
+                    for m in ["ce", *(m for m in methods if m != "ce")]:
+                        config = "student_ce_step" if m == "ce" else "online_step"
+                        mode = "none" if m == "ce" else "online"
+                        fields = {"config": config, "method": m, **opts}
+                        group.append((fields, _train_step(spec, m, teacher=mode, **kw), None))
+                        if m != "ce":
+                            for f, cache, why in _cached(spec, m, files, cache_budget_mb,
+                                                         cache_variants):  # fmt: skip
+                                cold = f["config"] == "cached_step_cold"
+                                step = _train_step(
+                                    spec, m, teacher="cached", cache=cache, cold=cold, **kw
                                 )
-                                path = files.path(taps, dims) if why is None else None
-                                open_ = functools.partial(_open_cache, path, spec.device)
-                                add(
-                                    "cached_step", _train_step(
-                                        spec, m, teacher_mode="cached", cache=open_, **kw
-                                    ),
-                                    method=m, skip=why, **opts,
-                                    cache=None if why else f"{what}, engine's choice: {mode}",
-                                )  # fmt: skip
-                                continue
-                            if variant == "cold":
-                                cwhy = why or _can_evict()
-                                if cwhy is None and spec.device.type != "cpu":
-                                    cwhy = "the cold variant measures the host memory map (CPU)"
-                                path = files.path(taps, dims, "cold") if cwhy is None else None
-                                add(
-                                    "cached_step_cold", _train_step(
-                                        spec, m, teacher_mode="cached", cold=True,
-                                        cache=functools.partial(_open_cache, path, spec.device),
-                                        **kw,
-                                    ),
-                                    method=m, skip=cwhy, **opts,
-                                    cache=None if cwhy else f"{what}, memory-mapped, its pages "
-                                    "evicted before every step",
-                                )  # fmt: skip
-                                continue
-                            pwhy = why
-                            if pwhy is None and _engine_preloads(nbytes, spec.device):
-                                pwhy = "the engine preloads this cache on this device already"
-                            loaded = files.preloaded(taps, dims) if pwhy is None else None
-                            add(
-                                "cached_step_preloaded", _train_step(
-                                    spec, m, teacher_mode="cached",
-                                    cache=functools.partial(lambda c: c, loaded), **kw,
-                                ),
-                                method=m, skip=pwhy, **opts,
-                                cache=None if pwhy else f"{what}, preloaded into {spec.device} "
-                                "memory before the build (one copy shared by the run, not in "
-                                "peak_mem_mb)",
-                            )  # fmt: skip
+                                group.append(({**f, **opts}, step, why))
                     flush(interleave=True)
         if data:
-            add("data_inmemory", _data_inmemory(spec))
+            group.append(({"config": "data_inmemory"}, _data(spec, None), None))
             for w in spec.data_workers:
-                add("data_dataloader", _data_dataloader(spec, w), workers=w)
+                group.append(({"config": "data_dataloader", "workers": w}, _data(spec, w), None))
             flush(interleave=False)
     finally:
         files.close()
@@ -1138,15 +897,51 @@ def run_speed(
     return records
 
 
+def _cached(
+    spec: _Spec, m: str, files: _CacheFiles, budget_mb: float, variants: Sequence[str]
+) -> list[tuple[dict[str, Any], Callable[[], Any] | None, str | None]]:
+    """``(record fields, cache opener, skip reason)`` of each cached step of method ``m`` (none
+    for a method without a teacher)."""
+    from relkd.methods.base import METHODS
+
+    if not any(METHODS.get(p.strip()).requires_teacher for p in m.split("+")):
+        return []
+    why, taps, dims, nbytes = _cache_plan(spec, m, files, budget_mb)
+    what = f"TeacherCache {files.dtype} {'+'.join(taps)} {nbytes / MIB:.0f} MiB"
+    gpu_preload = why is None and _engine_preloads(nbytes, spec.device)
+    out = []
+    for v in variants:
+        skip, opener, desc = why, None, None
+        if v == "cold" and skip is None:
+            if not hasattr(os, "posix_fadvise") or not hasattr(mmap, "MADV_DONTNEED"):
+                skip = "this platform has no posix_fadvise / MADV_DONTNEED to evict the pages"
+            elif spec.device.type != "cpu":
+                skip = "the cold variant measures the host memory map (CPU)"
+        if v == "preloaded" and skip is None and gpu_preload:
+            skip = "the engine preloads this cache on this device already"
+        if skip is None and v == "preloaded":
+            opener = functools.partial(lambda c: c, files.preloaded(taps, dims))
+            desc = (f"{what}, preloaded into {spec.device} memory before the build (one copy "
+                    "shared by the run, not in peak_mem_mb)")  # fmt: skip
+        elif skip is None:
+            path = files.path(taps, dims, "cold" if v == "cold" else "")
+            opener = functools.partial(_open_cache, path, spec.device)
+            desc = f"{what}, " + (
+                "memory-mapped, its pages evicted before every step" if v == "cold" else
+                "engine's choice: memory-mapped" + (", preloaded on the GPU" * gpu_preload)
+            )  # fmt: skip
+        fields = {"config": CACHE_VARIANTS[v], "method": m, "cache": desc}
+        out.append((fields, opener, skip))
+    return out
+
+
 def _prime(spec: _Spec) -> None:
     """Two unrecorded steps of a teacher forward and a student step: one-off costs of the
     process (lazy library initialisation, first-use kernel caches) are not charged to the
     first configuration measured."""
     for build in (
         _teacher_forward(spec, False),
-        _train_step(
-            spec, "ce", precision="fp32", channels_last=False, compile_=False, teacher_mode="none"
-        ),
+        _train_step(spec, "ce", precision="fp32", channels_last=False, compile_=False),
     ):
         step = build()
         step(0)
@@ -1157,18 +952,22 @@ def _prime(spec: _Spec) -> None:
 def _cache_plan(
     spec: _Spec, method_name: str, files: _CacheFiles, budget_mb: float
 ) -> tuple[str | None, tuple[str, ...], dict[str, int], int]:
-    """``(why not, taps, dims, bytes)`` of the teacher cache of a method."""
-    from relkd.methods import build_method
+    """``(why not, taps, dims, bytes)`` of the teacher cache of a method: logits plus its
+    teacher taps; not cached where the engine's planner (on in-memory data, with
+    ``train.teacher_cache`` on) keeps the online teacher, with its reason."""
+    from relkd.engine.plan import make_plan
 
-    student, teacher = spec.create(spec.student), spec.create(spec.teacher)
-    ctx = _context(spec, student, teacher)
-    method, _ = build_method(method_name, ctx)
-    taps = _cache_taps(method)
-    why = _cache_fallback(method_name, method)
-    if why is not None:
-        return why, taps, {}, 0
+    _, _, ctx, method, _ = _parts(spec, method_name, with_teacher=True)
+    taps = tuple(dict.fromkeys(["logits", *method.teacher_taps()]))
+    plan = make_plan(
+        method=method, method_name=method_name, has_teacher=True, teacher_cache="auto",
+        train_ds=_SyntheticSet(torch.zeros(spec.shape(1)), torch.zeros(1, dtype=torch.long)),
+    )  # fmt: skip
+    if plan.teacher != "cache":
+        return "; ".join(plan.notes) or f"the engine's teacher: {plan.teacher}", taps, {}, 0
     dims = {t: int(math.prod(ctx.teacher_shapes[t])) for t in taps}
     need = files.nbytes(taps, dims)
+    why = None
     if need > budget_mb * MIB:
         why = (
             f"a {files.dtype} teacher cache ({', '.join(taps)}) for {spec.num_train_samples} "
@@ -1192,93 +991,69 @@ def speed_ratios(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
       forward median), per method and option set (target <= 1.05 for ``kd``);
     * ``cached / ce``, ``cached (preloaded) / ce``, ``cached (cold page cache) / ce``: cached
       step median / student CE step median (target <= 1.10 for ``kd``);
-    * ``inmemory / dataloader``: InMemoryLoader images/s / DataLoader images/s per worker count
-      (target >= 3), from the medians and, as ``value_mean``, from the means.
+    * ``inmemory / dataloader(workers=W)``: InMemoryLoader images/s / DataLoader images/s
+      (target >= 3).
+
+    ``value`` is from the medians, ``value_mean`` from the means.
     """
     ok = [r for r in records if r["status"] == "ok"]
     out: list[dict[str, Any]] = []
 
-    def opts(r):
-        return (r["precision"], r["channels_last"], r["compile"])
+    def opts(r: dict[str, Any]) -> tuple[Any, Any, Any]:
+        return r["precision"], r["channels_last"], r["compile"]
 
-    def find(config: str, o) -> dict[str, Any] | None:
+    def find(config: str, o: tuple[Any, Any, Any]) -> dict[str, Any] | None:
         return next((r for r in ok if r["config"] == config and opts(r) == o), None)
 
-    for r in ok:
+    def add(name: str, r: dict[str, Any], over: list, target: str | None) -> None:
+        """``r``'s time / the summed times of ``over``; ``target`` like ``"<= 1.05"``."""
+        v, v_mean = (r[k] / sum(d[k] for d in over) for k in ("step_ms_median", "step_ms_mean"))
+        meets = None
+        if target is not None:
+            bound = float(target.split()[1])
+            meets = v <= bound if target.startswith("<=") else v >= bound
         o = opts(r)
-        ce, tf = find("student_ce_step", o), find("teacher_forward", o)
-        common = {"method": r["method"], "precision": o[0], "channels_last": o[1], "compile": o[2]}
-        if r["config"] == "online_step" and ce and tf:
-            den = ce["step_ms_median"] + tf["step_ms_median"]
-            den_mean = ce["step_ms_mean"] + tf["step_ms_mean"]
-            out.append(
-                {
-                    "ratio": "online / (ce + teacher)",
-                    **common,
-                    "value": r["step_ms_median"] / den,
-                    "value_mean": r["step_ms_mean"] / den_mean,
-                    "target": "<= 1.05" if r["method"] == "kd" else None,
-                    "meets": r["step_ms_median"] / den <= 1.05 if r["method"] == "kd" else None,
-                }
-            )
-        if r["config"] in _CACHED_RATIO and ce:
-            v = r["step_ms_median"] / ce["step_ms_median"]
-            out.append(
-                {
-                    "ratio": _CACHED_RATIO[r["config"]],
-                    **common,
-                    "value": v,
-                    "value_mean": r["step_ms_mean"] / ce["step_ms_mean"],
-                    "target": "<= 1.10" if r["method"] == "kd" else None,
-                    "meets": v <= 1.10 if r["method"] == "kd" else None,
-                }
-            )
+        out.append({
+            "ratio": name, "method": r["method"], "precision": o[0], "channels_last": o[1],
+            "compile": o[2], "value": v, "value_mean": v_mean, "target": target, "meets": meets,
+        })  # fmt: skip
+
     mem = next((r for r in ok if r["config"] == "data_inmemory"), None)
     for r in ok:
-        if r["config"] == "data_dataloader" and mem:
-            v = mem["images_per_s"] / r["images_per_s"]
-            out.append(
-                {
-                    "ratio": f"inmemory / dataloader(workers={r['workers']})",
-                    "method": None,
-                    "precision": None,
-                    "channels_last": None,
-                    "compile": None,
-                    "value": v,
-                    "value_mean": mem["images_per_s_mean"] / r["images_per_s_mean"],
-                    "target": ">= 3",
-                    "meets": v >= 3,
-                }
-            )
+        o, kd = opts(r), r["method"] == "kd"
+        ce, tf = find("student_ce_step", o), find("teacher_forward", o)
+        if r["config"] == "online_step" and ce and tf:
+            add("online / (ce + teacher)", r, [ce, tf], "<= 1.05" if kd else None)
+        elif r["config"] in _CACHED_RATIO and ce:
+            add(_CACHED_RATIO[r["config"]], r, [ce], "<= 1.10" if kd else None)
+        elif r["config"] == "data_dataloader" and mem:
+            # images/s ratio = the inverse ratio of the step times (images/s = batch / time)
+            add(f"inmemory / dataloader(workers={r['workers']})", r, [mem], ">= 3")
     return out
+
+
+#: The columns of :func:`format_table`: record key -> (header, format of a float value).
+_COLUMNS = {
+    "config": ("config", ""), "method": ("method", ""), "precision": ("precision", ""),
+    "channels_last": ("channels_last", ""), "compile": ("compile", ""),
+    "workers": ("workers", ""), "step_ms_median": ("ms/step median", ".2f"),
+    "step_ms_mean": ("ms/step mean", ".2f"), "images_per_s": ("images/s", ".0f"),
+    "peak_mem_mb": ("peak MiB", ".1f"), "step_mem_mb": ("step MiB", ".1f"),
+    "file_mem_mb": ("file MiB", ".0f"), "disk_read_mb": ("disk read MB", ".1f"),
+}  # fmt: skip
 
 
 def format_table(records: Sequence[dict[str, Any]]) -> str:
     """A markdown table of the records."""
-    head = (
-        "| config | method | precision | channels_last | compile | workers | ms/step median | "
-        "ms/step mean | images/s | peak MiB | step MiB | file MiB | disk read MB |"
-    )
-    lines = [head, "|" + "---|" * 13]
+    lines = ["| " + " | ".join(h for h, _ in _COLUMNS.values()) + " |", "|---" * 13 + "|"]
     for r in records:
-
-        def f(k, fmt="{:.1f}", r=r):
-            v = r.get(k)
-            return "" if v is None else fmt.format(v) if isinstance(v, float) else str(v)
-
+        cells = [
+            "" if (v := r.get(k)) is None else format(v, f) if isinstance(v, float) else str(v)
+            for k, (_, f) in _COLUMNS.items()
+        ]
         if r["status"] != "ok":
-            lines.append(
-                f"| {r['config']} | {f('method')} | {f('precision')} | {f('channels_last')} | "
-                f"{f('compile')} | {f('workers')} | skipped: {r['reason']} | | | | | | |"
-            )
-            continue
-        lines.append(
-            f"| {r['config']} | {f('method')} | {f('precision')} | {f('channels_last')} | "
-            f"{f('compile')} | {f('workers')} | {f('step_ms_median', '{:.2f}')} | "
-            f"{f('step_ms_mean', '{:.2f}')} | {f('images_per_s', '{:.0f}')} | "
-            f"{f('peak_mem_mb')} | {f('step_mem_mb')} | {f('file_mem_mb', '{:.0f}')} | "
-            f"{f('disk_read_mb')} |"
-        )
+            cells[6:] = [f"skipped: {r['reason']}"] + [""] * 6
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
