@@ -137,6 +137,11 @@ def teacher_fingerprint(model: nn.Module) -> str:
     for name, t in model.state_dict().items():
         h.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(_tensor_bytes(t))
+    # The model's own input normalisation (relkd.models.normalization): "" when there is none,
+    # so keys of models fed the data's statistics are unchanged.
+    from relkd.models.normalization import input_norm_fingerprint
+
+    h.update(input_norm_fingerprint(model).encode())
     return h.hexdigest()
 
 

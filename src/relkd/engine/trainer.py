@@ -51,6 +51,7 @@ from relkd.methods import MethodContext, build_method
 from relkd.methods.base import Method
 from relkd.models import POOLED, FeatureTap, create_model, get_feature_info, load_checkpoint
 from relkd.models.checkpoint import save_student
+from relkd.models.normalization import attach_input_norm
 from relkd.registry import RelkdError
 
 __all__ = ["BlockSampler", "Components", "build_components", "evaluate", "fit"]
@@ -109,8 +110,8 @@ def probe_shapes(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[st
     return shapes
 
 
-def _tappable(model: nn.Module) -> list[str]:
-    names = [i.name for i in get_feature_info(model)]
+def _tappable(model: nn.Module, example: torch.Tensor | None = None) -> list[str]:
+    names = [i.name for i in get_feature_info(model, example)]
     try:
         FeatureTap(model, [POOLED]).remove()
         names.append(POOLED)
@@ -138,18 +139,33 @@ def _chans_kwargs(name: str, kwargs: Any, in_channels: int) -> dict[str, Any]:
 def _build_models(cfg: Config, info: Any, teacher: nn.Module | None, student: nn.Module | None):
     kw = _chans_kwargs(cfg.student.name, cfg.student.kwargs, info.in_channels)
     if student is None:
-        student = create_model(cfg.student.name, info.num_classes, **kw)
+        student = create_model(
+            cfg.student.name, info.num_classes, weights=cfg.student.weights, **kw
+        )
         if cfg.student.checkpoint:
             load_checkpoint(student, cfg.student.checkpoint)
     if teacher is None and cfg.teacher is not None:
-        tkw = _chans_kwargs(cfg.teacher.name, cfg.teacher.kwargs, info.in_channels)
-        teacher = create_model(cfg.teacher.name, info.num_classes, **tkw)
-        if not cfg.teacher.checkpoint:
+        tc = cfg.teacher
+        if not tc.checkpoint and not tc.weights:
             raise RelkdError(
-                f"teacher {cfg.teacher.name!r} has no checkpoint: set teacher.checkpoint=PATH "
-                "(a trained teacher; an untrained one teaches nothing)"
+                f"teacher {tc.name!r} has no checkpoint: set teacher.checkpoint=PATH or "
+                "teacher.weights=NAME (a trained teacher; an untrained one teaches nothing)"
             )
-        load_checkpoint(teacher, cfg.teacher.checkpoint)
+        tkw = _chans_kwargs(tc.name, tc.kwargs, info.in_channels)
+        teacher = create_model(tc.name, info.num_classes, weights=tc.weights, **tkw)
+        if tc.checkpoint:
+            load_checkpoint(teacher, tc.checkpoint)
+        elif getattr(teacher, "new_classifier", False):
+            raise RelkdError(
+                f"teacher {tc.name!r} with weights={tc.weights!r} has a new, untrained classifier "
+                f"for {info.num_classes} classes: fine-tune it first (relkd train with method ce) "
+                "and pass that run's student.pt as teacher.checkpoint"
+            )
+    # Each model sees inputs normalised as it was trained (a no-op when they match the data's).
+    attach_input_norm(student, info.mean, info.std, cfg.student.mean, cfg.student.std)
+    if teacher is not None:
+        tc = cfg.teacher
+        attach_input_norm(teacher, info.mean, info.std, tc and tc.mean, tc and tc.std)
     return teacher, student
 
 
@@ -237,10 +253,15 @@ def build_components(
     """Data sets, models, method and Distiller for ``cfg``; every check that can fail before
     training (unknown names, class counts, missing teacher) fails here."""
     from relkd.data import build_datasets
+    from relkd.preflight import check_config
 
+    # Config-only checks first, in the order a user fixes them (a method typo before a missing
+    # teacher checkpoint or data folder).
+    check_config(cfg, teacher=teacher, student=student)
     train_ds, test_ds, info = build_datasets(
         cfg.data.name, cfg.data.root, download=cfg.data.download, augment=cfg.data.augment,
-        image_size=cfg.data.image_size,
+        image_size=cfg.data.image_size, val_split=cfg.data.val_split,
+        val_seed=cfg.data.val_seed, test_subset=cfg.data.test_subset,
     )  # fmt: skip
     if cfg.data.train_subset:
         from relkd.data import take_subset
@@ -250,7 +271,7 @@ def build_components(
         )  # same subset for every seed
     teacher_model, student_model = _build_models(cfg, info, teacher, student)
     dummy = torch.zeros(2, info.in_channels, info.image_size, info.image_size)
-    s_shapes = probe_shapes(student_model, _tappable(student_model), dummy)
+    s_shapes = probe_shapes(student_model, _tappable(student_model, dummy), dummy)
     if s_shapes["logits"] != (info.num_classes,):
         raise RelkdError(
             f"student predicts {s_shapes['logits'][0]} classes but data set {cfg.data.name!r} "
@@ -258,15 +279,15 @@ def build_components(
         )
     ctx = MethodContext(
         num_classes=info.num_classes,
-        student_stages=get_feature_info(student_model),
+        student_stages=get_feature_info(student_model, dummy),
         student_shapes=s_shapes,
         epochs=cfg.train.epochs,
         num_train_samples=len(train_ds),
         seed=cfg.train.seed,
     )
     if teacher_model is not None:
-        ctx.teacher_stages = get_feature_info(teacher_model)
-        ctx.teacher_shapes = probe_shapes(teacher_model, _tappable(teacher_model), dummy)
+        ctx.teacher_stages = get_feature_info(teacher_model, dummy)
+        ctx.teacher_shapes = probe_shapes(teacher_model, _tappable(teacher_model, dummy), dummy)
         if ctx.teacher_shapes["logits"] != s_shapes["logits"]:
             raise RelkdError(
                 f"teacher predicts {ctx.teacher_shapes['logits'][0]} classes but the student "
