@@ -172,3 +172,66 @@ def test_timm_name_hint() -> None:
     pytest.importorskip("timm")
     with pytest.raises(RelkdError, match="did you mean resnet18"):
         create_model("timm:resnt18", num_classes=10)
+
+
+def _tiny_cfg(tmp_path, fmnist_root, **sections):
+    cfg = {
+        "data": {"name": "fashion_mnist", "root": str(fmnist_root), "batch_size": 32},
+        "optim": {"lr": 0.01},
+        "schedule": {"name": "constant"},
+        "train": {"epochs": 1, "max_steps_per_epoch": 2, "device": "cpu", "progress": False,
+                  "tensorboard": False},
+        "output_dir": str(tmp_path / "runs"),
+    }  # fmt: skip
+    cfg.update(sections)
+    return cfg
+
+
+def test_fit_trains_a_pretrained_torchvision_student_on_grey_data(tmp_path) -> None:
+    """Through relkd.train: student.weights loads the cached file (first conv adapted to the
+    grey data), and the weights' ImageNet statistics are applied by the input hook."""
+    import relkd
+    from relkd.models.normalization import input_norm_fingerprint
+    from tests.conftest import make_fmnist
+
+    sd = _fake_torchvision_cache("resnet18", "IMAGENET1K_V1")
+    root = make_fmnist(tmp_path / "fm", n_train=64, n_test=32)
+    import relkd.engine.trainer as trainer_mod
+
+    seen = {}
+    real_build = trainer_mod._build_models
+
+    def spy(*a, **k):
+        t, s = real_build(*a, **k)
+        seen["student"], seen["conv1"] = s, s.conv1.weight.detach().clone()
+        return t, s
+
+    cfg = _tiny_cfg(
+        tmp_path, root, student={"name": "torchvision:resnet18", "weights": "IMAGENET1K_V1"},
+        method={"name": "ce"},
+    )  # fmt: skip
+    import unittest.mock
+
+    with unittest.mock.patch.object(trainer_mod, "_build_models", spy):
+        summary = relkd.train(cfg, quiet=True)
+    s = seen["student"]
+    assert summary["last_top1"] >= 0
+    # As built (before training): the grey first conv is the cached RGB kernel summed over its
+    # input channels, and the weights' ImageNet statistics are applied by the input hook.
+    assert torch.allclose(seen["conv1"], sd["conv1.weight"].sum(1, keepdim=True))
+    assert '"mean": [0.449], "std": [0.226]' in input_norm_fingerprint(s)  # ImageNet, grey
+
+
+def test_fit_refuses_a_pretrained_teacher_whose_classifier_is_new(tmp_path) -> None:
+    import relkd
+    from tests.conftest import make_fmnist
+
+    _fake_torchvision_cache("resnet18", "IMAGENET1K_V1")
+    root = make_fmnist(tmp_path / "fm", n_train=64, n_test=32)
+    cfg = _tiny_cfg(
+        tmp_path, root, student={"name": "cnn_tiny"}, method={"name": "kd"},
+        teacher={"name": "torchvision:resnet18", "weights": "IMAGENET1K_V1"},
+    )  # fmt: skip
+    with pytest.raises(RelkdError, match="untrained classifier"):
+        relkd.train(cfg, quiet=True)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.yaml"))
