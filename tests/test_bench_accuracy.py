@@ -410,3 +410,66 @@ def test_suite_data_label_reaches_bench_json_and_the_report(suite_file, tmp_path
     md = write_report(out).read_text()
     assert "## cnn_tiny, no teacher (Gratings-10 (synthetic))" in md
     assert "Recipe: Gratings-10 (synthetic), full training set, 2 epochs, batch 32" in md
+
+
+def test_eta_arithmetic():
+    assert acc.eta_seconds([], 5) is None and acc.format_eta(None) == "ETA unknown"
+    assert acc.eta_seconds([100.0, 200.0], 4, workers=2) == 300.0  # mean 150 x 4 left / 2
+    assert acc.eta_seconds([30.0], 0) == 0.0
+    assert [acc.format_eta(s) for s in (0.0, 59.0, 720.0, 5940.0, 12240.0)] == [
+        "ETA 0 s",
+        "ETA 59 s",
+        "ETA 12 min",
+        "ETA 99 min",
+        "ETA 3.4 h",
+    ]
+
+
+def test_progress_lines_show_the_eta_from_this_invocations_runs(tmp_path, fmnist_root, monkeypatch):
+    """Fake runs on a stubbed clock (60, 180, 120, 40 s): after each one the runner prints runs
+    done / all and mean-so-far x runs left; a second call counts the runs finished before in
+    `done` but times only its own runs."""
+    suite = write_suite(
+        tmp_path / "s.yaml",
+        fmnist_root,
+        {"checkpoint": "unused.pt"},
+        pairs=[[None, "cnn_tiny"]],
+        methods=["ce"],
+        seeds=[0, 1, 2, 3, 4],
+    )
+    now = [1000.0]
+    durations = iter([60.0, 180.0, 120.0, 40.0, 600.0])
+
+    def fake_train(config, **kw):
+        now[0] += next(durations)
+        run_dir = Path(config["output_dir"]) / config["name"]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "summary.json").write_text(json.dumps({"best_top1": 1.0, "last_top1": 1.0}))
+        return {"best_top1": 1.0, "last_top1": 1.0}
+
+    monkeypatch.setattr(relkd, "train", fake_train)
+    monkeypatch.setattr(acc, "_clock", lambda: now[0])
+    monkeypatch.delenv("RELKD_BENCH_WORKERS", raising=False)
+    lines: list[str] = []
+    monkeypatch.setattr(acc, "_printer", lambda prefix="": lines.append)
+    out = tmp_path / "out"
+    run_suite(suite, out, only=["ce/*/s0", "ce/*/s1", "ce/*/s2", "ce/*/s3"])
+    eta = [x for x in lines if "finished;" in x]
+    assert eta == [
+        "[0/4] finished; ETA unknown",
+        "[1/4] finished; ETA 3 min (mean 60.0 s over 1 run(s) here)",  # 60 x 3
+        "[2/4] finished; ETA 4 min (mean 120.0 s over 2 run(s) here)",  # 120 x 2
+        "[3/4] finished; ETA 2 min (mean 120.0 s over 3 run(s) here)",  # 120 x 1
+        "[4/4] finished; ETA 0 s (mean 100.0 s over 4 run(s) here)",
+    ]
+    assert any("done in 180.0 s" in x for x in lines)  # the same clock times the run lines
+    lines.clear()
+    run_suite(suite, out)  # s0..s3 finished before: only s4 (600 s) is timed by this call
+    assert [x for x in lines if "finished;" in x] == [
+        "[4/5] finished; ETA unknown",
+        "[5/5] finished; ETA 0 s (mean 600.0 s over 1 run(s) here)",
+    ]
+    # A pool worker divides by the number of workers sharing the grid.
+    prog = acc._Progress(acc.build_grid(load_suite(suite), tmp_path / "o2")[1], "t", workers=2)
+    prog.run_times = [100.0, 200.0]
+    assert prog.line() == "[0/5] finished; ETA 6 min (mean 150.0 s over 2 run(s) here, 2 workers)"

@@ -223,6 +223,78 @@ def test_eval_a_run_folder(run_dir):
     assert code == 0 and json.loads(out)["top1"] == pytest.approx(summary["best_top1"])
 
 
+def test_eval_feeds_the_student_its_own_normalisation(fmnist_root, tmp_path, monkeypatch):
+    """A student trained with student.mean/std unlike the data's is evaluated by `relkd eval
+    RUN_DIR` on the inputs it was trained on: the run's own last top-1 and test loss; without
+    the re-normalisation hook the same weights score otherwise."""
+    import relkd.models.normalization as norm
+
+    res = relkd.train(
+        {
+            "student": {"name": "cnn_tiny", "mean": [0.9], "std": [0.1]},
+            "method": {"name": "ce"},
+            "data": {"name": "fashion_mnist", "root": str(fmnist_root), "batch_size": 32},
+            "train": {"epochs": 1, "max_steps_per_epoch": 2, "progress": False,
+                      "tensorboard": False, "device": "cpu"},
+            "schedule": {"name": "constant"},
+            "output_dir": str(tmp_path),
+            "name": "normed",
+        },
+        quiet=True,
+    )  # fmt: skip
+    run = Path(res["run_dir"])
+    summary = json.loads((run / "summary.json").read_text())
+    code, out, err = _cli(["eval", str(run), "--device", "cpu", "--no-progress"])
+    assert code == 0, err
+    got = json.loads(out)
+    assert got["top1"] == pytest.approx(summary["last_top1"])
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert (got["top5"], got["test_loss"]) == pytest.approx((last["top5"], last["test_loss"]))
+    monkeypatch.setattr(norm, "attach_input_norm", lambda *a, **k: "")  # no hook
+    code, out, err = _cli(["eval", str(run), "--device", "cpu", "--no-progress"])
+    assert code == 0, err
+    raw = json.loads(out)
+    assert (raw["top1"], raw["test_loss"]) != (got["top1"], got["test_loss"])
+
+
+def test_eval_a_pretrained_torchvision_student_uses_its_weights_statistics(tmp_path, monkeypatch):
+    """student.weights=IMAGENET1K_V1 (a fake local cache): training fed the student ImageNet
+    statistics; `relkd eval RUN_DIR` does too (same test loss as the run's last epoch)."""
+    import relkd.models.normalization as norm
+    from tests.conftest import make_fmnist
+    from tests.models.test_pretrained import _fake_torchvision_cache
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    _fake_torchvision_cache("resnet18", "IMAGENET1K_V1")
+    root = make_fmnist(tmp_path / "fm", n_train=64, n_test=32)
+    res = relkd.train(
+        {
+            "student": {"name": "torchvision:resnet18", "weights": "IMAGENET1K_V1"},
+            "method": {"name": "ce"},
+            "data": {"name": "fashion_mnist", "root": str(root), "batch_size": 32},
+            "optim": {"lr": 0.01},
+            "train": {"epochs": 1, "max_steps_per_epoch": 2, "progress": False,
+                      "tensorboard": False, "device": "cpu"},
+            "schedule": {"name": "constant"},
+            "output_dir": str(tmp_path / "runs"),
+            "name": "tv",
+        },
+        quiet=True,
+    )  # fmt: skip
+    run = Path(res["run_dir"])
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    code, out, err = _cli(["eval", str(run), "--device", "cpu", "--no-progress"])
+    assert code == 0, err
+    got = json.loads(out)
+    # Exact: the same CPU computation as the run's own evaluation. (The untrained head keeps
+    # the loss near ln 10 either way, so only exact equality tells the inputs apart.)
+    assert (got["top1"], got["test_loss"]) == (last["top1"], last["test_loss"])
+    monkeypatch.setattr(norm, "attach_input_norm", lambda *a, **k: "")  # no hook
+    code, out, err = _cli(["eval", str(run), "--device", "cpu", "--no-progress"])
+    assert code == 0, err
+    assert json.loads(out)["test_loss"] != last["test_loss"]
+
+
 def test_eval_an_interrupted_run_reads_checkpoint_pt(run_dir, tmp_path):
     import shutil
 

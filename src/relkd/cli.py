@@ -83,6 +83,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from relkd.engine.trainer import _chans_kwargs, _make_loaders, evaluate, resolve_device
     from relkd.methods import MethodContext, build_method
     from relkd.models import create_model, load_checkpoint
+    from relkd.models.normalization import attach_input_norm
 
     if args.run_dir is not None:
         run = Path(args.run_dir)
@@ -102,7 +103,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         cfg = load_config({"student": {"name": args.model}, "data": {"name": args.data}})
     changes = {"student": {}, "data": {}}
     if args.model is not None and args.model != cfg.student.name:
-        changes["student"] = {"name": args.model, "kwargs": {}}
+        # Another model: the run's student weights / statistics do not describe it.
+        changes["student"] = {"name": args.model, "kwargs": {}, "weights": None}
+        changes["student"].update(mean=None, std=None)
     for key, value in (("name", args.data), ("root", args.root), ("image_size", args.image_size)):
         if value is not None:
             changes["data"][key] = value
@@ -112,8 +115,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_config(OmegaConf.merge(OmegaConf.structured(cfg), changes))
     _, test_ds, info = build_datasets(cfg.data.name, cfg.data.root, image_size=cfg.data.image_size)
     kw = _chans_kwargs(cfg.student.name, cfg.student.kwargs, info.in_channels)
-    model = create_model(cfg.student.name, info.num_classes, **kw)
+    # Built as relkd.engine.trainer._build_models builds the student (its weights set the
+    # statistics a pretrained model declares), then the trained weights replace them.
+    model = create_model(cfg.student.name, info.num_classes, weights=cfg.student.weights, **kw)
     load_checkpoint(model, args.checkpoint)
+    # The student sees inputs normalised as in training: student.mean / student.std of the
+    # run's config, else the model's own (pretrained) statistics, else the data set's (no hook).
+    attach_input_norm(model, info.mean, info.std, cfg.student.mean, cfg.student.std)
     device = resolve_device(args.device)
     method, _ = build_method("ce", MethodContext(num_classes=info.num_classes))
     _, test = _make_loaders(cfg, method, test_ds, test_ds, info, device)
@@ -199,8 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
         "eval",
         help="top-1/top-5 of a checkpoint on a data set's test split",
         description="Evaluate a run folder (its config.yaml names the model and data; its "
-        "student.pt, else checkpoint.pt, holds the weights) or any checkpoint with --model and "
-        "--data. Prints JSON: top1, top5 (%), test_loss, checkpoint.",
+        "student.pt, else checkpoint.pt, holds the weights; its student.mean / student.std or "
+        "the model's pretrained statistics normalise the inputs as in training) or any "
+        "checkpoint with --model and --data. Prints JSON: top1, top5 (%), test_loss, checkpoint.",
     )
     e.add_argument("run_dir", nargs="?", default=None, help="a run folder written by relkd train")
     e.add_argument("--model", default=None, help="model name (default: the run's student)")

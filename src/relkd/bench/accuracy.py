@@ -39,6 +39,12 @@ releases the lock when its holder exits, however it exits (a SIGKILLed or crashe
 block the run). A run that fails is recorded in ``<run>/failed.json`` and not retried by the same
 invocation; the next invocation retries it.
 
+Progress: after every job it finishes, a runner prints ``[ 7/66] finished; ETA 12 min (...)``:
+runs of the selected grid done (finished by anyone, or failed in this invocation) out of all, and
+the time left estimated as mean wall time of the runs *this process* finished in this invocation
+x runs left / workers (``ETA unknown`` until the first). Teachers still to train and runs resumed
+from a checkpoint (shorter) are not modelled, so the estimate is rough early on.
+
 Teacher reuse: a teacher is trained once per suite output folder and read by every run. With
 ``teacher_cache: auto`` in the suite, every distillation run also sets ``train.teacher_cache=auto``:
 the exact teacher-output cache (:mod:`relkd.data.teacher_cache`) is keyed by teacher, data,
@@ -541,6 +547,54 @@ def _config_changed(job: Job) -> bool:
     return _comparable(saved.read_text()) != _comparable(want)
 
 
+#: The clock that times runs (monkeypatched by tests of the ETA arithmetic).
+_clock = time.time
+
+
+def format_eta(seconds: float | None) -> str:
+    """``ETA 45 s`` / ``ETA 12 min`` / ``ETA 3.4 h``; ``ETA unknown`` for ``None``."""
+    if seconds is None:
+        return "ETA unknown"
+    if seconds < 60:
+        return f"ETA {seconds:.0f} s"
+    if seconds < 100 * 60:
+        return f"ETA {seconds / 60:.0f} min"
+    return f"ETA {seconds / 3600:.1f} h"
+
+
+def eta_seconds(run_times: Sequence[float], left: int, workers: int = 1) -> float | None:
+    """Time left for ``left`` runs on ``workers`` processes at the mean of ``run_times`` (the
+    wall times of the runs finished so far in this invocation); ``None`` before the first."""
+    if not run_times:
+        return None
+    return sum(run_times) / len(run_times) * left / max(1, workers)
+
+
+class _Progress:
+    """Counts the selected grid's runs done (on disk, so runs finished by other workers count)
+    and times the runs this process trains, for the ``[ k/N] finished; ETA ...`` lines."""
+
+    def __init__(self, runs: list[Job], token: str, workers: int = 1):
+        self.runs, self.token, self.workers = runs, token, workers
+        self.run_times: list[float] = []
+
+    def add(self, res: dict[str, Any]) -> None:
+        if res["kind"] == "run" and res["status"] in ("trained", "resumed"):
+            self.run_times.append(float(res["elapsed_s"]))
+
+    def line(self) -> str:
+        total = len(self.runs)
+        done = sum(j.finished() or j.failed_in(self.token) is not None for j in self.runs)
+        eta = eta_seconds(self.run_times, total - done, self.workers)
+        text = f"[{done:>{len(str(total))}}/{total}] finished; {format_eta(eta)}"
+        if self.run_times:
+            n = len(self.run_times)
+            mean = sum(self.run_times) / n
+            text += f" (mean {mean:.1f} s over {n} run(s) here"
+            text += f", {self.workers} workers)" if self.workers > 1 else ")"
+        return text
+
+
 def _tag(job: Job) -> str:
     if job.kind == "teacher":
         return f"[teacher] {job.student}"
@@ -560,7 +614,7 @@ def _execute(job: Job, token: str, quiet: bool, say) -> dict[str, Any]:
     import relkd
 
     resume = job.state() == "resume"
-    t0 = time.time()
+    t0 = _clock()
     say(f"{_tag(job)} start ({'resume' if resume else 'new'})")
     try:
         if resume and _config_changed(job):
@@ -580,20 +634,27 @@ def _execute(job: Job, token: str, quiet: bool, say) -> dict[str, Any]:
             "time": time.time(),
         }
         _write_json(job.run_dir / "failed.json", rec)
-        say(f"{_tag(job)} FAILED after {time.time() - t0:.1f} s: {msg}")
-        return _result(job, "failed", elapsed_s=time.time() - t0, error=msg)
-    dt = time.time() - t0
+        dt = _clock() - t0
+        say(f"{_tag(job)} FAILED after {dt:.1f} s: {msg}")
+        return _result(job, "failed", elapsed_s=dt, error=msg)
+    dt = _clock() - t0
     (job.run_dir / "failed.json").unlink(missing_ok=True)
     say(f"{_tag(job)} done in {dt:.1f} s: best {res['best_top1']:.2f} last {res['last_top1']:.2f}")
     return _result(job, "resumed" if resume else "trained", elapsed_s=dt, error=None)
 
 
 def _work(
-    jobs: list[Job], token: str, quiet: bool, say, poll_s: float = 2.0
+    jobs: list[Job],
+    token: str,
+    quiet: bool,
+    say,
+    poll_s: float = 2.0,
+    progress: _Progress | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Work through ``jobs`` (teachers first), claiming each with its lock; yields the result of
     every job this process ran or failed. Waits for jobs held by other processes and for teachers
-    being trained elsewhere, and returns when nothing is left to do."""
+    being trained elsewhere, and returns when nothing is left to do. With ``progress``, prints
+    its ``[ k/N] finished; ETA ...`` line after each job this process ran."""
     by_id = {j.id: j for j in jobs}
     handled: set[str] = set()
     noted: set[str] = set()
@@ -631,6 +692,9 @@ def _work(
             handled.add(job.id)
             if res is not None:
                 ran = True
+                if progress is not None:
+                    progress.add(res)
+                    say(progress.line())
                 yield res
         if not waiting:
             return
@@ -687,6 +751,7 @@ def _run_pool(
     for wid in range(workers):
         env = {**os.environ, **worker_env(wid, threads, gpus), "RELKD_BENCH_TOKEN": token}
         env["RELKD_BENCH_PREFIX"] = f"[w{wid}] "
+        env["RELKD_BENCH_WORKERS"] = str(workers)  # for the workers' ETA
         stdout = None if opts["progress"] else subprocess.DEVNULL
         procs.append(subprocess.Popen(cmd, env=env, stdout=stdout))
     try:
@@ -726,7 +791,9 @@ def run_suite(
         dry_run: validate and print the plan (state of every run), train nothing.
         quiet: silence relkd.train's own per-epoch output (progress lines are still printed).
         overrides: ``key=value`` applied to every run after the suite's own ``overrides``.
-        progress: print one line per run start / finish.
+        progress: print one line per run start / finish, and after each finished run
+            ``[ k/N] finished; ETA ...`` (runs done / all selected; time left from the mean
+            wall time of the runs finished so far by this process in this call).
 
     Each dict holds ``id, kind, method, teacher, student, seed, run_dir, status, best_top1,
     last_top1`` (+ ``elapsed_s``, ``error``). ``status``: ``trained`` / ``resumed`` (by this
@@ -788,7 +855,12 @@ def run_suite(
     if not todo:
         results: dict[str, dict[str, Any]] = {}
     elif workers <= 1:
-        results = {res["id"]: res for res in _work(todo, token, quiet, say)}
+        # A pool worker (its parent set RELKD_BENCH_WORKERS) shares the grid with the others.
+        shared = int(os.environ.get("RELKD_BENCH_WORKERS") or 1)
+        prog = _Progress(runs, token, shared)
+        if shared <= 1:
+            say(prog.line())
+        results = {res["id"]: res for res in _work(todo, token, quiet, say, progress=prog)}
     else:
         opts = {"overrides": list(overrides), "only": only, "quiet": quiet, "progress": progress}
         results = _run_pool(suite_path, out, todo, token, workers, opts)

@@ -117,7 +117,9 @@ def add_bench_parsers(subparsers) -> argparse._SubParsersAction:
         help="run or continue an accuracy suite (methods x pairs x seeds) and write its report",
         description="Run every run of a suite file (benchmarks/suites/*.yaml) that is not "
         "finished yet: finished runs are kept, interrupted ones resumed. Several processes may "
-        "share one output folder (runs are claimed with lock files).",
+        "share one output folder (runs are claimed with lock files). After each run a line "
+        "'[ k/N] finished; ETA ...' estimates the time left from the mean wall time of the "
+        "runs finished so far by this call.",
     )
     a.add_argument("suite", help="suite YAML file, e.g. benchmarks/suites/fmnist-mini.yaml")
     a.add_argument(
