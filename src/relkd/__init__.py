@@ -22,6 +22,7 @@ def train(
     resume: bool = False,
     overrides: list[str] | tuple[str, ...] = (),
     quiet: bool = False,
+    allow_change: list[str] | tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Train a student as configured (see :func:`relkd.engine.fit`).
 
@@ -32,8 +33,9 @@ def train(
     from relkd.engine import fit
 
     return fit(
-        config, teacher=teacher, student=student, resume=resume, overrides=overrides, quiet=quiet
-    )
+        config, teacher=teacher, student=student, resume=resume, overrides=overrides, quiet=quiet,
+        allow_change=allow_change,
+    )  # fmt: skip
 
 
 __all__ = [

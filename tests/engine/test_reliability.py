@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -20,7 +21,7 @@ from torch import nn
 
 import relkd
 from relkd.cli import main as cli_main
-from relkd.engine.checkpoint import CKPT, PREV
+from relkd.engine.checkpoint import CKPT, MANIFEST, PREV
 from relkd.registry import RelkdError
 
 
@@ -123,7 +124,9 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(damage, fmnist_root, 
         ck.write_bytes(
             data[:mid] + bytes(b ^ 0xFF for b in data[mid : mid + 64]) + data[mid + 64 :]
         )
-    res = relkd.train(_cfg(fmnist_root, tmp_path, "c", "ce", epochs=3), resume=True)
+    res = relkd.train(
+        _cfg(fmnist_root, tmp_path, "c", "ce", epochs=3), resume=True, allow_change=["train"]
+    )
     err = capsys.readouterr().err
     assert "checkpoint.pt" in err and ("corrupt" in err or "cannot be read" in err)
     assert "previous checkpoint" in err
@@ -138,13 +141,14 @@ def test_both_checkpoints_damaged_is_a_clear_error(fmnist_root, tmp_path):
     for name in (CKPT, PREV):
         (run / name).write_bytes(b"not a checkpoint")
     with pytest.raises(RelkdError, match="no readable checkpoint"):
-        relkd.train(_cfg(fmnist_root, tmp_path, "c", "ce", epochs=3), resume=True, quiet=True)
+        relkd.train(_cfg(fmnist_root, tmp_path, "c", "ce", epochs=2), resume=True, quiet=True)
 
 
 def test_checkpoint_files_rotate_and_verify(fmnist_root, tmp_path):
     run = _two_epochs(fmnist_root, tmp_path)
-    for name in (CKPT, PREV):
-        assert (run / name).exists() and (run / f"{name}.sha256").exists()
+    listed = set(json.loads((run / MANIFEST).read_text())["files"])
+    present = {hashlib.sha256((run / name).read_bytes()).hexdigest() for name in (CKPT, PREV)}
+    assert listed == present and len(present) == 2  # the manifest lists exactly these two
     new = torch.load(run / CKPT, weights_only=True)
     old = torch.load(run / PREV, weights_only=True)
     assert (new["epoch"], old["epoch"]) == (1, 0)

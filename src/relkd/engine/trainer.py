@@ -14,7 +14,6 @@ a summary dict. Layout of a run folder::
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -29,16 +28,15 @@ import torch
 from torch import nn
 
 from relkd import distributed as D
-from relkd.config import Config, load_config, to_yaml
-from relkd.engine.checkpoint import load_latest, save_checkpoint
+from relkd.config import Config, load_config
 from relkd.engine.distiller import Distiller
 from relkd.engine.logger import RunLogger
+from relkd.engine.rundir import RunFolder, run_path, sigterm_as_interrupt, student_metadata
 from relkd.engine.schedule import lr_factor
 from relkd.engine.teacher import Teacher
 from relkd.methods import MethodContext, build_method
 from relkd.methods.base import Method
 from relkd.models import POOLED, FeatureTap, create_model, get_feature_info, load_checkpoint
-from relkd.models.checkpoint import save_student
 from relkd.registry import RelkdError
 
 
@@ -419,11 +417,6 @@ def _amp(precision: str, device: torch.device):
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _run_dir(cfg: Config) -> Path:
-    name = cfg.name or f"{cfg.method.name}_{cfg.student.name.replace(':', '-')}_s{cfg.train.seed}"
-    return Path(cfg.output_dir) / name
-
-
 @dataclass
 class Components:
     """Everything a training step needs, built from a config (also used by tests and benches)."""
@@ -504,6 +497,7 @@ def fit(
     resume: bool = False,
     overrides: tuple[str, ...] | list[str] = (),
     quiet: bool = False,
+    allow_change: tuple[str, ...] | list[str] = (),
 ) -> dict[str, Any]:
     """Train as configured; returns ``{"best_top1", "last_top1", "run_dir", ...}``.
 
@@ -512,25 +506,26 @@ def fit(
         teacher / student: optional user ``nn.Module`` s replacing ``cfg.teacher`` / ``cfg.student``
             (features are tapped by module name; ``"pooled"`` = input of the last ``nn.Linear``).
         resume: continue from the run folder's checkpoint; without it an existing run folder
-            with a checkpoint is an error, never silently overwritten.
+            with a checkpoint is an error, never silently overwritten. The config must equal
+            the recorded one (see :mod:`relkd.engine.rundir`).
+        allow_change: config keys (or key prefixes) allowed to differ on resume, recorded in
+            the folder's ``run.json``.
     """
     cfg = load_config(config, overrides)
     device = resolve_device(cfg.train.device)
     init_distributed(device)
-    run_dir = _run_dir(cfg)
-    # Every rank checks (the same folder on a shared file system), so none waits on a failed one.
-    if (run_dir / "checkpoint.pt").exists() and not resume:
-        raise RelkdError(
-            f"run folder {str(run_dir)!r} already holds a run; pass --resume (resume=True) to "
-            "continue it, or choose another output_dir / name"
-        )
-    if D.is_main():
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        except OSError as e:
-            raise RelkdError(f"cannot write the run folder {str(run_dir)!r}: {e}") from e
+    run_dir = run_path(cfg)
     log = RunLogger(run_dir, tensorboard=cfg.train.tensorboard, quiet=quiet)
+    run = RunFolder(run_dir, log)
+    # Every rank checks (the same folder on a shared file system), so none waits on a failed
+    # one; nothing is written before the components are built.
+    run.check(cfg, resume=resume, allow_change=allow_change)
+    with sigterm_as_interrupt(), run:
+        return _fit(cfg, device, run, teacher, student, resume, allow_change, quiet)
+
+
+def _fit(cfg, device, run, teacher, student, resume, allow_change, quiet) -> dict[str, Any]:
+    run_dir, log = run.path, run.log
     seed_everything(cfg.train.seed)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -582,20 +577,14 @@ def fit(
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
 
     start_epoch, step, history, best = 0, 0, [], {"top1": -1.0, "epoch": -1}
-    if resume:
-        state = load_latest(run_dir, log=log.info)
-        if state is not None:
-            distiller.load_state_dict(state["distiller"])
-            opt.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            start_epoch, step = state["epoch"] + 1, state["step"]
-            history, best = list(state["history"]), dict(state["best"])
-            if D.is_main():  # metrics.jsonl = exactly the history up to the checkpoint
-                with open(run_dir / "metrics.jsonl", "w") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in history)
-            log.info(f"resumed {run_dir} at epoch {start_epoch}")
-    elif D.is_main():
-        (run_dir / "metrics.jsonl").write_text("")
+    resumed = run.open(
+        cfg, resume=resume, allow_change=allow_change, device=device, world_size=D.world_size()
+    )
+    if resumed is not None:
+        run.restore(resumed, distiller, opt, scaler)
+        start_epoch, step = resumed.start_epoch, resumed.step
+        history, best = resumed.history, resumed.best
+    meta = student_metadata(cfg, info, student)
 
     sched_kw = dict(
         name=cfg.schedule.name, milestones=list(cfg.schedule.milestones), gamma=cfg.schedule.gamma,
@@ -704,29 +693,26 @@ def fit(
             record.update(ev)
             if ev["top1"] > best["top1"]:
                 best = {"top1": ev["top1"], "epoch": main_epoch + 1}
-                if D.is_main():
-                    save_student(distiller.student, run_dir / "student_best.pt")
+                run.save_best(distiller.student, meta)
             record["best_top1"] = best["top1"]
         history.append(record)
-        log.metrics(record)
         log.info(
             f"{phase} epoch {main_epoch + 1 if phase == 'main' else epoch + 1}/"
             f"{cfg.train.epochs if phase == 'main' else pre} loss {record.get('train/loss', float('nan')):.4f}"
             + (f" top1 {record['top1']:.2f} best {best['top1']:.2f}" if "top1" in record else "")
         )
-        if D.is_main():
-            save_checkpoint(
-                run_dir,
-                {
-                    "distiller": distiller.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "epoch": epoch,
-                    "step": step,
-                    "history": history,
-                    "best": best,
-                },
-            )
+        run.end_epoch(
+            record,
+            {
+                "distiller": distiller.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scaler": scaler.state_dict(),
+                "epoch": epoch,
+                "step": step,
+                "history": history,
+                "best": best,
+            },
+        )
         if D.is_dist():
             torch.distributed.barrier()
 
@@ -744,10 +730,6 @@ def fit(
         "train_time_s": time.time() - t_start,
         "run_dir": str(run_dir),
     }
-    if D.is_main():
-        save_student(distiller.student, run_dir / "student.pt")
-        save_student(distiller.student, run_dir / "student.safetensors")
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    log.close()
+    run.finish(distiller.student, summary, meta)
     distiller.tap.remove()
     return summary
