@@ -401,9 +401,11 @@ class RunFolder:
         device: Any = None,
         world_size: int = 1,
         extra: Mapping[str, Any] | None = None,
+        into: tuple[Any, Any, Any] | None = None,
     ) -> Resumed | None:
         """Take the folder (rank 0: the lock), check it again under the lock, load the
-        checkpoint when resuming, and only then write ``config.yaml``, ``run.json`` and a
+        checkpoint when resuming (into ``(distiller, optimizer, scaler)`` when given, see
+        :meth:`restore`), and only then write ``config.yaml``, ``run.json`` and a
         ``metrics.jsonl`` equal to the checkpoint's history. Returns what to resume from."""
         from relkd.config import to_yaml
 
@@ -424,6 +426,8 @@ class RunFolder:
                 )
             elif resume and self.state().exists:
                 self.log.info(f"no checkpoint in {self.path} yet: starting from the beginning")
+            if resumed is not None and into is not None:
+                self.restore(resumed, *into)
             if not self.main:
                 self._opened = True
                 return resumed

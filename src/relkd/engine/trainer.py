@@ -578,10 +578,10 @@ def _fit(cfg, device, run, teacher, student, resume, allow_change, quiet) -> dic
 
     start_epoch, step, history, best = 0, 0, [], {"top1": -1.0, "epoch": -1}
     resumed = run.open(
-        cfg, resume=resume, allow_change=allow_change, device=device, world_size=D.world_size()
-    )
+        cfg, resume=resume, allow_change=allow_change, device=device, world_size=D.world_size(),
+        into=(distiller, opt, scaler),
+    )  # fmt: skip
     if resumed is not None:
-        run.restore(resumed, distiller, opt, scaler)
         start_epoch, step = resumed.start_epoch, resumed.step
         history, best = resumed.history, resumed.best
     meta = student_metadata(cfg, info, student)
