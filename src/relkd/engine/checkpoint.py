@@ -201,6 +201,13 @@ class CheckpointStore:
         files = {h: self._info.get(h, {}) for h in hashes}
         atomic_write_json(self.run_dir / MANIFEST, {"completed": completed, "files": files})
 
+    def _manifest_entries(self) -> dict[str, dict[str, Any]]:
+        try:
+            files = json.loads((self.run_dir / MANIFEST).read_text())["files"]
+            return {str(k): dict(v) for k, v in files.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return {}
+
     def completed_before(self) -> bool:
         """Whether a save ever completed in this folder (the manifest says so)."""
         try:
@@ -218,8 +225,10 @@ class CheckpointStore:
         self._info[h] = {"epoch": state.get("epoch"), "step": state.get("step")}
         ckpt, prev = self.run_dir / CKPT, self.run_dir / PREV
         completed = self.completed_before()
-        # (1) the new hash is listed before its file exists
-        self._write_manifest([*self._good.values(), h], completed)
+        old = self._manifest_entries()
+        self._info = {**old, **self._info}
+        # (1) the new hash is listed before its file exists (the old ones stay listed)
+        self._write_manifest(list(dict.fromkeys([*old, *self._good.values(), h])), completed)
         tmp = tmp_name(ckpt)
         try:  # (2) complete and fsynced under a temporary name
             _write_fsync(tmp, data)
@@ -265,13 +274,14 @@ def load_error(e: BaseException) -> str:
 
 def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
     """One-shot :meth:`CheckpointStore.save` for a folder this process has not loaded from:
-    ``checkpoint.pt`` is rotated only when its checksum verifies."""
+    the files present count as good when their checksums verify."""
     store = CheckpointStore(run_dir, log=lambda m: None)
-    ckpt = Path(run_dir) / CKPT
-    known = store._known_hashes()
-    h = _sha256(ckpt.read_bytes()) if ckpt.exists() and known else None
-    if h is not None and h in known:
-        store._good = {CKPT: h}
+    known = store._known_hashes() or set()
+    for name in (CKPT, PREV):
+        p = Path(run_dir) / name
+        h = _sha256(p.read_bytes()) if p.exists() else None
+        if h in known:
+            store._good[name] = h
     return store.save(state)
 
 
