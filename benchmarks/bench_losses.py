@@ -46,6 +46,7 @@ LOSSES = {
     "clkd": lambda s, t, y: clkd_loss(s, t),
     "clkd (corr=sample)": lambda s, t, y: clkd_loss(s, t, corr="sample"),
     "cmkd": lambda s, t, y: cmkd_loss(s, t),
+    "cmkd (rank=sorting_network)": lambda s, t, y: cmkd_loss(s, t, rank="sorting_network"),
 }
 
 

@@ -12,7 +12,8 @@ import yaml
 
 from relkd.bench.reference import CRD_PAIRS as _CRD_PAIRS
 
-ROOT = Path(__file__).resolve().parents[1] / "configs"
+# The configs ship inside the package (relkd configs list); ./configs in a clone links there.
+ROOT = Path(__file__).resolve().parents[1] / "src" / "relkd" / "configs"
 
 #: The 13 teacher -> student pairs of the CRD table (protocol.md), one list for the whole project.
 CRD_PAIRS: list[tuple[str, str]] = list(_CRD_PAIRS)

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from filelock import Timeout
 
 import relkd
 from relkd.bench import accuracy as acc
 from relkd.bench import load_suite, run_suite
-from relkd.bench.accuracy import RunLock
 from relkd.registry import RelkdError
 
 
@@ -61,6 +62,16 @@ class Counter:
         return self.real(config, **kw)
 
 
+def lock_is_free(run_dir: Path) -> bool:
+    lock = acc.run_lock(run_dir)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return False
+    lock.release()
+    return True
+
+
 def summaries(out: Path) -> dict[str, float]:
     return {str(p.parent.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("summary.json")}
 
@@ -81,7 +92,7 @@ def test_grid_runs_then_resume_redoes_nothing_finished(suite_file, tmp_path, mon
         summary = json.loads((run / "summary.json").read_text())
         assert r["best_top1"] == summary["best_top1"]
         assert json.loads((run / "bench.json").read_text())["method"] == r["method"]
-        assert not (run / ".lock").exists()
+        assert lock_is_free(run)
     cfg = yaml.safe_load((out / "runs/kd/cnn_small_cnn_tiny/s1/config.yaml").read_text())
     assert cfg["train"]["seed"] == 1 and cfg["teacher"]["name"] == "cnn_small"
 
@@ -113,7 +124,7 @@ def test_interrupted_suite_continues_where_it_stopped(suite_file, tmp_path, monk
         run_suite(suite_file, out, progress=False)
     done = summaries(out)
     assert list(done) == ["runs/ce/cnn_tiny/s0"]
-    assert not list(out.rglob(".lock")), "an interrupted run must release its lock"
+    assert all(map(lock_is_free, out.glob("runs/*/*/s*"))), "an interrupted run releases its lock"
     counter = Counter()
     monkeypatch.setattr(relkd, "train", counter)
     res = run_suite(suite_file, out, progress=False)
@@ -227,27 +238,69 @@ def test_resume_refuses_a_changed_config(suite_file, tmp_path, monkeypatch):
     assert res[0]["status"] == "resumed"
 
 
-def test_lock_claims_and_breaks_stale_locks(tmp_path):
-    a, b = RunLock(tmp_path), RunLock(tmp_path)
-    assert a.acquire()
-    assert not b.acquire(), "a live holder keeps the run"
+HOLD = """
+import sys, time
+from relkd.bench.accuracy import run_lock
+lock = run_lock(sys.argv[1])
+lock.acquire(timeout=0)
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def hold_lock(run_dir: Path) -> subprocess.Popen:
+    """A separate process that holds the run's lock until it is killed."""
+    env = {**os.environ, "PYTHONPATH": str(Path(acc.__file__).parents[2])}
+    p = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_lock_is_exclusive_and_freed_when_its_holder_is_killed(tmp_path):
+    a, b = acc.run_lock(tmp_path), acc.run_lock(tmp_path)
+    a.acquire(timeout=0)
+    with pytest.raises(Timeout):
+        b.acquire(timeout=0)  # a live holder keeps the run, also within one process
     a.release()
-    assert not (tmp_path / ".lock").exists()
-    assert b.acquire()
+    b.acquire(timeout=0)
     b.release()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    info = {"pid": dead.pid, "host": acc.socket.gethostname(), "start": None, "time": 0}
-    (tmp_path / ".lock").write_text(json.dumps(info))
-    assert a.acquire(), "the lock of a dead process is broken"
+    holder = hold_lock(tmp_path)
+    with pytest.raises(Timeout):
+        a.acquire(timeout=0)
+    holder.send_signal(signal.SIGKILL)  # no cleanup code runs: the OS drops the lock
+    holder.wait()
+    a.acquire(timeout=5)
     a.release()
-    (tmp_path / ".lock").write_text(json.dumps({**info, "host": "elsewhere"}))
-    assert not a.acquire(), "a lock from another host is never broken"
-    (tmp_path / ".lock").unlink()
-    # pid reused by a process that started later than the lock's owner
-    (tmp_path / ".lock").write_text(json.dumps({**info, "pid": os.getpid(), "start": "1"}))
-    assert a.acquire()
-    a.release()
+
+
+def test_a_run_held_elsewhere_is_waited_for_then_run(suite_file, tmp_path, monkeypatch):
+    """A second runner does not train a run another process holds; it waits, and a holder that
+    dies (SIGKILL) does not block the grid: the run is trained once the lock is gone."""
+    out = tmp_path / "out"
+    run_dir = out / "runs/ce/cnn_tiny/s0"
+    holder = hold_lock(run_dir)
+    counter = Counter()
+    monkeypatch.setattr(relkd, "train", counter)
+    lines: list[str] = []
+    real_sleep = acc.time.sleep
+
+    def sleep(s: float) -> None:  # the runner polls: kill the holder at its first wait
+        if holder.poll() is None:
+            assert counter.calls == [], "a held run must not be trained"
+            assert any("being run by another process" in x for x in lines)
+            holder.send_signal(signal.SIGKILL)
+            holder.wait()
+        real_sleep(0.01)
+
+    monkeypatch.setattr(acc.time, "sleep", sleep)
+    monkeypatch.setattr(acc, "_printer", lambda prefix="": lines.append)
+    res = run_suite(suite_file, out, only="ce/*/s0")
+    assert holder.returncode == -signal.SIGKILL
+    assert [r["status"] for r in res] == ["trained"] and counter.calls == [
+        ("runs/ce/cnn_tiny/s0", False)
+    ]
 
 
 def test_worker_env_round_robin():
@@ -265,7 +318,7 @@ def test_two_worker_processes_share_the_grid(suite_file, tmp_path):
     for r in res:
         lines = (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()
         assert len(lines) == 2, "each run trained exactly once (2 epochs)"
-    assert not list(out.rglob(".lock"))
+    assert all(lock_is_free(Path(r["run_dir"])) for r in res)
 
 
 SUITES = Path(__file__).resolve().parents[1] / "benchmarks" / "suites"
@@ -343,3 +396,17 @@ def test_suite_teacher_cache_shared_by_the_grid(
         load_suite(bad)
     off = write_suite(tmp_path / "off.yaml", fmnist_root, ck, teacher_cache=False)  # YAML `off`
     assert load_suite(off).teacher_cache == "off"
+
+
+def test_suite_data_label_reaches_bench_json_and_the_report(suite_file, tmp_path):
+    from relkd.bench import write_report
+
+    text = suite_file.read_text() + "data_label: Gratings-10 (synthetic)\n"
+    (tmp_path / "l.yaml").write_text(text)
+    out = tmp_path / "out"
+    run_suite(tmp_path / "l.yaml", out, only="ce/*/s0", progress=False)
+    meta = json.loads((out / "runs/ce/cnn_tiny/s0/bench.json").read_text())
+    assert meta["data_label"] == "Gratings-10 (synthetic)"
+    md = write_report(out).read_text()
+    assert "## cnn_tiny, no teacher (Gratings-10 (synthetic))" in md
+    assert "Recipe: Gratings-10 (synthetic), full training set, 2 epochs, batch 32" in md

@@ -11,8 +11,9 @@ from relkd import list_methods, list_models
 from relkd.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-# configs/transfer/ holds `relkd probe` options, not training configs.
-CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "transfer" not in p.parts)
+PACKAGED = REPO / "src" / "relkd" / "configs"  # ./configs in a clone is a link to it
+# transfer/ holds `relkd probe` options, not training configs.
+CONFIGS = sorted(p for p in PACKAGED.rglob("*.yaml") if "transfer" not in p.parts)
 
 
 def _gen():
@@ -26,7 +27,7 @@ def test_there_are_configs():
     assert len(CONFIGS) >= 28
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(PACKAGED)))
 def test_config_loads_and_names_exist(path):
     cfg = load_config(path)
     models = set(list_models())
@@ -47,7 +48,7 @@ def test_generated_configs_are_committed():
 def test_crd_protocol_lr_rule():
     gen = _gen()
     for t, s in gen.CRD_PAIRS:
-        cfg = load_config(REPO / "configs/cifar100/kd" / f"{t}_{s}.yaml")
+        cfg = load_config(PACKAGED / "cifar100/kd" / f"{t}_{s}.yaml")
         lr = cfg.optim.lr_by_student.get(cfg.student.name, cfg.optim.lr)
         assert lr == (0.01 if s in ("MobileNetV2", "ShuffleV1", "ShuffleV2") else 0.05)
         assert cfg.train.epochs == 240 and cfg.data.batch_size == 64

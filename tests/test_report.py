@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -63,7 +65,14 @@ def expected_groups(runs_dir: Path) -> dict[tuple, dict[str, list[float]]]:
     return groups
 
 
-def test_report_numbers_equal_the_runs(suite_out, tmp_path):
+def md_row(md: str, label: str) -> list[str]:
+    """The cells of the table row of ``label`` in a Markdown report."""
+    rows = [ln for ln in md.splitlines() if ln.startswith(f"| {label} |")]
+    assert len(rows) == 1, (label, rows)
+    return [c.strip() for c in rows[0].strip("|").split("|")]
+
+
+def test_report_numbers_equal_the_runs(suite_out, tmp_path, tiny_teacher_ckpt):
     path = write_report(suite_out / "runs", tmp_path / "rep")
     assert path == tmp_path / "rep" / "report.md"
     want = expected_groups(suite_out / "runs")
@@ -72,12 +81,14 @@ def test_report_numbers_equal_the_runs(suite_out, tmp_path):
         ("kd", "cnn_small", "cnn_tiny"),
         ("kd_t2", "cnn_small", "cnn_tiny"),
     }
-    got = {
-        (g["method"], g["teacher"], g["student"]): g
-        for g in json.loads((tmp_path / "rep/report.json").read_text())["groups"]
-    }
+    report = json.loads((tmp_path / "rep/report.json").read_text())
+    got = {(g["method"], g["teacher"], g["student"]): g for g in report["groups"]}
     assert set(got) == set(want)
     md = path.read_text()
+    header = md_row(md, "method")
+    collapsed = all(w["best"] == w["last"] for w in want.values())
+    assert ("top-1" in header) == collapsed and ("last top-1" in header) != collapsed
+    ce_best = statistics.fmean(want[("ce", None, "cnn_tiny")]["best"])
     for key, w in want.items():
         g = got[key]
         assert g["n"] == 2 and sorted(g["best"]) == sorted(w["best"])
@@ -85,14 +96,38 @@ def test_report_numbers_equal_the_runs(suite_out, tmp_path):
             mean, std = statistics.fmean(w[k]), statistics.stdev(w[k])
             assert g[f"{k}_mean"] == pytest.approx(mean, abs=1e-9)
             assert g[f"{k}_std"] == pytest.approx(std, abs=1e-9)
-        cells = f"| {key[0]} | 2 | {statistics.fmean(w['best']):.2f} ± "
-        cells += f"{statistics.stdev(w['best']):.2f} | {statistics.fmean(w['last']):.2f} ± "
-        cells += f"{statistics.stdev(w['last']):.2f} |"
-        assert cells in md, cells
-    assert "## cnn_small → cnn_tiny (fashion_mnist)" in md
-    # the Fashion-MNIST sanity numbers of the spec sit beside ce and kd (not beside kd_t2)
-    assert "86.92 (spec, unspecified)" in md and "87.37 (spec, unspecified)" in md
-    assert md.count("(spec, unspecified)") == 2
+        row = dict(zip(header, md_row(md, key[0])))
+        b = f"{statistics.fmean(w['best']):.2f} ± {statistics.stdev(w['best']):.2f}"
+        assert row["top-1" if collapsed else "best top-1"] == b
+        if not collapsed:
+            assert (
+                row["last top-1"]
+                == f"{statistics.fmean(w['last']):.2f} ± {statistics.stdev(w['last']):.2f}"
+            )
+        # the delta column against the CE student, recomputed here
+        delta = statistics.fmean(w["best"]) - ce_best
+        assert g["delta_vs_ce_best"] == pytest.approx(delta, abs=1e-9)
+        assert row["Δ vs CE"] == ("(baseline)" if key[0] == "ce" else f"{delta:+.2f}")
+        # wall time per run: the mean of the runs' own train_time_s
+        times = [json.loads((tmp_path / "rep" / d / "summary.json").read_text())["train_time_s"]
+                 for d in g["run_dirs"]]  # fmt: skip
+        assert g["train_time_s"] == pytest.approx(times)
+    # run folders relative to the report, and they resolve
+    assert report["runs_dir"] == os.path.relpath(suite_out / "runs", tmp_path / "rep")
+    for g in report["groups"]:
+        assert all(not Path(d).is_absolute() for d in g["run_dirs"])
+        assert all((tmp_path / "rep" / d / "config.yaml").is_file() for d in g["run_dirs"])
+    assert "## cnn_small → cnn_tiny (Fashion-MNIST)" in md
+    # the teacher's top-1 (a checkpoint teacher): its run folder's last epoch, also as a row
+    t_last = json.loads((tiny_teacher_ckpt.parent / "summary.json").read_text())["last_top1"]
+    assert report["tables"][0]["teacher_top1"] == t_last
+    row = dict(zip(header, md_row(md, "teacher (cnn_small)")))
+    assert row["top-1" if collapsed else "best top-1"] == f"{t_last:.2f}"
+    assert row["Δ vs CE"] == f"{t_last - ce_best:+.2f}"
+    # the recipe heads the report; a 2-epoch smoke run gets no reference numbers at all
+    assert "Recipe: Fashion-MNIST, full training set, 2 epochs, batch 32, SGD, lr 0.05" in md
+    assert "at most 2 steps per epoch" in md
+    assert "reference" not in header and "(spec" not in md and "methods.md" not in md
 
 
 def test_report_files_plots_and_html(suite_out):
@@ -120,40 +155,199 @@ def test_unfinished_runs_are_counted_not_averaged(suite_out, tmp_path):
     assert "| kd | 1 (+1 unfinished) |" in (tmp_path / "report.md").read_text()
 
 
-def fake_run(root: Path, method: str, teacher: str | None, student: str, seed: int, top1: list):
+CRD_RECIPE = {
+    "data": {"name": "cifar100", "batch_size": 64, "train_subset": None},
+    "optim": {"name": "sgd", "lr": 0.05, "weight_decay": 5e-4},
+    "schedule": {"name": "multistep", "milestones": [150, 180, 210], "gamma": 0.1},
+    "train": {"epochs": 240, "max_steps_per_epoch": None},
+}
+
+
+def fake_run(
+    root: Path,
+    method: str,
+    teacher: str | None,
+    student: str,
+    seed: int,
+    top1: list,
+    recipe: dict | None = None,
+    summary: dict | None = None,
+):
     """A run folder as relkd.train writes it (plain `relkd train` runs, no bench.json)."""
     run = root / f"{method}_{student}_s{seed}"
     run.mkdir(parents=True)
-    cfg = {
-        "student": {"name": student},
-        "teacher": {"name": teacher} if teacher else None,
-        "data": {"name": "cifar100"},
-        "method": {"name": method},
-        "train": {"seed": seed},
-    }
+    cfg = {**(recipe or {"data": {"name": "cifar100"}})}
+    cfg.update(student={"name": student}, teacher={"name": teacher} if teacher else None)
+    cfg.update(method={"name": method}, train={**cfg.get("train", {}), "seed": seed})
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     recs = [{"epoch": i + 1, "top1": v} for i, v in enumerate(top1)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    summary = {"best_top1": max(top1), "last_top1": top1[-1]}
-    (run / "summary.json").write_text(json.dumps(summary))
+    s = {
+        "best_top1": max(top1),
+        "last_top1": top1[-1],
+        "train_time_s": 30.0 + seed,
+        **(summary or {}),
+    }
+    (run / "summary.json").write_text(json.dumps(s))
 
 
-def test_reference_numbers_beside_ours(tmp_path):
+def crd_runs(runs: Path, recipe: dict) -> None:
+    fake_run(runs, "kd", "resnet56", "resnet20", 0, [60.0, 70.5, 70.2], recipe)
+    fake_run(runs, "kd", "resnet56", "resnet20", 1, [61.0, 70.9, 70.8], recipe)
+    fake_run(runs, "dkd", "resnet56", "resnet20", 0, [62.0, 71.0, 71.5], recipe)
+    fake_run(runs, "ce", None, "resnet20", 0, [50.0, 69.0], recipe)
+
+
+def test_reference_numbers_beside_runs_of_their_recipe(tmp_path):
     runs = tmp_path / "runs"
-    fake_run(runs, "kd", "resnet56", "resnet20", 0, [60.0, 70.5, 70.2])
-    fake_run(runs, "kd", "resnet56", "resnet20", 1, [61.0, 70.9, 70.8])
-    fake_run(runs, "dkd", "resnet56", "resnet20", 0, [62.0, 71.0, 71.5])
-    fake_run(runs, "ce", None, "resnet20", 0, [50.0, 69.0])
+    crd_runs(runs, CRD_RECIPE)
     md = write_report(runs, tmp_path / "rep").read_text()
+    header = md_row(md, "method")
+    assert header == ["method", "seeds", "best top-1", "last top-1", "Δ vs CE",
+                      "train time / run", "reference", "ours − ref"]  # fmt: skip
     # CRD's number is a last-epoch one: compared with our last (mean 70.5)
-    assert "| kd | 2 | 70.70 ± 0.28 | 70.50 ± 0.42 | 70.66 (CRD, last) | -0.16 (last) |" in md
+    assert md_row(md, "kd") == ["kd", "2", "70.70 ± 0.28", "70.50 ± 0.42", "+1.70", "30 s",
+                                "70.66 (CRD, last)", "-0.16 (last)"]  # fmt: skip
     # DKD (mdistiller) reports the best epoch
-    assert "| dkd | 1 | 71.50 | 71.50 | 71.97 (DKD, best) | -0.47 (best) |" in md
-    assert "| ce | 1 | 69.00 | 69.00 | 69.06 (CRD, last) | -0.06 (last) |" in md
-    assert "Teacher resnet56: reference 72.34 (CRD)" in md
+    assert md_row(md, "dkd")[-2:] == ["71.97 (DKD, best)", "-0.47 (best)"]
+    assert md_row(md, "ce")[4:] == ["(baseline)", "30 s", "69.06 (CRD, last)", "-0.06 (last)"]
+    assert "Recipe: CIFAR-100, full training set, 240 epochs, batch 64, SGD, lr 0.05" in md
+    assert "multistep 150,180,210 ×0.1 schedule" in md
     assert "arXiv 1910.10699" in md and "arXiv 2203.08679" in md
+    # no teacher checkpoint anywhere: the teacher row is absent and the note says why
+    assert "Teacher resnet56: top-1 not recorded (no checkpoint in the run's config)." in md
     with pytest.raises(RelkdError, match="no relkd run"):
         write_report(tmp_path / "rep")
+
+    # The same pair with a 2-epoch recipe: no published number, a note says why.
+    short = json.loads(json.dumps(CRD_RECIPE))
+    short["train"]["epochs"] = 2
+    crd_runs(tmp_path / "short", short)
+    md = write_report(tmp_path / "short", tmp_path / "rep2").read_text()
+    assert "70.66" not in md and "reference" not in md_row(md, "method")
+    assert "CRD publishes numbers for this pair with another recipe (240 epochs" in md
+    groups = json.loads((tmp_path / "rep2/report.json").read_text())["groups"]
+    assert all(g["reference"] == [] for g in groups)
+
+
+def test_teacher_top1_recorded_by_the_run_or_evaluated_once(
+    tmp_path, fmnist_root, tiny_teacher_ckpt, monkeypatch
+):
+    import shutil
+
+    import torch
+
+    from relkd.bench import teachers
+    from relkd.data import build_datasets
+    from relkd.models import create_model, load_checkpoint
+
+    # a teacher passed from Python: the run recorded its top-1 in summary.json
+    runs = tmp_path / "runs"
+    rec = {"data": {"name": "fashion_mnist"}}
+    fake_run(runs, "kd", "mynet", "cnn_tiny", 0, [50.0], rec, {"teacher_top1": 91.25})
+    md = write_report(runs, tmp_path / "rep").read_text()
+    assert "Teacher mynet: 91.25 (recorded by the run)." in md
+    assert md_row(md, "teacher (mynet)")[2] == "91.25"
+
+    # ... and without that record: the table still says it distilled from a teacher
+    fake_run(tmp_path / "py", "kd", None, "cnn_tiny", 0, [50.0], rec)
+    md = write_report(tmp_path / "py", tmp_path / "rep_py").read_text()
+    assert "## teacher passed from Python → cnn_tiny (Fashion-MNIST)" in md
+    assert "the engine records no accuracy for an nn.Module teacher" in md
+
+    # a bare checkpoint (no run folder beside it) is evaluated once on the test split
+    bare = tmp_path / "bare" / "teacher.pt"
+    bare.parent.mkdir()
+    shutil.copy(tiny_teacher_ckpt, bare)
+    runs = tmp_path / "runs2"
+    rec = {"data": {"name": "fashion_mnist", "root": str(fmnist_root)}}
+    fake_run(runs, "kd", "cnn_small", "cnn_tiny", 0, [50.0], rec)
+    cfg = yaml.safe_load((runs / "kd_cnn_tiny_s0/config.yaml").read_text())
+    cfg["teacher"]["checkpoint"] = str(bare)
+    (runs / "kd_cnn_tiny_s0/config.yaml").write_text(yaml.safe_dump(cfg))
+    write_report(runs, tmp_path / "rep2")
+    # independent evaluation: every test image, argmax of the logits
+    _, test_ds, info = build_datasets("fashion_mnist", str(fmnist_root))
+    model = load_checkpoint(create_model("cnn_small", info.num_classes, in_chans=1), bare).eval()
+    with torch.no_grad():
+        xs, ys = zip(*(test_ds[i][:2] for i in range(len(test_ds))))
+        top1 = 100.0 * float(
+            (model(torch.stack(xs)).argmax(1) == torch.as_tensor(ys)).float().mean()
+        )
+    t = json.loads((tmp_path / "rep2/report.json").read_text())["tables"][0]
+    assert t["teacher_top1"] == pytest.approx(top1, abs=1e-6)
+    assert t["teacher_top1_source"] == "evaluated on the test split"
+
+    # a second report reads the cached number: no second evaluation
+    def boom(*a, **k):
+        raise AssertionError("evaluated twice")
+
+    monkeypatch.setattr(teachers, "evaluate_checkpoint", boom)
+    write_report(runs, tmp_path / "rep2")
+    t2 = json.loads((tmp_path / "rep2/report.json").read_text())["tables"][0]
+    assert t2["teacher_top1"] == t["teacher_top1"]
+    # a missing checkpoint says so instead of failing
+    cfg["teacher"]["checkpoint"] = str(tmp_path / "gone.pt")
+    (runs / "kd_cnn_tiny_s0/config.yaml").write_text(yaml.safe_dump(cfg))
+    md = write_report(runs, tmp_path / "rep3").read_text()
+    assert f"not recorded (checkpoint {tmp_path / 'gone.pt'} not found)" in md
+
+
+def test_data_sets_named_by_what_they_are(tmp_path):
+    from relkd.bench.report import data_label
+
+    assert data_label("folder_jpg", "/tmp/x/cifar10-jpg") == "CIFAR-10 JPEG"
+    assert data_label("folder_jpg", "data/cifar100_jpg/") == "CIFAR-100 JPEG"
+    assert data_label("folder_jpg", "/data/flowers") == "JPEG folder flowers"
+    assert data_label("imagefolder", "/data/imagenet") == "ImageNet"
+    assert data_label("cifar100") == "CIFAR-100" and data_label("fashion_mnist") == "Fashion-MNIST"
+    assert data_label("folder_jpg", "/tmp/x/cifar10-jpg", "my label") == "my label"
+    runs = tmp_path / "runs"
+    rec = {"data": {"name": "folder_jpg", "root": "/somewhere/cifar10-jpg", "train_subset": 10000}}
+    fake_run(runs, "ce", None, "resnet8", 0, [40.0, 41.0], rec)
+    md = write_report(runs, tmp_path / "rep").read_text()
+    assert "## resnet8, no teacher (CIFAR-10 JPEG)" in md and "folder_jpg" not in md
+    assert "10000-image training subset" in md
+
+
+def test_method_styles_are_distinct():
+    from relkd.bench.report_plots import method_styles
+
+    names = [f"m{i}" for i in range(30)]
+    styles = method_styles(names + names[:3])
+    assert list(styles) == names
+    assert len(set(styles.values())) == 30  # every (colour, marker) pair differs
+    pairs = list(styles.values())
+    assert all(a[0] != b[0] and a[1] != b[1] for a, b in itertools.pairwise(pairs))
+
+
+def test_html_escapes_what_it_shows(tmp_path):
+    runs = tmp_path / "runs"
+    fake_run(runs, "<b>x</b>", None, "resnet20", 0, [50.0, 51.0])
+    write_report(runs, tmp_path)
+    page = (tmp_path / "report.html").read_text()
+    assert "<b>x</b>" not in page and "&lt;b&gt;x&lt;/b&gt;" in page
+
+
+def test_committed_results_stay_readable(tmp_path):
+    """benchmarks/results/*/report.json (written before the report changed) still compare, with
+    themselves and with a report in today's format."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    spec = importlib.util.spec_from_file_location("compare_reports", root / "compare_reports.py")
+    cr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cr)
+    recorded = sorted(root.glob("results/*/report.json"))
+    assert len(recorded) >= 2
+    for path in recorded:
+        table, ok = cr.compare(path, path)
+        assert ok and "| ce |" in table and "missing" not in table
+    runs = tmp_path / "runs"
+    crd_runs(runs, CRD_RECIPE)
+    write_report(runs, tmp_path / "a")
+    table, ok = cr.compare(tmp_path / "a/report.json", tmp_path / "a/report.json")
+    assert ok and "| kd |" in table
 
 
 def test_reference_tables():
@@ -170,4 +364,59 @@ def test_reference_tables():
     assert all(t["source"] for t in ref.TABLES.values())
     assert ref.lookup("cifar100", "kd", "resnet56", "resnet20")[0]["value"] == 70.66
     assert ref.lookup("fashion_mnist", "kd", "resnet56", "resnet20") == []
+    assert "fashion_mnist" not in {t["dataset"] for t in ref.TABLES.values()}  # not a paper's
+    assert all(set(t["recipe"]) == set(ref.RECIPE_KEYS) for t in ref.TABLES.values())
+    # a recipe decides: the CRD recipe matches, a shorter one does not
+    crd = {"epochs": 240, "batch": 64, "schedule": "multistep 150,180,210 ×0.1", "subset": None,
+           "steps_per_epoch": None}  # fmt: skip
+    assert ref.lookup("cifar100", "kd", "resnet56", "resnet20", crd)[0]["value"] == 70.66
+    for change in ({"epochs": 2}, {"subset": 10000}, {"batch": 128}, {"steps_per_epoch": 5}):
+        assert ref.lookup("cifar100", "kd", "resnet56", "resnet20", {**crd, **change}) == []
     assert [r["value"] for r in ref.lookup("cifar100", "ce", None, "MobileNetV2")] == [64.60]
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHECK_JS = """<script>window.addEventListener("load", () => {
+  const r = [...document.images].map(i => [i.alt, i.complete, i.naturalWidth, i.naturalHeight]);
+  const p = document.createElement("pre");
+  p.id = "relkd-check";
+  p.textContent = JSON.stringify(r);
+  document.body.appendChild(p);
+});</script>"""
+
+
+@pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="no /usr/bin/chromium (Debian package chromium) on this machine"
+)
+def test_report_html_renders_in_a_real_browser(suite_out, tmp_path):
+    """report.html opened headless in Chromium: every figure decodes, at the PNG's own size. A
+    deliberately broken image beside them must read as not loaded (the check can fail)."""
+    import re
+    import struct
+    import subprocess
+
+    write_report(suite_out, tmp_path)
+    page = (tmp_path / "report.html").read_text()
+    broken = '<img alt="control" src="data:image/png;base64,iVBORw0KGgoAAAAN">'
+    (tmp_path / "check.html").write_text(page.replace("</body>", broken + CHECK_JS + "</body>"))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000"]  # fmt: skip
+    url = (tmp_path / "check.html").as_uri()
+    dom = subprocess.run(
+        [str(CHROMIUM), *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120
+    ).stdout
+    m = re.search(r'<pre id="relkd-check">([^<]*)</pre>', dom)
+    assert m, "the page's load handler did not run"
+    images = {alt: (done, w, h) for alt, done, w, h in json.loads(m.group(1))}
+    assert set(images) == {"Top-1 per method", "Test top-1 per epoch", "control"}
+    assert images["control"][1] == 0
+    for alt, name in (("Top-1 per method", "accuracy.png"), ("Test top-1 per epoch", "curves.png")):
+        w, h = struct.unpack(">II", (tmp_path / name).read_bytes()[16:24])  # IHDR width, height
+        assert images[alt] == (True, w, h), alt
+    shot = tmp_path / "page.png"
+    subprocess.run(
+        [str(CHROMIUM), *flags, f"--screenshot={shot}", "--window-size=1280,2000", url],
+        capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -2,16 +2,37 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import warnings
 from typing import Any
 
 from torch import nn
 
 from relkd import losses
+from relkd.api import Distillation, DistillationOutput
 from relkd.methods import list_methods
 from relkd.models import FeatureTap, ModelOutput, create_model, list_models, load_checkpoint
 from relkd.registry import RelkdError
 
 __version__ = "0.1.0"
+
+_TB_WARNED = False
+
+
+def _warn_no_tensorboard() -> None:
+    """TensorBoard curves are on by default (``train.tensorboard``): say so once when the
+    package is missing instead of silently writing no ``tb/`` folder."""
+    global _TB_WARNED
+    if _TB_WARNED or importlib.util.find_spec("tensorboard") is not None:
+        return
+    _TB_WARNED = True
+    warnings.warn(
+        "train.tensorboard is on but the tensorboard package is not installed: no TensorBoard "
+        "curves (tb/) will be written; metrics.jsonl is. `pip install tensorboard`, or set "
+        "train.tensorboard=false to silence this",
+        stacklevel=3,
+    )
 
 
 def train(
@@ -26,12 +47,27 @@ def train(
 ) -> dict[str, Any]:
     """Train a student as configured (see :func:`relkd.engine.fit`).
 
-    ``config`` is a YAML path, a dict or a :class:`relkd.config.Config`; ``teacher`` /
+    ``config`` is a YAML path, a packaged config name (``"cifar100/kd/resnet32x4_resnet8x4"``,
+    see ``relkd configs list``), a dict or a :class:`relkd.config.Config`; ``teacher`` /
     ``student`` may be any ``nn.Module`` (features tapped by module name). Returns a dict with at
     least ``best_top1``, ``last_top1`` and ``run_dir``.
-    """
-    from relkd.engine import fit
 
+    Raises:
+        RelkdError: a bad config, checked most basic first (method name and arguments, model
+            names, the teacher a method needs, checkpoint files; then data and models).
+    """
+    from relkd.config import load_config
+    from relkd.engine import fit
+    from relkd.preflight import check_config
+
+    if isinstance(config, (str, os.PathLike)):
+        from relkd.resources import resolve
+
+        config = resolve(config)
+    cfg = load_config(config, overrides)
+    check_config(cfg, teacher=teacher, student=student)
+    if cfg.train.tensorboard:
+        _warn_no_tensorboard()
     return fit(
         config, teacher=teacher, student=student, resume=resume, overrides=overrides, quiet=quiet,
         allow_change=allow_change,
@@ -39,6 +75,8 @@ def train(
 
 
 __all__ = [
+    "Distillation",
+    "DistillationOutput",
     "FeatureTap",
     "ModelOutput",
     "RelkdError",

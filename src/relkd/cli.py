@@ -1,4 +1,4 @@
-"""Command line: ``relkd train|eval|probe|list|demo|bench|report``.
+"""Command line: ``relkd train|configs|eval|probe|list|demo|bench|report``.
 
 User errors (:class:`relkd.registry.RelkdError`, bad configs, missing data) print one line and
 exit with code 2; anything else is a bug and keeps its traceback.
@@ -8,16 +8,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from relkd.registry import RelkdError
+
+_KV = re.compile(r"^[A-Za-z_][\w.\-]*=")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from relkd import distributed as D
     from relkd import train
 
+    if args.print_config:
+        return _print_config(args)
     summary = train(
         args.config, overrides=args.overrides, resume=args.resume, quiet=args.quiet,
         allow_change=args.allow_change,
@@ -31,30 +37,95 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_config(args: argparse.Namespace) -> int:
+    """The resolved config (file + overrides + defaults) and its run folder; trains nothing."""
+    from relkd.config import load_config, to_yaml
+    from relkd.engine.trainer import _run_dir
+    from relkd.preflight import check_config
+    from relkd.resources import resolve
+
+    path = resolve(args.config)
+    cfg = load_config(path, args.overrides)
+    print(f"# config: {path}")
+    print(to_yaml(cfg), end="")
+    print(f"# run folder: {_run_dir(cfg)}", flush=True)
+    check_config(cfg)  # after printing: the config is shown even when it cannot run yet
+    return 0
+
+
+def _cmd_configs(args: argparse.Namespace) -> int:
+    from relkd.resources import copy_packaged, list_packaged, packaged, resolve
+
+    what = args.configs_cmd or "list"
+    if what == "list":
+        names = list_packaged(getattr(args, "prefix", None) or "")
+        if not names:
+            raise RelkdError(f"no packaged config or suite under {args.prefix!r}")
+        print("\n".join(names))
+    elif what == "show":
+        name = args.name.strip().removesuffix(".yaml")
+        path = packaged().get(name) or resolve(name, suite=name.startswith("suites/"))
+        print(path.read_text(), end="")
+    elif what == "path":
+        name = args.name.strip().removesuffix(".yaml")
+        print(packaged().get(name) or resolve(name, suite=name.startswith("suites/")))
+    else:
+        for p in copy_packaged(args.name, args.dest):
+            print(p)
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     import torch
+    from tqdm.auto import tqdm
 
     from relkd.config import load_config
     from relkd.data import build_datasets
-    from relkd.engine.trainer import _make_loaders, evaluate, resolve_device
+    from relkd.engine.trainer import _chans_kwargs, _make_loaders, evaluate, resolve_device
     from relkd.methods import MethodContext, build_method
     from relkd.models import create_model, load_checkpoint
 
-    _, test_ds, info = build_datasets(args.data, args.root, image_size=args.image_size)
-    kw = {"in_chans": info.in_channels} if info.in_channels != 3 else {}
-    model = create_model(args.model, info.num_classes, **kw)
+    if args.run_dir is not None:
+        run = Path(args.run_dir)
+        if not (run / "config.yaml").is_file():
+            raise RelkdError(f"{str(run)!r} is not a run folder (it has no config.yaml)")
+        cfg = load_config(run / "config.yaml")
+        if args.checkpoint is None:
+            names = ("student_best.pt",) if args.best else ("student.pt", "checkpoint.pt")
+            found = [run / n for n in names if (run / n).is_file()]
+            if not found:
+                raise RelkdError(f"run folder {str(run)!r} holds no {' or '.join(names)}")
+            args.checkpoint = str(found[0])
+    else:
+        missing = [f"--{k}" for k in ("model", "checkpoint", "data") if getattr(args, k) is None]
+        if missing:
+            raise RelkdError(f"give a run folder (relkd eval RUN_DIR) or {', '.join(missing)}")
+        cfg = load_config({"student": {"name": args.model}, "data": {"name": args.data}})
+    changes = {"student": {}, "data": {}}
+    if args.model is not None and args.model != cfg.student.name:
+        changes["student"] = {"name": args.model, "kwargs": {}}
+    for key, value in (("name", args.data), ("root", args.root), ("image_size", args.image_size)):
+        if value is not None:
+            changes["data"][key] = value
+    changes["data"]["eval_batch_size"] = args.batch_size
+    from omegaconf import OmegaConf
+
+    cfg = load_config(OmegaConf.merge(OmegaConf.structured(cfg), changes))
+    _, test_ds, info = build_datasets(cfg.data.name, cfg.data.root, image_size=cfg.data.image_size)
+    kw = _chans_kwargs(cfg.student.name, cfg.student.kwargs, info.in_channels)
+    model = create_model(cfg.student.name, info.num_classes, **kw)
     load_checkpoint(model, args.checkpoint)
     device = resolve_device(args.device)
-    cfg = load_config(
-        {
-            "student": {"name": args.model},
-            "data": {"name": args.data, "eval_batch_size": args.batch_size},
-        }
-    )
     method, _ = build_method("ce", MethodContext(num_classes=info.num_classes))
     _, test = _make_loaders(cfg, method, test_ds, test_ds, info, device)
+    bar = tqdm(test, total=len(test), desc="eval", unit="batch", leave=False,
+               disable=args.no_progress)  # fmt: skip
     with torch.no_grad():
-        res = evaluate(model.to(device), test, device)
+        res = evaluate(model.to(device), bar, device)
+    bar.close()
+    res["checkpoint"] = str(args.checkpoint)
     print(json.dumps(res, indent=2))
     return 0
 
@@ -80,16 +151,26 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         root=args.root,
         student_epochs=args.epochs,
         quiet=not args.verbose,
+        teacher_quiet=args.quiet,
     )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from relkd import __version__
+
     p = argparse.ArgumentParser(prog="relkd", description="Relational knowledge distillation")
+    p.add_argument("--version", action="version", version=f"relkd {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    t = sub.add_parser("train", help="train a student (or a teacher with method=ce)")
-    t.add_argument("config", help="YAML config file")
+    t = sub.add_parser(
+        "train",
+        help="train a student (or a teacher with method=ce)",
+        description="Train as a config says. CONFIG is a YAML file or a packaged config name "
+        "(relkd configs list), e.g. cifar100/kd/resnet32x4_resnet8x4; key=value overrides and "
+        "options may come in any order.",
+    )
+    t.add_argument("config", help="YAML config file or packaged config name")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=10")
     t.add_argument("--resume", action="store_true", help="continue the run in its run folder")
     t.add_argument(
@@ -97,17 +178,52 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --resume: let config KEY (or a section, e.g. method.args) differ from the "
         "recorded config; the change is recorded in run.json (repeatable)",
     )  # fmt: skip
-    t.add_argument("--quiet", action="store_true")
+    t.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    t.add_argument(
+        "--print-config", action="store_true",
+        help="print the resolved config and its run folder, check it, and exit without training",
+    )  # fmt: skip
     t.set_defaults(fn=_cmd_train)
 
-    e = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on a data set's test split")
-    e.add_argument("--model", required=True)
-    e.add_argument("--checkpoint", required=True)
-    e.add_argument("--data", required=True)
-    e.add_argument("--root", default=None)
-    e.add_argument("--image-size", type=int, default=None)
-    e.add_argument("--batch-size", type=int, default=256)
-    e.add_argument("--device", default="auto")
+    c = sub.add_parser(
+        "configs",
+        help="list, show or copy the packaged configs and suites",
+        description="Configs and benchmark suites ship inside the package. `relkd train NAME` "
+        "and `relkd bench accuracy NAME` take their names directly; copy one to edit it.",
+    )
+    c.set_defaults(fn=_cmd_configs, configs_cmd=None, prefix="")
+    csub = c.add_subparsers(dest="configs_cmd", help="default: list")
+    cl = csub.add_parser("list", help="packaged names (default command)")
+    cl.add_argument("prefix", nargs="?", default="", help="only names under this, e.g. cifar100/kd")
+    cs = csub.add_parser("show", help="print one packaged YAML")
+    cs.add_argument("name", help="e.g. fashion_mnist/kd or suites/fmnist-mini")
+    cp = csub.add_parser("path", help="the installed file of a packaged name")
+    cp.add_argument("name", help="e.g. cifar100/kd/resnet32x4_resnet8x4")
+    cc = csub.add_parser("copy", help="copy a packaged YAML (or a folder of them) to edit it")
+    cc.add_argument("name", help="a name or a folder, e.g. cifar100/kd")
+    cc.add_argument("dest", nargs="?", default=".", help="destination folder (default: .)")
+
+    e = sub.add_parser(
+        "eval",
+        help="top-1/top-5 of a checkpoint on a data set's test split",
+        description="Evaluate a run folder (its config.yaml names the model and data; its "
+        "student.pt, else checkpoint.pt, holds the weights) or any checkpoint with --model and "
+        "--data. Prints JSON: top1, top5 (%), test_loss, checkpoint.",
+    )
+    e.add_argument("run_dir", nargs="?", default=None, help="a run folder written by relkd train")
+    e.add_argument("--model", default=None, help="model name (default: the run's student)")
+    e.add_argument(
+        "--checkpoint", default=None,
+        help="weights file: relkd's student*.pt / checkpoint.pt, .safetensors, RepDistiller or "
+        "a bare state dict (default: the run's student.pt, else checkpoint.pt)",
+    )  # fmt: skip
+    e.add_argument("--best", action="store_true", help="the run's student_best.pt")
+    e.add_argument("--data", default=None, help="data set name (default: the run's)")
+    e.add_argument("--root", default=None, help="data folder (default: the run's / auto-detect)")
+    e.add_argument("--image-size", type=int, default=None, help="input size (default: the run's)")
+    e.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(fn=_cmd_eval)
 
     from relkd.probe import add_probe_parser
@@ -124,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--methods", default=None, help="comma separated; default: the demo set")
     d.add_argument("--root", default=None, help="Fashion-MNIST folder (default: auto-detect)")
     d.add_argument("--epochs", type=int, default=None, help="student epochs (default: demo's)")
-    d.add_argument("--verbose", action="store_true")
+    d.add_argument("--verbose", action="store_true", help="per-epoch output of every run")
+    d.add_argument("--quiet", action="store_true", help="no teacher progress either")
     d.set_defaults(fn=_cmd_demo)
     from relkd.bench.cli import add_bench_parsers
 
@@ -132,9 +249,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _place_positionals(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str], primary: str
+) -> list[str]:
+    """``key=value`` tokens anywhere on the line become overrides; the one other positional is
+    the ``primary`` argument (config / suite). Returns the tokens that fit neither."""
+    tokens = [getattr(args, primary), *args.overrides, *extra]
+    plain = [t for t in tokens if not _KV.match(t) or Path(t).is_file()]
+    if not plain:
+        parser.error(f"no {primary} given, only key=value overrides")
+    setattr(args, primary, plain[0])
+    args.overrides = [t for t in tokens if t not in plain]
+    return plain[1:]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    primary = {"train": "config", "bench": "suite"}.get(args.cmd)
+    if primary and hasattr(args, "overrides") and hasattr(args, primary):
+        opts = [t for t in extra if t.startswith("-")]
+        extra = opts + _place_positionals(
+            parser, args, [t for t in extra if t not in opts], primary
+        )
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if args.cmd == "bench" and hasattr(args, "suite"):
+            from relkd.resources import resolve
+
+            args.suite = str(resolve(args.suite, suite=True))
+        if args.cmd == "probe" and getattr(args, "config", None):
+            from relkd.resources import resolve
+
+            args.config = str(resolve(args.config))
         return int(args.fn(args) or 0)
     except RelkdError as e:
         print(f"relkd: error: {e}", file=sys.stderr)
@@ -142,6 +290,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM during training (engine.rundir)
         print("relkd: interrupted", file=sys.stderr)
         return 128 + int(getattr(e, "signum", 2))
+    except BrokenPipeError:  # `relkd configs list | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

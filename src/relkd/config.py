@@ -25,6 +25,13 @@ class ModelConfig:
     name: str = MISSING  # zoo name, torchvision:<name> or timm:<name>
     kwargs: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None  # weights to load (RepDistiller format, bare state dict, ...)
+    # Pretrained weights from the local cache: a torchvision weights enum name (IMAGENET1K_V1,
+    # DEFAULT) or, for timm models, "pretrained" / a pretrained tag; never downloaded.
+    weights: str | None = None
+    # The statistics the model was trained on (one value per channel); None: the model's own
+    # (weights enum / timm pretrained_cfg / model.input_mean), else the data set's.
+    mean: list[float] | None = None
+    std: list[float] | None = None
 
 
 @dataclass
@@ -61,6 +68,13 @@ class ScheduleConfig:
     warmup_epochs: float = 0.0
     min_lr: float = 0.0
     pct_start: float = 0.3  # onecycle: fraction of steps spent rising
+    # onecycle, as torch's OneCycleLR: start lr/div_factor, end start/final_div_factor, and
+    # momentum (SGD) / beta1 (AdamW) cycled max -> base -> max.
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
+    cycle_momentum: bool = True
+    base_momentum: float = 0.85
+    max_momentum: float = 0.95
 
 
 @dataclass
@@ -85,6 +99,12 @@ class TrainConfig:
     tensorboard: bool = True
     channels_last: bool = False
     compile: bool = False
+    compile_mode: str = (
+        "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
+    )
+    log_every: int = (
+        50  # steps between host reads of the loss sums (progress bar, non-finite check)
+    )
     # Under DDP: batch norm statistics over the global batch (N ranks at batch b then train like
     # one process at N*b). Off by default, as in the CRD / mdistiller recipes (per-GPU BN).
     sync_bn: bool = False

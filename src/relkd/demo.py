@@ -75,20 +75,38 @@ def student_config(
     return cfg
 
 
-def ensure_teacher(out: Path, root: str | None, quiet: bool = True) -> tuple[Path, float]:
-    """Train the demo teacher, or reuse the one in ``out/teacher`` if its config is the same."""
+def _same_run(saved: Path, cfg: dict[str, Any]) -> bool:
+    """Whether the config saved in a run folder trains what ``cfg`` trains: display settings
+    (``train.progress``) do not count, so a teacher trained with or without a bar is reused."""
+    try:
+        old = load_config(saved)
+    except Exception:  # an unreadable or outdated config.yaml: train again
+        return False
+    new = load_config(cfg)
+    old.train.progress = new.train.progress
+    return to_yaml(old) == to_yaml(new)
+
+
+def ensure_teacher(out: Path, root: str | None, quiet: bool = False) -> tuple[Path, float]:
+    """Train the demo teacher, or reuse the one in ``out/teacher`` if its config is the same.
+
+    The teacher is the long part of the demo (minutes on a CPU), so unless ``quiet`` its
+    progress bar and per-epoch lines are shown.
+    """
     from relkd import train
 
     cfg = teacher_config(out, root)
+    cfg["train"]["progress"] = not quiet
     run = out / "teacher"
-    want = to_yaml(load_config(cfg))
     summary = run / "summary.json"
     cfg_file = run / "config.yaml"
     reusable = summary.exists() and cfg_file.exists() and (run / "student.pt").exists()
-    if reusable and cfg_file.read_text() == want:
+    if reusable and _same_run(cfg_file, cfg):
         return run / "student.pt", json.loads(summary.read_text())["last_top1"]
     if run.exists():
         shutil.rmtree(run)
+    if not quiet:
+        print(f"  training the teacher ({TEACHER_EPOCHS} epochs; reused by later demo runs)")
     res = train(cfg, quiet=quiet)
     return run / "student.pt", res["last_top1"]
 
@@ -106,8 +124,13 @@ def run_demo(
     root: str | None = None,
     student_epochs: int | None = None,
     quiet: bool = True,
+    teacher_quiet: bool = False,
 ) -> dict[str, Any]:
-    """Run the demo; returns ``{"teacher_top1", "rows": {method: {"last": [...], "best": [...]}}}``."""
+    """Run the demo; returns ``{"teacher_top1", "rows": {method: {"last": [...], "best": [...]}}}``.
+
+    ``quiet``: no per-epoch output of the students (one line per run is printed when it is
+    done); ``teacher_quiet``: the same for the teacher, whose progress is shown by default.
+    """
     from relkd import train
     from relkd.methods import METHODS
 
@@ -120,7 +143,7 @@ def run_demo(
     epochs = student_epochs or STUDENT_EPOCHS
     t0 = time.time()
     print(f"relkd demo: Fashion-MNIST, teacher cnn_small, student cnn_tiny, {seeds} seed(s)")
-    ckpt, t_top1 = ensure_teacher(out, root, quiet)
+    ckpt, t_top1 = ensure_teacher(out, root, quiet=quiet and teacher_quiet)
     print(f"  teacher cnn_small: top-1 {t_top1:.2f} ({time.time() - t0:.0f} s so far)")
     rows: dict[str, dict[str, list[float]]] = {}
     for seed in range(seeds):
@@ -128,12 +151,15 @@ def run_demo(
             run = out / f"{m}_s{seed}"
             if run.exists():
                 shutil.rmtree(run)
+            # The run's name first, its result when done: a long run (CRD) is never silent.
+            print(f"  {m:<10} seed {seed}: ", end="" if quiet else "\n", flush=True)
             res = train(student_config(out, root, m, seed, epochs, ckpt), quiet=quiet)
             r = rows.setdefault(m, {"last": [], "best": []})
             r["last"].append(res["last_top1"])
             r["best"].append(res["best_top1"])
             print(
-                f"  {m:<10} seed {seed}: last {res['last_top1']:.2f} best {res['best_top1']:.2f}"
+                ("" if quiet else f"  {m:<10} seed {seed}: ")
+                + f"last {res['last_top1']:.2f} best {res['best_top1']:.2f}"
                 f" ({time.time() - t0:.0f} s so far)"
             )
     lines = [

@@ -25,11 +25,15 @@ B = 8  # per-rank batch; the single process runs at 2 * B
 # The runs differ only in the order of fp32 sums (all-reduce vs one batch); tiny networks
 # amplify such noise along the trajectory, so the lr is small and we compare the weight
 # *updates*: ||u_ddp - u_single|| <= RTOL * ||u_single|| per tensor. Measured while writing
-# this test: correct methods stay below ~5e-3 (high-weight losses such as FitNet x100 and
-# SP x3000 amplify the noise most); a missing gather (SP, RKD, PKT, CC before theirs), per-rank
-# batch norm or per-rank random draws (CRD negatives, CORSD) gave 1.5e-2 to 0.9.
+# this test: a missing gather (SP, RKD, PKT, CC before theirs), per-rank batch norm or per-rank
+# random draws (CRD negatives, CORSD) gave 1.5e-2 to 0.9. Re-measured (all 20 methods, torch
+# 2.14.1 CPU): the largest error of a correct method is 3.1e-3 (FT) and 2.8e-3 (FitNet x100), the
+# high-weight feature losses that amplify the summation-order noise most; every other method
+# stays below 2e-4 (CORSD 1.9e-4, RRD 3.8e-5, all others < 2e-5). The tolerances sit 2x above
+# the worst correct value and at least 2.5x below the smallest bug.
 LR = 1e-3
-RTOL = 1e-2
+RTOL = 2e-3
+RTOL_AMPLIFIED = {"ft": 6e-3, "fitnet": 6e-3}
 SEED = 5
 
 
@@ -134,6 +138,7 @@ def test_ddp_equals_single_process(method, ddp_runs):
         u_ddp = (w_ddp[k] - w0[k]).double()
         assert u_one.norm() > 0, f"{k} did not train"
         rel = ((u_ddp - u_one).norm() / u_one.norm()).item()
-        assert rel <= RTOL, f"{k}: relative update error {rel:.3g}"
+        tol = RTOL_AMPLIFIED.get(method, RTOL)
+        assert rel <= tol, f"{k}: relative update error {rel:.3g} > {tol:g}"
     # only rank 0 wrote anything
     assert not any(Path(rank1).rglob("*")), sorted(Path(rank1).rglob("*"))[:5]

@@ -53,3 +53,23 @@ def test_compile_gives_the_eager_losses(fmnist_root, tiny_teacher_ckpt, tmp_path
     assert b["train/kd"] == pytest.approx(a["train/kd"], rel=1e-4)
     assert b["train/ce"] == pytest.approx(a["train/ce"], rel=1e-4)
     assert b["top1"] == pytest.approx(a["top1"], abs=1.0)
+
+
+def test_compile_mode_reaches_torch_compile(fmnist_root, tiny_teacher_ckpt, tmp_path, monkeypatch):
+    """``train.compile_mode`` is passed to ``torch.compile`` (reduce-overhead = CUDA graphs on a
+    GPU); the compiled callable is the one the step runs."""
+    seen = []
+
+    def fake_compile(model, mode=None):
+        seen.append(mode)
+
+        def run(*a, **k):
+            seen.append("called")
+            return model(*a, **k)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    kw = {"epochs": 1, "max_steps_per_epoch": 2, "compile": True, "compile_mode": "reduce-overhead"}
+    relkd.train(_cfg(fmnist_root, tmp_path, "ro", tiny_teacher_ckpt, **kw), quiet=True)
+    assert seen == ["reduce-overhead", "called", "called"]

@@ -28,33 +28,66 @@ def _rownorm(m: np.ndarray) -> np.ndarray:
 
 
 def _ref_relation(z: np.ndarray, corr: str, normalized: bool, centered: bool) -> np.ndarray:
-    """Entry by entry: variables are classes ("class") or samples ("sample")."""
-    m = z if corr == "class" else z.T  # rows: observations, columns: variables
-    n, k = m.shape
+    """Entry by entry: the variables are the classes ("class") or the samples ("sample"); both
+    centre each class column over the batch first."""
+    z = z - z.mean(axis=0, keepdims=True) if centered else z.copy()
+    c = z.shape[1]
+    vecs = [z[:, j] for j in range(c)] if corr == "class" else [z[i] for i in range(z.shape[0])]
+    k = len(vecs)
     g = np.zeros((k, k))
     for a in range(k):
         for b in range(k):
-            u, v = m[:, a].copy(), m[:, b].copy()
-            if centered:
-                u, v = u - u.mean(), v - v.mean()
+            u, v = vecs[a], vecs[b]
             if normalized:
                 nu = max(np.sqrt((u**2).sum()), _EPS)
                 nv = max(np.sqrt((v**2).sum()), _EPS)
                 g[a, b] = (u * v).sum() / (nu * nv)
             else:
-                g[a, b] = (u * v).sum() / max(n - 1, 1)
+                g[a, b] = (u * v).sum() / (c - 1)
     return g
 
 
 def _ref_clkd_terms(zs, zt, corr="class", normalized=True, centered=True, squared=True):
     zs, zt = np.asarray(zs, np.float64), np.asarray(zt, np.float64)
+    c = zs.shape[1]
     ins = ((_rownorm(zs) - _rownorm(zt)) ** 2).mean()
     cla = ((_rownorm(zs.T) - _rownorm(zt.T)) ** 2).mean()
     d = _ref_relation(zs, corr, normalized, centered) - _ref_relation(
         zt, corr, normalized, centered
     )
-    cc = (d**2).mean() if squared else np.abs(d).mean()
+    cc = (d**2).sum() / c**2 if squared else np.sqrt((d**2).sum()) / c**2
     return {"ins": ins, "cla": cla, "cc": cc}
+
+
+def _reimpl_a_cc(zs: np.ndarray, zt: np.ndarray) -> float:
+    """Re-implementation A's class-correlation term, transcribed: a [B, B] matrix summed over
+    classes of outer products of the batch-centred class columns, / (C - 1); ||dB||_F^2 / C^2."""
+    c = zs.shape[1]
+    mats = []
+    for z in (zs, zt):
+        acc = np.zeros((z.shape[0], z.shape[0]))
+        for j in range(c):
+            col = z[:, j] - z[:, j].mean()
+            acc += np.outer(col, col)
+        mats.append(acc / (c - 1))
+    return float(np.linalg.norm(mats[0] - mats[1], "fro") ** 2 / c**2)
+
+
+def _reimpl_b_cc(zs: np.ndarray, zt: np.ndarray) -> float:
+    """Re-implementation B's term, transcribed: the [C, C] covariance of the batch-centred
+    logits with divisor C - 1, then ||dG||_F (not squared) / C^2."""
+    c = zs.shape[1]
+    cov = [(z - z.mean(0)).T @ (z - z.mean(0)) / (c - 1) for z in (zs, zt)]
+    return float(np.linalg.norm(cov[0] - cov[1], "fro") / c**2)
+
+
+def test_variants_compute_what_the_reimplementations_compute():
+    zs, zt = _logits(6, 4)
+    a, b = zs.numpy(), zt.numpy()
+    got_a = clkd_terms(zs, zt, corr="sample", corr_normalized=False)["cc"].item()
+    assert got_a == pytest.approx(_reimpl_a_cc(a, b), rel=1e-10)
+    got_b = clkd_terms(zs, zt, corr_normalized=False, corr_squared=False)["cc"].item()
+    assert got_b == pytest.approx(_reimpl_b_cc(a, b), rel=1e-10)
 
 
 def _logits(b=4, c=5, seed=0, dtype=torch.float64):
@@ -95,12 +128,11 @@ def test_default_relation_is_numpy_corrcoef_and_cov():
         (np.corrcoef(zs.numpy(), rowvar=False) - np.corrcoef(zt.numpy(), rowvar=False)) ** 2
     ).mean()
     assert clkd_terms(zs, zt)["cc"].item() == pytest.approx(want_cc, rel=1e-10)
-    want_cov = ((np.cov(zs.numpy(), rowvar=False) - np.cov(zt.numpy(), rowvar=False)) ** 2).mean()
+    # covariance variant: np.cov rescaled from the divisor B - 1 to the re-implementations' C - 1
+    b, c = zs.shape
+    dcov = (np.cov(zs.numpy(), rowvar=False) - np.cov(zt.numpy(), rowvar=False)) * (b - 1) / (c - 1)
     got_cov = clkd_terms(zs, zt, corr_normalized=False)["cc"].item()
-    assert got_cov == pytest.approx(want_cov, rel=1e-10)
-    # sample variant: correlation of the samples' logit vectors
-    want_s = ((np.corrcoef(zs.numpy()) - np.corrcoef(zt.numpy())) ** 2).mean()
-    assert clkd_terms(zs, zt, corr="sample")["cc"].item() == pytest.approx(want_s, rel=1e-10)
+    assert got_cov == pytest.approx((dcov**2).mean(), rel=1e-10)
 
 
 def test_hand_computed_values():
@@ -113,10 +145,22 @@ def test_hand_computed_values():
     assert [t[k].item() for k in ("ins", "cla", "cc")] == pytest.approx([1.0, 1.0, 0.0], abs=1e-6)
     assert clkd_loss(zs, zt).item() == pytest.approx(0.5 * (1 + 2 * 1) + 0.4 * 0, abs=1e-6)
     # teacher columns perfectly correlated (+1) vs student's -1: off-diagonals differ by 2 ->
-    # cc = (2^2 + 2^2) / 2^2 = 2; absolute variant (2 + 2) / 4 = 1.
+    # cc = (2^2 + 2^2) / 2^2 = 2; not squared: sqrt(2^2 + 2^2) / 2^2 = sqrt(8) / 4.
     zt = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
     assert clkd_terms(zs, zt)["cc"].item() == pytest.approx(2.0, abs=1e-6)
-    assert clkd_terms(zs, zt, corr_squared=False)["cc"].item() == pytest.approx(1.0, abs=1e-6)
+    got = clkd_terms(zs, zt, corr_squared=False)["cc"].item()
+    assert got == pytest.approx(8**0.5 / 4, abs=1e-6)
+    # sample variant: batch-centred rows s = (1/2, -1/2), (-1/2, 1/2) -> cosines [[1, -1], [-1, 1]];
+    # teacher rows (1/2, 1/2), (-1/2, -1/2) -> the same matrix -> cc = 0. Covariance variant
+    # (divisor C - 1 = 1): student [[1/2, -1/2], [-1/2, 1/2]], teacher the same -> 0 as well;
+    # with the 3-class teacher below the entries differ by hand-checked amounts.
+    assert clkd_terms(zs, zt, corr="sample")["cc"].item() == pytest.approx(0.0, abs=1e-6)
+    zs3 = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    zt3 = torch.zeros(2, 3)
+    # zc rows (1, 0, 0), (-1, 0, 0): zc zc^T / 2 = [[1/2, -1/2], [-1/2, 1/2]]; teacher 0 ->
+    # ||d||_F^2 / C^2 = (4 * 1/4) / 9
+    got = clkd_terms(zs3, zt3, corr="sample", corr_normalized=False)["cc"].item()
+    assert got == pytest.approx(1 / 9, abs=1e-6)
 
 
 def test_zero_at_equal_logits_and_scale_invariance_of_default():
@@ -185,7 +229,7 @@ def test_invalid_switches_name_value_and_choices():
 _WORLD = 2
 _DDP_LOSSES = {
     "clkd": clkd_loss,
-    "clkd_sample_cov_abs": functools.partial(
+    "clkd_sample_cov_fro": functools.partial(
         clkd_loss, corr="sample", corr_normalized=False, corr_squared=False
     ),
     "dist": functools.partial(dist_loss, beta=1.0, gamma=2.0, temperature=4.0),

@@ -12,6 +12,7 @@ from relkd.losses.crd import (
     momentum_update,
     nce_loss,
     sample_contrast_index,
+    sample_other_class_index,
 )
 
 
@@ -111,3 +112,50 @@ def test_momentum_update_duplicate_index_keeps_last():
     assert idx.tolist() == [3, 0]
     s = 1 / math.sqrt(2)
     assert rows.tolist() == [pytest.approx([0, 0, s, s]), pytest.approx([s, 0, 0, s])]
+
+
+def test_sample_other_class_index_only_other_classes_without_replacement():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2, 2, 0, 1, 2])  # N = 12
+    index = torch.tensor([0, 2, 5, 9])
+    idx = sample_other_class_index(index, labels, 7, generator=g)
+    assert idx.shape == (4, 8) and idx.dtype == torch.long
+    assert torch.equal(idx[:, 0], index)
+    for row, i in zip(idx[:, 1:], index.tolist()):
+        assert (labels[row] != labels[i]).all()  # no negative shares the anchor's class
+        assert len(set(row.tolist())) == 7  # without replacement (K <= candidates)
+    # class 2 (5 members) leaves 7 candidates: a draw of all of them is exactly those 7
+    assert sorted(idx[2, 1:].tolist()) == [j for j in range(12) if labels[j] != 2]
+
+
+@pytest.mark.parametrize("replacement", [False, True])
+def test_sample_other_class_index_uniform_over_the_other_classes(replacement):
+    g = torch.Generator().manual_seed(1)
+    labels = torch.tensor([1, 0, 2, 0, 1, 0, -1, 3])  # unsorted, one label unknown (-1)
+    index = torch.full((20000,), 3)  # anchor 3 of class 0, many rows
+    idx = sample_other_class_index(index, labels, 2, replacement=replacement, generator=g)
+    neg = idx[:, 1:]
+    counts = torch.bincount(neg.flatten(), minlength=8).float() / neg.numel()
+    assert counts[[1, 3, 5]].sum() == 0  # class 0, the anchor included
+    others = [0, 2, 4, 6, 7]  # the unknown sample 6 counts as another class
+    assert torch.allclose(counts[others], torch.full((5,), 0.2), atol=0.01)
+    # pairs: without replacement never equal; with replacement equal with chance 1/5
+    same = (neg[:, 0] == neg[:, 1]).float().mean().item()
+    assert same == 0 if not replacement else same == pytest.approx(0.2, abs=0.015)
+
+
+def test_sample_other_class_index_replacement_fallback_and_chunks():
+    g = torch.Generator().manual_seed(2)
+    labels = torch.tensor([0, 0, 1, 1, -1, 2])
+    index = torch.tensor([0, 2])
+    # K = 200 > the 4 candidates of class 0 and class 1: RepDistiller's rule, with replacement
+    idx = sample_other_class_index(index, labels, 200, generator=g)
+    assert set(idx[0, 1:].tolist()) == {2, 3, 4, 5} and set(idx[1, 1:].tolist()) == {0, 1, 4, 5}
+    # chunking over rows (1 row per chunk here) draws valid rows too
+    lab = torch.arange(30) % 3
+    out = sample_other_class_index(torch.arange(30), lab, 5, generator=g, chunk_elems=30)
+    assert all((lab[r[1:]] != lab[r[0]]).all() and len(set(r[1:].tolist())) == 5 for r in out)
+    with pytest.raises(ValueError, match="another class"):
+        sample_other_class_index(torch.tensor([0]), torch.zeros(3).long(), 2)
+    with pytest.raises(ValueError, match="must be known"):
+        sample_other_class_index(torch.tensor([4]), labels, 2)

@@ -1,7 +1,9 @@
 import math
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from relkd.losses import kd_loss
 
@@ -17,12 +19,23 @@ def test_kd_loss_hand_computed():
 
 
 def test_kd_loss_batchmean_and_zero_at_equal():
+    """Against an independent reference: T^2 * sum_i KL(p_t,i || p_s,i) / B written with numpy,
+    and with torch's own kl_div(reduction="batchmean"); per-sample 'mean' (over B * C elements)
+    or a missing T^2 would differ by factors of C or T^2."""
     torch.manual_seed(0)
     z = torch.randn(8, 10)
     assert kd_loss(z, z).item() == pytest.approx(0.0, abs=1e-6)
-    zs, zt = torch.randn(8, 10), torch.randn(8, 10)
-    per = [kd_loss(zs[i : i + 1], zt[i : i + 1]).item() for i in range(8)]
-    assert kd_loss(zs, zt).item() == pytest.approx(sum(per) / 8, rel=1e-5)
+    zs, zt = torch.randn(8, 10) * 3, torch.randn(8, 10) * 3
+    for t in (1.0, 4.0):
+        a, b = zs.double().numpy() / t, zt.double().numpy() / t
+        ps = np.exp(a) / np.exp(a).sum(1, keepdims=True)
+        pt = np.exp(b) / np.exp(b).sum(1, keepdims=True)
+        want = t**2 * (pt * (np.log(pt) - np.log(ps))).sum() / 8
+        assert kd_loss(zs, zt, temperature=t).item() == pytest.approx(want, rel=1e-5)
+        ref = F.kl_div(
+            F.log_softmax(zs.double() / t, 1), F.softmax(zt.double() / t, 1), reduction="batchmean"
+        )
+        assert kd_loss(zs, zt, temperature=t).item() == pytest.approx(t**2 * ref.item(), rel=1e-5)
 
 
 def test_kd_loss_no_teacher_grad_and_fp32_under_autocast():

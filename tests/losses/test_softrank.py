@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from relkd.losses import softrank
-from relkd.losses.softrank import hard_rank, soft_rank, soft_rank_isotonic
+from relkd.losses.softrank import hard_rank, soft_rank, soft_rank_isotonic, soft_rank_network
 
 
 def _ref_soft_rank(x: np.ndarray, eps: float) -> np.ndarray:
@@ -211,3 +211,99 @@ def test_bad_arguments():
     with pytest.raises(TypeError, match="floating"):
         soft_rank(torch.arange(6).reshape(2, 3))
     assert soft_rank(torch.empty(0, 5)).shape == (0, 5)
+
+
+# ------------------------------------------------------------------- sorting-network soft rank
+
+
+def _network_reference(x: np.ndarray, eps: float) -> np.ndarray:
+    """Independent reference: build the soft permutation matrix P of the relaxed bitonic
+    network explicitly (n x n per row, layer by layer) and return P^T (1..n) for the real
+    elements."""
+    c = x.shape[-1]
+    n = 1 << max(0, (c - 1).bit_length())
+    out = np.zeros_like(x)
+    for row in range(x.shape[0]):
+        v = np.concatenate([x[row], np.full(n - c, x[row].max() + 1.0 + 50 * eps)])
+        p = np.eye(n)
+        k = 2
+        while k <= n:
+            j = k // 2
+            while j >= 1:
+                layer = np.eye(n)
+                new = v.copy()
+                for i in range(n):
+                    partner = i ^ j
+                    if partner > i:
+                        lo, hi = (i, partner) if (i & k) == 0 else (partner, i)
+                        s = 1 / (1 + np.exp(-(v[hi] - v[lo]) / eps))
+                        new[lo] = s * v[lo] + (1 - s) * v[hi]
+                        new[hi] = (1 - s) * v[lo] + s * v[hi]
+                        layer[lo, lo], layer[lo, hi] = s, 1 - s
+                        layer[hi, lo], layer[hi, hi] = 1 - s, s
+                v = new
+                p = layer @ p
+                j //= 2
+            k *= 2
+        assert np.allclose(p.sum(0), 1) and np.allclose(p.sum(1), 1)  # doubly stochastic
+        out[row] = (p.T @ np.arange(1, n + 1))[:c]
+    return out
+
+
+@pytest.mark.parametrize("c", [1, 2, 3, 6, 8, 13])
+def test_network_matches_explicit_permutation_matrix(c):
+    x = torch.randn(3, c, dtype=torch.float64, generator=torch.Generator().manual_seed(c))
+    got = soft_rank_network(x, 0.5)
+    np.testing.assert_allclose(got.numpy(), _network_reference(x.numpy(), 0.5), rtol=1e-10)
+    assert torch.allclose(got.sum(-1), torch.full((3,), c * (c + 1) / 2, dtype=torch.float64))
+    assert got.min() >= 1 - 1e-12 and got.max() <= c + 1e-12  # padding never leaks in
+
+
+def test_network_tends_to_hard_rank_and_blocks_change_nothing():
+    x = torch.randn(5, 37, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(soft_rank_network(x, 1e-6), hard_rank(x), rtol=0, atol=1e-6)
+    # not permutation-equivariant at a finite eps (a property of relaxed sorting networks: the
+    # comparisons a value meets depend on its input position), unlike the pairwise sigmoid
+    perm = torch.randperm(37, generator=torch.Generator().manual_seed(1))
+    moved = soft_rank_network(x[:, perm], 0.3)
+    assert not torch.allclose(moved, soft_rank_network(x, 0.3)[:, perm])
+    torch.testing.assert_close(soft_rank_network(x[:, perm], 1e-6), hard_rank(x)[:, perm])
+    # leading dims and blocks of rows change nothing
+    y = x.reshape(5, 1, 37)
+    small = soft_rank_network(x, 0.3, budget_elements=1)  # one row per block
+    torch.testing.assert_close(soft_rank_network(y, 0.3).reshape(5, 37), small)
+
+
+def test_network_gradcheck_float64_and_bf16_input():
+    x = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: soft_rank_network(t, 0.5), (x,))
+    xb = torch.randn(4, 100).bfloat16().float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = soft_rank_network(xb, 0.1)
+    (r * torch.randn(4, 100)).sum().backward()
+    assert torch.isfinite(xb.grad).all() and xb.grad.abs().sum() > 0
+
+
+def test_network_imagenet_size_runs_in_bounded_memory():
+    """C = 1000, B = 256 forward + backward. diffsort's [B, n, n] permutation matrix alone would
+    be 1 GiB; the reverse-order rank computation keeps O(n log^2 n) per row, in checkpointed
+    blocks of at most DEFAULT_BUDGET_ELEMENTS: the growth must stay far below that."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 1000, requires_grad=True)
+    g = torch.randn(256, 1000)
+    soft_rank_network(torch.randn(2, 8)).sum()
+    measured = _reset_peak_rss()
+    base = _vm_kib("VmRSS")
+    (soft_rank_network(x, 0.1) * g).sum().backward()
+    assert torch.isfinite(x.grad).all()
+    if measured:
+        peak_mib = (_vm_kib("VmHWM") - base) / 1024
+        print(f"sorting network: peak RSS growth {peak_mib:.0f} MiB")
+        assert peak_mib < 400
+
+
+def test_network_bad_arguments():
+    with pytest.raises(ValueError, match="eps"):
+        soft_rank_network(torch.zeros(2, 3), 0.0)
+    with pytest.raises(TypeError, match="floating"):
+        soft_rank_network(torch.zeros(2, 3, dtype=torch.long))

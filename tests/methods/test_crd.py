@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+import relkd.methods.crd as crd_mod
 from relkd.engine.distiller import Distiller
-from relkd.losses.crd import NCE_EPS, sample_contrast_index
+from relkd.losses.crd import NCE_EPS, sample_contrast_index, sample_other_class_index
 from relkd.methods import MethodContext, build_method
 from relkd.models.base import ModelOutput
 from relkd.registry import RelkdError
@@ -31,11 +32,14 @@ def _make(**args):
     return method.train()
 
 
+LABELS = torch.arange(N) % 4  # the class of each of the N training samples
+
+
 def _step(m, f_s, f_t, index):
     b = f_s.shape[0]
     s = ModelOutput(torch.zeros(b, 10), feats={"pooled": f_s})
     t = ModelOutput(torch.zeros(b, 10), feats={"pooled": f_t})
-    return m(s, t, torch.zeros(b, dtype=torch.long), index=index)["crd"]
+    return m(s, t, LABELS[index], index=index)["crd"]
 
 
 def _dot(a, b):
@@ -54,12 +58,15 @@ def test_defaults():
     assert m.memory_s.shape == m.memory_t.shape == (N, 128)
     assert m.batch_extras == ("index",) and m.student_taps() == m.teacher_taps() == ["pooled"]
     assert (m.z < 0).all()
+    assert (m.negatives, m.neg_replacement) == ("other_class", False)
+    assert torch.equal(m.labels, torch.full((N,), -1))
     assert all(p.requires_grad for p in [*m.embed_s.parameters(), *m.embed_t.parameters()])
 
 
-def test_loss_and_memory_match_explicit_reference():
+@pytest.mark.parametrize("negatives", ["other_class", "any"])
+def test_loss_and_memory_match_explicit_reference(negatives):
     torch.manual_seed(0)
-    m = _make()
+    m = _make(negatives=negatives)
     mem_s0, mem_t0 = m.memory_s.tolist(), m.memory_t.tolist()
     f_s, f_t = torch.randn(3, 16), torch.randn(3, 32)
     index = torch.tensor([3, 7, 11])
@@ -67,7 +74,13 @@ def test_loss_and_memory_match_explicit_reference():
     torch.manual_seed(5)
     loss = _step(m, f_s, f_t, index)
     torch.manual_seed(5)
-    idx = sample_contrast_index(index, N, 5).tolist()  # the same draws as inside forward
+    if negatives == "any":  # relkd's draw before the option existed: the same RNG stream
+        idx = sample_contrast_index(index, N, 5).tolist()
+    else:  # only the batch's labels are known at the first step
+        known = torch.full((N,), -1)
+        known[index] = LABELS[index]
+        idx = sample_other_class_index(index, known, 5).tolist()
+        assert torch.equal(m.labels, known)
 
     t, k = 0.07, 5
     e_s = [[math.exp(_dot(mem_t0[j], v_s[i]) / t) for j in idx[i]] for i in range(3)]
@@ -136,6 +149,10 @@ def test_errors():
         build_method("crd", _ctx(n=0))
     with pytest.raises(RelkdError, match="nce_t"):
         build_method("crd", _ctx(), {"nce_t": 0.0})
+    with pytest.raises(RelkdError, match="'other_class', 'any'"):
+        build_method("crd", _ctx(), {"negatives": "exact"})
+    with pytest.raises(RelkdError, match="neg_replacement"):
+        build_method("crd", _ctx(), {"neg_replacement": "yes"})
     m = _make()
     s = ModelOutput(torch.zeros(2, 10), feats={"pooled": torch.randn(2, 16)})
     t = ModelOutput(torch.zeros(2, 10), feats={"pooled": torch.randn(2, 32)})
@@ -155,3 +172,51 @@ def test_export_and_composition():
     sum(terms.values()).backward()
     assert {"method.parts.crd.memory_s", "method.parts.crd.embed_t.weight"} <= set(d.state_dict())
     assert set(d.student.state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
+def test_other_class_negatives_never_share_the_anchor_class(monkeypatch):
+    """Two epochs over the N samples: a negative never has the anchor's class where that class
+    is known (the rows written so far), and from the second epoch on never at all."""
+    draws = []
+    real = crd_mod.sample_other_class_index
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        draws.append(out)
+        return out
+
+    monkeypatch.setattr(crd_mod, "sample_other_class_index", spy)
+    torch.manual_seed(0)
+    m = _make()
+    seen: set[int] = set()
+    for epoch in range(2):
+        for index in torch.randperm(N).split(6):
+            written = seen | set(index.tolist())
+            _step(m, torch.randn(len(index), 16), torch.randn(len(index), 32), index)
+            idx = draws[-1]
+            assert torch.equal(idx[:, 0], index)
+            for row in idx:
+                neg = row[1:]
+                assert (neg != row[0]).all()
+                same = LABELS[neg] == LABELS[row[0]]
+                if epoch == 1:
+                    assert not same.any()
+                else:  # same-class draws only among rows never written (random init)
+                    assert not any(int(j) in written for j in neg[same])
+                assert len(set(neg.tolist())) == len(neg)  # without replacement
+            seen = written
+    assert torch.equal(m.labels, LABELS)
+    # eval mode records nothing
+    m.eval()
+    before = m.labels.clone()
+    _step(m, torch.randn(2, 16), torch.randn(2, 32), torch.tensor([0, 1]))
+    assert torch.equal(m.labels, before)
+
+
+def test_any_negatives_keep_the_old_state_and_draws():
+    m = _make(negatives="any")
+    assert "labels" not in m.state_dict()
+    assert set(m.state_dict()) == {
+        "memory_s", "memory_t", "z", "embed_s.weight", "embed_s.bias", "embed_t.weight",
+        "embed_t.bias",
+    }  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 
@@ -217,3 +218,58 @@ def test_ddp_ranks_share_the_single_process_queue(tmp_path):
         # equal local batches: the mean of the rank losses is the single-process loss
         for a, b, r in zip(l0, l1, ref_losses):
             assert (a + b) / 2 == pytest.approx(r, rel=1e-5)
+
+
+def test_version_presets():
+    v4, _ = build_method("rrd", _ctx(), {"queue_size": K})
+    v5, _ = build_method("rrd", _ctx(), {"queue_size": K, "version": "v5"})
+    assert (v4.version, v4.tau_s, v4.tau_t, v4.enqueue_first) == ("v4", 0.04, 0.1, False)
+    assert (v5.version, v5.tau_s, v5.tau_t, v5.enqueue_first) == ("v5", 0.1, 0.02, True)
+    # explicit values override the preset
+    m, _ = build_method("rrd", _ctx(), {"queue_size": K, "version": "v5", "tau_t": 0.05})
+    assert (m.tau_s, m.tau_t, m.enqueue_first) == (0.1, 0.05, True)
+    with pytest.raises(RelkdError, match="v4, v5"):
+        build_method("rrd", _ctx(), {"version": "v6"})
+
+
+def _hand_rrd(zs, zt, queue, tau_s, tau_t):
+    """-(1/B) sum_i sum_k p_t,ik log p_s,ik with plain floats."""
+    total = 0.0
+    for a, b in zip(zs, zt):
+        ss = [sum(x * y for x, y in zip(a, q)) / tau_s for q in queue]
+        st = [sum(x * y for x, y in zip(b, q)) / tau_t for q in queue]
+        lse_s = math.log(sum(math.exp(v) for v in ss))
+        et = [math.exp(v) for v in st]
+        total -= sum(e / sum(et) * (v - lse_s) for e, v in zip(et, ss))
+    return total / len(zs)
+
+
+@pytest.mark.parametrize("version", ["v4", "v5"])
+def test_queue_order_against_hand_reference(version):
+    """Queue of 3 rows, batches of 2: v4 scores the second batch against the queue holding the
+    first batch's teacher rows in slots 0-1 and an initial row in slot 2; v5 against the queue
+    after writing the second batch at the pointer (slots 2 and 0)."""
+    torch.manual_seed(0)
+    m, _ = build_method("rrd", _ctx(), {"queue_size": 3, "dim": 4, "version": version})
+    m.train()
+    q0 = m.queue.tolist()
+    f1 = (torch.randn(2, 16), torch.randn(2, 32))
+    f2 = (torch.randn(2, 16), torch.randn(2, 32))
+    zs1, zt1 = (z.tolist() for z in m.embed(*f1))
+    zs2, zt2 = (z.tolist() for z in m.embed(*f2))
+    loss1 = _step(m, *f1)
+    loss2 = _step(m, *f2)
+    tau_s, tau_t = (0.04, 0.1) if version == "v4" else (0.1, 0.02)
+    if version == "v4":
+        want1 = _hand_rrd(zs1, zt1, q0, tau_s, tau_t)
+        want2 = _hand_rrd(zs2, zt2, [zt1[0], zt1[1], q0[2]], tau_s, tau_t)
+    else:
+        want1 = _hand_rrd(zs1, zt1, [zt1[0], zt1[1], q0[2]], tau_s, tau_t)
+        want2 = _hand_rrd(zs2, zt2, [zt2[1], zt1[1], zt2[0]], tau_s, tau_t)
+    assert loss1.item() == pytest.approx(want1, rel=1e-5)
+    assert loss2.item() == pytest.approx(want2, rel=1e-5)
+    # after both batches the queue is the same in both orders: slots 2, 0 hold batch 2
+    want_q = [zt2[1], zt1[1], zt2[0]]
+    for row, want in zip(m.queue.tolist(), want_q):
+        assert row == pytest.approx(want, abs=1e-6)
+    assert int(m.queue_ptr) == 1

@@ -33,12 +33,11 @@ naming all the bad entries at once.
 
 Resuming and sharing: a run folder with ``summary.json`` is finished and never redone; one with a
 checkpoint but no summary is resumed (``relkd.train(..., resume=True)``); otherwise the run starts
-fresh. A run is claimed by creating ``<run>/.lock`` with ``O_CREAT | O_EXCL`` (pid, host and
-process start time inside), so several ``relkd bench accuracy`` processes, or ``workers > 1``
-spawned processes, can work through one grid; the lock of a process that died on this host is
-broken, a lock from another host is left alone (delete it by hand if that host is gone). A run
-that fails is recorded in ``<run>/failed.json`` and not retried by the same invocation; the next
-invocation retries it.
+fresh. A run is claimed with an OS-level lock on ``<run>/.lock`` (:mod:`filelock`), so several
+``relkd bench accuracy`` processes (``workers=N`` starts N of them) can work through one grid: a run held by another process is waited for, never trained twice. The operating system
+releases the lock when its holder exits, however it exits (a SIGKILLed or crashed worker does not
+block the run). A run that fails is recorded in ``<run>/failed.json`` and not retried by the same
+invocation; the next invocation retries it.
 
 Teacher reuse: a teacher is trained once per suite output folder and read by every run. With
 ``teacher_cache: auto`` in the suite, every distillation run also sets ``train.teacher_cache=auto``:
@@ -55,37 +54,30 @@ import fnmatch
 import inspect
 import json
 import os
-import queue
 import re
-import socket
 import sys
 import time
 import traceback
 import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 from relkd.registry import RelkdError
 
-SUITE_KEYS = ("name", "description", "reference", "base", "teachers", "pairs", "methods", "seeds")
-SUITE_KEYS += ("overrides", "teacher_cache")
+SUITE_KEYS = ("name", "description", "reference", "data_label", "base", "teachers", "pairs")
+SUITE_KEYS += ("methods", "seeds", "overrides", "teacher_cache")
 _CACHE_CHOICES = ("off", "auto")
 _ENTRY_KEYS = ("name", "method", "config", "pairs")
 _TEACHER_KEYS = ("checkpoint", "train", "kwargs")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
 #: Config keys that describe the machine, not the experiment: ignored when checking that a run
 #: about to be resumed still has the config it was started with.
-_ENV_KEYS = (
-    ("data", "root"),
-    ("data", "num_workers"),
-    ("data", "download"),
-    ("train", "device"),
-    ("train", "progress"),
-    ("train", "tensorboard"),
-)
+_ENV_KEYS = ("data.root", "data.num_workers", "data.download", "train.device", "train.progress")
+_ENV_KEYS += ("train.tensorboard",)
 
 
 # ----------------------------------------------------------------------------------- the suite
@@ -117,6 +109,7 @@ class Suite:
     overrides: list[str]
     reference: str | None = None
     teacher_cache: str = "off"
+    data_label: str | None = None  # what the data set is, for the report ("CIFAR-10 JPEG")
 
 
 @dataclass
@@ -140,16 +133,16 @@ class Job:
     def finished(self) -> bool:
         return (self.run_dir / "summary.json").is_file()
 
-    def has_checkpoint(self) -> bool:
-        return any((self.run_dir / n).is_file() for n in ("checkpoint.pt", "checkpoint.prev.pt"))
+    def state(self) -> str:
+        if self.finished():
+            return "finished"
+        ckpts = ("checkpoint.pt", "checkpoint.prev.pt")
+        return "resume" if any((self.run_dir / n).is_file() for n in ckpts) else "new"
 
     def failed_in(self, token: str) -> dict[str, Any] | None:
         """The failure record written by the invocation ``token``, if any."""
-        try:
-            rec = json.loads((self.run_dir / "failed.json").read_text())
-        except (OSError, ValueError):
-            return None
-        return rec if rec.get("token") == token else None
+        rec = _read_json(self.run_dir / "failed.json")
+        return rec if isinstance(rec, dict) and rec.get("token") == token else None
 
 
 def _safe(name: str) -> str:
@@ -159,23 +152,40 @@ def _safe(name: str) -> str:
 def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     out = dict(a)
     for k, v in b.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = v
+        both = isinstance(v, dict) and isinstance(out.get(k), dict)
+        out[k] = _deep_merge(out[k], v) if both else v
     return out
 
 
-def _as_pair(item: Any, where: str, errors: list[str]) -> tuple[str | None, str] | None:
-    if (
-        not isinstance(item, (list, tuple))
-        or len(item) != 2
-        or not isinstance(item[1], str)
-        or not (item[0] is None or isinstance(item[0], str))
-    ):
-        errors.append(f"{where}: {item!r} is not a [teacher, student] pair (teacher may be null)")
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
         return None
-    return (item[0], item[1])
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _fail(where: str, errors: list[str]) -> None:
+    if errors:
+        raise RelkdError(f"suite {where} is invalid:\n  - " + "\n  - ".join(errors))
+
+
+def _pairs(items: Any, where: str, errors: list[str]) -> list[tuple[str | None, str]]:
+    out = []
+    for i, p in enumerate(items or []):
+        ok = isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[1], str)
+        if ok and (p[0] is None or isinstance(p[0], str)):
+            out.append((p[0], p[1]))
+        else:
+            errors.append(
+                f"{where}[{i}]: {p!r} is not a [teacher, student] pair (teacher may be null)"
+            )
+    return out
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -198,102 +208,89 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _teacher_spec(name: str, spec: Any, errors: list[str]) -> TeacherSpec | None:
+    at = f"teachers.{name}"
+    if not isinstance(spec, dict) or set(spec) - set(_TEACHER_KEYS):
+        errors.append(f"{at}: must be a mapping with keys among {', '.join(_TEACHER_KEYS)}")
+    elif ("checkpoint" in spec) == ("train" in spec):
+        errors.append(f"{at}: give exactly one of `checkpoint` or `train`")
+    elif not isinstance(spec.get("train") or {}, dict):
+        errors.append(f"{at}.train must be a mapping (config overrides)")
+    else:
+        ckpt = str(spec["checkpoint"]) if spec.get("checkpoint") else None
+        train = dict(spec.get("train") or {}) if "train" in spec else None
+        return TeacherSpec(name, ckpt, train, dict(spec.get("kwargs") or {}))
+    return None
+
+
+def _method_entry(i: int, item: Any, pairs: list, errors: list[str]) -> MethodEntry | None:
+    item = {"name": item} if isinstance(item, str) else item
+    if not isinstance(item, dict) or "name" not in item or set(item) - set(_ENTRY_KEYS):
+        errors.append(
+            f"methods[{i}]: {item!r} must be a method name or a mapping with `name` and "
+            f"optionally {', '.join(_ENTRY_KEYS[1:])}"
+        )
+        return None
+    label = str(item["name"])
+    if not _LABEL_RE.match(label) or label.startswith("."):
+        errors.append(f"methods[{i}]: name {label!r} may only hold letters, digits and _.+-")
+        return None
+    section = {"name": label, **(item.get("method") or {})}
+    own = None
+    if item.get("pairs") is not None:
+        own = _pairs(item["pairs"], f"methods[{i}].pairs", errors)
+        if missing := [p for p in own if p not in pairs]:
+            errors.append(f"methods[{i}] ({label}): pair(s) {missing} are not in the suite's pairs")
+    return MethodEntry(label, section, dict(item.get("config") or {}), own)
+
+
 def parse_suite(data: dict[str, Any], path: Path | None = None) -> Suite:
     """Check the structure of a suite mapping (names are checked by :func:`validate`)."""
-    where = str(path) if path else "suite"
     errors: list[str] = []
-    unknown = sorted(set(data) - set(SUITE_KEYS))
-    if unknown:
+    if unknown := sorted(set(data) - set(SUITE_KEYS)):
         errors.append(f"unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(SUITE_KEYS)}")
-    name = str(data.get("name") or (path.stem if path else "suite"))
     base = data.get("base") or {}
     if not isinstance(base, dict):
         errors.append("base must be a mapping (a partial relkd config)")
         base = {}
-    for key in ("teacher", "output_dir", "name"):
-        if key in base:
-            errors.append(
-                f"base.{key} is set by the suite (teachers come from `teachers` and `pairs`, run "
-                "folders from the output folder); remove it"
-            )
-    teachers: dict[str, TeacherSpec] = {}
-    for tname, spec in (data.get("teachers") or {}).items():
-        if not isinstance(spec, dict) or set(spec) - set(_TEACHER_KEYS):
-            errors.append(
-                f"teachers.{tname}: must be a mapping with keys among {', '.join(_TEACHER_KEYS)}"
-            )
-            continue
-        if ("checkpoint" in spec) == ("train" in spec):
-            errors.append(f"teachers.{tname}: give exactly one of `checkpoint` or `train`")
-            continue
-        train = spec.get("train")
-        if "train" in spec and not isinstance(train or {}, dict):
-            errors.append(f"teachers.{tname}.train must be a mapping (config overrides)")
-            continue
-        teachers[str(tname)] = TeacherSpec(
-            str(tname),
-            checkpoint=str(spec["checkpoint"]) if spec.get("checkpoint") else None,
-            train=dict(train or {}) if "train" in spec else None,
-            kwargs=dict(spec.get("kwargs") or {}),
-        )
-    pairs = [
-        p
-        for i, item in enumerate(data.get("pairs") or [])
-        if (p := _as_pair(item, f"pairs[{i}]", errors)) is not None
+    errors += [
+        f"base.{key} is set by the suite (teachers come from `teachers` and `pairs`, run "
+        "folders from the output folder); remove it"
+        for key in ("teacher", "output_dir", "name")
+        if key in base
     ]
+    teachers = {
+        str(n): t
+        for n, spec in (data.get("teachers") or {}).items()
+        if (t := _teacher_spec(str(n), spec, errors)) is not None
+    }
+    pairs = _pairs(data.get("pairs"), "pairs", errors)
     if not pairs:
         errors.append("pairs: give at least one [teacher, student] pair")
     if len(set(pairs)) != len(pairs):
         errors.append("pairs: a pair is listed twice")
-    methods: list[MethodEntry] = []
-    for i, item in enumerate(data.get("methods") or []):
-        if isinstance(item, str):
-            item = {"name": item}
-        if not isinstance(item, dict) or "name" not in item or set(item) - set(_ENTRY_KEYS):
-            errors.append(
-                f"methods[{i}]: {item!r} must be a method name or a mapping with `name` and "
-                f"optionally {', '.join(_ENTRY_KEYS[1:])}"
-            )
-            continue
-        label = str(item["name"])
-        if not _LABEL_RE.match(label) or label.startswith("."):
-            errors.append(f"methods[{i}]: name {label!r} may only hold letters, digits and _.+-")
-            continue
-        section = dict(item.get("method") or {})
-        section.setdefault("name", label)
-        entry_pairs = None
-        if item.get("pairs") is not None:
-            entry_pairs = [
-                p
-                for j, x in enumerate(item["pairs"])
-                if (p := _as_pair(x, f"methods[{i}].pairs[{j}]", errors)) is not None
-            ]
-            missing = [p for p in entry_pairs if p not in pairs]
-            if missing:
-                errors.append(
-                    f"methods[{i}] ({label}): pair(s) {missing} are not in the suite's pairs"
-                )
-        methods.append(MethodEntry(label, section, dict(item.get("config") or {}), entry_pairs))
+    methods = [
+        m
+        for i, item in enumerate(data.get("methods") or [])
+        if (m := _method_entry(i, item, pairs, errors)) is not None
+    ]
     if not methods:
         errors.append("methods: give at least one method")
     seeds = data.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         errors.append(f"seeds must be a non-empty list of integers, got {seeds!r}")
-        seeds = []
     overrides = data.get("overrides") or []
     if not isinstance(overrides, list) or not all(
         isinstance(o, str) and "=" in o for o in overrides
     ):
         errors.append(f"overrides must be a list of key=value strings, got {overrides!r}")
-        overrides = []
     cache = data.get("teacher_cache", "off")
     cache = "off" if cache is False else str(cache)  # YAML reads a bare off as False
     if cache not in _CACHE_CHOICES:
         errors.append(f"teacher_cache={cache!r} is not valid; choose {', '.join(_CACHE_CHOICES)}")
-    if errors:
-        raise RelkdError(f"suite {where} is invalid:\n  - " + "\n  - ".join(errors))
+    _fail(str(path) if path else "suite", errors)
     return Suite(
-        name=name,
+        name=str(data.get("name") or (path.stem if path else "suite")),
         path=path,
         base=base,
         teachers=teachers,
@@ -303,6 +300,7 @@ def parse_suite(data: dict[str, Any], path: Path | None = None) -> Suite:
         overrides=[str(o) for o in overrides],
         reference=str(data["reference"]) if data.get("reference") else None,
         teacher_cache=cache,
+        data_label=str(data["data_label"]) if data.get("data_label") else None,
     )
 
 
@@ -332,19 +330,18 @@ def _method_arg_errors(section: dict[str, Any]) -> list[str]:
     args = section.get("args") or {}
     if not isinstance(args, dict):
         return [f"method {name!r}: args must be a mapping"]
-    per_part = {parts[0]: args} if len(parts) == 1 else args
-    errors = []
     if len(parts) > 1 and set(args) - set(parts):
         bad = ", ".join(sorted(set(args) - set(parts)))
         return [f"method {name!r}: args must be keyed by part ({', '.join(parts)}); got {bad}"]
-    for part, a in per_part.items():
+    errors = []
+    for part, a in ({parts[0]: args} if len(parts) == 1 else args).items():
         params = inspect.signature(METHODS.get(part).__init__).parameters
         valid = [k for k in params if k not in ("self", "ctx")]
-        for key in a or {}:
-            if key not in valid:
-                errors.append(
-                    f"method {part!r} has no argument {key!r} (valid: {', '.join(valid) or 'none'})"
-                )
+        errors += [
+            f"method {part!r} has no argument {key!r} (valid: {', '.join(valid) or 'none'})"
+            for key in a or {}
+            if key not in valid
+        ]
     return errors
 
 
@@ -369,9 +366,8 @@ def _check_names(suite: Suite) -> None:
     from relkd.methods import list_methods
 
     registered = set(list_methods())
-    unknown_methods = sorted(
-        {p for e in suite.methods for p in _method_parts(e.section["name"]) if p not in registered}
-    )
+    parts = {p for e in suite.methods for p in _method_parts(e.section["name"])}
+    unknown_methods = sorted(parts - registered)
     models = {m for pair in suite.pairs for m in pair if m is not None}
     unknown_models = sorted(m for m in models if not _model_known(m))
     errors = []
@@ -386,40 +382,33 @@ def _check_names(suite: Suite) -> None:
             "torchvision:<name>, timm:<name> with timm installed)"
         )
     if not unknown_methods:
-        for e in suite.methods:
-            errors += [f"{e.label}: {msg}" for msg in _method_arg_errors(e.section)]
-    missing = sorted({t for t, _ in suite.pairs if t is not None and t not in suite.teachers})
-    if missing:
+        errors += [
+            f"{e.label}: {msg}" for e in suite.methods for msg in _method_arg_errors(e.section)
+        ]
+    if missing := sorted({t for t, _ in suite.pairs if t is not None and t not in suite.teachers}):
         errors.append(
             f"teacher(s) {', '.join(missing)} are used in pairs but have no entry under "
             "`teachers` (give a checkpoint or a train recipe)"
         )
-    if errors:
-        where = str(suite.path) if suite.path else suite.name
-        raise RelkdError(f"suite {where} is invalid:\n  - " + "\n  - ".join(errors))
+    _fail(str(suite.path) if suite.path else suite.name, errors)
 
 
 # ------------------------------------------------------------------------------------ the grid
 def _teacher_job(suite: Suite, spec: TeacherSpec, out: Path, overrides: list[str]) -> Job:
-    base = {k: v for k, v in suite.base.items() if k not in ("method",)}
+    from omegaconf import OmegaConf
+
+    base = {k: v for k, v in suite.base.items() if k != "method"}
     cfg = _deep_merge(base, {"student": {"name": spec.name, "kwargs": dict(spec.kwargs)}})
-    cfg = _deep_merge(cfg, {"method": {"name": "ce"}})
+    cfg["method"] = {"name": "ce"}
     # Suite / CLI overrides first (data roots, devices), then the teacher's own recipe.
     if overrides:
-        from omegaconf import OmegaConf
-
         cfg = _deep_merge(cfg, OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides))))
-    cfg = _deep_merge(cfg, spec.train or {})
-    cfg["output_dir"] = str(out / "teachers")
+    cfg = {**_deep_merge(cfg, spec.train or {}), "output_dir": str(out / "teachers")}
     cfg["name"] = _safe(spec.name)
+    meta = {"suite": suite.name, "kind": "teacher", "teacher_of": spec.name}
+    run_dir = out / "teachers" / _safe(spec.name)
     return Job(
-        id=f"teacher/{_safe(spec.name)}",
-        kind="teacher",
-        run_dir=out / "teachers" / _safe(spec.name),
-        config=cfg,
-        overrides=[],
-        student=spec.name,
-        meta={"suite": suite.name, "kind": "teacher", "teacher_of": spec.name},
+        f"teacher/{_safe(spec.name)}", "teacher", run_dir, cfg, [], student=spec.name, meta=meta
     )
 
 
@@ -431,7 +420,6 @@ def build_grid(
     all_overrides = [*suite.overrides, *overrides]
     teacher_jobs: dict[str, Job] = {}
     runs: list[Job] = []
-    seen: dict[str, str] = {}
     for entry in suite.methods:
         needs_teacher = _requires_teacher(entry.section["name"])
         for t, s in entry.pairs or suite.pairs:
@@ -441,30 +429,25 @@ def build_grid(
             pair_dir = f"{_safe(teacher)}_{_safe(s)}" if teacher else _safe(s)
             for seed in suite.seeds:
                 rid = f"{entry.label}/{pair_dir}/s{seed}"
-                if rid in seen:
+                if any(j.id == rid for j in runs):
                     if teacher is None:
                         continue  # the same teacher-free student listed in several pairs
                     raise RelkdError(
                         f"suite {suite.name}: method {entry.label!r} is listed twice for pair "
                         f"{teacher} -> {s}; give the entries different names or disjoint `pairs`"
                     )
-                seen[rid] = entry.label
                 cfg = _deep_merge(suite.base, entry.config)
                 cfg = _deep_merge(cfg, {"student": {"name": s}, "method": entry.section})
                 cfg = _deep_merge(cfg, {"train": {"seed": seed}})
                 needs = None
                 if teacher is not None:
                     spec = suite.teachers[teacher]
-                    if spec.checkpoint:
-                        ckpt = spec.checkpoint
-                    else:
-                        tj = teacher_jobs.get(teacher)
-                        if tj is None:
-                            tj = teacher_jobs[teacher] = _teacher_job(
-                                suite, spec, out, all_overrides
-                            )
-                        ckpt = str(tj.run_dir / "student.pt")
-                        needs = tj.id
+                    ckpt = spec.checkpoint
+                    if not ckpt:
+                        if teacher not in teacher_jobs:
+                            teacher_jobs[teacher] = _teacher_job(suite, spec, out, all_overrides)
+                        needs = teacher_jobs[teacher].id
+                        ckpt = str(teacher_jobs[teacher].run_dir / "student.pt")
                     cfg["teacher"] = {
                         "name": teacher,
                         "checkpoint": ckpt,
@@ -476,39 +459,19 @@ def build_grid(
                         # cannot and keeps the online teacher). A run's own config or a CLI
                         # override of train.teacher_cache still wins.
                         cfg = _deep_merge({"train": {"teacher_cache": "auto"}}, cfg)
-                cfg["output_dir"] = str(out)
-                cfg["name"] = f"runs/{rid}"
-                meta = {
-                    "suite": suite.name,
-                    "kind": "run",
-                    "id": rid,
-                    "method": entry.label,
-                    "method_name": entry.section["name"],
-                    "teacher": teacher,
-                    "student": s,
-                    "seed": seed,
-                    "index": len(runs) + 1,
-                    "reference": suite.reference,
-                }
-                runs.append(
-                    Job(
-                        id=rid,
-                        kind="run",
-                        run_dir=out / "runs" / rid,
-                        config=cfg,
-                        overrides=list(all_overrides),
-                        index=len(runs) + 1,
-                        label=entry.label,
-                        teacher=teacher,
-                        student=s,
-                        seed=seed,
-                        needs=needs,
-                        meta=meta,
-                    )
-                )
+                cfg.update(output_dir=str(out), name=f"runs/{rid}")
+                index = len(runs) + 1
+                meta = {"suite": suite.name, "kind": "run", "id": rid, "method": entry.label}
+                meta.update(method_name=entry.section["name"], teacher=teacher, student=s)
+                meta.update(seed=seed, index=index, reference=suite.reference)
+                if suite.data_label:
+                    meta["data_label"] = suite.data_label
+                job = Job(rid, "run", out / "runs" / rid, cfg, list(all_overrides), index=index)
+                job.label, job.teacher, job.student, job.seed = entry.label, teacher, s, seed
+                job.needs, job.meta = needs, meta
+                runs.append(job)
     for j in runs:
-        j.total = len(runs)
-        j.meta["total"] = len(runs)
+        j.total = j.meta["total"] = len(runs)
     return list(teacher_jobs.values()), runs
 
 
@@ -541,135 +504,20 @@ def _validate_configs(teachers: list[Job], runs: list[Job]) -> set[str]:
         if cfg.data.root and not Path(cfg.data.root).expanduser().exists():
             missing_roots.add(f"{cfg.data.root} (data set {cfg.data.name})")
         if cfg.data.name not in DATASETS:
-            errors.setdefault(
-                f"unknown data set {cfg.data.name!r} (valid: {', '.join(DATASETS.names())})", key
-            )
+            msg = f"unknown data set {cfg.data.name!r} (valid: {', '.join(DATASETS.names())})"
+            errors.setdefault(msg, key)
     if errors:
         lines = [f"{where}: {msg}" for msg, where in errors.items()]
         raise RelkdError("suite configs are invalid:\n  - " + "\n  - ".join(lines))
     return missing_roots
 
 
-# ---------------------------------------------------------------------------------- run locks
-def _proc_start(pid: int) -> str | None:
-    """The process's start time (clock ticks since boot) on Linux, to tell a reused pid apart."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-class RunLock:
-    """Claim a run folder by creating ``.lock`` with O_CREAT | O_EXCL.
-
-    The file holds ``{"pid", "host", "start", "time"}``. A lock is *stale* when its process is
-    gone on this host (or its pid now belongs to a process that started later); stale locks are
-    broken under a short ``.lock.break`` mutex so two processes never both break and re-take the
-    same lock. Locks from other hosts are never broken automatically.
-    """
-
-    STALE_UNREADABLE_S = 60.0  # an empty / torn lock file older than this is stale
-
-    def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / ".lock"
-        self.held = False
-        self._mine = ""
-
-    def _stale(self, raw: str) -> bool:
-        try:
-            info = json.loads(raw)
-            pid, host = int(info["pid"]), str(info["host"])
-        except (ValueError, KeyError, TypeError):
-            try:
-                age = time.time() - self.path.stat().st_mtime
-            except OSError:
-                return True
-            return age > self.STALE_UNREADABLE_S
-        if host != socket.gethostname():
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        start = info.get("start")
-        return bool(start) and _proc_start(pid) not in (None, start)
-
-    def _break(self, raw: str) -> None:
-        mutex = self.path.with_name(".lock.break")
-        try:
-            fd = os.open(mutex, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:  # a breaker that died mid-break leaves the mutex behind
-                if time.time() - mutex.stat().st_mtime > self.STALE_UNREADABLE_S:
-                    mutex.unlink()
-            except OSError:
-                pass
-            return
-        os.close(fd)
-        try:
-            try:
-                now = self.path.read_text()
-            except OSError:
-                return
-            if now == raw:  # still the same dead owner: nobody re-took it meanwhile
-                self.path.unlink()
-        finally:
-            mutex.unlink()
-
-    def acquire(self) -> bool:
-        """Claim the run; False if a live process holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "start": _proc_start(os.getpid()),
-            "time": time.time(),
-        }
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    raw = self.path.read_text()
-                except FileNotFoundError:
-                    continue  # released meanwhile: try again
-                if not self._stale(raw):
-                    return False
-                self._break(raw)
-                continue
-            self._mine = json.dumps(me)
-            with os.fdopen(fd, "w") as f:
-                f.write(self._mine)
-            self.held = True
-            return True
-        return False
-
-    def owner(self) -> str:
-        """Who holds the lock, in words."""
-        try:
-            info = json.loads(self.path.read_text())
-            return f"pid {info['pid']} on {info['host']}"
-        except (OSError, ValueError, KeyError, TypeError):
-            return "unknown"
-
-    def release(self) -> None:
-        if not self.held:
-            return
-        self.held = False
-        try:
-            if self.path.read_text() == self._mine:
-                self.path.unlink()
-        except OSError:
-            pass
-
-
 # ------------------------------------------------------------------------------------ running
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+def run_lock(run_dir: Path) -> FileLock:
+    """The lock that claims a run folder: an OS-level lock on ``<run>/.lock``, held while the run
+    trains; the OS drops it when the holder exits, however it exits."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return FileLock(Path(run_dir) / ".lock")
 
 
 def _comparable(yaml_text: str) -> Any:
@@ -677,7 +525,7 @@ def _comparable(yaml_text: str) -> Any:
 
     d = yaml.safe_load(yaml_text) or {}
     d.pop("output_dir", None)  # the same folder, spelled relative or absolute
-    for sect, key in _ENV_KEYS:
+    for sect, key in (k.split(".") for k in _ENV_KEYS):
         if isinstance(d.get(sect), dict):
             d[sect].pop(key, None)
     return d
@@ -693,35 +541,17 @@ def _config_changed(job: Job) -> bool:
     return _comparable(saved.read_text()) != _comparable(want)
 
 
-def _summary(job: Job) -> dict[str, Any]:
-    try:
-        return json.loads((job.run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def _tag(job: Job) -> str:
     if job.kind == "teacher":
         return f"[teacher] {job.student}"
-    width = len(str(job.total))
-    return f"[{job.index:>{width}}/{job.total}] {job.id}"
+    return f"[{job.index:>{len(str(job.total))}}/{job.total}] {job.id}"
 
 
 def _result(job: Job, status: str, **kw: Any) -> dict[str, Any]:
-    s = _summary(job) if status in ("trained", "resumed", "skipped") else {}
-    out = {
-        "id": job.id,
-        "kind": job.kind,
-        "method": job.label,
-        "teacher": job.teacher,
-        "student": job.student,
-        "seed": job.seed,
-        "run_dir": str(job.run_dir),
-        "status": status,
-        "best_top1": s.get("best_top1"),
-        "last_top1": s.get("last_top1"),
-    }
-    out.update(kw)
+    s = (_read_json(job.run_dir / "summary.json") or {}) if status != "failed" else {}
+    out = {"id": job.id, "kind": job.kind, "method": job.label, "teacher": job.teacher}
+    out.update(student=job.student, seed=job.seed, run_dir=str(job.run_dir), status=status)
+    out.update(best_top1=s.get("best_top1"), last_top1=s.get("last_top1"), **kw)
     return out
 
 
@@ -729,7 +559,7 @@ def _execute(job: Job, token: str, quiet: bool, say) -> dict[str, Any]:
     """Train (or resume) one claimed job; failures are recorded, not raised."""
     import relkd
 
-    resume = job.has_checkpoint()
+    resume = job.state() == "resume"
     t0 = time.time()
     say(f"{_tag(job)} start ({'resume' if resume else 'new'})")
     try:
@@ -743,18 +573,15 @@ def _execute(job: Job, token: str, quiet: bool, say) -> dict[str, Any]:
         res = relkd.train(job.config, overrides=job.overrides, resume=resume, quiet=quiet)
     except Exception as e:  # one failed run must not stop the grid
         msg = f"{type(e).__name__}: {e}".splitlines()[0]
-        _write_json(
-            job.run_dir / "failed.json",
-            {
-                "token": token,
-                "error": msg,
-                "traceback": traceback.format_exc(),
-                "time": time.time(),
-            },
-        )
-        dt = time.time() - t0
-        say(f"{_tag(job)} FAILED after {dt:.1f} s: {msg}")
-        return _result(job, "failed", elapsed_s=dt, error=msg)
+        rec = {
+            "token": token,
+            "error": msg,
+            "traceback": traceback.format_exc(),
+            "time": time.time(),
+        }
+        _write_json(job.run_dir / "failed.json", rec)
+        say(f"{_tag(job)} FAILED after {time.time() - t0:.1f} s: {msg}")
+        return _result(job, "failed", elapsed_s=time.time() - t0, error=msg)
     dt = time.time() - t0
     (job.run_dir / "failed.json").unlink(missing_ok=True)
     say(f"{_tag(job)} done in {dt:.1f} s: best {res['best_top1']:.2f} last {res['last_top1']:.2f}")
@@ -764,51 +591,47 @@ def _execute(job: Job, token: str, quiet: bool, say) -> dict[str, Any]:
 def _work(
     jobs: list[Job], token: str, quiet: bool, say, poll_s: float = 2.0
 ) -> Iterator[dict[str, Any]]:
-    """Work through ``jobs`` (teachers first), claiming each with a lock; yields the result of
+    """Work through ``jobs`` (teachers first), claiming each with its lock; yields the result of
     every job this process ran or failed. Waits for jobs held by other processes and for teachers
     being trained elsewhere, and returns when nothing is left to do."""
     by_id = {j.id: j for j in jobs}
     handled: set[str] = set()
-    waiting_note: set[str] = set()
+    noted: set[str] = set()
     while True:
         waiting = ran = False
         for job in jobs:
-            if job.id in handled:
-                continue
-            if job.finished() or job.failed_in(token):
+            if job.id in handled or job.finished() or job.failed_in(token):
                 handled.add(job.id)
                 continue
             dep = by_id.get(job.needs) if job.needs else None
-            if dep is not None:
-                failed = dep.failed_in(token)
-                if failed:
-                    msg = f"teacher {dep.student} failed: {failed.get('error')}"
-                    job.run_dir.mkdir(parents=True, exist_ok=True)
-                    _write_json(job.run_dir / "failed.json", {"token": token, "error": msg})
-                    handled.add(job.id)
-                    say(f"{_tag(job)} skipped: {msg}")
-                    yield _result(job, "failed", elapsed_s=0.0, error=msg)
-                    continue
-                if not dep.finished():
-                    waiting = True
-                    continue
-            lock = RunLock(job.run_dir)
-            if not lock.acquire():
-                if job.id not in waiting_note:
-                    waiting_note.add(job.id)
-                    say(f"{_tag(job)} is being run by {lock.owner()}; waiting")
+            if dep is not None and (failed := dep.failed_in(token)):
+                msg = f"teacher {dep.student} failed: {failed.get('error')}"
+                job.run_dir.mkdir(parents=True, exist_ok=True)
+                _write_json(job.run_dir / "failed.json", {"token": token, "error": msg})
+                handled.add(job.id)
+                say(f"{_tag(job)} skipped: {msg}")
+                yield _result(job, "failed", elapsed_s=0.0, error=msg)
+                continue
+            if dep is not None and not dep.finished():
+                waiting = True  # its teacher is being trained (here or elsewhere)
+                continue
+            lock = run_lock(job.run_dir)
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                if job.id not in noted:
+                    say(f"{_tag(job)} is being run by another process; waiting")
+                noted.add(job.id)
                 waiting = True
                 continue
             try:
-                if job.finished():
-                    handled.add(job.id)
-                    continue
-                res = _execute(job, token, quiet, say)
+                res = None if job.finished() else _execute(job, token, quiet, say)
             finally:
                 lock.release()
             handled.add(job.id)
-            ran = True
-            yield res
+            if res is not None:
+                ran = True
+                yield res
         if not waiting:
             return
         if not ran:
@@ -817,27 +640,13 @@ def _work(
 
 def _printer(prefix: str = ""):
     def say(msg: str) -> None:
-        stamp = time.strftime("%H:%M:%S")
-        print(f"{stamp} {prefix}{msg}", flush=True)
+        print(f"{time.strftime('%H:%M:%S')} {prefix}{msg}", flush=True)
 
     return say
 
 
 def _silent(msg: str) -> None:
     pass
-
-
-def _worker_main(wid, jobs, token, quiet, threads, progress, q) -> None:  # pragma: no cover
-    """Entry point of a spawned worker process (covered by the multi-process test)."""
-    import torch
-
-    torch.set_num_threads(threads)
-    say = _printer(f"[w{wid}] ") if progress else _silent
-    try:
-        for res in _work(jobs, token, quiet, say):
-            q.put(("result", res))
-    finally:
-        q.put(("exit", wid))
 
 
 def _visible_gpus() -> list[str]:
@@ -849,27 +658,6 @@ def _visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-@contextmanager
-def _env(**values: str):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def worker_env(wid: int, threads: int, gpus: list[str]) -> dict[str, str]:
     """Environment of worker ``wid``: its torch threads and, with GPUs, one GPU (round-robin)."""
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -879,52 +667,38 @@ def worker_env(wid: int, threads: int, gpus: list[str]) -> dict[str, str]:
 
 
 def _run_pool(
-    jobs: list[Job], token: str, workers: int, quiet: bool, progress: bool
+    suite_path, out: Path, todo: list[Job], token: str, workers: int, opts: dict[str, Any]
 ) -> dict[str, dict[str, Any]]:
-    """Spawn ``workers`` processes over the same job list; each claims runs with locks. CPU:
-    ``cpu_count // workers`` torch threads each. GPUs: CUDA_VISIBLE_DEVICES round-robin."""
-    import multiprocessing as mp
+    """``workers`` independent ``relkd bench accuracy`` processes on the same grid: they share it
+    through the run locks, as separate invocations do. CPU: ``cpu_count // workers`` torch
+    threads each; GPUs: CUDA_VISIBLE_DEVICES round-robin."""
+    import subprocess
 
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
     gpus = _visible_gpus()
-    threads = max(1, _cpu_count() // workers)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = max(1, (cpus or 1) // workers)
+    cmd = [sys.executable, "-m", "relkd", "bench", "accuracy", str(suite_path), *opts["overrides"]]
+    cmd += ["--out", str(out), "--no-report", *([] if opts["quiet"] else ["--verbose"])]
+    if opts["only"]:
+        only = opts["only"]
+        cmd += ["--only", only if isinstance(only, str) else ",".join(only)]
+    before = {j.id: j.state() for j in todo}
     procs = []
     for wid in range(workers):
-        env = worker_env(wid, threads, gpus)
-        with _env(**env):  # a spawned child copies the environment at start()
-            p = ctx.Process(
-                target=_worker_main,
-                args=(wid, jobs, token, quiet, threads, progress, q),
-                name=f"relkd-bench-w{wid}",
-            )
-            p.start()
-        procs.append(p)
-    results: dict[str, dict[str, Any]] = {}
-    exited = 0
+        env = {**os.environ, **worker_env(wid, threads, gpus), "RELKD_BENCH_TOKEN": token}
+        env["RELKD_BENCH_PREFIX"] = f"[w{wid}] "
+        stdout = None if opts["progress"] else subprocess.DEVNULL
+        procs.append(subprocess.Popen(cmd, env=env, stdout=stdout))
     try:
-        while exited < workers:
-            try:
-                kind, payload = q.get(timeout=1.0)
-            except queue.Empty:
-                if not any(p.is_alive() for p in procs):
-                    break  # a worker died without saying so (killed); its lock is now stale
-                continue
-            if kind == "result":
-                results[payload["id"]] = payload
-            else:
-                exited += 1
+        codes = [p.wait() for p in procs]
     except KeyboardInterrupt:
         for p in procs:
             p.terminate()
         raise
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-    dead = [p.name for p in procs if p.exitcode not in (0, None)]
-    if dead:
+    if dead := [f"w{i} (exit {c})" for i, c in enumerate(codes) if c not in (0, 1)]:
         print(f"warning: worker(s) {', '.join(dead)} exited abnormally", file=sys.stderr)
-    return results
+    done = [j for j in todo if j.kind == "run" and j.finished()]
+    return {j.id: _result(j, "resumed" if before[j.id] == "resume" else "trained") for j in done}
 
 
 def run_suite(
@@ -956,9 +730,9 @@ def run_suite(
 
     Each dict holds ``id, kind, method, teacher, student, seed, run_dir, status, best_top1,
     last_top1`` (+ ``elapsed_s``, ``error``). ``status``: ``trained`` / ``resumed`` (by this
-    call), ``skipped`` (finished before, or by another process meanwhile), ``failed``, ``incomplete`` (left unfinished, e.g. a
-    worker was killed) or, with ``dry_run``, ``planned`` (with ``state``: finished / resume /
-    new).
+    call), ``skipped`` (finished before, or by another process meanwhile), ``failed``,
+    ``incomplete`` (left unfinished, e.g. a worker was killed) or, with ``dry_run``,
+    ``planned`` (with ``state``: finished / resume / new).
 
     Raises:
         RelkdError: an invalid suite (unknown methods or models, bad keys...), before training.
@@ -972,47 +746,52 @@ def run_suite(
     runs = _select(runs, only)
     if not runs:
         raise RelkdError(f"no run of suite {suite.name} matches --only {only!r}")
-    needed = {j.needs for j in runs if j.needs}
-    teachers = [t for t in teachers if t.id in needed]
-    missing_roots = sorted(_validate_configs(teachers, runs))
-    missing = sorted(
-        {
-            str(j.config["teacher"]["checkpoint"])
-            for j in runs
-            if j.needs is None
-            and j.teacher
-            and not Path(j.config["teacher"]["checkpoint"]).expanduser().is_file()
-        }
-    )
-    say = _printer() if progress else _silent
+    teachers = [t for t in teachers if t.id in {j.needs for j in runs}]
+    missing = {
+        "data root(s) not found: ": sorted(_validate_configs(teachers, runs)),
+        "teacher checkpoint(s) not found: ": sorted(
+            {
+                str(j.config["teacher"]["checkpoint"])
+                for j in runs
+                if j.needs is None
+                and j.teacher
+                and not Path(j.config["teacher"]["checkpoint"]).expanduser().is_file()
+            }
+        ),
+    }
+    hints = [
+        " (set data.root=DIR on the command line or the variable the suite reads)",
+        " (download the RepDistiller / mdistiller teachers or change `teachers` in the suite)",
+    ]
+    say = _printer(os.environ.get("RELKD_BENCH_PREFIX", "")) if progress else _silent
     if dry_run:
-        return _plan(suite, out, teachers, runs, missing, missing_roots, say)
-    if missing_roots:
-        raise RelkdError(
-            "data root(s) not found: "
-            + ", ".join(missing_roots)
-            + " (set data.root=DIR on the command line or the variable the suite reads)"
-        )
-    if missing:
-        raise RelkdError(
-            "teacher checkpoint(s) not found: "
-            + ", ".join(missing)
-            + " (download the RepDistiller / mdistiller teachers or change `teachers` in the suite)"
-        )
-    token = uuid.uuid4().hex
+        say(f"suite {suite.name}: {len(runs)} run(s) in {out} (dry run, nothing is trained)")
+        for t in teachers:
+            say(f"  teacher {t.student}: {t.state().replace('new', 'train')} -> {t.run_dir}")
+        for what, items in missing.items():
+            for m in items:
+                say(f"  warning: {what.strip()} {m} (a real run would stop here)")
+        for j in runs:
+            say(f"  {_tag(j)}: {j.state()}")
+        return [_result(j, "planned", state=j.state()) for j in runs]
+    for (what, items), hint in zip(missing.items(), hints):
+        if items:
+            raise RelkdError(what + ", ".join(items) + hint)
+    # Workers of a pool (below) record failures under their parent's token.
+    token = os.environ.get("RELKD_BENCH_TOKEN") or uuid.uuid4().hex
     t0 = time.time()
     todo = [j for j in [*teachers, *runs] if not j.finished()]
     say(
-        f"suite {suite.name}: {len(runs)} run(s), {len(runs) - sum(not j.finished() for j in runs)}"
-        f" finished before, {len(teachers)} teacher(s) to train or reuse; output {out}"
+        f"suite {suite.name}: {len(runs)} run(s), {sum(j.finished() for j in runs)} finished "
+        f"before, {len(teachers)} teacher(s) to train or reuse; output {out}"
     )
-    results: dict[str, dict[str, Any]] = {}
-    if todo:
-        if workers <= 1:
-            for res in _work(todo, token, quiet, say):
-                results[res["id"]] = res
-        else:
-            results = _run_pool(todo, token, workers, quiet, progress)
+    if not todo:
+        results: dict[str, dict[str, Any]] = {}
+    elif workers <= 1:
+        results = {res["id"]: res for res in _work(todo, token, quiet, say)}
+    else:
+        opts = {"overrides": list(overrides), "only": only, "quiet": quiet, "progress": progress}
+        results = _run_pool(suite_path, out, todo, token, workers, opts)
     final = []
     for job in runs:
         if job.id in results:
@@ -1026,25 +805,6 @@ def run_suite(
     counts: dict[str, int] = {}
     for r in final:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
-    say(
-        f"suite {suite.name} in {time.time() - t0:.0f} s: "
-        + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
-    )
-    return final
-
-
-def _plan(suite, out, teachers, runs, missing, missing_roots, say) -> list[dict[str, Any]]:
-    say(f"suite {suite.name}: {len(runs)} run(s) in {out} (dry run, nothing is trained)")
-    for t in teachers:
-        state = "finished" if t.finished() else ("resume" if t.has_checkpoint() else "train")
-        say(f"  teacher {t.student}: {state} -> {t.run_dir}")
-    for m in missing:
-        say(f"  warning: teacher checkpoint {m} does not exist (a real run would stop here)")
-    for m in missing_roots:
-        say(f"  warning: data root {m} does not exist (a real run would stop here)")
-    final = []
-    for j in runs:
-        state = "finished" if j.finished() else ("resume" if j.has_checkpoint() else "new")
-        say(f"  {_tag(j)}: {state}")
-        final.append(_result(j, "planned", state=state))
+    tally = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+    say(f"suite {suite.name} in {time.time() - t0:.0f} s: {tally}")
     return final

@@ -40,7 +40,7 @@ def _cmd_accuracy(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from relkd.bench.report import write_report
 
-    path = write_report(args.runs_dir, args.out)
+    path = write_report(args.runs_dir, args.out, evaluate_teachers=not args.no_teacher_eval)
     print(
         f"wrote {path}, {path.with_suffix('.html')}, {path.parent / 'accuracy.png'}, "
         f"{path.parent / 'curves.png'}"
@@ -179,5 +179,9 @@ def add_bench_parsers(subparsers) -> argparse._SubParsersAction:
     )
     r.add_argument("runs_dir", help="a suite output folder, its runs/ folder, or any runs folder")
     r.add_argument("--out", default=None, help="output folder (default: next to the runs)")
+    r.add_argument(
+        "--no-teacher-eval", action="store_true",
+        help="do not evaluate teacher checkpoints whose top-1 is recorded nowhere",
+    )  # fmt: skip
     r.set_defaults(fn=_cmd_report)
     return group

@@ -7,6 +7,7 @@ Each table is a plain dict::
         "label":   "CRD",           # short name shown in the report
         "source":  "...",           # where the numbers come from
         "metric":  "last",          # which epoch the source reports: last | best | unspecified
+        "recipe":  {...},           # the training recipe behind the numbers (see RECIPE_KEYS)
         "rows":    {method: {(teacher, student): top1}},
     }
 
@@ -14,7 +15,11 @@ Method keys are relkd method names (``"ce"`` is the plain student, ``"teacher"``
 model names are relkd zoo names (``"wrn_40_2"``, ``"MobileNetV2"``, ``"torchvision:resnet18"``).
 A missing entry means the source has no number there (e.g. FSP for wrn_40_2 -> wrn_40_1).
 
-Sources (transcribed from ``shared/spec/protocol.md`` and ``shared/spec/methods.md``):
+A number is printed only beside runs of its own recipe (:func:`recipe_matches`: the same epochs,
+batch size and schedule, the full training set, no step cap): a 2-epoch smoke run is not compared
+with a 240-epoch table.
+
+Sources (the papers and repositories named below):
 
 * CRD: Tian, Krishnan, Isola, "Contrastive Representation Distillation", ICLR 2020,
   arXiv 1910.10699, Tables 1 and 2, as listed by RepDistiller (the CRD authors' code).
@@ -22,14 +27,12 @@ Sources (transcribed from ``shared/spec/protocol.md`` and ``shared/spec/methods.
 * DKD: Zhao, Cui, Song, Qiu, Liang, "Decoupled Knowledge Distillation", CVPR 2022,
   arXiv 2203.08679, as published with mdistiller: BEST epoch, mean of 5 runs on CIFAR-100 and 3
   on ImageNet. resnet110 -> resnet20 is not in the DKD paper; that number is from the LS-KD
-  table (logit standardisation, same codebase), as protocol.md lists it.
+  table (logit standardisation, same codebase).
 * RRD: Giakoumoglou, Stathaki, "Relational Representation Distillation", arXiv 2407.12073, the
   numbers of the official repository's README (Sep-Nov 2024, taken to match paper v3/v4). The
   README does not say whether they are last- or best-epoch accuracies.
 * ImageNet: mdistiller's table (DKD paper, arXiv 2203.08679): best epoch, mean of 3 runs; the
   "ce" and "teacher" rows are torchvision's pretrained weights, not runs of the recipe.
-* Fashion-MNIST: relkd's own sanity measurement written down in methods.md section 4 (not a
-  paper number): cnn_small -> cnn_tiny, 10k-image subset, 4 epochs, SGD 0.05 one-cycle, 5 seeds.
 """
 
 from __future__ import annotations
@@ -54,6 +57,36 @@ CRD_PAIRS: list[Pair] = [
     ("resnet32x4", "ShuffleV2"),
     ("wrn_40_2", "ShuffleV1"),
 ]
+
+#: The fields of a recipe that decide whether a published number is comparable with a run.
+RECIPE_KEYS = ("epochs", "batch", "schedule", "subset", "steps_per_epoch")
+
+#: RepDistiller / mdistiller's CIFAR-100 recipe (CRD, DKD and RRD use it): 240 epochs, batch 64,
+#: lr 0.05 (0.01 for MobileNetV2 / ShuffleNets) divided by 10 at epochs 150, 180 and 210.
+CIFAR100_RECIPE: dict[str, Any] = {
+    "epochs": 240,
+    "batch": 64,
+    "schedule": "multistep 150,180,210 ×0.1",
+    "subset": None,
+    "steps_per_epoch": None,
+}
+#: mdistiller's ImageNet recipe: 100 epochs, batch 512, lr 0.2 divided by 10 at 30, 60, 90.
+IMAGENET_RECIPE: dict[str, Any] = {
+    "epochs": 100,
+    "batch": 512,
+    "schedule": "multistep 30,60,90 ×0.1",
+    "subset": None,
+    "steps_per_epoch": None,
+}
+
+
+def recipe_matches(table: dict[str, Any], recipe: dict[str, Any] | None) -> bool:
+    """Whether a run of ``recipe`` (the report's recipe dict) is comparable with ``table``."""
+    want = table.get("recipe")
+    if recipe is None or want is None:
+        return recipe is None  # no recipe given: every table (tests, exploring the tables)
+    return all(recipe.get(k) == want[k] for k in RECIPE_KEYS)
+
 
 _SAME = CRD_PAIRS[:7]  # same-architecture pairs (CRD Table 1)
 _CROSS = CRD_PAIRS[7:]  # different-architecture pairs (CRD Table 2)
@@ -94,6 +127,7 @@ CRD_TABLE: dict[str, Any] = {
     "source": "CRD (Tian et al., ICLR 2020, arXiv 1910.10699), Tables 1-2 as listed by "
     "RepDistiller; last epoch",
     "metric": "last",
+    "recipe": CIFAR100_RECIPE,
     "rows": {
         m: {**_row(_SAME, v), **(_row(_CROSS, _CRD_CROSS[m]) if m in _CRD_CROSS else {})}
         for m, v in _CRD_SAME.items()
@@ -106,6 +140,7 @@ DKD_TABLE: dict[str, Any] = {
     "source": "DKD (Zhao et al., CVPR 2022, arXiv 2203.08679) via mdistiller; best epoch, mean "
     "of 5 runs; resnet110->resnet20 from the LS-KD table",
     "metric": "best",
+    "recipe": CIFAR100_RECIPE,
     "rows": {
         "dkd": _row(
             CRD_PAIRS,
@@ -123,6 +158,7 @@ RRD_TABLE: dict[str, Any] = {
     "source": "RRD (Giakoumoglou & Stathaki, arXiv 2407.12073), official repository README "
     "(Sep-Nov 2024, paper v3/v4); last/best epoch not stated",
     "metric": "unspecified",
+    "recipe": CIFAR100_RECIPE,
     "rows": {
         "rrd": _row(
             CRD_PAIRS,
@@ -153,25 +189,12 @@ IMAGENET_TABLE: dict[str, Any] = {
     "teacher and student rows are torchvision's pretrained weights (KD R34->R18 is often quoted "
     "as 70.66, the CRD paper's number)",
     "metric": "best",
+    "recipe": IMAGENET_RECIPE,
     "rows": {
         "teacher": {_R34_R18: 73.31, _R50_MV1: 76.16},
         "ce": {_R34_R18: 69.76, _R50_MV1: 68.87},
         "kd": {_R34_R18: 71.03, _R50_MV1: 70.50},
         "dkd": {_R34_R18: 71.70, _R50_MV1: 72.05},
-    },
-}
-
-FASHION_MNIST_TABLE: dict[str, Any] = {
-    "dataset": "fashion_mnist",
-    "label": "spec",
-    "source": "relkd's sanity measurement in methods.md section 4 (not a paper): cnn_small -> "
-    "cnn_tiny, 10k subset, 4 epochs, SGD 0.05 one-cycle, mean of 5 seeds",
-    "metric": "unspecified",
-    "rows": {
-        "ce": {("cnn_small", "cnn_tiny"): 86.92},
-        "kd": {("cnn_small", "cnn_tiny"): 87.37},
-        "dist": {("cnn_small", "cnn_tiny"): 87.75},
-        "cmkd": {("cnn_small", "cnn_tiny"): 87.68},
     },
 }
 
@@ -181,20 +204,26 @@ TABLES: dict[str, dict[str, Any]] = {
     "dkd": DKD_TABLE,
     "rrd": RRD_TABLE,
     "imagenet": IMAGENET_TABLE,
-    "fashion_mnist": FASHION_MNIST_TABLE,
 }
 
 
-def lookup(dataset: str, method: str, teacher: str | None, student: str) -> list[dict[str, Any]]:
+def lookup(
+    dataset: str,
+    method: str,
+    teacher: str | None,
+    student: str,
+    recipe: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
     """Reference numbers for one (method, teacher, student) on ``dataset``.
 
     Teacher-free rows (``teacher=None``, e.g. the plain ``ce`` student) match any pair with the
     same student. ``method="teacher"`` looks up the teacher's own accuracy by ``student`` being
-    the teacher's name. Returns ``[{"value", "table", "label", "metric", "source"}, ...]``.
+    the teacher's name. With ``recipe``, only tables of the same recipe answer
+    (:func:`recipe_matches`). Returns ``[{"value", "table", "label", "metric", "source"}, ...]``.
     """
     out = []
     for key, table in TABLES.items():
-        if table["dataset"] != dataset:
+        if table["dataset"] != dataset or not recipe_matches(table, recipe):
             continue
         row = table["rows"].get(method)
         if not row:

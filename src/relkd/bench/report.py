@@ -1,34 +1,133 @@
-"""Turn a folder of relkd runs into a report: Markdown table, JSON, PNG plots and one HTML page.
+"""Turn a folder of relkd runs into a report that reads like a paper's table: Markdown, JSON, PNG
+plots and one HTML page.
 
 :func:`write_report` reads every run folder (a folder holding ``config.yaml``) under the runs
-folder: ``summary.json`` (best / last top-1), ``metrics.jsonl`` (curves), ``config.yaml`` (method,
-teacher, student, seed, data set) and, for runs of a benchmark suite, ``bench.json`` (the method
-label of the suite, which may differ from the method's registry name). Runs are grouped by
-(method, teacher, student); each group shows mean +- sample standard deviation (n - 1) over its
-seeds of the best-epoch and the last-epoch top-1, next to the published numbers of
-:mod:`relkd.bench.reference` where the same method, pair and data set have one, labelled with the
-epoch the source reports (CRD/RepDistiller: last; DKD/mdistiller: best; RRD: not stated).
+folder: ``summary.json`` (best / last top-1, train time), ``metrics.jsonl`` (curves),
+``config.yaml`` (method, teacher, student, seed, data set, recipe) and, for runs of a benchmark
+suite, ``bench.json`` (the method label of the suite, which may differ from the registry name).
+Runs are grouped by (method, teacher, student, data set); a table per (teacher, student, data
+set) holds, like a paper's table:
 
-Outputs (in ``out_dir``): ``report.md``, ``report.json`` (the same numbers, machine-readable),
-``accuracy.png`` (bars with error bars per pair), ``curves.png`` (top-1 per epoch, mean over
-seeds) and ``report.html`` (self-contained: tables and both images embedded as base64).
+* the teacher's own top-1 (trained by the suite, recorded by the run, read from the checkpoint's
+  run folder or evaluated once: :mod:`relkd.bench.teachers`) and the plain CE student;
+* per method: mean ± sample standard deviation (n - 1) over seeds of the best-epoch and the
+  last-epoch top-1 (one column when they are equal everywhere), the difference from the CE
+  student, the mean train time per run, and what its recipe changes against the table's;
+* the published numbers of :mod:`relkd.bench.reference` only where the runs used the same recipe
+  (epochs, batch, schedule, full training set) on the same pair and data set, labelled with the
+  epoch the source reports.
+
+The recipe (data, subset, epochs, batch, optimiser and lr, schedule) heads the report, or each
+table when tables differ. Outputs in ``out_dir``: ``report.md``, ``report.json`` (the same numbers,
+machine-readable, run folders relative to the report), ``accuracy.png`` (dot plot with error bars
+per pair), ``curves.png`` (top-1 per epoch, mean over seeds) and ``report.html`` (self-contained:
+tables and both images embedded).
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import math
+import os
+import re
 import statistics
 import time
-from collections import defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from relkd.bench import reference as ref
 from relkd.registry import RelkdError
+
+#: What the registry's data set names are, in words.
+DATA_NAMES = {
+    "cifar10": "CIFAR-10",
+    "cifar100": "CIFAR-100",
+    "fashion_mnist": "Fashion-MNIST",
+    "stl10": "STL-10",
+    "tiny_imagenet": "Tiny-ImageNet",
+    "cub200": "CUB-200-2011",
+    "imagenet": "ImageNet",
+    "imagefolder": "image folder",
+    "folder_jpg": "JPEG folder",
+}
+#: Folder data sets named after their root folder: (pattern on the folder name, what it is).
+_ROOT_NAMES = [
+    (re.compile(r"cifar[-_]?100", re.I), "CIFAR-100"),
+    (re.compile(r"cifar[-_]?10", re.I), "CIFAR-10"),
+    (re.compile(r"imagenet|ilsvrc", re.I), "ImageNet"),
+]
+_JPEG = re.compile(r"jpe?g", re.I)
+#: Recipe fields listed when a row's recipe differs from its table's, in this order.
+_DIFF_KEYS = ("subset", "epochs", "batch", "optimizer", "lr", "weight_decay", "schedule")
+_DIFF_KEYS += ("steps_per_epoch",)
+
+
+def data_label(name: str, root: str | None = None, label: str | None = None) -> str:
+    """``"CIFAR-10 JPEG"`` for ``folder_jpg`` on a ``cifar10-jpg`` folder, ``"CIFAR-100"`` for
+    ``cifar100``; ``label`` (a suite's ``data_label``) wins."""
+    if label:
+        return label
+    if name in ("folder_jpg", "imagefolder") and root:
+        base = Path(str(root).rstrip("/")).name
+        for pat, what in _ROOT_NAMES:
+            if pat.search(base):
+                return f"{what} JPEG" if name == "folder_jpg" or _JPEG.search(base) else what
+        return f"{DATA_NAMES[name]} {base}"
+    return DATA_NAMES.get(name, name)
+
+
+def _schedule(s: dict[str, Any]) -> str | None:
+    name = s.get("name")
+    if name == "multistep":
+        steps = ",".join(str(m) for m in s.get("milestones") or [])
+        text = f"multistep {steps} ×{float(s.get('gamma', 0.1)):g}"
+    else:
+        text = {"onecycle": "one-cycle"}.get(name, name)
+    if text and s.get("warmup_epochs"):
+        text += f", {float(s['warmup_epochs']):g}-epoch warm-up"
+    return text
+
+
+def recipe_of(cfg: dict[str, Any], student: str, label: str | None = None) -> dict[str, Any]:
+    """The recipe of a run from its resolved ``config.yaml`` (keys of :data:`_DIFF_KEYS`, ``data``
+    and ``dataset``); a key the config lacks is None."""
+    data, optim = cfg.get("data") or {}, cfg.get("optim") or {}
+    train = cfg.get("train") or {}
+    lr = (optim.get("lr_by_student") or {}).get(student, optim.get("lr"))
+    return {
+        "data": data_label(str(data.get("name")), data.get("root"), label),
+        "dataset": data.get("name"),
+        "subset": data.get("train_subset"),
+        "epochs": train.get("epochs"),
+        "batch": data.get("batch_size"),
+        "optimizer": optim.get("name"),
+        "lr": lr,
+        "weight_decay": optim.get("weight_decay"),
+        "schedule": _schedule(cfg.get("schedule") or {}),
+        "steps_per_epoch": train.get("max_steps_per_epoch"),
+    }
+
+
+def _recipe_part(key: str, v: Any) -> str:
+    return {
+        "subset": f"{v}-image training subset" if v else "full training set",
+        "epochs": f"{v} epochs",
+        "batch": f"batch {v}",
+        "optimizer": str(v).upper() if v == "sgd" else str(v),
+        "lr": f"lr {v:g}" if isinstance(v, (int, float)) else f"lr {v}",
+        "weight_decay": f"wd {v:g}" if isinstance(v, (int, float)) else f"wd {v}",
+        "schedule": f"{v} schedule",
+        "steps_per_epoch": f"at most {v} steps per epoch",
+    }[key]
+
+
+def recipe_text(r: dict[str, Any]) -> str:
+    keys = [k for k in _DIFF_KEYS if r.get(k) is not None or k == "subset"]
+    if r.get("steps_per_epoch") is None:
+        keys = [k for k in keys if k != "steps_per_epoch"]
+    return ", ".join([r.get("data") or "?", *(_recipe_part(k, r.get(k)) for k in keys)])
 
 
 @dataclass
@@ -43,6 +142,11 @@ class RunRecord:
     best: float | None = None
     last: float | None = None
     curve: dict[int, float] = field(default_factory=dict)  # epoch -> top-1
+    method_name: str = ""
+    recipe: dict[str, Any] = field(default_factory=dict)
+    time_s: float | None = None  # train time of the run (summary.json)
+    cfg: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -57,6 +161,8 @@ class Group:
     dataset: str
     runs: list[RunRecord]
     unfinished: int = 0
+    method_name: str = ""
+    recipe: dict[str, Any] = field(default_factory=dict)
 
     @property
     def key(self) -> tuple:
@@ -74,6 +180,10 @@ class Group:
     def last(self) -> list[float]:
         return [float(r.last) for r in self.runs]
 
+    @property
+    def times(self) -> list[float]:
+        return [r.time_s for r in self.runs if r.time_s is not None]
+
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (n - 1; 0.0 for a single value)."""
@@ -89,11 +199,34 @@ def _fmt(xs: list[float]) -> str:
     return f"{m:.2f}" if len(xs) == 1 else f"{m:.2f} ± {s:.2f}"
 
 
+def _fmt_time(ts: list[float]) -> str:
+    if not ts:
+        return "-"
+    t = statistics.fmean(ts)
+    if t < 10:
+        return f"{t:.1f} s"
+    return f"{t:.0f} s" if t < 120 else (f"{t / 60:.1f} min" if t < 7200 else f"{t / 3600:.1f} h")
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+#: The teacher label of a run that distilled from an ``nn.Module`` passed to :func:`relkd.train`
+#: (its config names no teacher).
+PYTHON_TEACHER = "teacher passed from Python"
+
+
+def _needs_teacher(method_name: str) -> bool:
+    from relkd.methods import METHODS
+
+    try:
+        return any(METHODS.get(p.strip()).requires_teacher for p in method_name.split("+"))
+    except Exception:  # not a registered method (renamed since, or a foreign run folder)
+        return False
 
 
 def _read_run(run_dir: Path) -> RunRecord | None:
@@ -105,20 +238,28 @@ def _read_run(run_dir: Path) -> RunRecord | None:
         return None
     meta = _read_json(run_dir / "bench.json") or {}
     method_cfg = cfg.get("method") or {}
-    teacher_cfg = cfg.get("teacher") or {}
+    student = str(meta.get("student") or (cfg.get("student") or {}).get("name") or "?")
     rec = RunRecord(
         run_dir=run_dir,
         method=str(meta.get("method") or method_cfg.get("name") or "?"),
-        teacher=meta.get("teacher", teacher_cfg.get("name")),
-        student=str(meta.get("student") or (cfg.get("student") or {}).get("name") or "?"),
+        teacher=meta.get("teacher", (cfg.get("teacher") or {}).get("name")),
+        student=student,
         seed=int(meta.get("seed", (cfg.get("train") or {}).get("seed", 0))),
         dataset=str(meta.get("reference") or (cfg.get("data") or {}).get("name") or "?"),
         order=int(meta.get("index", 10**9)),
+        method_name=str(meta.get("method_name") or method_cfg.get("name") or "?"),
+        recipe=recipe_of(cfg, student, meta.get("data_label")),
+        cfg=cfg,
     )
+    if rec.teacher is None and _needs_teacher(rec.method_name):
+        rec.teacher = PYTHON_TEACHER
     summary = _read_json(run_dir / "summary.json")
     if isinstance(summary, dict) and summary.get("best_top1") is not None:
+        rec.summary = summary
         rec.best = float(summary["best_top1"])
         rec.last = float(summary["last_top1"])
+        if summary.get("train_time_s") is not None:
+            rec.time_s = float(summary["train_time_s"])
     try:
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     except OSError:
@@ -135,41 +276,35 @@ def _read_run(run_dir: Path) -> RunRecord | None:
 
 def collect_runs(runs_dir: str | Path) -> list[RunRecord]:
     """Every run folder (one holding ``config.yaml``) under ``runs_dir``."""
-    root = Path(runs_dir)
-    out = []
-    for cfg in sorted(root.rglob("config.yaml")):
-        rec = _read_run(cfg.parent)
-        if rec is not None:
-            out.append(rec)
-    return out
+    return [r for c in sorted(Path(runs_dir).rglob("config.yaml")) if (r := _read_run(c.parent))]
+
+
+def _common(recipes: list[dict[str, Any]]) -> dict[str, Any]:
+    """The most frequent recipe (ties: the first seen)."""
+    if not recipes:
+        return {}
+    keyed = [json.dumps(r, sort_keys=True) for r in recipes]
+    return json.loads(Counter(keyed).most_common(1)[0][0])
 
 
 def group_runs(records: list[RunRecord]) -> list[Group]:
     """Finished runs grouped by (method, teacher, student, data set), in suite order."""
     groups: dict[tuple, Group] = {}
+    first: dict[tuple, int] = {}
+    recipes: dict[tuple, list[dict[str, Any]]] = {}
     for r in records:
         key = (r.method, r.teacher, r.student, r.dataset)
-        g = groups.get(key)
-        if g is None:
-            g = groups[key] = Group(r.method, r.teacher, r.student, r.dataset, [])
+        g = groups.setdefault(key, Group(*key, runs=[], method_name=r.method_name))
+        first[key] = min(first.get(key, r.order), r.order)
+        recipes.setdefault(key, []).append(r.recipe)
         if r.finished:
             g.runs.append(r)
         else:
             g.unfinished += 1
-    first: dict[tuple, int] = {}
-    for r in records:
-        key = (r.method, r.teacher, r.student, r.dataset)
-        first[key] = min(first.get(key, r.order), r.order)
-    for g in groups.values():
+    for key, g in groups.items():
         g.runs.sort(key=lambda r: r.seed)
+        g.recipe = _common(recipes[key])
     return sorted(groups.values(), key=lambda g: (first[g.key], g.method != "ce", g.method))
-
-
-def _teacher_info(teachers_dir: Path | None, name: str) -> dict[str, Any] | None:
-    if teachers_dir is None:
-        return None
-    s = _read_json(teachers_dir / name.replace(":", "-").replace("/", "-") / "summary.json")
-    return s if isinstance(s, dict) else None
 
 
 @dataclass
@@ -181,6 +316,19 @@ class Table:
     student: str
     dataset: str
     groups: list[Group]
+    recipe: dict[str, Any] = field(default_factory=dict)
+    teacher_top1: dict[str, Any] = field(default_factory=dict)  # {"top1", "how"}
+
+    @property
+    def ce(self) -> Group | None:
+        """The plain CE student of the table (the row every delta is taken against)."""
+        ces = [g for g in self.groups if g.teacher is None and g.method_name == "ce" and g.runs]
+        return next((g for g in ces if g.method == "ce"), ces[0] if ces else None)
+
+    @property
+    def collapsed(self) -> bool:
+        """Best and last epoch agree in every run: one top-1 column (and one marker) suffices."""
+        return all(r.best == r.last for g in self.groups for r in g.runs)
 
 
 def _tables(groups: list[Group]) -> list[Table]:
@@ -194,261 +342,229 @@ def _tables(groups: list[Group]) -> list[Table]:
         rows = [g for g in groups if g.student == s and g.dataset == d and g.teacher in (t, None)]
         rows.sort(key=lambda g: g.teacher is not None)  # teacher-free (the student row) first
         used.update(id(g) for g in rows)
-        tables.append(Table(f"{t} → {s} ({d})", t, s, d, rows))
+        tables.append(Table(f"{t} → {s}", t, s, d, rows))
     for g in groups:  # teacher-free students that appear in no pair
         if id(g) in used:
             continue
         same = [x for x in tables if x.teacher is None and (x.student, x.dataset) == g.key[2:]]
-        tab = same[0] if same else None
-        if tab is None:
-            tab = Table(f"{g.student}, no teacher ({g.dataset})", None, g.student, g.dataset, [])
+        tab = same[0] if same else Table(f"{g.student}, no teacher", None, g.student, g.dataset, [])
+        if not same:
             tables.append(tab)
         tab.groups.append(g)
+    for tab in tables:
+        tab.recipe = _common([g.recipe for g in tab.groups for _ in (g.runs or [None])])
+        tab.title += f" ({tab.recipe.get('data') or tab.dataset})"
     return tables
 
 
 def _refs(g: Group) -> list[dict[str, Any]]:
-    return ref.lookup(g.dataset, g.method, g.teacher, g.student)
+    return ref.lookup(g.dataset, g.method, g.teacher, g.student, g.recipe)
 
 
-def _delta(g: Group, r: dict[str, Any]) -> str:
-    if not g.runs:
-        return "-"
-    which = "last" if r["metric"] == "last" else "best"
-    ours = mean_std(g.last if which == "last" else g.best)[0]
-    return f"{ours - r['value']:+.2f} ({which})"
+def _teacher_refs(tab: Table) -> list[dict[str, Any]]:
+    return ref.lookup(tab.dataset, "teacher", None, str(tab.teacher), tab.recipe)
 
 
-def _row_cells(g: Group) -> list[str]:
-    refs = _refs(g)
-    ref_cell = "; ".join(f"{r['value']:.2f} ({r['label']}, {r['metric']})" for r in refs) or "-"
-    delta = "; ".join(_delta(g, r) for r in refs) or "-"
-    n = f"{len(g.runs)}" + (f" (+{g.unfinished} unfinished)" if g.unfinished else "")
-    return [g.method, n, _fmt(g.best), _fmt(g.last), ref_cell, delta]
+def _find_teachers(tables: list[Table], teachers_dir: Path | None, out: Path, evaluate: bool):
+    from relkd.bench.teachers import teacher_top1
 
-
-HEADER = ["method", "n seeds", "best top-1", "last top-1", "reference", "ours − ref"]
-
-
-def _teacher_line(tab: Table, teachers_dir: Path | None) -> str | None:
-    if tab.teacher is None:
-        return None
-    parts = []
-    info = _teacher_info(teachers_dir, tab.teacher)
-    if info:
-        parts.append(
-            f"trained by the suite: best {info['best_top1']:.2f}, last {info['last_top1']:.2f}"
+    for tab in tables:
+        if tab.teacher is None:
+            continue
+        runs = [r for g in tab.groups if g.teacher for r in g.runs] or [None]
+        recorded = next((r for r in runs if r and r.summary.get("teacher_top1") is not None), None)
+        run = recorded or runs[0]
+        tab.teacher_top1 = teacher_top1(
+            tab.teacher,
+            run.cfg if run else {},
+            teachers_dir=teachers_dir,
+            summary=run.summary if run else None,
+            cache=out / "teacher_eval.json",
+            evaluate=evaluate and run is not None,
         )
-    for r in ref.lookup(tab.dataset, "teacher", None, tab.teacher):
-        parts.append(f"reference {r['value']:.2f} ({r['label']})")
-    return f"Teacher {tab.teacher}: " + ("; ".join(parts) if parts else "top-1 not recorded")
 
 
-def _used_sources(groups: list[Group]) -> dict[str, dict[str, Any]]:
+# ------------------------------------------------------------------------------- the tables
+def _diff(g: Group, tab: Table) -> str:
+    return ", ".join(
+        _recipe_part(k, g.recipe.get(k)) for k in _DIFF_KEYS if g.recipe.get(k) != tab.recipe.get(k)
+    )
+
+
+def _table_view(tab: Table) -> dict[str, Any]:
+    """Title, lines and cells of one table, shared by the Markdown and HTML writers."""
+    one = tab.collapsed
+    ce = tab.ce
+    ce_mean = mean_std(ce.best)[0] if ce else None
+    t1 = tab.teacher_top1.get("top1")
+    rows = list(tab.groups)
+    refs = {id(g): _refs(g) for g in rows}
+    t_refs = _teacher_refs(tab) if tab.teacher else []
+    with_refs = any(refs.values()) or bool(t_refs)
+    diffs = {id(g): _diff(g, tab) for g in rows}
+    header = ["method", "seeds", "top-1" if one else "best top-1", *([] if one else ["last top-1"])]
+    header += ["Δ vs CE" if ce else "Δ vs CE (no CE run)", "train time / run"]
+    header += ["reference", "ours − ref"] if with_refs else []
+    header += ["recipe differs"] if any(diffs.values()) else []
+
+    def delta(x: float | None) -> str:
+        return "-" if x is None or ce_mean is None or math.isnan(x) else f"{x - ce_mean:+.2f}"
+
+    def ref_cells(found: list[dict[str, Any]], best: float, last: float) -> list[str]:
+        if not with_refs:
+            return []
+        if not found:
+            return ["-", "-"]
+        cells = "; ".join(f"{r['value']:.2f} ({r['label']}, {r['metric']})" for r in found)
+        ours = [(last if r["metric"] == "last" else best, r) for r in found]
+        gaps = "; ".join(
+            "-"
+            if math.isnan(v)
+            else f"{v - r['value']:+.2f} ({'last' if r['metric'] == 'last' else 'best'})"
+            for v, r in ours
+        )
+        return [cells, gaps]
+
+    cells: list[list[str]] = []
+    if tab.teacher is not None and t1 is not None:
+        row = [f"teacher ({tab.teacher})", "-", f"{t1:.2f}", *([] if one else [f"{t1:.2f}"])]
+        row += [delta(t1), "-", *ref_cells(t_refs, t1, t1)]
+        cells.append(row + ([""] if any(diffs.values()) else []))
+    for g in rows:
+        n = f"{len(g.runs)}" + (f" (+{g.unfinished} unfinished)" if g.unfinished else "")
+        best, last = mean_std(g.best)[0], mean_std(g.last)[0]
+        d = "(baseline)" if g is ce else delta(best if g.runs else None)
+        row = [g.method, n, _fmt(g.best), *([] if one else [_fmt(g.last)]), d, _fmt_time(g.times)]
+        row += ref_cells(refs[id(g)], best, last)
+        cells.append(row + ([diffs[id(g)]] if any(diffs.values()) else []))
+    notes = []
+    if tab.teacher is not None:
+        how = tab.teacher_top1.get("how", "not recorded")
+        notes.append(
+            f"Teacher {tab.teacher}: {t1:.2f} ({how})." if t1 is not None
+            else f"Teacher {tab.teacher}: top-1 {how}."
+        )  # fmt: skip
+    if ce is not None:
+        which = "top-1" if one else "best-epoch top-1"
+        notes.append(f"Δ vs CE: mean {which} minus the CE student's ({ce.method}, same student).")
+    shown = {r["table"] for rs in refs.values() for r in rs}
+    hidden = {
+        r["table"]
+        for g in rows
+        for r in ref.lookup(g.dataset, g.method, g.teacher, g.student)
+        if r["table"] not in shown
+    }
+    for key in sorted(hidden):
+        t = ref.TABLES[key]
+        want = ", ".join(_recipe_part(k, t["recipe"][k]) for k in ("epochs", "batch", "schedule"))
+        notes.append(
+            f"{t['label']} publishes numbers for this pair with another recipe ({want}, full "
+            "training set): not shown."
+        )
+    return {"title": tab.title, "header": header, "rows": cells, "notes": notes, "tab": tab}
+
+
+def _used_sources(tables: list[Table]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
-    for g in groups:
-        for r in _refs(g):
+    for tab in tables:
+        for r in [
+            *(x for g in tab.groups for x in _refs(g)),
+            *(_teacher_refs(tab) if tab.teacher else []),
+        ]:
             out[r["table"]] = r
     return out
 
 
-# ------------------------------------------------------------------------------------- plots
-def _plt():
-    import matplotlib
+def _group_json(g: Group, tab: Table | None, base: Path) -> dict[str, Any]:
+    bm, bs = mean_std(g.best)
+    lm, ls = mean_std(g.last)
+    ce = tab.ce if tab else None
+    ce_b, ce_l = (mean_std(ce.best)[0], mean_std(ce.last)[0]) if ce and g.runs else (None, None)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def num(x: float | None) -> float | None:
+        return None if x is None or math.isnan(x) else x
 
-    return plt
-
-
-def _grid(n: int) -> tuple[int, int]:
-    cols = min(3, n)
-    return math.ceil(n / cols), cols
-
-
-def plot_accuracy(tables: list[Table], path: Path) -> None:
-    """Per pair: mean best and last top-1 per method with std error bars; references as x."""
-    plt = _plt()
-    rows, cols = _grid(len(tables))
-    width = max(4.5, 0.55 * max(len(t.groups) for t in tables) + 1.5)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, 3.6 * rows), squeeze=False)
-    for ax, tab in zip(axes.flat, tables):
-        gs = [g for g in tab.groups if g.runs]
-        xs = list(range(len(gs)))
-        bm = [mean_std(g.best) for g in gs]
-        lm = [mean_std(g.last) for g in gs]
-        for shift, stats, name, color in (
-            (-0.2, bm, "best", "#4c72b0"),
-            (0.2, lm, "last", "#dd8452"),
-        ):
-            ax.bar(
-                [x + shift for x in xs],
-                [m for m, _ in stats],
-                0.4,
-                yerr=[sd for _, sd in stats],
-                capsize=3,
-                label=name,
-                color=color,
-            )
-        ref_x, ref_y = [], []
-        for x, g in zip(xs, gs):
-            for r in _refs(g):
-                ref_x.append(x)
-                ref_y.append(r["value"])
-        if ref_x:
-            ax.scatter(ref_x, ref_y, marker="x", color="black", zorder=3, label="reference")
-        lows = [m - sd for m, sd in bm + lm] + ref_y
-        highs = [m + sd for m, sd in bm + lm] + ref_y
-        if lows:
-            lo, hi = max(0.0, min(lows) - 2), max(highs)
-            ax.set_ylim(lo, hi + 0.25 * (hi - lo) + 0.5)  # headroom for the legend
-        ax.set_xticks(xs, [g.method for g in gs], rotation=45, ha="right", fontsize=8)
-        ax.set_title(tab.title, fontsize=9)
-        ax.set_ylabel("test top-1 (%)")
-        ax.legend(fontsize=7, loc="upper left", ncol=3)
-    for ax in list(axes.flat)[len(tables) :]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_curves(tables: list[Table], path: Path) -> None:
-    """Per pair: test top-1 per epoch of each method, mean over its seeds."""
-    from matplotlib.ticker import MaxNLocator
-
-    plt = _plt()
-    rows, cols = _grid(len(tables))
-    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.6 * rows), squeeze=False)
-    for ax, tab in zip(axes.flat, tables):
-        for g in tab.groups:
-            by_epoch: dict[int, list[float]] = defaultdict(list)
-            for r in g.runs:
-                for e, v in r.curve.items():
-                    by_epoch[e].append(v)
-            if not by_epoch:
-                continue
-            es = sorted(by_epoch)
-            means = [statistics.fmean(by_epoch[e]) for e in es]
-            ax.plot(es, means, label=g.method, marker="." if len(es) < 30 else None)
-        ax.set_title(tab.title, fontsize=9)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("test top-1 (%), mean over seeds")
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7, loc="lower right")
-    for ax in list(axes.flat)[len(tables) :]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return {
+        "method": g.method,
+        "method_name": g.method_name,
+        "teacher": g.teacher,
+        "student": g.student,
+        "dataset": g.dataset,
+        "data_label": g.recipe.get("data"),
+        "n": len(g.runs),
+        "unfinished": g.unfinished,
+        "seeds": g.seeds,
+        "best": g.best,
+        "last": g.last,
+        "best_mean": num(bm),
+        "best_std": num(bs),
+        "last_mean": num(lm),
+        "last_std": num(ls),
+        "delta_vs_ce_best": num(bm - ce_b) if ce_b is not None else None,
+        "delta_vs_ce_last": num(lm - ce_l) if ce_l is not None else None,
+        "train_time_s": [r.time_s for r in g.runs],
+        "recipe": g.recipe,
+        "reference": _refs(g),
+        "run_dirs": [os.path.relpath(r.run_dir, base) for r in g.runs],
+    }
 
 
 # ------------------------------------------------------------------------------------ writers
-def _intro(groups: list[Group], runs_dir: Path) -> str:
+def _intro(groups: list[Group], runs_rel: str, common: dict[str, Any] | None) -> list[str]:
     n = sum(len(g.runs) for g in groups)
     n_unfinished = sum(g.unfinished for g in groups)
-    return (
-        f"Runs: {runs_dir} ({n} finished"
+    lines = [
+        f"Runs: {runs_rel} ({n} finished"
         + (f", {n_unfinished} unfinished" if n_unfinished else "")
         + f"); generated {time.strftime('%Y-%m-%d %H:%M')}. Top-1 (%) on the test split: mean ± "
-        "sample std over seeds of the best epoch and of the last epoch. 'ours − ref' compares "
-        "the reference with our number of the same kind (last or best epoch; best where the "
-        "source does not say). References come from the papers' full recipes: they are comparable "
-        "only where the runs used the same recipe."
+        "sample std over seeds (best epoch and last epoch; one column where they are equal).",
+    ]
+    if common:
+        lines.append(f"Recipe: {recipe_text(common)}.")
+    lines.append(
+        "Published numbers appear only beside runs of their own recipe and pair; 'ours − ref' "
+        "compares like with like (last or best epoch; best where the source does not say)."
     )
+    return lines
 
 
-def _markdown(tables, teachers_dir, groups, intro: str, images: dict[str, Path]) -> str:
-    lines = ["# relkd accuracy report", "", intro, ""]
-    for tab in tables:
-        lines += [f"## {tab.title}", ""]
-        tl = _teacher_line(tab, teachers_dir)
-        if tl:
-            lines += [tl, ""]
-        lines += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-        lines += ["| " + " | ".join(_row_cells(g)) + " |" for g in tab.groups]
-        lines.append("")
-    sources = _used_sources(groups)
+def _markdown(views, intro: list[str], sources, images: dict[str, Path]) -> str:
+    lines = ["# relkd accuracy report", ""]
+    for x in intro:
+        lines += [x, ""]
+    for v in views:
+        lines += [f"## {v['title']}", ""]
+        if v.get("recipe"):
+            lines += [f"Recipe: {v['recipe']}.", ""]
+        lines += ["| " + " | ".join(v["header"]) + " |", "|" + "---|" * len(v["header"])]
+        lines += ["| " + " | ".join(c or " " for c in row) + " |" for row in v["rows"]]
+        lines += ["", *(f"{n}  " for n in v["notes"]), ""]
     if sources:
         lines += ["## Reference sources", ""]
-        for r in sources.values():
-            lines.append(f"- **{r['label']}** ({r['metric']} epoch): {r['source']}")
+        lines += [
+            f"- **{r['label']}** ({r['metric']} epoch): {r['source']}" for r in sources.values()
+        ]
         lines.append("")
     for title, path in images.items():
         lines += [f"![{title}]({path.name})", ""]
     return "\n".join(lines)
 
 
-def _html(tables, teachers_dir, groups, intro: str, images: dict[str, Path]) -> str:
-    e = html.escape
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>relkd accuracy report</title>",
-        "<style>body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
-        "table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;"
-        "padding:3px 8px;text-align:right}td:first-child,th:first-child{text-align:left}"
-        "img{max-width:100%}</style></head><body>",
-        "<h1>relkd accuracy report</h1>",
-        f"<p>{e(intro)}</p>",
-    ]
-    for tab in tables:
-        parts.append(f"<h2>{e(tab.title)}</h2>")
-        tl = _teacher_line(tab, teachers_dir)
-        if tl:
-            parts.append(f"<p>{e(tl)}</p>")
-        parts.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in HEADER) + "</tr>")
-        for g in tab.groups:
-            parts.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in _row_cells(g)) + "</tr>")
-        parts.append("</table>")
-    sources = _used_sources(groups)
-    if sources:
-        parts.append("<h2>Reference sources</h2><ul>")
-        for r in sources.values():
-            parts.append(
-                f"<li><b>{e(r['label'])}</b> ({e(r['metric'])} epoch): {e(r['source'])}</li>"
-            )
-        parts.append("</ul>")
-    for title, path in images.items():
-        data = base64.b64encode(path.read_bytes()).decode("ascii")
-        parts.append(
-            f"<h2>{e(title)}</h2><img alt='{e(title)}' src='data:image/png;base64,{data}'>"
-        )
-    parts.append("</body></html>")
-    return "\n".join(parts)
-
-
-def _group_json(g: Group) -> dict[str, Any]:
-    bm, bs = mean_std(g.best)
-    lm, ls = mean_std(g.last)
-    return {
-        "method": g.method,
-        "teacher": g.teacher,
-        "student": g.student,
-        "dataset": g.dataset,
-        "n": len(g.runs),
-        "unfinished": g.unfinished,
-        "seeds": g.seeds,
-        "best": g.best,
-        "last": g.last,
-        "best_mean": None if math.isnan(bm) else bm,
-        "best_std": None if math.isnan(bs) else bs,
-        "last_mean": None if math.isnan(lm) else lm,
-        "last_std": None if math.isnan(ls) else ls,
-        "reference": _refs(g),
-        "run_dirs": [str(r.run_dir) for r in g.runs],
-    }
-
-
-def write_report(runs_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+def write_report(
+    runs_dir: str | Path, out_dir: str | Path | None = None, *, evaluate_teachers: bool = True
+) -> Path:
     """Write ``report.md`` / ``report.json`` / ``accuracy.png`` / ``curves.png`` /
     ``report.html`` for the runs under ``runs_dir``; returns the path of ``report.md``.
 
     ``runs_dir`` may be a suite's output folder (its ``runs/`` is used and its ``teachers/``
     give the teachers' accuracy) or any folder of relkd runs. ``out_dir`` defaults to the suite
-    output folder (the parent of ``runs/``) or to ``runs_dir`` itself.
+    output folder (the parent of ``runs/``) or to ``runs_dir`` itself. A teacher checkpoint whose
+    accuracy is recorded nowhere is evaluated once on the test split (``evaluate_teachers``; the
+    result is kept in ``teacher_eval.json`` in ``out_dir``).
     """
+    from relkd.bench.report_html import render_html
+    from relkd.bench.report_plots import method_styles, plot_accuracy, plot_curves
+
     root = Path(runs_dir)
     if not root.is_dir():
         raise RelkdError(f"runs folder {str(root)!r} does not exist")
@@ -468,19 +584,45 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None) -> Pat
         raise RelkdError(f"no relkd run folder (with config.yaml) under {str(root)!r}")
     groups = group_runs(records)
     tables = _tables(groups)
-    (out / "report.json").write_text(
-        json.dumps({"runs_dir": str(root), "groups": [_group_json(g) for g in groups]}, indent=2)
-    )
+    _find_teachers(tables, teachers_dir, out, evaluate_teachers)
+    recipes = {json.dumps(t.recipe, sort_keys=True) for t in tables}
+    common = tables[0].recipe if len(recipes) == 1 else None
+    views = [_table_view(t) for t in tables]
+    for v in views:
+        v["recipe"] = None if common else recipe_text(v["tab"].recipe)
+    table_of = {id(g): t for t in tables for g in t.groups}
+    runs_rel = os.path.relpath(root, out)
+    report = {
+        "runs_dir": runs_rel,
+        "recipe": common,
+        "tables": [
+            {
+                "title": t.title,
+                "teacher": t.teacher,
+                "student": t.student,
+                "dataset": t.dataset,
+                "recipe": t.recipe,
+                "teacher_top1": t.teacher_top1.get("top1"),
+                "teacher_top1_source": t.teacher_top1.get("how"),
+                "ce": t.ce.method if t.ce else None,
+            }
+            for t in tables
+        ],
+        "groups": [_group_json(g, table_of.get(id(g)), out) for g in groups],
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2))
     plotted = [t for t in tables if any(g.runs for g in t.groups)]
     images: dict[str, Path] = {}
     if plotted:
-        plot_accuracy(plotted, out / "accuracy.png")
-        plot_curves(plotted, out / "curves.png")
+        styles = method_styles([g.method for t in plotted for g in t.groups])
+        plot_accuracy(plotted, out / "accuracy.png", styles)
+        plot_curves(plotted, out / "curves.png", styles)
         images = {
-            "Accuracy per method": out / "accuracy.png",
+            "Top-1 per method": out / "accuracy.png",
             "Test top-1 per epoch": out / "curves.png",
         }
-    intro = _intro(groups, root)
-    (out / "report.md").write_text(_markdown(tables, teachers_dir, groups, intro, images))
-    (out / "report.html").write_text(_html(tables, teachers_dir, groups, intro, images))
+    intro = _intro(groups, runs_rel, common)
+    sources = _used_sources(tables)
+    (out / "report.md").write_text(_markdown(views, intro, sources, images))
+    (out / "report.html").write_text(render_html(views, intro, sources, images))
     return out / "report.md"

@@ -3,7 +3,9 @@
 The whole split lives on the device as one uint8 tensor [N, C, H, W]; each batch is gathered,
 randomly cropped (zero padding) and flipped with a handful of batched tensor ops, then converted
 with ``float / 255`` and ``(x - mean) / std`` exactly as ``ToTensor`` + ``Normalize`` do. No
-worker processes, no per-sample Python, no host-to-device copies after construction.
+worker processes, no per-sample Python, no host-to-device copies after construction except the
+epoch's order and augmentation draws (from pinned memory on CUDA, so the host does not wait),
+and no per-batch allocation of index tensors.
 """
 
 from __future__ import annotations
@@ -82,7 +84,12 @@ def _mix_seed(*parts: int | str) -> int:
 
 
 def crop_flip(
-    x: torch.Tensor, offsets: torch.Tensor | None, flips: torch.Tensor | None, padding: int
+    x: torch.Tensor,
+    offsets: torch.Tensor | None,
+    flips: torch.Tensor | None,
+    padding: int,
+    *,
+    grid: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Crop + flip of a batch [B, C, H, W] -> [B, C, H, W] in one gather.
 
@@ -90,13 +97,17 @@ def crop_flip(
     padded[b, oy + i, ox + W - 1 - j] when flipped (crop first, then flip, as torchvision),
     where ``padded`` is the batch zero-padded by ``padding`` on every side and
     ``offsets[b] = (oy, ox)`` in [0, 2 * padding]. ``offsets=None``: no crop; ``flips=None``: no
-    flip.
+    flip. ``grid``: ``(arange(H), arange(W))`` on ``x``'s device, made once by a caller that
+    crops every step (no per-step index allocation).
     """
     b, c, h, w = x.shape
     p = padding if offsets is not None else 0
     dev = x.device
-    rows = torch.arange(h, device=dev).expand(b, h)
-    cols = torch.arange(w, device=dev).expand(b, w)
+    ar_h, ar_w = (
+        grid if grid is not None else (torch.arange(h, device=dev), torch.arange(w, device=dev))
+    )
+    rows = ar_h.expand(b, h)
+    cols = ar_w.expand(b, w)
     if flips is not None:
         cols = torch.where(flips[:, None], (w - 1) - cols, cols)
     if offsets is not None:
@@ -209,6 +220,7 @@ class InMemoryLoader:
         self.return_aug = return_aug
         self.even_shards = even_shards
         self.epoch = 0
+        self._grid: tuple[torch.Tensor, torch.Tensor] | None = None  # crop_flip's aranges
         n = len(self.images)
         if even_shards:
             self.num_samples = math.ceil(n / world_size)
@@ -331,18 +343,28 @@ class InMemoryLoader:
         offsets = flips = None
         if self.padding > 0:
             offsets = torch.randint(0, 2 * self.padding + 1, (total, 2), generator=g)[positions]
-            offsets = offsets.to(self.device, non_blocking=True)
+            offsets = self._to_device(offsets)
         if self.flip:
             flips = torch.randint(0, 2, (total,), generator=g)[positions].bool()
-            flips = flips.to(self.device, non_blocking=True)
+            flips = self._to_device(flips)
         return offsets, flips
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """Host -> device without blocking the host: from pinned memory on CUDA (a copy from
+        pageable memory is staged synchronously)."""
+        if self.device.type == "cuda":
+            t = t.pin_memory()
+        return t.to(self.device, non_blocking=True)
 
     def crop_flip(
         self, x: torch.Tensor, offsets: torch.Tensor | None, flips: torch.Tensor | None
     ) -> torch.Tensor:
         """Random crop + flip of a uint8 batch [B, C, H, W] -> [B, C, H, W] in one gather
         (:func:`crop_flip` with this loader's padding)."""
-        return crop_flip(x, offsets, flips, self.padding)
+        h, w = x.shape[2:]
+        if self._grid is None or self._grid[0].numel() != h or self._grid[1].numel() != w:
+            self._grid = (torch.arange(h, device=x.device), torch.arange(w, device=x.device))
+        return crop_flip(x, offsets, flips, self.padding, grid=self._grid)
 
     def normalize(self, x_u8: torch.Tensor) -> torch.Tensor:
         """uint8 [B, C, H, W] -> float32, bit-identical to ToTensor() + Normalize(mean, std)."""
@@ -350,11 +372,14 @@ class InMemoryLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         pos = self.shard_positions()
-        idx = self._order()[pos].to(self.device, non_blocking=True)
+        idx = self._to_device(self._order()[pos])
         offsets = flips = None
         if self.augment:
             offsets, flips = self._draw_augmentation(pos)
         bs = self.batch_size
+        if self.return_aug:  # "no augmentation" extras, made once and sliced per batch
+            no_offsets = idx.new_zeros(min(bs, len(idx)), 2)
+            no_flips = idx.new_zeros(min(bs, len(idx))).bool()
         for k in range(len(self)):
             sl = slice(k * bs, min((k + 1) * bs, len(idx)))
             i = idx[sl]
@@ -371,8 +396,8 @@ class InMemoryLoader:
                 b = len(i)
                 aug = {
                     "index": i,
-                    "aug_offsets": offsets[sl] if offsets is not None else i.new_zeros(b, 2),
-                    "aug_flips": flips[sl] if flips is not None else i.new_zeros(b).bool(),
+                    "aug_offsets": offsets[sl] if offsets is not None else no_offsets[:b],
+                    "aug_flips": flips[sl] if flips is not None else no_flips[:b],
                 }
                 yield x, y, aug
             elif self.return_index:

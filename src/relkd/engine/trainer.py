@@ -4,19 +4,26 @@
 ``nn.Module`` teacher / student), trains, evaluates each epoch, writes the run folder and returns
 a summary dict. Layout of a run folder::
 
-    config.yaml          the resolved config
+    run.json             what produced the run: versions, git commit, command, host, device,
+                         world size, global batch; every resume and allowed config change
+    config.yaml          the resolved config (the one the run continues with)
+    plan.json            the data pipeline and teacher source, with the reason for each fallback
     metrics.jsonl        one record per epoch (losses, lr, top-1/top-5, best so far)
-    checkpoint.pt        the latest epoch (atomic, checksummed; checkpoint.prev.pt the one before)
+    checkpoint.pt        the latest epoch (checkpoint.prev.pt the one before; checkpoint.json
+                         their checksums)
     student.pt           the student's weights alone at the end (also student.safetensors)
     student_best.pt      the student's weights at the best top-1 epoch
-    summary.json         best / last top-1, run time
+    summary.json         best / last top-1, run time (written last: the run finished)
+
+Every file is written atomically; the rules (names, locks, resume) are in
+:mod:`relkd.engine.rundir`.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import random
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -31,13 +38,25 @@ from relkd import distributed as D
 from relkd.config import Config, load_config
 from relkd.engine.distiller import Distiller
 from relkd.engine.logger import RunLogger
+from relkd.engine.plan import (
+    BlockSampler,
+    EpochLoader,
+    Plan,
+    build_loaders,
+    build_teacher_source,
+    make_plan,
+    unpack,
+)
 from relkd.engine.rundir import RunFolder, run_path, sigterm_as_interrupt, student_metadata
-from relkd.engine.schedule import lr_factor
+from relkd.engine.schedule import Schedule
+from relkd.engine.step import TrainStep
 from relkd.engine.teacher import Teacher
 from relkd.methods import MethodContext, build_method
 from relkd.methods.base import Method
 from relkd.models import POOLED, FeatureTap, create_model, get_feature_info, load_checkpoint
 from relkd.registry import RelkdError
+
+__all__ = ["BlockSampler", "Components", "build_components", "evaluate", "fit"]
 
 
 def seed_everything(seed: int) -> None:
@@ -138,247 +157,24 @@ def _build_models(cfg: Config, info: Any, teacher: nn.Module | None, student: nn
 
 
 def _make_loaders(cfg: Config, method: Method, train_ds, test_ds, info, device, replay=False):
-    """In-memory batched pipeline where possible, else a DataLoader (DistributedSampler);
-    ``replay``: the train set wrapped for FKD-style replay (see :func:`_replay_plan`)."""
-    from relkd.data import InMemoryLoader, collate_with_extras, supports_in_memory, to_tensors
-    from relkd.data.wrappers import IndexedDataset
-
-    overrides_wrap = type(method).wrap_train_dataset is not Method.wrap_train_dataset
-    if hasattr(method, "parts"):
-        overrides_wrap = any(
-            type(p).wrap_train_dataset is not Method.wrap_train_dataset
-            for p in method.parts.values()
-        )
-    extras = set(method.batch_extras)
-    want_mem = cfg.data.in_memory
-    tensors = None
-    if want_mem != "false" and not overrides_wrap and extras <= {"index"}:
-        tensors = to_tensors(train_ds) if supports_in_memory(train_ds) else None
-        if tensors is None and want_mem == "true":
-            raise RelkdError(
-                f"data.in_memory=true but data set {cfg.data.name!r} has no in-memory form"
-            )
-    padding = getattr(info, "crop_padding", 4 if info.image_size >= 32 else 2)
-    seed = cfg.train.seed
-    if tensors is not None:
-        x, y = tensors
-        train = InMemoryLoader(
-            x, y, batch_size=cfg.data.batch_size, shuffle=True, augment=cfg.data.augment,
-            padding=padding, flip=True, mean=info.mean, std=info.std, device=device,
-            drop_last=False, seed=seed, rank=D.rank(), world_size=D.world_size(),
-            return_index="index" in extras,
-        )  # fmt: skip
-    elif replay:
-        from relkd.data.replay import ReplayCropDataset
-
-        ds = ReplayCropDataset(train_ds, seed=cfg.train.replay_seed)  # yields "index" too
-        train = _EpochLoader(
-            ds, cfg.data.batch_size, cfg.data.num_workers, seed, collate_with_extras, device
-        )
-    else:
-        ds = method.wrap_train_dataset(train_ds)
-        if "index" in extras:
-            ds = IndexedDataset(ds)
-        train = _EpochLoader(
-            ds, cfg.data.batch_size, cfg.data.num_workers, seed, collate_with_extras, device
-        )
-    # Evaluation is sharded over ranks without padding (every test image exactly once in all);
-    # evaluate() sums the counts over ranks.
-    if cfg.data.in_memory != "false" and supports_in_memory(test_ds):
-        xt, yt = to_tensors(test_ds)
-        test = InMemoryLoader(
-            xt, yt, batch_size=cfg.data.eval_batch_size, shuffle=False, augment=False,
-            padding=0, flip=False, mean=info.mean, std=info.std, device=device,
-            rank=D.rank(), world_size=D.world_size(), even_shards=False,
-        )  # fmt: skip
-    else:
-        shard = torch.utils.data.Subset(test_ds, range(D.rank(), len(test_ds), D.world_size()))
-        test = torch.utils.data.DataLoader(
-            shard, batch_size=cfg.data.eval_batch_size, shuffle=False,
-            num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
-        )  # fmt: skip
-    return train, test
+    """The train / test loaders the planner chooses for ``method`` (kept for ``relkd eval`` and
+    tests; ``fit`` goes through :func:`relkd.engine.plan.make_plan` itself)."""
+    plan = _plan(cfg, method, False, train_ds)
+    if replay:
+        plan.pipeline = "replay"
+    return build_loaders(plan, cfg, method, train_ds, test_ds, info, device)
 
 
-def _teacher_cache(cfg: Config, method: Method, tea, train_loader, device, log, progress: bool):
-    """``train.teacher_cache``: swap the online teacher for an exact teacher-output cache
-    (:mod:`relkd.data.teacher_cache`) when the run allows one. Returns ``(teacher, keys)``:
-    the teacher to call as ``teacher(x, **extras)`` and the batch extras only it reads (the
-    engine drops them before the method). Falls back to the online teacher, saying why once."""
-    mode = str(cfg.train.teacher_cache).strip()
-    if tea is None or _off(mode):
-        return tea, ()
-    from relkd.data import InMemoryLoader, cache_dir
-    from relkd.data.teacher_cache import TeacherCache, cache_key
-    from relkd.engine.teacher import CachedTeacher
-
-    taps = list(method.teacher_taps())
-    parts = list(method.parts.values()) if hasattr(method, "parts") else [method]
-    why = None
-    if not isinstance(train_loader, InMemoryLoader):
-        why = "it needs the in-memory data pipeline (data.in_memory)"
-    elif not set(taps) <= {POOLED}:
-        why = (
-            f"method {cfg.method.name!r} needs teacher features {[t for t in taps if t != POOLED]}"
-        )
-    elif any(type(p).prepare_batch is not Method.prepare_batch for p in parts):
-        why = f"method {cfg.method.name!r} changes the batch (prepare_batch)"
-    if why:
-        log(f"teacher cache: {why}; using the online teacher")
-        return tea, ()
-    train_loader.return_aug = True
-    images = train_loader.images
-    kw = dict(
-        padding=train_loader.aug_padding, flip=train_loader.aug_flip,
-        mean=train_loader.mean.flatten().tolist(), std=train_loader.std.flatten().tolist(),
-        taps=["logits", *taps], dtype=cfg.train.teacher_cache_dtype,
+def _plan(cfg: Config, method: Method, has_teacher: bool, train_ds) -> Plan:
+    return make_plan(
+        method=method, method_name=cfg.method.name, has_teacher=has_teacher, train_ds=train_ds,
+        in_memory=cfg.data.in_memory, teacher_cache=cfg.train.teacher_cache,
+        teacher_replay=cfg.train.teacher_replay, data_name=cfg.data.name,
     )  # fmt: skip
-    key = cache_key(tea.model, images, **kw)
-    auto = mode.lower() in ("auto", "on", "true", "yes")
-    path = cache_dir() / "teacher" / key[0][:32] if auto else Path(mode).expanduser()
-    if not D.is_dist() or int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one builder per node
-        cache = TeacherCache.build(
-            tea.model, images, **kw, path=path, rebuild="auto" if auto else "missing",
-            batch_size=cfg.data.eval_batch_size, device=device, progress=progress, log=log,
-            key=key,
-        )  # fmt: skip
-    else:  # wait for this node's builder (torchrun stops every rank if it fails)
-        while not (path / "manifest.json").exists():
-            time.sleep(2)
-        cache = TeacherCache.open(path, key=key[0], device=device)
-    if device.type == "cuda" and cache.nbytes < 0.4 * torch.cuda.mem_get_info(device)[0]:
-        cache = TeacherCache.open(path, key=key[0], device=device, preload=True)
-    log(f"teacher cache: {cache}; no teacher forward pass while training")
-    drop = ("aug_offsets", "aug_flips") + (() if train_loader.return_index else ("index",))
-    return CachedTeacher(cache, tea.model), drop
 
 
-def _off(value: Any) -> bool:
-    return str(value).strip().lower() in ("off", "false", "no", "none")  # YAML reads off as False
-
-
-def _replay_plan(cfg: Config, method: Method, tea, train_ds, log) -> bool:
-    """Whether ``train.teacher_replay`` applies to this run; says why not, once, when asked for."""
-    if _off(cfg.train.teacher_replay) or tea is None:
-        return False
-    from relkd.data import supports_in_memory
-    from relkd.data.replay import replay_unsupported
-
-    parts = list(method.parts.values()) if hasattr(method, "parts") else [method]
-    taps = list(method.teacher_taps())
-    if cfg.data.in_memory != "false" and supports_in_memory(train_ds):
-        why = "the data set runs on the in-memory pipeline (its exact cache is train.teacher_cache)"
-    elif any(type(p).wrap_train_dataset is not Method.wrap_train_dataset for p in parts):
-        why = f"method {cfg.method.name!r} wraps the train set itself"
-    elif not set(method.batch_extras) <= {"index"}:
-        why = f"method {cfg.method.name!r} needs the batch extras {sorted(method.batch_extras)}"
-    elif not set(taps) <= {POOLED}:
-        why = (
-            f"method {cfg.method.name!r} needs teacher features {[t for t in taps if t != POOLED]}"
-        )
-    elif any(type(p).prepare_batch is not Method.prepare_batch for p in parts):
-        why = f"method {cfg.method.name!r} changes the batch (prepare_batch)"
-    else:
-        why = replay_unsupported(train_ds)
-    if why:
-        log(f"teacher replay: {why}; using the online teacher")
-    return why is None
-
-
-def _teacher_replay(cfg: Config, method: Method, tea, train_loader, log):
-    """The :class:`~relkd.data.replay.ReplayTeacher` for a replay loader, and the extras only
-    it reads."""
-    from relkd.data import cache_dir
-    from relkd.data.replay import ReplayStore, ReplayTeacher, replay_key
-    from relkd.data.teacher_cache import teacher_fingerprint
-
-    ds = train_loader.ds
-    taps = list(dict.fromkeys(["logits", *method.teacher_taps()]))
-    key = replay_key(teacher_fingerprint(tea.model), ds.fingerprint(), taps,
-                     cfg.train.teacher_cache_dtype)  # fmt: skip
-    mode = str(cfg.train.teacher_replay).strip()
-    auto = mode.lower() in ("auto", "on", "true", "yes")
-    path = cache_dir() / "teacher-replay" / key[0][:32] if auto else Path(mode).expanduser()
-    store = ReplayStore.open(path, key, len(ds))
-    write = D.world_size() == 1
-    # Disk per epoch: ImageNet logits in fp16 are ~2.4 GiB an epoch (FKD keeps only the top-k).
-    shapes = method.ctx.teacher_shapes or {}
-    width = sum(int(np.prod(shapes[t])) for t in taps if t in shapes)
-    per_epoch = len(ds) * (width * (2 if store.dtype == "fp16" else 4) + 40)
-    size = f"{per_epoch / 2**30:.1f} GiB" if per_epoch >= 2**30 else f"{per_epoch / 2**20:.1f} MiB"
-    log(f"teacher replay: {store}; ~{size} per stored epoch")
-    drop = ("aug_params",) + (() if "index" in method.batch_extras else ("index",))
-    return ReplayTeacher(tea, store, write=write, log=log), drop
-
-
-class BlockSampler(torch.utils.data.Sampler[int]):
-    """Shuffle of (seed, epoch) padded like ``DistributedSampler``, sharded in blocks of each
-    global batch (see :func:`relkd.data.memory.block_positions`): N ranks at batch b see the
-    batches of one process at batch N*b."""
-
-    def __init__(self, n: int, batch_size: int, rank: int, world_size: int, seed: int) -> None:
-        self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world_size
-        self.seed, self.epoch = seed, 0
-        self.num_samples = math.ceil(n / world_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self):
-        from relkd.data.memory import block_positions
-
-        g = torch.Generator()
-        g.manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.n, generator=g)
-        total = self.num_samples * self.world
-        order = torch.cat([order, order.repeat(math.ceil(total / self.n))])[:total]
-        yield from order[block_positions(total, self.batch_size, self.rank, self.world)].tolist()
-
-
-class _EpochLoader:
-    """DataLoader whose shuffle order and sharding are a function of (seed, epoch) only, so a
-    resumed run sees exactly the batches of an uninterrupted one."""
-
-    def __init__(self, ds, batch_size, num_workers, seed, collate, device) -> None:
-        self.ds, self.batch_size, self.num_workers = ds, batch_size, num_workers
-        self.seed, self.collate, self.device = seed, collate, device
-        self.sampler = BlockSampler(len(ds), batch_size, D.rank(), D.world_size(), seed)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-        self.epoch = epoch
-        if hasattr(self.ds, "set_epoch"):  # e.g. triplets drawn per (seed, epoch, index)
-            self.ds.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.sampler) / self.batch_size)
-
-    def __iter__(self):
-        g = torch.Generator()
-        g.manual_seed(self.seed * 100003 + getattr(self, "epoch", 0))
-        loader = torch.utils.data.DataLoader(
-            self.ds, batch_size=self.batch_size, sampler=self.sampler,
-            num_workers=self.num_workers, collate_fn=self.collate, generator=g,
-            pin_memory=self.device.type == "cuda", persistent_workers=False,
-        )  # fmt: skip
-        yield from loader
-
-
-def _unpack(batch, device):
-    if len(batch) == 3:
-        x, y, extras = batch
-    else:
-        (x, y), extras = batch, {}
-    nb = device.type == "cuda"
-    x = x.to(device, non_blocking=nb)
-    y = y.to(device, non_blocking=nb)
-    extras = {
-        k: v.to(device, non_blocking=nb) if torch.is_tensor(v) else v for k, v in extras.items()
-    }
-    return x, y, extras
+_unpack = unpack  # the old private name (probe, tests)
+_EpochLoader = EpochLoader
 
 
 @torch.no_grad()
@@ -415,6 +211,11 @@ def _amp(precision: str, device: torch.device):
         return nullcontext
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _run_dir(cfg: Config) -> Path:
+    """The run folder (see :func:`relkd.engine.rundir.run_path`)."""
+    return run_path(cfg)
 
 
 @dataclass
@@ -489,6 +290,181 @@ def build_components(
     return Components(cfg, info, distiller, method, tea, train_ds, test_ds)
 
 
+def _say(quiet: bool):
+    """Messages of the run (rank 0, not quiet) on stderr; nothing is written to the run folder."""
+
+    def say(msg: str) -> None:
+        if D.is_main() and not quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    return say
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass
+class _Loop:
+    """What the epoch loop needs, built by :func:`_build_loop`."""
+
+    cfg: Config
+    comp: Components
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp: Any
+    step: TrainStep
+    sched: Schedule
+    lr: float
+    train_loader: Any
+    test_loader: Any
+    phase_of: list[str]  # the pre-training phase of each leading epoch slot
+    steps_per_epoch: int
+    device: torch.device
+    progress: bool
+
+    @property
+    def total_epochs(self) -> int:
+        return len(self.phase_of) + self.cfg.train.epochs
+
+
+def _build_loop(cfg: Config, comp: Components, plan: Plan, device, say, progress) -> _Loop:
+    """Wrappers (SyncBN, DDP, compile), optimizer, scaler, loaders, teacher source, schedule
+    and the :class:`TrainStep`, as the plan says."""
+    distiller, method = comp.distiller, comp.method
+    model: nn.Module = distiller
+    if D.world_size() > 1 and cfg.train.sync_bn:
+        from relkd.engine.syncbn import convert_sync_bn
+
+        convert_sync_bn(distiller, device)
+    if D.world_size() > 1:
+        model = nn.parallel.DistributedDataParallel(
+            distiller,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            # Multi-stage methods leave parts idle in a phase (the classifier during a hint
+            # stage, init-only connectors afterwards); DDP must not wait for their gradients.
+            find_unused_parameters=bool(method.phases()),
+        )
+    step_fn: Any = torch.compile(model, mode=cfg.train.compile_mode) if cfg.train.compile else model
+    lr = cfg.optim.lr_by_student.get(cfg.student.name, cfg.optim.lr)
+    params = [p for p in distiller.parameters() if p.requires_grad]
+    if cfg.optim.name == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(
+            params, lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
+            nesterov=cfg.optim.nesterov,
+        )  # fmt: skip
+    else:
+        opt = torch.optim.AdamW(
+            params, lr=lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
+        )
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+    amp_ctx = _amp(cfg.train.precision, device)
+    train_loader, test_loader = build_loaders(
+        plan, cfg, method, comp.train_ds, comp.test_ds, comp.info, device
+    )
+    tea, drop = build_teacher_source(
+        plan, cfg, method, comp.teacher, train_loader, device, say, progress
+    )
+    steps_per_epoch = len(train_loader)
+    if cfg.train.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
+    sc = cfg.schedule
+    sched = Schedule(
+        sc.name, lr, steps_per_epoch, cfg.train.epochs, tuple(sc.milestones), sc.gamma,
+        sc.warmup_epochs, sc.min_lr, sc.pct_start, sc.div_factor, sc.final_div_factor,
+        sc.cycle_momentum, sc.base_momentum, sc.max_momentum,
+    )  # fmt: skip
+    step = TrainStep(
+        step_fn, opt, params=params, state_module=distiller, scaler=scaler, amp=amp_ctx,
+        teacher=tea, drop_extras=drop, prepare_batch=method.prepare_batch,
+        channels_last=cfg.train.channels_last, grad_clip=cfg.train.grad_clip,
+        on_nonfinite=cfg.train.on_nonfinite, method_name=cfg.method.name,
+    )  # fmt: skip
+    # Pre-training phases (multi-stage methods) come first; epoch slots are numbered over all.
+    phase_of = [name for name, n in method.phases() for _ in range(n)]
+    return _Loop(
+        cfg, comp, opt, scaler, amp_ctx, step, sched, lr, train_loader, test_loader, phase_of,
+        steps_per_epoch, device, progress,
+    )  # fmt: skip
+
+
+def _check_train(cfg: Config) -> None:
+    """Build-time checks of the engine's own options."""
+    if cfg.train.compile_mode not in COMPILE_MODES:
+        raise RelkdError(
+            f"train.compile_mode={cfg.train.compile_mode!r} is unknown; valid: "
+            f"{', '.join(COMPILE_MODES)}"
+        )
+    if not isinstance(cfg.train.log_every, int) or cfg.train.log_every < 1:
+        raise RelkdError(f"train.log_every={cfg.train.log_every!r} must be a positive integer")
+
+
+def _train_epoch(loop: _Loop, epoch: int, step: int) -> tuple[dict[str, Any], int]:
+    """One epoch slot (a pre-training phase or a main epoch): returns its metrics record
+    (losses, lr, time; no evaluation) and the global step after it. Host reads happen only
+    every ``train.log_every`` steps and at the end, which raises on a non-finite loss
+    (``on_nonfinite=stop``) before anything of the epoch is evaluated or saved."""
+    cfg, method, device = loop.cfg, loop.comp.method, loop.device
+    pre, n = len(loop.phase_of), loop.steps_per_epoch
+    # Re-seed from (seed, epoch): augmentation and dropout randomness of an epoch do not
+    # depend on what ran before, which makes --resume continue exactly.
+    seed_everything(cfg.train.seed * 1_000_003 + epoch)
+    loop.train_loader.set_epoch(epoch)
+    tea = loop.step.teacher
+    if hasattr(tea, "set_epoch"):  # teacher replay: this epoch's stored outputs
+        tea.set_epoch(epoch)
+    phase = loop.phase_of[epoch] if epoch < pre else "main"
+    main_epoch = epoch - pre
+    method.set_phase(phase)
+    method.set_epoch(max(0, main_epoch))
+    loop.comp.distiller.train()
+    loop.step.start_epoch(epoch, step)
+    t0, bar = time.time(), None
+    if loop.progress:
+        from tqdm.auto import tqdm
+
+        desc = f"{phase} {epoch + 1}/{pre}" if phase != "main" else f"epoch {main_epoch + 1}"
+        bar = tqdm(total=n, desc=f"{desc}/{cfg.train.epochs}", leave=False)
+    for i, batch in enumerate(loop.train_loader):
+        if i >= n:
+            break
+        x, y, extras = unpack(batch, device)
+        if phase == "main":
+            loop.sched.apply(loop.opt, step - pre * n)
+        else:  # pre-training phases run at the base lr
+            for g in loop.opt.param_groups:
+                g["lr"] = loop.lr
+        loop.step(x, y, extras)
+        step += 1
+        if (i + 1) % cfg.train.log_every == 0 and i + 1 < n:
+            stats = loop.step.read()  # the read point: progress and the non-finite check
+            if bar is not None:
+                bar.set_postfix(loss=f"{stats.means().get('loss', float('nan')):.3f}")
+        if bar is not None:
+            bar.update(1)
+    stats = loop.step.read()
+    if bar is not None:
+        bar.close()
+    if hasattr(tea, "end_epoch"):
+        tea.end_epoch()
+    # Metrics: per-rank means averaged over ranks.
+    means = stats.means() if stats.steps else {}
+    keys = sorted(means)
+    vec = torch.tensor(
+        [means[k] for k in keys] + [float(stats.skipped)], dtype=torch.float64, device=device
+    )
+    vals = D.all_reduce_sum(vec).tolist()
+    ws = D.world_size()
+    record: dict[str, Any] = {"epoch": main_epoch + 1, "step": step}
+    if phase != "main":
+        record["phase"] = phase
+    record.update({f"train/{k}": vals[j] / ws for j, k in enumerate(keys)})
+    if stats.skipped or vals[-1] > 0:
+        record["skipped_steps"] = int(vals[-1])
+    record["lr"] = loop.opt.param_groups[0]["lr"]
+    record["epoch_time_s"] = time.time() - t0
+    return record, step
+
+
 def fit(
     config: Any,
     *,
@@ -507,212 +483,67 @@ def fit(
             (features are tapped by module name; ``"pooled"`` = input of the last ``nn.Linear``).
         resume: continue from the run folder's checkpoint; without it an existing run folder
             with a checkpoint is an error, never silently overwritten. The config must equal
-            the recorded one (see :mod:`relkd.engine.rundir`).
-        allow_change: config keys (or key prefixes) allowed to differ on resume, recorded in
-            the folder's ``run.json``.
+            the recorded one (rules: :mod:`relkd.engine.rundir`).
+        allow_change: config keys (or sections) that may differ on resume; each change is
+            recorded in the folder's ``run.json``.
     """
     cfg = load_config(config, overrides)
+    _check_train(cfg)
     device = resolve_device(cfg.train.device)
     init_distributed(device)
     run_dir = run_path(cfg)
-    log = RunLogger(run_dir, tensorboard=cfg.train.tensorboard, quiet=quiet)
-    run = RunFolder(run_dir, log)
-    # Every rank checks (the same folder on a shared file system), so none waits on a failed
-    # one; nothing is written before the components are built.
+    run = RunFolder(run_dir, RunLogger(run_dir, tensorboard=cfg.train.tensorboard, quiet=quiet))
+    # Every rank checks (the same folder on a shared file system), so none waits on a failed one.
     run.check(cfg, resume=resume, allow_change=allow_change)
     with sigterm_as_interrupt(), run:
         return _fit(cfg, device, run, teacher, student, resume, allow_change, quiet)
 
 
-def _fit(cfg, device, run, teacher, student, resume, allow_change, quiet) -> dict[str, Any]:
-    run_dir, log = run.path, run.log
+def _fit(cfg, device, run: RunFolder, teacher, student, resume, allow_change, quiet) -> dict:
+    say = _say(quiet)
     seed_everything(cfg.train.seed)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
+    # Build and check everything; the run folder is first written after this.
     comp = build_components(cfg, device, teacher, student)
-    distiller, method, tea, info = comp.distiller, comp.method, comp.teacher, comp.info
-    train_ds, test_ds = comp.train_ds, comp.test_ds
-    model: nn.Module = distiller
-    if D.world_size() > 1 and cfg.train.sync_bn:
-        from relkd.engine.syncbn import convert_sync_bn
-
-        convert_sync_bn(distiller, device)
-    if D.world_size() > 1:
-        model = nn.parallel.DistributedDataParallel(
-            distiller,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            # Multi-stage methods leave parts idle in a phase (the classifier during a hint
-            # stage, init-only connectors afterwards); DDP must not wait for their gradients.
-            find_unused_parameters=bool(method.phases()),
-        )
-    step_fn = model
-    if cfg.train.compile:
-        step_fn = torch.compile(model)
-
-    lr = cfg.optim.lr_by_student.get(cfg.student.name, cfg.optim.lr)
-    params = [p for p in distiller.parameters() if p.requires_grad]
-    if cfg.optim.name == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(
-            params, lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
-            nesterov=cfg.optim.nesterov,
-        )  # fmt: skip
-    else:
-        opt = torch.optim.AdamW(
-            params, lr=lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
-        )
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
-    amp_ctx = _amp(cfg.train.precision, device)
-    replay = _replay_plan(cfg, method, tea, train_ds, log.info)
-    train_loader, test_loader = _make_loaders(
-        cfg, method, train_ds, test_ds, info, device, replay=replay
-    )
+    distiller = comp.distiller
+    plan = _plan(cfg, comp.method, comp.teacher is not None, comp.train_ds)
     progress = cfg.train.progress and D.is_main() and not quiet
-    if replay:
-        tea, cache_only = _teacher_replay(cfg, method, tea, train_loader, log.info)
-    else:
-        tea, cache_only = _teacher_cache(cfg, method, tea, train_loader, device, log.info, progress)
-    steps_per_epoch = len(train_loader)
-    if cfg.train.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
-
+    loop = _build_loop(cfg, comp, plan, device, say, progress)
     start_epoch, step, history, best = 0, 0, [], {"top1": -1.0, "epoch": -1}
     resumed = run.open(
         cfg, resume=resume, allow_change=allow_change, device=device, world_size=D.world_size(),
-        into=(distiller, opt, scaler),
+        into=(distiller, loop.opt, loop.scaler),
     )  # fmt: skip
     if resumed is not None:
         start_epoch, step = resumed.start_epoch, resumed.step
         history, best = resumed.history, resumed.best
-    meta = student_metadata(cfg, info, student)
+    run.write_json("plan.json", plan.to_dict())
+    say(plan.describe())
+    meta = student_metadata(cfg, comp.info, student)
 
-    sched_kw = dict(
-        name=cfg.schedule.name, milestones=list(cfg.schedule.milestones), gamma=cfg.schedule.gamma,
-        warmup_epochs=cfg.schedule.warmup_epochs, min_lr_ratio=cfg.schedule.min_lr / lr,
-        pct_start=cfg.schedule.pct_start,
-    )  # fmt: skip
-    # Pre-training phases (multi-stage methods) come first; epoch slots are numbered over all.
-    phase_of = [name for name, n in method.phases() for _ in range(n)]
-    pre = len(phase_of)
-    total_epochs = pre + cfg.train.epochs
+    pre = len(loop.phase_of)
     t_start = time.time()
-    for epoch in range(start_epoch, total_epochs):
-        # Re-seed from (seed, epoch): augmentation and dropout randomness of an epoch do not
-        # depend on what ran before, which makes --resume continue exactly.
-        seed_everything(cfg.train.seed * 1_000_003 + epoch)
-        train_loader.set_epoch(epoch)
-        if hasattr(tea, "set_epoch"):  # teacher replay: this epoch's stored outputs
-            tea.set_epoch(epoch)
-        phase = phase_of[epoch] if epoch < pre else "main"
+    for epoch in range(start_epoch, loop.total_epochs):
+        record, step = _train_epoch(loop, epoch, step)
         main_epoch = epoch - pre
-        method.set_phase(phase)
-        method.set_epoch(max(0, main_epoch))
-        distiller.train()
-        sums: dict[str, float] = {}
-        n_steps, skipped, t0 = 0, 0, time.time()
-        bar = None
-        if cfg.train.progress and D.is_main() and not quiet:
-            from tqdm.auto import tqdm
-
-            desc = f"{phase} {epoch + 1}/{pre}" if phase != "main" else f"epoch {main_epoch + 1}"
-            bar = tqdm(total=steps_per_epoch, desc=f"{desc}/{cfg.train.epochs}", leave=False)
-        for i, batch in enumerate(train_loader):
-            if i >= steps_per_epoch:
-                break
-            x, y, extras = _unpack(batch, device)
-            x, y, extras = method.prepare_batch(x, y, extras)
-            if cfg.train.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            main_step = step - pre * steps_per_epoch
-            f = (
-                1.0
-                if phase != "main"
-                else lr_factor(main_step, steps_per_epoch, cfg.train.epochs, **sched_kw)
-            )
-            for g in opt.param_groups:
-                g["lr"] = lr * f
-            t_out = tea(x, **extras) if tea is not None else None
-            if cache_only:  # extras only the cached teacher reads
-                extras = {k: v for k, v in extras.items() if k not in cache_only}
-            with amp_ctx():
-                _, terms = step_fn(x, y, t_out, **extras)
-            loss = sum(t.float() for t in terms.values())
-            if not torch.isfinite(loss):
-                detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
-                if cfg.train.on_nonfinite == "skip":
-                    skipped += 1
-                    opt.zero_grad(set_to_none=True)
-                    step += 1
-                    continue
-                raise RelkdError(
-                    f"non-finite loss at epoch {epoch + 1} step {i} (global step {step}) with "
-                    f"method {cfg.method.name!r}: {detail}. Lower the lr, use fp32, or set "
-                    "train.on_nonfinite=skip"
-                )
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.train.grad_clip:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            step += 1
-            n_steps += 1
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-            if bar is not None:
-                bar.update(1)
-                if i % 10 == 0:
-                    bar.set_postfix(loss=f"{float(loss):.3f}")
-        if bar is not None:
-            bar.close()
-        if hasattr(tea, "end_epoch"):
-            tea.end_epoch()
-        # Metrics: per-rank means averaged over ranks.
-        keys = sorted(sums)
-        vec = torch.tensor(
-            [sums[k] / max(1, n_steps) for k in keys] + [float(skipped)],
-            dtype=torch.float64,
-            device=device,
-        )
-        vec = D.all_reduce_sum(vec)
-        ws = D.world_size()
-        record: dict[str, Any] = {"epoch": main_epoch + 1, "step": step}
-        if phase != "main":
-            record["phase"] = phase
-        record.update({f"train/{k}": float(vec[j]) / ws for j, k in enumerate(keys)})
-        if skipped or vec[-1] > 0:
-            record["skipped_steps"] = int(vec[-1])
-        record["lr"] = opt.param_groups[0]["lr"]
-        record["epoch_time_s"] = time.time() - t0
-        is_eval = (main_epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == total_epochs
-        if phase == "main" and is_eval:
-            shard = test_loader
-            ev = evaluate(distiller.student, shard, device, amp_ctx)
+        is_eval = (main_epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == loop.total_epochs
+        if "phase" not in record and is_eval:
+            ev = evaluate(distiller.student, loop.test_loader, device, loop.amp)
             record.update(ev)
             if ev["top1"] > best["top1"]:
                 best = {"top1": ev["top1"], "epoch": main_epoch + 1}
                 run.save_best(distiller.student, meta)
             record["best_top1"] = best["top1"]
         history.append(record)
-        log.info(
-            f"{phase} epoch {main_epoch + 1 if phase == 'main' else epoch + 1}/"
-            f"{cfg.train.epochs if phase == 'main' else pre} loss {record.get('train/loss', float('nan')):.4f}"
-            + (f" top1 {record['top1']:.2f} best {best['top1']:.2f}" if "top1" in record else "")
-        )
-        run.end_epoch(
-            record,
-            {
-                "distiller": distiller.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch,
-                "step": step,
-                "history": history,
-                "best": best,
-            },
-        )
+        say(_epoch_line(record, epoch, pre, cfg.train.epochs, best))
+        state = {
+            "distiller": distiller.state_dict(), "optimizer": loop.opt.state_dict(),
+            "scaler": loop.scaler.state_dict(), "epoch": epoch, "step": step,
+            "history": history, "best": best,
+        }  # fmt: skip
+        run.end_epoch(record, state)  # the checkpoint first, then the metrics line
         if D.is_dist():
             torch.distributed.barrier()
 
@@ -728,8 +559,17 @@ def _fit(cfg, device, run, teacher, student, resume, allow_change, quiet) -> dic
         "teacher": cfg.teacher.name if cfg.teacher else None,
         "seed": cfg.train.seed,
         "train_time_s": time.time() - t_start,
-        "run_dir": str(run_dir),
+        "run_dir": str(run.path),
     }
     run.finish(distiller.student, summary, meta)
     distiller.tap.remove()
     return summary
+
+
+def _epoch_line(record: dict[str, Any], epoch: int, pre: int, epochs: int, best) -> str:
+    phase = record.get("phase", "main")
+    num = f"{record['epoch']}/{epochs}" if phase == "main" else f"{epoch + 1}/{pre}"
+    line = f"{phase} epoch {num} loss {record.get('train/loss', float('nan')):.4f}"
+    if "top1" in record:
+        line += f" top1 {record['top1']:.2f} best {best['top1']:.2f}"
+    return line

@@ -10,6 +10,7 @@ from relkd.losses.crd import (
     momentum_update,
     nce_loss,
     sample_contrast_index,
+    sample_other_class_index,
 )
 from relkd.losses.dist import dist_loss
 from relkd.losses.dkd import dkd_loss
@@ -27,7 +28,7 @@ from relkd.losses.kd import kd_loss
 from relkd.losses.logit_std import zscore_logits
 from relkd.losses.relation import cc_loss, pkt_loss, rkd_loss, sp_loss
 from relkd.losses.rrd import ring_buffer_enqueue, rrd_loss
-from relkd.losses.softrank import hard_rank, soft_rank
+from relkd.losses.softrank import hard_rank, soft_rank, soft_rank_network
 from relkd.losses.vid import vid_loss
 
 __all__ = [
@@ -60,8 +61,10 @@ __all__ = [
     "rkd_loss",
     "rrd_loss",
     "sample_contrast_index",
+    "sample_other_class_index",
     "soft_ce_t",
     "soft_rank",
+    "soft_rank_network",
     "sp_loss",
     "update_class_memory",
     "vid_loss",

@@ -13,18 +13,25 @@ re-implementations (their consensus), not copied from the paper. Shapes: logits 
     L_cc  = ||G(z_s) - G(z_t)||_F^2 / C^2
     clkd_loss = mu * (L_ins + beta * L_cla) + nu * L_cc   (lambda * CE is left to the caller)
 
-No temperature and no softmax. Variants (the re-implementations disagree), as keyword switches:
-  * ``corr="sample"``: the [B, B] correlation of the samples instead of the [C, C] one of the
-    classes, i.e. G(z^T): each sample's logit vector is centred over its classes (and
-    normalised), and L_cc divides by B^2.
-  * ``corr_normalized=False``: the covariance zc^T zc / (N - 1) (N = batch size for "class", C for
-    "sample") instead of the correlation. Its scale grows with the square of the logit scale; on a
-    small Fashion-MNIST test it drove the student to chance accuracy, hence the default.
-  * ``corr_centered=False``: no mean subtraction (cosine similarity, or the raw second moment with
-    the same N - 1 divisor when not normalised).
-  * ``corr_squared=False``: our reading of the "not squared" variant is the mean ABSOLUTE entry
-    difference, mean |G_s - G_t| (= ||G_s - G_t||_1 / C^2), the L1 analogue of the default mean
-    squared entry difference. (The other possible reading, ||G_s - G_t||_F / C, is not offered.)
+No temperature and no softmax. Variants (the re-implementations disagree), as keyword switches;
+each non-default switch computes what one re-implementation computes (tested against transcribed
+formulas in ``tests/losses/test_clkd.py``). zc below is z centred over the batch (each class
+column minus its batch mean), as in every re-implementation; C is the number of classes.
+  * ``corr="sample"``: the [B, B] matrix of the samples, zc zc^T (rows normalised to unit length
+    by default: the cosine of the samples' batch-centred logit vectors), and L_cc still divides by
+    C^2. With ``corr_normalized=False`` this is re-implementation A's [B, B] matrix
+    sum_j zc[:, j] zc[:, j]^T / (C - 1) with its ||dG||_F^2 / C^2.
+  * ``corr_normalized=False``: the raw covariance zc^T zc / (C - 1) (``"class"``) or
+    zc zc^T / (C - 1) (``"sample"``) instead of the correlation; the divisor is C - 1 in both
+    re-implementations that use a covariance (not the statistical B - 1). Its scale grows with the
+    square of the logit scale; on a small Fashion-MNIST test it drove the student to chance
+    accuracy, hence the default.
+  * ``corr_centered=False``: no centring (cosine similarity of the raw columns / rows, or the raw
+    second moment with the same C - 1 divisor when not normalised).
+  * ``corr_squared=False``: L_cc = ||G_s - G_t||_F / C^2, the Frobenius norm NOT squared, still
+    divided by C^2: re-implementation B (class covariance, ``corr_normalized=False``) does this.
+    (Before this was fixed relkd computed mean |G_s - G_t| here, which no re-implementation does.)
+The third re-implementation (uncentred Gram z^T z compared by row-normalised MSE) is not offered.
 
 Distributed training (``gather=True``). L_ins is a mean over samples: each rank computes it on its
 local batch, and with equal local batches DDP's gradient average equals the gradient of the global
@@ -78,17 +85,24 @@ def relation_matrix(
 ) -> torch.Tensor:
     """CLKD's relation matrix of logits z [B, C]: [C, C] for corr="class", [B, B] for "sample".
 
-    The columns of m (m = z for "class", m = z^T for "sample") are the variables and its rows the
-    observations: centre each column over the observations, then either normalise the columns
-    (correlation) or divide by (N - 1) (covariance), N the number of observations.
+    Both centre each class column of z over the batch (``centered``). "class": zc^T zc with the
+    columns normalised (Pearson correlation of the classes) or divided by C - 1; "sample":
+    zc zc^T with the rows normalised or divided by C - 1 (see the module docstring).
     """
-    m = z if corr == "class" else z.t()
-    if centered:
-        m = m - m.mean(dim=0, keepdim=True)
+    c = z.shape[1]
+    if corr == "class":
+        m = z
+        if centered:
+            m = m - m.mean(dim=0, keepdim=True)
+        if normalized:
+            m = F.normalize(m, dim=0, eps=_EPS)
+            return m.t() @ m
+        return m.t() @ m / max(c - 1, 1)
+    m = z - z.mean(dim=0, keepdim=True) if centered else z  # batch-centred, as for "class"
     if normalized:
-        m = F.normalize(m, dim=0, eps=_EPS)
-        return m.t() @ m
-    return m.t() @ m / max(m.shape[0] - 1, 1)
+        m = F.normalize(m, dim=1, eps=_EPS)
+        return m @ m.t()
+    return m @ m.t() / max(c - 1, 1)
 
 
 def clkd_terms(
@@ -127,8 +141,12 @@ def clkd_terms(
         cla = F.mse_loss(F.normalize(zs, dim=0, eps=_EPS), F.normalize(zt, dim=0, eps=_EPS))
         kw = {"corr": corr, "normalized": corr_normalized, "centered": corr_centered}
         diff = relation_matrix(zs, **kw) - relation_matrix(zt, **kw)
-        # .mean() over the K x K entries = ||.||_F^2 / K^2 (squared) or ||.||_1 / K^2 (absolute).
-        cc = diff.square().mean() if corr_squared else diff.abs().mean()
+        c2 = zs.shape[1] ** 2
+        if corr_squared:
+            # ||.||_F^2 / C^2; for "class" (K = C) the mean over the C x C entries (the default)
+            cc = diff.square().mean() if corr == "class" else diff.square().sum() / c2
+        else:  # ||.||_F / C^2 (vector_norm's gradient at 0 is 0, not NaN)
+            cc = torch.linalg.vector_norm(diff) / c2
         if gather:
             cla, cc = global_batch_term(cla), global_batch_term(cc)
     return {"ins": ins, "cla": cla, "cc": cc}

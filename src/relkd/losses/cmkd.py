@@ -25,7 +25,11 @@ Choices and why:
     in bounded memory (``relkd.losses.softrank``). ``rank="soft_isotonic"``: Blondel et al.'s
     O(C log C) soft rank from ``torchsort`` if it is importable; otherwise a RuntimeWarning is
     issued once per process and the pairwise-sigmoid rank is used instead (torchsort does not
-    build on every machine and relkd does not depend on it).
+    build on every machine and relkd does not depend on it). ``rank="sorting_network"``: a
+    relaxed bitonic sorting network (logistic comparators, Petersen et al. arXiv 2105.04019; our
+    own code, O(C log^2 C) per sample, bounded memory), for the "differentiable sorting
+    operation" a third-party description of CMKD mentions. At the same ``rank_eps`` it is softer
+    than the pairwise-sigmoid rank (the relaxation compounds over the network's layers).
   * The weights w_i are detached: difficulty is a weighting, not something to optimise (it only
     depends on the teacher anyway).
   * Soft-rank error: at z_s = z_t the Spearman term is not exactly 0, because soft ranks are
@@ -53,12 +57,12 @@ import torch
 import torch.nn.functional as F
 
 from relkd.distributed import all_gather_with_grad, global_batch_term
-from relkd.losses.softrank import hard_rank, soft_rank, soft_rank_isotonic
+from relkd.losses.softrank import hard_rank, soft_rank, soft_rank_isotonic, soft_rank_network
 
 __all__ = ["DIFFICULTY_CHOICES", "RANK_CHOICES", "cmkd_loss", "cmkd_terms"]
 
 DIFFICULTY_CHOICES = ("teacher_entropy", "teacher_entropy_inverse", "none")
-RANK_CHOICES = ("soft_sigmoid", "soft_isotonic")
+RANK_CHOICES = ("soft_sigmoid", "soft_isotonic", "sorting_network")
 _EPS = 1e-8  # Pearson (cosine) eps, as in DIST
 _ZSCORE_VAR_EPS = 1e-12  # keeps the Z-score finite (and differentiable) for constant rows
 
@@ -128,6 +132,8 @@ def cmkd_terms(
         zs_std = _zscore(zs)
         if rank == "soft_sigmoid":
             rs = soft_rank(zs_std, rank_eps)
+        elif rank == "sorting_network":
+            rs = soft_rank_network(zs_std, rank_eps)
         else:
             rs = soft_rank_isotonic(zs_std, rank_eps)
         spearman = 1.0 - _pearson_rows(rs, hard_rank(zt).to(rs.dtype))  # [B]

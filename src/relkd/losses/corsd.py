@@ -1,7 +1,8 @@
 """Loss terms of CORSD (Yu et al., "Class-Oriented Relational Self Distillation", arXiv
 2305.00918, ICASSP 2023). Pure functions; the method (:mod:`relkd.methods.corsd`) weights them.
 
-Official code: github.com/muzhou-yu/CORSD. What is official and what is ours:
+From the abstract and the official code (github.com/muzhou-yu/CORSD); the paper body was not
+readable to us, so nothing here is "the paper's equation". What is official and what is ours:
 
 - :func:`kl_t`: ours. The official code calls ``F.kl_div(aux_logits_k, aux_logits_0)`` on raw
   logits (not log-probabilities / probabilities), which is not a KL divergence and gives NaN or

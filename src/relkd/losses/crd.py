@@ -28,9 +28,10 @@ def sample_contrast_index(
     """[B, K + 1] memory rows to score: column 0 the positive ``index`` [B], then K negatives.
 
     Negatives are drawn uniformly with replacement from the N - 1 *other* samples (the positive
-    never appears as its own negative). The official CIFAR pipeline instead draws them without
-    replacement from samples of other classes; ContrastMemory's fallback draws uniformly from
-    all N. All three are the uniform-noise NCE of the paper up to a negligible bias.
+    never appears as its own negative): the method's ``negatives="any"`` option. The official
+    CIFAR pipeline instead draws them without replacement from samples of other classes (the
+    method's default, :func:`sample_other_class_index`); ContrastMemory's fallback draws
+    uniformly from all N. With C classes about 1 / C of these negatives share the anchor's class.
     """
     if num_data < 2:
         raise ValueError(f"CRD needs at least 2 training samples, got num_data={num_data}")
@@ -40,6 +41,70 @@ def sample_contrast_index(
     )
     neg = neg + (neg >= index[:, None]).long()  # skip the positive: map [0, N-1) onto the others
     return torch.cat([index[:, None].long(), neg], dim=1)
+
+
+def sample_other_class_index(
+    index: torch.Tensor,
+    labels: torch.Tensor,
+    num_negatives: int,
+    *,
+    replacement: bool = False,
+    generator: torch.Generator | None = None,
+    chunk_elems: int = 1 << 24,
+) -> torch.Tensor:
+    """[B, K + 1] memory rows to score: column 0 the positive ``index`` [B], then K negatives
+    drawn uniformly from the samples of *other classes* (RepDistiller's CIFAR-100 CRD sampler).
+
+    Args:
+        index: [B] dataset indices of the anchors; their labels ``labels[index]`` must be known.
+        labels: [N] class label of every training sample; ``-1`` marks a sample whose label is
+            not known yet: it counts as another class for every anchor (see
+            :class:`relkd.methods.crd.CRD`).
+        num_negatives: K.
+        replacement: False (default): without replacement, as the official CIFAR loader
+            (``np.random.choice(..., replace=False)``), falling back to with replacement for an
+            anchor whose class leaves fewer than K candidates (the official rule). True: with
+            replacement (the official ImageNet loader; cheaper).
+        chunk_elems: rows drawn without replacement take one uniform key per candidate
+            ([rows, N]; the K smallest keys are a uniform K-subset); they are drawn in chunks of at
+            most this many elements so memory stays bounded for large N (ImageNet: 1.28M).
+
+    The anchor's whole class, the anchor itself included, is never drawn. Candidates are
+    addressed through the class-sorted order of ``labels``: the anchor's class is one contiguous
+    block there, so with replacement a draw is one random integer per negative.
+    """
+    n, b, k = labels.shape[0], index.shape[0], num_negatives
+    index = index.long()
+    anchor = labels[index]
+    if bool((anchor < 0).any()):
+        raise ValueError("sample_other_class_index: the anchors' labels must be known (>= 0)")
+    order = torch.argsort(labels, stable=True)
+    sorted_labels = labels[order]
+    lo = torch.searchsorted(sorted_labels, anchor)  # the anchor class: order[lo:hi]
+    own = torch.searchsorted(sorted_labels, anchor, right=True) - lo
+    m = n - own  # candidates per anchor
+    if bool((m == 0).any()):
+        bad = int(anchor[m == 0][0])
+        raise ValueError(f"CRD: no sample of another class than {bad} to draw negatives from")
+    out = torch.empty(b, k, dtype=torch.long, device=labels.device)
+    with_repl = (m < k) | replacement
+    rows = with_repl.nonzero().flatten()
+    if rows.numel():
+        # uniform in [0, m) per row (modulo bias < m / 2**62), then skip the anchor's block
+        r = torch.randint(0, 2**62, (rows.numel(), k), device=labels.device, generator=generator)
+        r = r % m[rows, None]
+        out[rows] = order[r + (r >= lo[rows, None]) * own[rows, None]]
+    rows = (~with_repl).nonzero().flatten()
+    pos = torch.arange(n, device=labels.device)
+    step = max(1, chunk_elems // max(n, 1))
+    for chunk in rows.split(step) if rows.numel() else ():
+        keys = torch.rand((chunk.numel(), n), device=labels.device, generator=generator)
+        block = (pos[None, :] >= lo[chunk, None]) & (pos[None, :] < (lo + own)[chunk, None])
+        keys.masked_fill_(block, 2.0)  # never among the K smallest (keys < 1)
+        # sorted=False: the loss does not depend on the order of the negatives
+        picked = torch.topk(keys, k, dim=1, largest=False, sorted=False).indices
+        out[chunk] = order[picked]
+    return torch.cat([index[:, None], out], dim=1)
 
 
 def contrast_scores(

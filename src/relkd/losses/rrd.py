@@ -11,7 +11,8 @@ embeddings:
 Decisions (see the docs of :class:`relkd.methods.rrd.RRD` for the full list):
 
 * Temperatures: ``tau_s = 0.04``, ``tau_t = 0.1`` as in the official code while the paper was at
-  v1-v4 (later code swapped them to 0.1 / 0.02). Both are arguments.
+  v1-v4 (later code, after paper v5, uses 0.1 / 0.02: the method's ``version="v5"`` preset).
+  Both are arguments.
 * Queue order: this function only scores against the queue it is given. Whether the current
   batch is enqueued before (code after Feb 2025) or after (v1-v4 code, our default) scoring is the
   caller's choice; :func:`ring_buffer_enqueue` does the enqueue.
@@ -38,7 +39,7 @@ def rrd_loss(
         student_emb: z_s [B, d], L2-normalised.
         teacher_emb: z_t [B, d], L2-normalised.
         queue: Q [K, d], L2-normalised rows; always treated as a constant (no gradient).
-        tau_s: student temperature (0.04; sharper than the teacher's, as the paper argues).
+        tau_s: student temperature (0.04, the v1-v4 code; sharper than the teacher's).
         tau_t: teacher temperature (0.1).
         detach_target: the official code detaches the target distribution; ``False`` lets a
             gradient reach ``teacher_emb`` (used by the ``teacher_proj="shared"`` variant).

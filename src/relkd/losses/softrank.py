@@ -14,6 +14,11 @@ independent of the batch size. (torch.utils.checkpoint per block would also boun
 recomputes the forward and keeps more temporaries.) Trade-off of the custom function: it is
 differentiable once (no double backward), which is all a training loss needs.
 
+``soft_rank_network`` relaxes a bitonic sorting network (the idea of Petersen et al.,
+"Differentiable Sorting Networks for Scalable Sorting and Ranking Supervision", ICML 2021,
+arXiv 2105.04019, whose package is ``diffsort``); our own code, O(C log^2 C) per row, see its
+docstring.
+
 ``soft_rank_isotonic`` is the O(C log C) soft rank of Blondel et al., "Fast Differentiable Sorting
 and Ranking" (arXiv 2002.08871), taken from the ``torchsort`` package when it is importable. relkd
 does not depend on torchsort (it does not build everywhere); when it is missing the function warns
@@ -22,11 +27,19 @@ once per process and falls back to the pairwise-sigmoid ``soft_rank``.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
-__all__ = ["DEFAULT_BUDGET_ELEMENTS", "hard_rank", "soft_rank", "soft_rank_isotonic"]
+__all__ = [
+    "DEFAULT_BUDGET_ELEMENTS",
+    "hard_rank",
+    "soft_rank",
+    "soft_rank_isotonic",
+    "soft_rank_network",
+]
 
 # 2**24 elements = 64 MiB per fp32 block; at most two blocks live at a time. Large enough that each
 # block is milliseconds of work (Python overhead negligible), small enough for any CPU or GPU.
@@ -189,3 +202,114 @@ def soft_rank_isotonic(x: torch.Tensor, eps: float = 0.1) -> torch.Tensor:
     if x.ndim != 2:
         raise ValueError(f"soft_rank_isotonic expects [B, C], got shape {tuple(x.shape)}")
     return torchsort.soft_rank(x, regularization_strength=eps)
+
+
+@functools.lru_cache(maxsize=16)
+def _bitonic_layers(n: int) -> tuple[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]], ...]:
+    """Layers of the bitonic sorting network on n = 2^k wires (ascending).
+
+    Each layer is ``(lo, hi, inverse)``: comparator p sends the smaller value to wire ``lo[p]``
+    and the larger to ``hi[p]``; every wire is in exactly one comparator, and ``inverse`` maps
+    ``cat(lo, hi)`` back to wire order. k (k + 1) / 2 layers (55 for n = 1024).
+    """
+    layers = []
+    k = 2
+    while k <= n:
+        j = k // 2
+        while j >= 1:
+            lo, hi = [], []
+            for i in range(n):
+                partner = i ^ j
+                if partner > i:
+                    ascending = (i & k) == 0
+                    lo.append(i if ascending else partner)
+                    hi.append(partner if ascending else i)
+            order = lo + hi
+            inverse = [0] * n
+            for pos, wire in enumerate(order):
+                inverse[wire] = pos
+            layers.append((tuple(lo), tuple(hi), tuple(inverse)))
+            j //= 2
+        k *= 2
+    return tuple(layers)
+
+
+def _network_rank(x: torch.Tensor, eps: float, n: int) -> torch.Tensor:
+    """Soft ranks [r, C] of x [r, C] through the relaxed bitonic network on n >= C wires."""
+    r, c = x.shape
+    if n > c:  # pad with values far above the row: they sort to the top, exactly (see below)
+        pad = x.detach().amax(dim=1, keepdim=True) + 1.0 + 50.0 * eps
+        x = torch.cat([x, pad.expand(r, n - c)], dim=1)
+    idx = [tuple(torch.tensor(t, device=x.device) for t in layer) for layer in _bitonic_layers(n)]
+    mix = []
+    v = x
+    for lo, hi, inverse in idx:
+        a, b = v[:, lo], v[:, hi]
+        s = torch.sigmoid((b - a) / eps)  # P(a is the smaller): weight of keeping the order
+        v = torch.cat([s * a + (1 - s) * b, (1 - s) * a + s * b], dim=1)[:, inverse]
+        mix.append(s)
+    # The network's soft permutation is P = L_K ... L_1, each layer L_l mixing its comparator
+    # pairs with the symmetric block [[s, 1 - s], [1 - s, s]]. Element e's soft rank is
+    # sum_w (w + 1) P[w, e] = (P^T pos)[e] = L_1 (L_2 (... L_K pos)): the layers applied in
+    # reverse to the position vector, O(n) each, never forming the [n, n] matrix.
+    pos = torch.arange(1, n + 1, device=x.device, dtype=x.dtype).expand(r, n)
+    for (lo, hi, inverse), s in zip(reversed(idx), reversed(mix)):
+        a, b = pos[:, lo], pos[:, hi]
+        pos = torch.cat([s * a + (1 - s) * b, (1 - s) * a + s * b], dim=1)[:, inverse]
+    return pos[:, :c]
+
+
+def soft_rank_network(
+    x: torch.Tensor, eps: float = 0.1, *, budget_elements: int = DEFAULT_BUDGET_ELEMENTS
+) -> torch.Tensor:
+    """Soft rank of ``x`` along the last dim through a relaxed bitonic sorting network; 1-based.
+
+    Each comparator of the network (C padded to the next power of two n) replaces the hard
+    min / max of its two values a, b by the mixture with weight s = sigmoid((b - a) / eps), the
+    logistic relaxation of Petersen et al. (arXiv 2105.04019). The network then defines a
+    doubly stochastic soft permutation matrix P; the ``diffsort`` package forms it as a
+    [B, n, n] tensor (1 GiB per copy at B = 256, C = 1000, several kept for backward), so we do
+    not use it: the ranks P^T (1..n) are obtained by applying the layers' symmetric mixing in
+    reverse order to the position vector, O(n log^2 n) per row and O(n log^2 n) memory per row
+    for backward. Rows are processed in blocks of at most ``budget_elements`` saved elements,
+    each under activation checkpointing when a gradient is needed, so the backward memory is
+    bounded independently of the batch size. Padding values sit 50 eps above the row maximum,
+    where the sigmoid is 1 to float precision, so they never mix with real values.
+
+    Args:
+        x: [..., C] floating tensor (any leading shape).
+        eps: comparator temperature in the units of ``x`` (CMKD: Z-scored logits). The
+            relaxation compounds over the k (k + 1) / 2 layers, so at the same eps it is softer
+            than the pairwise-sigmoid ``soft_rank``.
+        budget_elements: elements kept per row block (forward graph of one block).
+
+    Unlike ``soft_rank`` the result is not permutation-equivariant at a finite eps: which
+    comparisons a value meets depends on its input position (true of relaxed sorting networks in
+    general); it becomes so as eps -> 0.
+
+    Returns:
+        [..., C] soft ranks in the dtype of ``x``: a convex combination of 1..n per element
+        (exact ranks as eps -> 0 on distinct values), summing to C (C + 1) / 2 per row.
+    """
+    if not x.is_floating_point():
+        raise TypeError(f"soft_rank_network needs a floating tensor, got {x.dtype}")
+    if eps <= 0:
+        raise ValueError(f"eps must be > 0, got {eps!r}")
+    if x.ndim == 0:
+        raise ValueError("soft_rank_network needs at least one dimension")
+    shape, c = x.shape, x.shape[-1]
+    x2 = x.reshape(-1, c)
+    if x2.numel() == 0:
+        return torch.zeros_like(x)
+    n = 1 << max(0, (c - 1).bit_length())
+    layers = len(_bitonic_layers(n))
+    per_row = 8 * n * (layers + 1)  # ~ tensors of n elements kept per layer, both passes
+    rows = max(1, budget_elements // per_row)
+    grad = torch.is_grad_enabled() and x2.requires_grad
+    out = []
+    for chunk in x2.split(rows):
+        if grad:
+            out.append(checkpoint(_network_rank, chunk, eps, n, use_reentrant=False))
+        else:
+            out.append(_network_rank(chunk, eps, n))
+    return torch.cat(out).reshape(shape)

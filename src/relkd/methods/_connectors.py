@@ -35,7 +35,14 @@ def _names(ctx: MethodContext, side: str, method: str) -> list[str]:
     return [s.name for s in stages]
 
 
-def _pick(names: list[str], index: int, side: str, method: str) -> str:
+def _pick(names: list[str], index: int | str, side: str, method: str) -> str:
+    if isinstance(index, str):  # a stage given by its module name
+        if index not in names:
+            raise RelkdError(
+                f"method {method!r}: {index!r} is not a {side} stage; the {side} has stages "
+                f"{names} (give a name or an index)"
+            )
+        return index
     if not -len(names) <= index < len(names):
         raise RelkdError(
             f"method {method!r}: {side} stage index {index} is out of range; the {side} has "
@@ -47,13 +54,13 @@ def _pick(names: list[str], index: int, side: str, method: str) -> str:
 def stage_pairs(
     ctx: MethodContext,
     method: str,
-    stages: Sequence[int] | None = None,
-    teacher_stages: Sequence[int] | None = None,
+    stages: Sequence[int | str] | None = None,
+    teacher_stages: Sequence[int | str] | None = None,
 ) -> list[tuple[str, str]]:
     """(student stage name, teacher stage name) pairs, shallow to deep.
 
     ``stages`` indexes the student's stages (``ctx.student_stages``) and ``teacher_stages`` the
-    teacher's (default: the same indices). Default: every stage, paired by position from the
+    teacher's (default: the same indices); an entry may also be a stage's module name. Default: every stage, paired by position from the
     shallowest; with unequal stage counts the extra deep stages of the deeper model are left
     out (the CRD benchmark code zips the two lists the same way).
     """
@@ -62,7 +69,12 @@ def stage_pairs(
         if teacher_stages is not None:
             raise RelkdError(f"method {method!r}: teacher_stages needs stages (student indices)")
         stages = list(range(min(len(s_names), len(t_names))))
-    t_idx = list(stages) if teacher_stages is None else list(teacher_stages)
+    # Default teacher stages: the same positions (a student stage given by name: its index).
+    t_idx = (
+        [s_names.index(i) if isinstance(i, str) and i in s_names else i for i in stages]
+        if teacher_stages is None
+        else list(teacher_stages)
+    )
     if not stages or len(t_idx) != len(stages):
         raise RelkdError(
             f"method {method!r}: stages {list(stages)} and teacher_stages {t_idx} must be "
@@ -75,10 +87,10 @@ def stage_pairs(
 
 
 def stage_pair(
-    ctx: MethodContext, method: str, stage: int, teacher_stage: int | None = None
+    ctx: MethodContext, method: str, stage: int | str, teacher_stage: int | str | None = None
 ) -> tuple[str, str]:
     """One (student, teacher) stage pair; ``teacher_stage`` defaults to ``stage``."""
-    return stage_pairs(ctx, method, [stage], [stage if teacher_stage is None else teacher_stage])[0]
+    return stage_pairs(ctx, method, [stage], None if teacher_stage is None else [teacher_stage])[0]
 
 
 def map_shape(ctx: MethodContext, side: str, name: str, method: str) -> tuple[int, int, int]:

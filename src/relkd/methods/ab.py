@@ -38,6 +38,14 @@ class AB(InitPhaseMixin, StagePairTaps, Method):
     student's *pre*-activations to the connector, so a connector is always built (RepDistiller
     uses the identity for equal shapes); the teacher side needs only its sign pattern, which
     ReLU keeps. The student's BN layers run in training mode during the init phase.
+
+    Where relkd differs from RepDistiller (not matched yet: the optimizer belongs to the engine,
+    see ``docs/fidelity.md``): RepDistiller's ``init`` uses its own SGD (connectors + student
+    feature modules) and the main phase then starts a *fresh* SGD, so the main phase begins with
+    zero momentum. relkd's engine keeps one optimizer across phases: the student's SGD momentum
+    buffers from the last init step carry into the first main steps (with momentum 0.9 their
+    share decays as 0.9^t: ~0.5 % after 50 steps). Both run the init phase at the base lr,
+    constant.
     """
 
     default_ce_weight = 1.0

@@ -59,6 +59,13 @@ class Method(nn.Module):
     composite_defaults: ClassVar[dict[str, Any]] = {}
     #: per-sample extras the data pipeline must deliver, e.g. ("index",).
     batch_extras: ClassVar[tuple[str, ...]] = ()
+    #: whether :meth:`wrap_train_dataset` changes the training set (e.g. CORSD's triplets). The
+    #: engine's planner (:mod:`relkd.engine.plan`) reads this declaration, never the code: a
+    #: subclass overriding the hook without declaring it is refused at registration.
+    wraps_train_set: ClassVar[bool] = False
+    #: whether :meth:`prepare_batch` changes the batch (its size or images), which rules out
+    #: teacher outputs looked up per sample (exact cache, replay). Checked like the above.
+    changes_batch: ClassVar[bool] = False
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__()
@@ -115,11 +122,31 @@ def register_method(name: str):
     def deco(cls: type[Method]) -> type[Method]:
         if name != name.lower() or "+" in name:
             raise ValueError(f"method names are lowercase without '+', got {name!r}")
+        check_declarations(cls)
         cls.name = name
         METHODS.add(name, cls)
         return cls
 
     return deco
+
+
+#: hook -> the class attribute that must declare an override of it (see :class:`Method`).
+DECLARED_HOOKS: dict[str, str] = {
+    "wrap_train_dataset": "wraps_train_set",
+    "prepare_batch": "changes_batch",
+}
+
+
+def check_declarations(cls: type[Method]) -> None:
+    """Refuse a method class that overrides a data hook without declaring it: the planner
+    trusts the declarations (``wraps_train_set``, ``changes_batch``), so an undeclared override
+    would silently get a pipeline or teacher source that ignores the hook."""
+    for hook, flag in DECLARED_HOOKS.items():
+        if getattr(cls, hook) is not getattr(Method, hook) and not getattr(cls, flag):
+            raise TypeError(
+                f"method class {cls.__name__} overrides {hook}() but does not declare "
+                f"{flag} = True (the engine plans the data pipeline from that declaration)"
+            )
 
 
 def list_methods() -> list[str]:
@@ -179,6 +206,8 @@ class Composite(Method):
         # Instance attributes shadow the class defaults: a composition needs what any part needs.
         self.requires_teacher = any(p.requires_teacher for p in parts.values())  # type: ignore[misc]
         self.batch_extras = tuple(sorted({e for p in parts.values() for e in p.batch_extras}))  # type: ignore[misc]
+        self.wraps_train_set = any(p.wraps_train_set for p in parts.values())  # type: ignore[misc]
+        self.changes_batch = any(p.changes_batch for p in parts.values())  # type: ignore[misc]
 
     def student_taps(self) -> list[str]:
         return list(dict.fromkeys(t for p in self.parts.values() for t in p.student_taps()))

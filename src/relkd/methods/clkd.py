@@ -19,9 +19,11 @@ class CLKD(Method):
     L_ins / L_cla: MSE of row-normalised logits of the [B, C] matrix and of its transpose
     (instance and class level); L_cc: squared Frobenius distance of the [C, C] class correlation
     matrices / C^2. Defaults (the re-implementations' consensus): lambda 0.1, mu 0.5, beta 2,
-    nu 0.4. Switches ``corr`` (class | sample), ``corr_normalized`` (correlation, default, vs
-    the raw covariance that collapsed training to chance in our Fashion-MNIST check),
-    ``corr_centered``, ``corr_squared``. Short schedules want ``method.ce_weight=1`` (CLKD with
+    nu 0.4. Switches ``corr`` (class | sample: re-implementation A's [B, B] sample matrix),
+    ``corr_normalized`` (correlation, default, vs the raw covariance / (C - 1) of the
+    re-implementations, which collapsed training to chance in our Fashion-MNIST check),
+    ``corr_centered``, ``corr_squared`` (False: ||dG||_F / C^2 not squared, re-implementation B);
+    exact formulas in :mod:`relkd.losses.clkd`. Short schedules want ``method.ce_weight=1`` (CLKD with
     lambda 0.1 trailed CE in a 4-epoch run, matched it with lambda 1). The class-level and
     correlation terms use the batch gathered from every rank under DDP.
     """

@@ -14,7 +14,7 @@ from relkd.methods.base import Method, MethodContext, register_method
 from relkd.registry import RelkdError
 
 DIFFICULTY = ("teacher_entropy", "teacher_entropy_inverse", "none")
-RANK = ("soft_sigmoid", "soft_isotonic")
+RANK = ("soft_sigmoid", "soft_isotonic", "sorting_network")
 
 
 @register_method("cmkd")
@@ -25,7 +25,9 @@ class CMKD(Method):
     sample by difficulty. Our reconstruction: DIST's inter/intra Pearson terms on softened
     probabilities, a Spearman term between the student's soft rank of its z-scored logits and the
     teacher's exact ranks, difficulty = normalised teacher entropy. Switches: ``difficulty``
-    (teacher_entropy | teacher_entropy_inverse | none), ``rank`` (soft_sigmoid | soft_isotonic),
+    (teacher_entropy | teacher_entropy_inverse | none), ``rank`` (soft_sigmoid | soft_isotonic |
+    sorting_network: a relaxed bitonic network, for the "differentiable sorting operation" a
+    third-party description mentions; :func:`relkd.losses.softrank.soft_rank_network`),
     ``rank_eps``, ``intra_weight``, ``temperature`` (4 on CIFAR, 1 on ImageNet). CE weight 1.
     Works on top of other logit methods as a composition, e.g. ``kd+cmkd``. The intra-class term
     is computed on the batch gathered from every rank under DDP. ``logit_std`` z-scores the

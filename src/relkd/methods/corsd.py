@@ -1,5 +1,6 @@
 """CORSD: Class-Oriented Relational Self Distillation (Yu, Tan, Wu, Dong, Zhang, Ma; arXiv
-2305.00918, ICASSP 2023). Official code: github.com/muzhou-yu/CORSD."""
+2305.00918, ICASSP 2023). From the abstract and the official code (github.com/muzhou-yu/CORSD);
+the paper body was not readable to us."""
 
 from __future__ import annotations
 
@@ -59,6 +60,8 @@ class CORSD(Method):
 
     requires_teacher = False
     default_ce_weight = 1.0
+    wraps_train_set = True  # triplets (wrap_train_dataset)
+    changes_batch = True  # [anchors; positives; negatives] -> 3B images (prepare_batch)
 
     def __init__(
         self,

@@ -17,11 +17,15 @@ from relkd.losses.crd import (
     estimate_z,
     momentum_update,
     sample_contrast_index,
+    sample_other_class_index,
 )
 from relkd.methods.base import Method, MethodContext, register_method
 from relkd.methods.rrd import pooled_dim
 from relkd.models.base import POOLED
 from relkd.registry import RelkdError
+
+#: where CRD's negatives come from (see :class:`CRD`).
+NEGATIVES = ("other_class", "any")
 
 
 @register_method("crd")
@@ -38,11 +42,32 @@ class CRD(Method):
     uniform in +-sqrt(3 / dim) (expected unit norm), Z estimated once from the first training
     batch, memory updated after scoring. "crd+kd" adds KD with weight 1 (composition).
 
-    Our decisions: negatives are drawn uniformly with replacement from the N - 1 other samples
-    (the official CIFAR loader draws them from other classes; see
-    :func:`relkd.losses.crd.sample_contrast_index`); under DDP the memory update uses the
-    all-gathered embeddings and indices of every rank and the first-batch Z is averaged over
-    ranks, so all ranks keep identical banks; memories and Z change only in training mode.
+    Negatives (``negatives``):
+
+    - ``"other_class"`` (default): as RepDistiller's CIFAR-100 CRD runs (its
+      ``CIFAR100InstanceSample``, whose mode "exact" only means the positive is the anchor's own
+      index): K negatives from samples of *other classes* only, without replacement
+      (``neg_replacement=False``; with replacement for a class that leaves fewer than K
+      candidates, the same rule; ``neg_replacement=True`` is the official ImageNet loader's
+      with-replacement draw). See :func:`relkd.losses.crd.sample_other_class_index`.
+    - ``"any"``: relkd's behaviour before this option (bit-identical): uniform with replacement
+      from the N - 1 other samples (about 1 / C of them share the anchor's class), see
+      :func:`relkd.losses.crd.sample_contrast_index`.
+
+    The method receives no label table from the engine, so in ``"other_class"`` mode it keeps one:
+    ``labels`` [N] (a buffer, saved with checkpoints), -1 = not seen yet, filled from each
+    training batch's (gathered) targets *before* its negatives are drawn. From the second epoch on
+    every label is known and no negative shares the anchor's class, exactly as in RepDistiller.
+    During the first epoch a not-yet-seen sample counts as another class; such a sample's memory
+    rows are still at their random initialisation (rows are written only when a sample is seen),
+    so a same-class draw among them carries no class information: the first epoch differs from
+    RepDistiller only in *which* untouched random rows serve as negatives. Every row that holds
+    a same-class embedding is excluded from the first step on.
+
+    Our decisions: under DDP the negatives are drawn for the gathered batch from the global RNG
+    (identical on every rank), the label table and the memory update use the all-gathered
+    targets, embeddings and indices of every rank, and the first-batch Z is averaged over ranks,
+    so all ranks keep identical banks; memories, labels and Z change only in training mode.
     """
 
     default_ce_weight = 1.0
@@ -56,8 +81,19 @@ class CRD(Method):
         nce_t: float = 0.07,
         momentum: float = 0.5,
         dim: int = 128,
+        negatives: str = "other_class",
+        neg_replacement: bool = False,
     ) -> None:
         super().__init__(ctx)
+        if negatives not in NEGATIVES:
+            raise RelkdError(
+                f"method 'crd': unknown negatives={negatives!r}; choose one of {list(NEGATIVES)}"
+            )
+        if not isinstance(neg_replacement, bool):
+            raise RelkdError(
+                f"method 'crd': neg_replacement must be true or false, got {neg_replacement!r}"
+            )
+        self.negatives, self.neg_replacement = negatives, neg_replacement
         n = int(getattr(ctx, "num_train_samples", 0) or 0)
         if n < 2:
             raise RelkdError(
@@ -78,6 +114,10 @@ class CRD(Method):
         self.register_buffer("memory_t", torch.empty(n, dim).uniform_(-bound, bound))
         # [Z of the student-anchored scores, Z of the teacher-anchored scores]; < 0: not set yet.
         self.register_buffer("z", torch.full((2,), -1.0))
+        self._z_checked = -1  # z._version at which z > 0 was last confirmed
+        if negatives == "other_class":
+            # Class of every training sample as seen in training batches; -1: not seen yet.
+            self.register_buffer("labels", torch.full((n,), -1, dtype=torch.long))
 
     def student_taps(self) -> list[str]:
         return [POOLED]
@@ -93,7 +133,13 @@ class CRD(Method):
 
     @torch.no_grad()
     def _normalisers(self, v_s, v_t, idx) -> torch.Tensor:
-        if bool((self.z > 0).all()):  # host sync, but Z is set after the first step
+        # Z is set after the first step. Checking that is a host read, so it is done only when
+        # the buffer changed since the last check (its version counter: the first steps, a
+        # load_state_dict, a skipped step's restore), not in the steady-state step.
+        if self._z_checked == self.z._version:
+            return self.z
+        if bool((self.z > 0).all()):
+            self._z_checked = self.z._version
             return self.z
         est = torch.stack(
             [
@@ -125,10 +171,19 @@ class CRD(Method):
         v_s, v_t = self.embed(student.feats[POOLED], teacher.feats[POOLED])
         # Negatives drawn for the gathered batch, then this rank's rows: DDP draws what one
         # process at the global batch would (the global RNG is in the same state on every rank).
-        idx = D.local_rows(
-            sample_contrast_index(D.all_gather_with_grad(index), self.num_data, self.nce_k),
-            index.shape[0],
-        )
+        all_index = D.all_gather_with_grad(index)
+        if self.negatives == "any":
+            all_idx = sample_contrast_index(all_index, self.num_data, self.nce_k)
+        else:
+            all_y = D.all_gather_with_grad(targets.to(self.labels.device).long())
+            # The batch's labels are recorded before the draw (its own rows are excluded too);
+            # outside training on a copy, so eval leaves the table as it was.
+            labels = self.labels if self.training else self.labels.clone()
+            labels[all_index] = all_y
+            all_idx = sample_other_class_index(
+                all_index, labels, self.nce_k, replacement=self.neg_replacement
+            )
+        idx = D.local_rows(all_idx, index.shape[0])
         z = self._normalisers(v_s, v_t, idx)
         # Scored against the banks before this batch's update; the scores copy the sampled rows,
         # so the in-place update below does not disturb backward.

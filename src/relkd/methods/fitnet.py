@@ -27,8 +27,9 @@ class FitNet(Method):
     the regressor), without CE.
 
     Args:
-        hint_stage: index into the student's stages (default 1, or 0 for a 1-stage model).
-        teacher_hint_stage: index into the teacher's stages (default: ``hint_stage``).
+        hint_stage: index into the student's stages, or a stage's module name (default 1, or 0
+            for a 1-stage model).
+        teacher_hint_stage: index into the teacher's stages or a name (default: ``hint_stage``).
     """
 
     default_ce_weight = 1.0
@@ -37,8 +38,8 @@ class FitNet(Method):
         self,
         ctx: MethodContext,
         weight: float = 100.0,
-        hint_stage: int | None = None,
-        teacher_hint_stage: int | None = None,
+        hint_stage: int | str | None = None,
+        teacher_hint_stage: int | str | None = None,
         init_epochs: int = 0,
         init_weight: float = 1.0,
     ) -> None:

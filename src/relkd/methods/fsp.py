@@ -36,6 +36,12 @@ class FSP(InitPhaseMixin, StagePairTaps, Method):
     1x1 conv + BN connector (trained in the init phase, frozen afterwards unless ``weight`` >
     0), an extension of the paper.
 
+    Where relkd differs from RepDistiller (not matched yet: the optimizer belongs to the engine,
+    see ``docs/fidelity.md``): RepDistiller's ``init`` trains the student's feature modules with
+    its own SGD and the main phase starts a *fresh* SGD (zero momentum); relkd's engine keeps one
+    optimizer, so the student's momentum buffers from the init phase carry into the first main
+    steps (share 0.9^t after t steps with momentum 0.9). Both use the base lr, constant, in init.
+
     Args:
         stages: >= 2 student stage indices (default: all, paired by position).
         teacher_stages: teacher stage indices (default: ``stages``).

@@ -35,8 +35,16 @@ class FT(Method):
     CRD protocol defaults (RepDistiller ``--distill factor -b 200``): weight 200, CE weight 1,
     no KD, rate 0.5, p = 1, the last stage, 30 init epochs, ``form="repdistiller"`` (factors
     reduced to normalised spatial maps; ``"paper"`` compares the whole normalised factors).
-    RepDistiller pre-trains with lr 0.01 for ResNet / WRN students; relkd's engine uses the
-    base lr in every phase.
+
+    Where relkd differs from RepDistiller (not matched yet: the optimizer belongs to the engine,
+    see ``docs/fidelity.md``): RepDistiller's ``init`` builds its own SGD over the paraphraser
+    with lr 0.01 when the student is a CIFAR ResNet or WRN (resnet8 ... resnet110, resnet8x4,
+    resnet32x4, wrn_16_1/2, wrn_40_1/2), and the base lr otherwise (vgg8 0.05, MobileNetV2 /
+    ShuffleNets 0.01); relkd's engine trains every phase at the base lr, so for ResNet / WRN
+    students at the CRD base lr 0.05 the paraphraser here trains at 5x RepDistiller's lr, 30
+    epochs at a constant lr in both. Momentum carry-over (the AB / FSP difference) does not
+    matter for FT: the student and translator get no gradient in the init phase (no momentum
+    state), and the paraphraser is frozen afterwards.
     """
 
     default_ce_weight = 1.0

@@ -18,8 +18,13 @@ def extract_state_dict(obj: object) -> dict[str, torch.Tensor]:
     """The state dict inside a loaded checkpoint object.
 
     Accepts a bare state dict, ``{"model": sd, ...}`` (RepDistiller ``ckpt_epoch_240.pth``),
-    ``{"state_dict": sd}`` and keys prefixed ``module.`` (saved from DDP / DataParallel).
+    ``{"state_dict": sd}``, relkd's run ``checkpoint.pt`` (the student's weights) and keys prefixed
+    ``module.`` (saved from DDP / DataParallel).
     """
+    if isinstance(obj, Mapping) and isinstance(obj.get("distiller"), Mapping):
+        # relkd's own run checkpoint (checkpoint.pt): the student inside the Distiller's state.
+        d = obj["distiller"]
+        obj = {k[len("student.") :]: v for k, v in d.items() if k.startswith("student.")}
     if isinstance(obj, Mapping):
         for key in _WRAPPER_KEYS:
             inner = obj.get(key)

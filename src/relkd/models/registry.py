@@ -23,10 +23,18 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     Args:
         name: a zoo name (``relkd.list_models()``), ``torchvision:<name>`` or ``timm:<name>``.
         num_classes: width of the classifier.
-        **kwargs: passed to the factory (e.g. ``in_chans`` for the small CNNs).
+        **kwargs: passed to the factory (e.g. ``in_chans`` for the small CNNs). ``weights``
+            (torchvision / timm only): pretrained weights from the local cache, see
+            :mod:`relkd.models.adapters`.
     """
     if not isinstance(num_classes, int) or num_classes < 1:
         raise RelkdError(f"num_classes must be a positive int, got {num_classes!r}")
+    if ":" not in name and kwargs.get("weights") is not None:
+        raise RelkdError(
+            f"weights={kwargs['weights']!r} applies to torchvision:<name> / timm:<name> models; "
+            f"load {name!r} weights with its `checkpoint` instead"
+        )
+    kwargs.pop("weights", None) if ":" not in name else None
     if name.startswith("torchvision:"):
         from relkd.models.adapters import torchvision_model
 
