@@ -510,3 +510,22 @@ def test_sigterm_ends_like_ctrl_c_with_a_usable_checkpoint(fmnist_root, tmp_path
                        env=_env(), capture_output=True, text=True)  # fmt: skip
     assert p.returncode == 0, p.stderr
     assert [r["epoch"] for r in _records(run)] == list(range(1, 13))
+
+
+def test_a_relkd_01_folder_killed_between_its_renames_resumes(fmnist_root, tmp_path, capsys):
+    """relkd 0.1's layout (.sha256 sidecars, no run.json) killed between the two renames of a
+    rotation: checkpoint.prev.pt holds the newest data beside a stale .sha256. The data is
+    intact, so the resume must use it (relkd 0.1 said 'no readable checkpoint')."""
+    run = _two_epochs(fmnist_root, tmp_path)
+    (run / "run.json").unlink(missing_ok=True)
+    (run / MANIFEST).unlink(missing_ok=True)
+    sha = {n: hashlib.sha256((run / n).read_bytes()).hexdigest() for n in (CKPT, PREV)}
+    (run / f"{CKPT}.sha256").write_text(sha[CKPT])
+    (run / f"{PREV}.sha256").write_text(sha[PREV])  # about to be stale:
+    os.replace(run / CKPT, run / PREV)  # the first rename happened, the sidecar's did not
+    capsys.readouterr()
+    relkd.train(_cfg(fmnist_root, tmp_path, "c", "ce", epochs=2), resume=True)
+    err = capsys.readouterr().err
+    assert "corrupt" not in err and "no readable" not in err and "unverified" not in err, err
+    assert [r["epoch"] for r in _records(run)] == [1, 2]
+    assert "using checkpoint.prev.pt" in err and "resumed" in err and "at epoch 2" in err

@@ -366,3 +366,29 @@ def test_student_safetensors_carries_metadata_and_the_pt_files_mode(fmnist_root,
     model = relkd.create_model("cnn_tiny", 10, in_chans=1)
     relkd.load_checkpoint(model, run / "student.safetensors")
     assert torch.load(run / "student.pt", weights_only=True)["meta"] == meta
+
+
+def test_what_counts_as_a_run_folder(tmp_path):
+    """run.json marks a run; a relkd 0.1 folder (no run.json) counts when it holds its
+    checkpoint / metrics / summary, or nothing but relkd's own files (a failed build's
+    config.yaml and tb/); anything else is someone else's folder."""
+    from relkd.config import to_yaml
+    from relkd.engine.rundir import RunFolder
+
+    cfg_text = to_yaml(load_config({"student": {"name": "cnn_tiny"}}))
+    cases = {
+        "marked": ({"run.json": '{"relkd_run": 1, "sessions": []}', "mine.txt": "x"}, True),
+        "relkd01_run": ({"config.yaml": cfg_text, "metrics.jsonl": "", "x.png": "x"}, True),
+        "relkd01_failed_build": ({"config.yaml": cfg_text, "tb/e": "x"}, True),
+        "user_with_a_relkd_config": ({"config.yaml": cfg_text, "notes.txt": "x"}, False),
+        "user": ({"config.yaml": "lr: 1\n", "metrics.jsonl": "{}\n"}, False),
+        "grid_only": ({"bench.json": "{}", "failed.json": "{}", ".lock": "{}"}, False),
+    }
+    for name, (files, is_run) in cases.items():
+        d = tmp_path / name
+        for rel, text in files.items():
+            (d / rel).parent.mkdir(parents=True, exist_ok=True)
+            (d / rel).write_text(text)
+        st = RunFolder(d).state()
+        assert st.is_run == is_run, name
+        assert bool(st.foreign) == (not is_run and name != "grid_only"), (name, st.foreign)

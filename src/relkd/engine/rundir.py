@@ -302,7 +302,10 @@ class RunFolder:
             raise RelkdError(f"cannot read the run folder {str(p)!r}: {e}") from e
         is_run = RUN_FILE in names and _is_run_json(p / RUN_FILE)
         if not is_run and CONFIG in names and _looks_like_config(p / CONFIG):
-            is_run = bool({CKPT, PREV, METRICS, SUMMARY} & set(names))  # relkd 0.1 run
+            # relkd 0.1 (no run.json): a run with its files, or only relkd's own names
+            # (e.g. the config.yaml and tb/ of a failed build)
+            only_ours = all(n in RUN_FILES | GRID_FILES or _is_tmp(n) for n in names)
+            is_run = only_ours or bool({CKPT, PREV, METRICS, SUMMARY} & set(names))
         own = GRID_FILES | {LOCK}
         foreign = [] if is_run else [n for n in names if n not in own and not _is_tmp(n)]
         st = FolderState(exists=True, is_run=is_run, foreign=foreign)
