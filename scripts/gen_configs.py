@@ -124,15 +124,17 @@ def fashion_mnist_configs() -> dict[Path, dict]:
     base = ROOT / "fashion_mnist"
     out_dir = "runs/fashion_mnist"
     teacher = demo.teacher_config(Path(out_dir), None)
+    # Run names follow the seed (an override train.seed=1 gets its own folder).
+    teacher["name"] = "teacher_s${train.seed}"
     out = {base / "teacher.yaml": teacher}
     for cfg in [teacher]:
         cfg["train"] = {
             k: v for k, v in cfg["train"].items() if k not in ("progress", "tensorboard")
         }
-    ckpt = Path(out_dir) / "teacher" / "student.pt"
+    ckpt = Path(out_dir) / "teacher_s0" / "student.pt"
     for m in demo.DEMO_METHODS:
         cfg = demo.student_config(Path(out_dir), None, m, 0, demo.STUDENT_EPOCHS, ckpt)
-        cfg["name"] = f"{m}_s0"
+        cfg["name"] = m + "_s${train.seed}"
         cfg["train"] = {
             k: v for k, v in cfg["train"].items() if k not in ("progress", "tensorboard")
         }

@@ -43,6 +43,7 @@ def train(
     resume: bool = False,
     overrides: list[str] | tuple[str, ...] = (),
     quiet: bool = False,
+    allow_change: list[str] | tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Train a student as configured (see :func:`relkd.engine.fit`).
 
@@ -68,8 +69,9 @@ def train(
     if cfg.train.tensorboard:
         _warn_no_tensorboard()
     return fit(
-        config, teacher=teacher, student=student, resume=resume, overrides=overrides, quiet=quiet
-    )
+        config, teacher=teacher, student=student, resume=resume, overrides=overrides, quiet=quiet,
+        allow_change=allow_change,
+    )  # fmt: skip
 
 
 __all__ = [

@@ -24,7 +24,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if args.print_config:
         return _print_config(args)
-    summary = train(args.config, overrides=args.overrides, resume=args.resume, quiet=args.quiet)
+    summary = train(
+        args.config, overrides=args.overrides, resume=args.resume, quiet=args.quiet,
+        allow_change=args.allow_change,
+    )  # fmt: skip
     if D.is_main():  # under torchrun every rank returns the same summary; print it once
         print(json.dumps(summary, indent=2))
     if D.is_dist():
@@ -178,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="YAML config file or packaged config name")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=10")
     t.add_argument("--resume", action="store_true", help="continue the run in its run folder")
+    t.add_argument(
+        "--allow-change", action="append", default=[], metavar="KEY",
+        help="with --resume: let config KEY (or a section, e.g. method.args) differ from the "
+        "recorded config; the change is recorded in run.json (repeatable)",
+    )  # fmt: skip
     t.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     t.add_argument(
         "--print-config", action="store_true",
@@ -288,9 +296,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RelkdError as e:
         print(f"relkd: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM during training (engine.rundir)
         print("relkd: interrupted", file=sys.stderr)
-        return 130
+        return 128 + int(getattr(e, "signum", 2))
     except BrokenPipeError:  # `relkd configs list | head`
         sys.stderr.close()
         return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -22,6 +23,9 @@ import relkd
 from relkd.cli import main as cli_main
 from relkd.engine.checkpoint import CKPT, PREV
 from relkd.registry import RelkdError
+
+MANIFEST = "checkpoint.json"  # the checksum manifest (relkd.engine.checkpoint.MANIFEST)
+SRC = str(Path(relkd.__file__).resolve().parents[1])  # the relkd under test, for subprocesses
 
 
 def _cfg(root: Path, out: Path, name: str, method: str = "kd", ckpt: Path | None = None, **train):
@@ -53,7 +57,7 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=SRC)
     return env
 
 
@@ -123,7 +127,9 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(damage, fmnist_root, 
         ck.write_bytes(
             data[:mid] + bytes(b ^ 0xFF for b in data[mid : mid + 64]) + data[mid + 64 :]
         )
-    res = relkd.train(_cfg(fmnist_root, tmp_path, "c", "ce", epochs=3), resume=True)
+    res = relkd.train(
+        _cfg(fmnist_root, tmp_path, "c", "ce", epochs=3), resume=True, allow_change=["train"]
+    )
     err = capsys.readouterr().err
     assert "checkpoint.pt" in err and ("corrupt" in err or "cannot be read" in err)
     assert "previous checkpoint" in err
@@ -138,13 +144,14 @@ def test_both_checkpoints_damaged_is_a_clear_error(fmnist_root, tmp_path):
     for name in (CKPT, PREV):
         (run / name).write_bytes(b"not a checkpoint")
     with pytest.raises(RelkdError, match="no readable checkpoint"):
-        relkd.train(_cfg(fmnist_root, tmp_path, "c", "ce", epochs=3), resume=True, quiet=True)
+        relkd.train(_cfg(fmnist_root, tmp_path, "c", "ce", epochs=2), resume=True, quiet=True)
 
 
 def test_checkpoint_files_rotate_and_verify(fmnist_root, tmp_path):
     run = _two_epochs(fmnist_root, tmp_path)
-    for name in (CKPT, PREV):
-        assert (run / name).exists() and (run / f"{name}.sha256").exists()
+    listed = set(json.loads((run / MANIFEST).read_text())["files"])
+    present = {hashlib.sha256((run / name).read_bytes()).hexdigest() for name in (CKPT, PREV)}
+    assert listed == present and len(present) == 2  # the manifest lists exactly these two
     new = torch.load(run / CKPT, weights_only=True)
     old = torch.load(run / PREV, weights_only=True)
     assert (new["epoch"], old["epoch"]) == (1, 0)
@@ -286,3 +293,239 @@ def test_tap_that_does_not_exist(fmnist_root, tmp_path):
         relkd.train(cfg, teacher=NoStages(), student=NoStages(), quiet=True)
     with pytest.raises(RelkdError, match="layer9"):
         relkd.FeatureTap(NoStages(), ["layer9"])
+
+
+# --- crash safety at every instruction ---------------------------------------------------------
+
+# A driver run in a subprocess: for n earlier saves and every k, a forked child performs save
+# n+1 and SIGKILLs itself right after its k-th file operation (open / write / fsync / close /
+# rename / unlink, through os or io); the driver then loads what is left and reports it.
+_KILL_DRIVER = r"""
+import io, json, os, shutil, signal, sys
+from pathlib import Path
+import torch
+from relkd.engine.checkpoint import load_latest, save_checkpoint
+
+base = Path(sys.argv[1])
+def state(e):
+    return {"distiller": {"w": torch.full((4096,), float(e))}, "optimizer": {}, "scaler": {},
+            "epoch": e, "step": 10 * e, "history": [{"epoch": i + 1} for i in range(e + 1)],
+            "best": {"top1": float(e), "epoch": e}}
+torch.save(state(0), io.BytesIO())  # warm up torch's lazy imports before counting operations
+OPS = ("open", "write", "fsync", "close", "replace", "rename", "unlink")
+results = []
+for n in range(3):
+    template = base / f"template{n}"
+    template.mkdir()
+    for e in range(n):
+        save_checkpoint(template, state(e))
+    for k in range(1, 200):
+        d = base / f"n{n}_k{k}"
+        shutil.copytree(template, d)
+        pid = os.fork()
+        if pid == 0:
+            count = [0]
+            def wrap(fn):
+                def f(*a, **kw):
+                    out = fn(*a, **kw)
+                    count[0] += 1
+                    if count[0] == k:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    return out
+                return f
+            for name in OPS:
+                setattr(os, name, wrap(getattr(os, name)))
+            import builtins
+            builtins.open = io.open = wrap(io.open)
+            save_checkpoint(d, state(n))
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        killed = os.WIFSIGNALED(status)
+        msgs = []
+        try:
+            got = load_latest(d, log=msgs.append)
+            got = None if got is None else got["epoch"]
+            err = None
+        except Exception as e:
+            got, err = None, f"{type(e).__name__}: {e}"
+        # the resumed run's next save, then the fallback must still work
+        after = None
+        if err is None:
+            save_checkpoint(d, state(n + 1))
+            (d / "checkpoint.pt").write_bytes(b"damaged")
+            try:
+                fb = load_latest(d, log=lambda m: None)
+                after = None if fb is None else fb["epoch"]
+            except Exception as e:
+                after = f"{type(e).__name__}: {e}"
+        results.append({"n": n, "k": k, "killed": killed, "loaded": got, "error": err,
+                        "messages": msgs, "fallback_after_next_save": after})
+        shutil.rmtree(d)
+        if not killed:
+            break
+print(json.dumps(results))
+"""
+
+
+def test_a_kill_after_any_file_operation_of_a_save_leaves_a_resumable_checkpoint(tmp_path):
+    """relkd 0.1: a kill between the two renames of the rotation (3rd save on) paired
+    checkpoint.prev.pt with a stale .sha256 and resume failed with 'no readable checkpoint'."""
+    env = _env()
+    p = subprocess.run([sys.executable, "-c", _KILL_DRIVER, str(tmp_path)], env=env,
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    results = json.loads(p.stdout.strip().splitlines()[-1])
+    for n in range(3):
+        mine = [r for r in results if r["n"] == n]
+        assert mine[-1]["killed"] is False  # the last k let the save finish
+        assert len(mine) >= 8, mine  # every operation of the save was a kill point
+        for r in mine:
+            where = f"kill after operation {r['k']} of save {n + 1}"
+            assert r["error"] is None, (where, r["error"])
+            # the newest finished save, or the one being made if its rename happened
+            assert r["loaded"] in ((None, 0) if n == 0 else (n - 1, n)), (where, r)
+            assert not any("corrupt" in m or "cannot be read" in m for m in r["messages"]), (
+                where,
+                r["messages"],
+            )
+            # the run goes on: after its next save the fallback is the checkpoint it resumed
+            # from (none when the first save was killed before its rename)
+            fb = r["fallback_after_next_save"]
+            if r["loaded"] is None:
+                assert str(fb).startswith("RelkdError: no readable checkpoint"), (where, r)
+            else:
+                assert fb == r["loaded"], (where, r)
+
+
+def test_after_a_fallback_the_next_save_keeps_the_good_checkpoint(fmnist_root, tmp_path):
+    """relkd 0.1 rotated the known-corrupt checkpoint.pt over the good previous one."""
+    run = _two_epochs(fmnist_root, tmp_path)
+    ck = run / CKPT
+    data = bytearray(ck.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
+    ck.write_bytes(bytes(data))
+    res = relkd.train(_cfg(fmnist_root, tmp_path, "c", "ce", epochs=2), resume=True, quiet=True)
+    assert res["last_top1"] >= 0
+    prev = torch.load(run / PREV, weights_only=True)  # the good epoch-1 checkpoint, kept
+    new = torch.load(run / CKPT, weights_only=True)
+    assert (prev["epoch"], new["epoch"]) == (0, 1)
+    listed = set(json.loads((run / MANIFEST).read_text())["files"])
+    for name in (CKPT, PREV):
+        assert hashlib.sha256((run / name).read_bytes()).hexdigest() in listed, name
+
+
+def test_a_checkpoint_without_checksum_is_reported_unverified(fmnist_root, tmp_path, capsys):
+    run = _two_epochs(fmnist_root, tmp_path)
+    for p in [run / MANIFEST, *run.glob("*.sha256")]:
+        p.unlink(missing_ok=True)
+    capsys.readouterr()
+    relkd.train(_cfg(fmnist_root, tmp_path, "c", "ce", epochs=2), resume=True)
+    err = capsys.readouterr().err
+    assert "checkpoint.pt" in err and "unverified" in err
+
+
+_KILL_AT = r"""
+import builtins, io, os, signal, sys
+import torch
+what, argv = sys.argv[1], sys.argv[2:]
+if what == "checkpoint":  # SIGKILL inside the first checkpoint's serialisation
+    saves, orig = [0], torch.save
+    def save(obj, f, *a, **kw):
+        if isinstance(obj, dict) and "optimizer" in obj:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return orig(obj, f, *a, **kw)
+    torch.save = save
+else:  # SIGKILL right after a file whose name holds `what` is created
+    def wrap(fn):
+        def f(path, *a, **kw):
+            out = fn(path, *a, **kw)
+            if what in os.path.basename(str(path)):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return out
+        return f
+    os.open = wrap(os.open)
+    builtins.open = io.open = wrap(io.open)
+from relkd.cli import main
+sys.exit(main(argv))
+"""
+
+
+def _run_killed(what: str, cfg_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = _env()
+    return subprocess.run([sys.executable, "-c", _KILL_AT, what, "train", str(cfg_path), *args],
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def test_a_kill_before_the_first_checkpoint_never_duplicates_an_epoch(fmnist_root, tmp_path):
+    """relkd 0.1: metrics.jsonl got epoch 1's line before the checkpoint; a kill in between
+    and --resume left epoch 1 twice."""
+    cfg_path = Path(_write(tmp_path, _cfg(fmnist_root, tmp_path / "o", "k", "ce", epochs=2)))
+    p = _run_killed("checkpoint", cfg_path, "--quiet")
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    run = tmp_path / "o" / "k"
+    code, err = _cli(["train", str(cfg_path), "--resume", "--quiet"])
+    assert code == 0, err
+    assert [r["epoch"] for r in _records(run)] == [1, 2]
+    assert not [p.name for p in run.iterdir() if ".tmp" in p.name]
+
+
+def test_a_kill_while_writing_summary_json_never_leaves_it_empty(fmnist_root, tmp_path):
+    """relkd 0.1: a kill during summary.json's write left it empty, and the grid runner then
+    skipped that run forever."""
+    cfg_path = Path(_write(tmp_path, _cfg(fmnist_root, tmp_path / "o", "s", "ce", epochs=1)))
+    p = _run_killed("summary.json", cfg_path, "--quiet")
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    run = tmp_path / "o" / "s"
+    assert not (run / "summary.json").exists()  # unfinished, not finished-and-empty
+    assert [p.name for p in run.iterdir() if ".tmp" in p.name]  # the killed write's temp file
+    code, err = _cli(["train", str(cfg_path), "--resume", "--quiet"])
+    assert code == 0, err
+    assert json.loads((run / "summary.json").read_text())["best_top1"] >= 0
+    assert not [p.name for p in run.iterdir() if ".tmp" in p.name]  # cleaned up on open
+
+
+def test_sigterm_ends_like_ctrl_c_with_a_usable_checkpoint(fmnist_root, tmp_path):
+    """What Slurm and Kubernetes send: relkd 0.1 died at once (exit -15, no message)."""
+    cfg = _cfg(fmnist_root, tmp_path / "o", "t", "ce", epochs=12, max_steps_per_epoch=1)
+    cfg_path = _write(tmp_path, cfg)
+    run = tmp_path / "o" / "t"
+    proc = subprocess.Popen([sys.executable, "-m", "relkd", "train", cfg_path, "--quiet"],
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    t_end = time.time() + 120
+    while time.time() < t_end and proc.poll() is None:
+        if (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().strip():
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stderr.read()
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.strip() == "relkd: interrupted", err
+    done = len(_records(run))
+    assert 1 <= done < 12
+    state = torch.load(run / CKPT, weights_only=True)
+    assert state["epoch"] + 1 == done
+    p = subprocess.run([sys.executable, "-m", "relkd", "train", cfg_path, "--resume", "--quiet"],
+                       env=_env(), capture_output=True, text=True)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert [r["epoch"] for r in _records(run)] == list(range(1, 13))
+
+
+def test_a_relkd_01_folder_killed_between_its_renames_resumes(fmnist_root, tmp_path, capsys):
+    """relkd 0.1's layout (.sha256 sidecars, no run.json) killed between the two renames of a
+    rotation: checkpoint.prev.pt holds the newest data beside a stale .sha256. The data is
+    intact, so the resume must use it (relkd 0.1 said 'no readable checkpoint')."""
+    run = _two_epochs(fmnist_root, tmp_path)
+    (run / "run.json").unlink(missing_ok=True)
+    (run / MANIFEST).unlink(missing_ok=True)
+    sha = {n: hashlib.sha256((run / n).read_bytes()).hexdigest() for n in (CKPT, PREV)}
+    (run / f"{CKPT}.sha256").write_text(sha[CKPT])
+    (run / f"{PREV}.sha256").write_text(sha[PREV])  # about to be stale:
+    os.replace(run / CKPT, run / PREV)  # the first rename happened, the sidecar's did not
+    capsys.readouterr()
+    relkd.train(_cfg(fmnist_root, tmp_path, "c", "ce", epochs=2), resume=True)
+    err = capsys.readouterr().err
+    assert "corrupt" not in err and "no readable" not in err and "unverified" not in err, err
+    assert [r["epoch"] for r in _records(run)] == [1, 2]
+    assert "using checkpoint.prev.pt" in err and "resumed" in err and "at epoch 2" in err

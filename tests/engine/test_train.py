@@ -67,7 +67,7 @@ def test_resume_continues_exactly(fmnist_root, tiny_teacher_ckpt, tmp_path):
     full = relkd.train(_kd(_cfg(fmnist_root, tmp_path, "full"), tiny_teacher_ckpt), quiet=True)
     part_cfg = _kd(_cfg(fmnist_root, tmp_path, "part"), tiny_teacher_ckpt)
     relkd.train(part_cfg, overrides=["train.epochs=1"], quiet=True)
-    resumed = relkd.train(part_cfg, resume=True, quiet=True)
+    resumed = relkd.train(part_cfg, resume=True, allow_change=["train.epochs"], quiet=True)
     assert _records(full["run_dir"]) == _records(resumed["run_dir"])
     wf, wr = _weights(full["run_dir"]), _weights(resumed["run_dir"])
     assert wf.keys() == wr.keys()

@@ -1,4 +1,9 @@
-"""Run-folder outputs: JSONL metrics, optional TensorBoard, messages. Only rank 0 writes."""
+"""Run-folder outputs: JSONL metrics, optional TensorBoard, messages. Only rank 0 writes.
+
+Nothing is written until the first :meth:`RunLogger.metrics` / :meth:`RunLogger.set_history`
+call (the run folder's checks come first). ``metrics.jsonl`` is rewritten atomically with the
+whole history on every record, so it never holds a torn line or an epoch twice.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from relkd import distributed as D
+from relkd.engine.checkpoint import atomic_write_text
+
+METRICS = "metrics.jsonl"
 
 
 class RunLogger:
@@ -15,31 +23,51 @@ class RunLogger:
         self.run_dir = run_dir
         self.quiet = quiet
         self.main = D.is_main()
-        self._tb = None
-        if self.main and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(run_dir / "tb"))
-            except ImportError:  # tensorboard is an optional extra
-                self._tb = None
+        self.tensorboard = tensorboard
+        self.history: list[dict[str, Any]] = []
+        self._tb: Any = None
+        self._tb_tried = False
 
     def info(self, msg: str) -> None:
         if self.main and not self.quiet:
             print(msg, file=sys.stderr, flush=True)
 
+    def _writer(self):
+        if not self._tb_tried and self.main and self.tensorboard:
+            self._tb_tried = True
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.run_dir / "tb"))
+            except ImportError:  # tensorboard is an optional extra
+                self._tb = None
+        return self._tb
+
+    def set_history(self, records: list[dict[str, Any]]) -> None:
+        """``metrics.jsonl`` := exactly ``records`` (the checkpoint's history on resume)."""
+        self.history = [dict(r) for r in records]
+        if self.main:
+            self._write()
+
+    def _write(self) -> None:
+        atomic_write_text(
+            self.run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in self.history)
+        )
+
     def metrics(self, record: dict[str, Any]) -> None:
         if not self.main:
             return
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self._tb is not None:
+        self.history.append(dict(record))
+        self._write()
+        tb = self._writer()
+        if tb is not None:
             step = record.get("epoch", 0)
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "epoch":
-                    self._tb.add_scalar(k, v, step)
-            self._tb.flush()
+                    tb.add_scalar(k, v, step)
+            tb.flush()
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+            self._tb = None

@@ -4,18 +4,23 @@
 ``nn.Module`` teacher / student), trains, evaluates each epoch, writes the run folder and returns
 a summary dict. Layout of a run folder::
 
-    config.yaml          the resolved config
+    run.json             what produced the run: versions, git commit, command, host, device,
+                         world size, global batch; every resume and allowed config change
+    config.yaml          the resolved config (the one the run continues with)
     plan.json            the data pipeline and teacher source, with the reason for each fallback
     metrics.jsonl        one record per epoch (losses, lr, top-1/top-5, best so far)
-    checkpoint.pt        the latest epoch (atomic, checksummed; checkpoint.prev.pt the one before)
+    checkpoint.pt        the latest epoch (checkpoint.prev.pt the one before; checkpoint.json
+                         their checksums)
     student.pt           the student's weights alone at the end (also student.safetensors)
     student_best.pt      the student's weights at the best top-1 epoch
-    summary.json         best / last top-1, run time
+    summary.json         best / last top-1, run time (written last: the run finished)
+
+Every file is written atomically; the rules (names, locks, resume) are in
+:mod:`relkd.engine.rundir`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import sys
@@ -30,8 +35,7 @@ import torch
 from torch import nn
 
 from relkd import distributed as D
-from relkd.config import Config, load_config, to_yaml
-from relkd.engine.checkpoint import load_latest, save_checkpoint
+from relkd.config import Config, load_config
 from relkd.engine.distiller import Distiller
 from relkd.engine.logger import RunLogger
 from relkd.engine.plan import (
@@ -42,15 +46,14 @@ from relkd.engine.plan import (
     build_teacher_source,
     make_plan,
     unpack,
-    write_plan,
 )
+from relkd.engine.rundir import RunFolder, run_path, sigterm_as_interrupt, student_metadata
 from relkd.engine.schedule import Schedule
 from relkd.engine.step import TrainStep
 from relkd.engine.teacher import Teacher
 from relkd.methods import MethodContext, build_method
 from relkd.methods.base import Method
 from relkd.models import POOLED, FeatureTap, create_model, get_feature_info, load_checkpoint
-from relkd.models.checkpoint import save_student
 from relkd.models.normalization import attach_input_norm
 from relkd.registry import RelkdError
 
@@ -227,8 +230,8 @@ def _amp(precision: str, device: torch.device):
 
 
 def _run_dir(cfg: Config) -> Path:
-    name = cfg.name or f"{cfg.method.name}_{cfg.student.name.replace(':', '-')}_s{cfg.train.seed}"
-    return Path(cfg.output_dir) / name
+    """The run folder (see :func:`relkd.engine.rundir.run_path`)."""
+    return run_path(cfg)
 
 
 @dataclass
@@ -316,61 +319,6 @@ def _say(quiet: bool):
             print(msg, file=sys.stderr, flush=True)
 
     return say
-
-
-class _RunFolder:
-    """Every read and write of the run folder that ``fit`` does, in one place.
-
-    Nothing is written before :meth:`open`, which ``fit`` calls once every build-time check has
-    passed. (A later ``relkd.engine.rundir.RunFolder`` takes this over.)
-    """
-
-    def __init__(self, cfg: Config, *, resume: bool, quiet: bool) -> None:
-        self.cfg, self.dir, self.resume, self.quiet = cfg, _run_dir(cfg), resume, quiet
-        self.log: RunLogger | None = None
-
-    def check(self) -> None:
-        # Every rank checks (the same folder on a shared file system), so none waits on a failed one.
-        if (self.dir / "checkpoint.pt").exists() and not self.resume:
-            raise RelkdError(
-                f"run folder {str(self.dir)!r} already holds a run; pass --resume (resume=True) "
-                "to continue it, or choose another output_dir / name"
-            )
-
-    def load(self, say) -> dict[str, Any] | None:
-        """The state to resume from (None: start fresh)."""
-        return load_latest(self.dir, log=say) if self.resume else None
-
-    def open(self, plan: Plan, history: list[dict[str, Any]] | None) -> None:
-        """Create / take over the folder: config, plan, metrics = exactly ``history``."""
-        if D.is_main():
-            try:
-                self.dir.mkdir(parents=True, exist_ok=True)
-                (self.dir / "config.yaml").write_text(to_yaml(self.cfg))
-                write_plan(self.dir, plan)
-                with open(self.dir / "metrics.jsonl", "w") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in history or [])
-            except OSError as e:
-                raise RelkdError(f"cannot write the run folder {str(self.dir)!r}: {e}") from e
-        self.log = RunLogger(self.dir, tensorboard=self.cfg.train.tensorboard, quiet=self.quiet)
-
-    def save_best(self, student: nn.Module) -> None:
-        if D.is_main():
-            save_student(student, self.dir / "student_best.pt")
-
-    def end_epoch(self, record: dict[str, Any], state: dict[str, Any]) -> None:
-        assert self.log is not None
-        self.log.metrics(record)
-        if D.is_main():
-            save_checkpoint(self.dir, state)
-
-    def finish(self, student: nn.Module, summary: dict[str, Any]) -> None:
-        if D.is_main():
-            save_student(student, self.dir / "student.pt")
-            save_student(student, self.dir / "student.safetensors")
-            (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        if self.log is not None:
-            self.log.close()
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -546,6 +494,7 @@ def fit(
     resume: bool = False,
     overrides: tuple[str, ...] | list[str] = (),
     quiet: bool = False,
+    allow_change: tuple[str, ...] | list[str] = (),
 ) -> dict[str, Any]:
     """Train as configured; returns ``{"best_top1", "last_top1", "run_dir", ...}``.
 
@@ -554,15 +503,25 @@ def fit(
         teacher / student: optional user ``nn.Module`` s replacing ``cfg.teacher`` / ``cfg.student``
             (features are tapped by module name; ``"pooled"`` = input of the last ``nn.Linear``).
         resume: continue from the run folder's checkpoint; without it an existing run folder
-            with a checkpoint is an error, never silently overwritten.
+            with a checkpoint is an error, never silently overwritten. The config must equal
+            the recorded one (rules: :mod:`relkd.engine.rundir`).
+        allow_change: config keys (or sections) that may differ on resume; each change is
+            recorded in the folder's ``run.json``.
     """
     cfg = load_config(config, overrides)
     _check_train(cfg)
     device = resolve_device(cfg.train.device)
     init_distributed(device)
+    run_dir = run_path(cfg)
+    run = RunFolder(run_dir, RunLogger(run_dir, tensorboard=cfg.train.tensorboard, quiet=quiet))
+    # Every rank checks (the same folder on a shared file system), so none waits on a failed one.
+    run.check(cfg, resume=resume, allow_change=allow_change)
+    with sigterm_as_interrupt(), run:
+        return _fit(cfg, device, run, teacher, student, resume, allow_change, quiet)
+
+
+def _fit(cfg, device, run: RunFolder, teacher, student, resume, allow_change, quiet) -> dict:
     say = _say(quiet)
-    run = _RunFolder(cfg, resume=resume, quiet=quiet)
-    run.check()
     seed_everything(cfg.train.seed)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -574,16 +533,16 @@ def fit(
     progress = cfg.train.progress and D.is_main() and not quiet
     loop = _build_loop(cfg, comp, plan, device, say, progress)
     start_epoch, step, history, best = 0, 0, [], {"top1": -1.0, "epoch": -1}
-    state = run.load(say)
-    if state is not None:
-        distiller.load_state_dict(state["distiller"])
-        loop.opt.load_state_dict(state["optimizer"])
-        loop.scaler.load_state_dict(state["scaler"])
-        start_epoch, step = state["epoch"] + 1, state["step"]
-        history, best = list(state["history"]), dict(state["best"])
-        say(f"resumed {run.dir} at epoch {start_epoch}")
-    run.open(plan, history)
+    resumed = run.open(
+        cfg, resume=resume, allow_change=allow_change, device=device, world_size=D.world_size(),
+        into=(distiller, loop.opt, loop.scaler),
+    )  # fmt: skip
+    if resumed is not None:
+        start_epoch, step = resumed.start_epoch, resumed.step
+        history, best = resumed.history, resumed.best
+    run.write_json("plan.json", plan.to_dict())
     say(plan.describe())
+    meta = student_metadata(cfg, comp.info, student)
 
     pre = len(loop.phase_of)
     t_start = time.time()
@@ -596,7 +555,7 @@ def fit(
             record.update(ev)
             if ev["top1"] > best["top1"]:
                 best = {"top1": ev["top1"], "epoch": main_epoch + 1}
-                run.save_best(distiller.student)
+                run.save_best(distiller.student, meta)
             record["best_top1"] = best["top1"]
         history.append(record)
         say(_epoch_line(record, epoch, pre, cfg.train.epochs, best))
@@ -605,7 +564,7 @@ def fit(
             "scaler": loop.scaler.state_dict(), "epoch": epoch, "step": step,
             "history": history, "best": best,
         }  # fmt: skip
-        run.end_epoch(record, state)
+        run.end_epoch(record, state)  # the checkpoint first, then the metrics line
         if D.is_dist():
             torch.distributed.barrier()
 
@@ -621,9 +580,9 @@ def fit(
         "teacher": cfg.teacher.name if cfg.teacher else None,
         "seed": cfg.train.seed,
         "train_time_s": time.time() - t_start,
-        "run_dir": str(run.dir),
+        "run_dir": str(run.path),
     }
-    run.finish(distiller.student, summary)
+    run.finish(distiller.student, summary, meta)
     distiller.tap.remove()
     return summary
 

@@ -103,16 +103,31 @@ def load_checkpoint(
     return model
 
 
-def save_student(model: nn.Module, path: str | os.PathLike) -> None:
-    """Export weights alone: ``.safetensors`` by suffix, else ``torch.save({"model": sd})``."""
+def save_student(
+    model: nn.Module, path: str | os.PathLike, metadata: Mapping[str, object] | None = None
+) -> None:
+    """Export weights alone: ``.safetensors`` by suffix, else ``torch.save({"model": sd})``.
+
+    ``metadata`` (architecture, num_classes, in_chans, mean / std, ...) goes into the
+    safetensors header (values JSON-encoded strings) and under ``"meta"`` of the ``.pt`` file.
+    Both are written atomically (temp file, fsync, rename) with the same mode (the umask's).
+    """
+    import io
+    import json
+
+    from relkd.engine.checkpoint import atomic_write_bytes
+
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = p.with_name(p.name + ".tmp")
+    meta = dict(metadata or {})
     if p.suffix == ".safetensors":
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        save_file(sd, str(tmp))
+        header = {"format": "pt", **{str(k): json.dumps(v) for k, v in meta.items()}}
+        data = save(sd, metadata=header)
     else:
-        torch.save({"model": sd}, tmp)
-    os.replace(tmp, p)
+        buf = io.BytesIO()
+        torch.save({"model": sd, "meta": meta} if meta else {"model": sd}, buf)
+        data = buf.getvalue()
+    atomic_write_bytes(p, data)
