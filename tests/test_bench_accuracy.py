@@ -324,7 +324,17 @@ def test_two_worker_processes_share_the_grid(suite_file, tmp_path):
 SUITES = Path(__file__).resolve().parents[1] / "benchmarks" / "suites"
 
 
-@pytest.mark.parametrize("name", ["fmnist-mini", "cifar10jpg-mini", "cifar100-crd", "imagenet"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "fmnist-mini",
+        "cifar10jpg-mini",
+        "cifar10jpg-long",
+        "cifar10jpg-val-study",
+        "cifar100-crd",
+        "imagenet",
+    ],
+)
 def test_shipped_suites_are_valid(name):
     suite = load_suite(SUITES / f"{name}.yaml")
     acc._check_names(suite)  # every method and model is registered
@@ -340,9 +350,62 @@ def test_shipped_suites_are_valid(name):
         }
         assert len(beta) == 13 and beta[("resnet56", "resnet20")] == 2.0
         assert beta[("vgg13", "vgg8")] == 6.0 and beta[("resnet32x4", "resnet8x4")] == 8.0
-    if name.endswith("-mini"):
+    if name.endswith("-mini") or name.startswith("cifar10jpg-"):
         assert [t.student for t in teachers] == [suite.pairs[0][0]]
         acc._validate_configs(teachers, runs[:: len(suite.seeds)])
+    if name.startswith("cifar10jpg-") and not name.endswith("-mini"):
+        _check_long_cifar10jpg(name, suite, teachers, runs)
+
+
+def _taps(method_name: str) -> set[str]:
+    from relkd.methods import METHODS
+
+    return {t for p in method_name.split("+") for t in METHODS.get(p).teacher_taps(None)}
+
+
+def _check_long_cifar10jpg(name, suite, teachers, runs):
+    """The long CIFAR-10 JPEG suites (issue 17): the recipe their headers' cost arithmetic
+    assumes, distinct run ids per variant, the cache settings and the method order the 2-worker
+    schedule relies on."""
+    (teacher,) = teachers
+    assert teacher.config["train"]["epochs"] == 7 and teacher.config["data"]["train_subset"] is None
+    assert suite.teacher_cache == "auto" and len(suite.seeds) == 3
+    for r in runs:
+        assert r.config["train"]["epochs"] == 12 and r.config["data"]["train_subset"] == 10000
+        assert r.config["train"]["teacher_cache_dtype"] == "fp32"
+        assert r.config["train"].get("teacher_cache") == (
+            None if r.teacher is None else "auto"
+        ) or (r.label.startswith("rrd-") and r.config["train"]["teacher_cache"] == "off")
+    labels = list(dict.fromkeys(r.label for r in runs))
+    if name == "cifar10jpg-long":
+        want = {"ce", "kd", "dkd", "dist", "clkd", "cmkd", "rrd", "rrd+kd", "crd", "corsd"}
+        assert want | {"crd+kd", "rkd"} == set(labels) and len(runs) == 36
+        assert all("val_split" not in r.config["data"] for r in runs)  # test-set table
+        # logits-cache methods, then the teacher-free runs, then the pooled-feature ones
+        kinds = [
+            "free" if not acc._requires_teacher(m) else ("pooled" if _taps(m) else "logits")
+            for m in labels
+        ]
+        assert kinds == sorted(kinds, key=["logits", "free", "pooled"].index), labels
+    else:
+        assert len(runs) == 33 and len(labels) == 11
+        for job in [teacher, *runs]:  # nothing trains on or evaluates anything but the split
+            assert job.config["data"]["val_split"] == 0.1 and job.config["data"]["val_seed"] == 0
+        sections = {r.label: r.config["method"] for r in runs}
+        assert sections["clkd-default"] == {
+            "name": "clkd",
+            "ce_weight": 0.1,
+            "args": {"corr": "class", "corr_squared": True},
+        }
+        assert sections["clkd-ce1"]["ce_weight"] == 1.0
+        assert sections["clkd-sample"]["args"]["corr"] == "sample"
+        assert sections["clkd-unsquared"]["args"]["corr_squared"] is False
+        diff = {
+            sections[f"cmkd-{v}"]["args"]["difficulty"] for v in ("default", "inverse", "nodiff")
+        }
+        assert diff == {"teacher_entropy", "teacher_entropy_inverse", "none"}
+        assert sections["cmkd-sortnet"]["args"]["rank"] == "sorting_network"
+        assert [sections[f"rrd-{v}"]["args"]["version"] for v in ("v4", "v5")] == ["v4", "v5"]
 
 
 def test_cli_bench_accuracy(suite_file, tmp_path, capsys):
