@@ -7,7 +7,8 @@ Prints a markdown table per (method, teacher, student): both means +- sample std
 largest per-seed difference, and whether the rerun's mean lies within the recorded mean +- 2 std
 (``within 2 std``) and within the recorded [min, max] over seeds (``within range``). Exit status 1
 when a group of the recorded report is missing from the rerun or a rerun mean falls outside
-mean +- 2 std.
+mean +- 2 std. ``--shared-only`` compares only the groups both reports hold (a partial rerun of
+some methods), and says how many recorded groups it left out.
 """
 
 from __future__ import annotations
@@ -30,9 +31,17 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return m, s
 
 
-def compare(recorded: Path, rerun: Path, metric: str = "best") -> tuple[str, bool]:
+def compare(
+    recorded: Path, rerun: Path, metric: str = "best", shared_only: bool = False
+) -> tuple[str, bool]:
     """(markdown table, every group within 2 std)."""
     a, b = _groups(recorded), _groups(rerun)
+    left_out = 0
+    if shared_only:
+        left_out = len(set(a) - set(b))
+        a = {k: v for k, v in a.items() if k in b}
+        if not a:
+            return "no group is in both reports", False
     rows = [
         f"| method | recorded ({metric}) | rerun ({metric}) | max per-seed diff | "
         "within 2 std | within range |",
@@ -58,6 +67,8 @@ def compare(recorded: Path, rerun: Path, metric: str = "best") -> tuple[str, boo
             f"{max(diffs) if diffs else float('nan'):.2f} | {'yes' if within else 'NO'} | "
             f"{'yes' if in_range else 'no'} |"
         )
+    if left_out:
+        rows.append(f"\n({left_out} recorded group(s) not in the rerun, left out: --shared-only)")
     return "\n".join(rows), ok
 
 
@@ -66,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("recorded", type=Path)
     p.add_argument("rerun", type=Path)
     p.add_argument("--metric", choices=("best", "last"), default="best")
+    p.add_argument("--shared-only", action="store_true", help="compare the groups both hold")
     args = p.parse_args(argv)
-    table, ok = compare(args.recorded, args.rerun, args.metric)
+    table, ok = compare(args.recorded, args.rerun, args.metric, args.shared_only)
     print(table)
     return 0 if ok else 1
 

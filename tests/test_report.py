@@ -348,6 +348,19 @@ def test_committed_results_stay_readable(tmp_path):
     write_report(runs, tmp_path / "a")
     table, ok = cr.compare(tmp_path / "a/report.json", tmp_path / "a/report.json")
     assert ok and "| kd |" in table
+    # A partial rerun (one method's group only): missing groups fail, unless --shared-only.
+    full = json.loads((tmp_path / "a/report.json").read_text())
+    part = dict(full, groups=[g for g in full["groups"] if g["method"] == "kd"])
+    (tmp_path / "part.json").write_text(json.dumps(part))
+    table, ok = cr.compare(tmp_path / "a/report.json", tmp_path / "part.json")
+    assert not ok and "missing" in table
+    table, ok = cr.compare(tmp_path / "a/report.json", tmp_path / "part.json", shared_only=True)
+    assert ok and "| kd |" in table and "left out" in table and "| ce |" not in table
+    # ... and a changed number still fails.
+    bad = json.loads(json.dumps(part))
+    bad["groups"][0]["best"] = [x - 50 for x in bad["groups"][0]["best"]]
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    assert not cr.compare(tmp_path / "a/report.json", tmp_path / "bad.json", shared_only=True)[1]
 
 
 def test_reference_tables():
