@@ -254,8 +254,8 @@ def _validate(cfg: Config) -> None:
     for dotted in POSITIVE:
         sect, key = dotted.split(".")
         value = getattr(getattr(cfg, sect), key)
-        if not value > 0:
-            raise RelkdError(f"{dotted}={value!r} must be > 0")
+        if not value > 0 or value == float("inf"):
+            raise RelkdError(f"{dotted}={value!r} must be a finite number > 0")
     if cfg.student.name in (MISSING, "???", None, ""):
         raise RelkdError("student.name is required (e.g. student.name=resnet8x4)")
     if not str(cfg.train.teacher_cache).strip():

@@ -245,6 +245,11 @@ def test_an_allowed_change_is_applied_and_recorded(fmnist_root, tmp_path):
     assert changes["train.epochs"] == {"key": "train.epochs", "old": 1, "new": 2, "why": "allowed"}
     assert changes["data.num_workers"]["why"] == "env"
     assert sessions[1]["start_epoch"] == 1
+    # The summary's training time covers both sessions (each epoch's own time, from history).
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["train_time_s"] == pytest.approx(sum(r["epoch_time_s"] for r in records))
+    assert summary["train_time_s"] > records[1]["epoch_time_s"]
 
 
 def test_config_changes_lists_leaves():

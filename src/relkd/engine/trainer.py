@@ -579,7 +579,10 @@ def _fit(cfg, device, run: RunFolder, teacher, student, resume, allow_change, qu
         "student": cfg.student.name,
         "teacher": cfg.teacher.name if cfg.teacher else None,
         "seed": cfg.train.seed,
-        "train_time_s": time.time() - t_start,
+        # Training time of every epoch of the run, earlier sessions included (a resumed run's
+        # history holds them); evaluation excluded.
+        "train_time_s": sum(r.get("epoch_time_s", 0.0) for r in history),
+        "session_time_s": time.time() - t_start,
         "run_dir": str(run.path),
     }
     run.finish(distiller.student, summary, meta)

@@ -10,6 +10,7 @@ keyword arguments of :meth:`Method.forward`.
 from __future__ import annotations
 
 import inspect
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -191,7 +192,31 @@ def _build_one(name: str, ctx: MethodContext, args: Mapping[str, Any]) -> Method
                 f"{', '.join(params) or 'none'}"
             )
         _check_type(name, key, value, hints.get(key, inspect.Parameter.empty))
-    return cls(ctx, **dict(args))
+        _check_value(name, key, value)
+    try:
+        return cls(ctx, **dict(args))
+    except (ValueError, TypeError) as e:  # a method's own argument checks: one line, exit 2
+        raise RelkdError(f"method {name!r}: {str(e).splitlines()[0] if str(e) else e!r}") from e
+
+
+# Sign rules for numeric method arguments, by name: scales and sizes must be > 0, weights and
+# other coefficients >= 0 (a negative weight turns a loss into gradient ascent). Stage indices
+# (``stage``, ``*_stage``) may be negative and are not listed.
+_POSITIVE_ARGS = ("temperature", "tau", "p", "eps", "rank_eps", "init_var", "nce_t", "dim",
+                  "queue_size", "nce_k", "order")  # fmt: skip
+_NONNEGATIVE_ARGS = ("alpha", "beta", "gamma", "mu", "nu", "margin", "rate", "momentum",
+                     "init_epochs", "warmup")  # fmt: skip
+
+
+def _check_value(method: str, key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if not math.isfinite(value):
+        raise RelkdError(f"method {method!r}: {key}={value} must be a finite number")
+    if (key in _POSITIVE_ARGS or key.startswith(("temperature", "tau"))) and value <= 0:
+        raise RelkdError(f"method {method!r}: {key}={value} must be > 0")
+    if (key in _NONNEGATIVE_ARGS or "weight" in key or key.startswith("w_")) and value < 0:
+        raise RelkdError(f"method {method!r}: {key}={value} must be >= 0")
 
 
 class Composite(Method):
