@@ -69,6 +69,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from relkd._fs import fsync_dir as _fsync_dir
 from relkd.data.memory import _mix_seed, crop_flip
 from relkd.models.base import POOLED, FeatureTap, ModelOutput
 from relkd.registry import RelkdError
@@ -185,19 +186,6 @@ def _read_manifest(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return m if isinstance(m, dict) and m.get("format") == FORMAT else None
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager

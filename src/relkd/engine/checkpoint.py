@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from relkd._fs import fsync_dir as _fsync_dir
 from relkd.registry import RelkdError
 
 CKPT = "checkpoint.pt"
@@ -43,20 +44,6 @@ _TMP_RE = re.compile(r"^(\..+\.\d+\.tmp|\..+\.tmp\d+|.+\.tmp)$")
 
 def _sha256(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_fsync(path: Path, data: bytes | memoryview) -> None:
