@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import gzip
 import os
+import shutil
 import struct
 import tempfile
 from pathlib import Path
@@ -14,6 +16,8 @@ import pytest
 # relkd's cache folder (decoded data sets, teacher caches, build locks) goes to a fresh temporary
 # folder per test process, never the user's ~/.cache/relkd; tests that look into it set their own.
 os.environ["RELKD_CACHE_DIR"] = tempfile.mkdtemp(prefix="relkd-test-cache-")
+# ... removed when the test process ends (one per run and per xdist worker would pile up in /tmp).
+atexit.register(shutil.rmtree, os.environ["RELKD_CACHE_DIR"], ignore_errors=True)
 
 
 def write_idx(path: Path, arr: np.ndarray) -> None:

@@ -144,6 +144,23 @@ def test_unknown_option_is_still_an_error(fmnist_root, tmp_path):
     assert code == 2 and "--quite" in err
 
 
+def test_abbreviated_options_are_refused(fmnist_root, tmp_path):
+    # argparse's default would take --resum for --resume (and a later option's prefix for
+    # an older one): a mistyped option must stop, not mean something else.
+    code, _, err = _cli(["train", _cfg(tmp_path, fmnist_root), "--resum"])
+    assert code == 2 and "--resum" in err
+    code, _, err = _cli(["bench", "accuracy", "fmnist-mini", "--dry"])
+    assert code == 2 and "--dry" in err
+
+
+def test_missing_packaged_teacher_names_the_config_that_trains_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no runs/ folder here: the packaged teacher was never trained
+    code, _, err = _cli(["train", "fashion_mnist/kd", "data.root=/nonexistent"])
+    assert code == 2 and err.count("\n") == 1, err
+    assert "runs/fashion_mnist/teacher_s0/student.pt" in err
+    assert "train that teacher first: relkd train fashion_mnist/teacher" in err
+
+
 def test_train_with_an_option_between_overrides(fmnist_root, tmp_path):
     cfg = _cfg(tmp_path, fmnist_root)
     code, out, err = _cli(["train", cfg, "--quiet", "train.seed=3", "train.max_steps_per_epoch=2"])

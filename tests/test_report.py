@@ -253,7 +253,7 @@ def test_teacher_top1_recorded_by_the_run_or_evaluated_once(
     fake_run(tmp_path / "py", "kd", None, "cnn_tiny", 0, [50.0], rec)
     md = write_report(tmp_path / "py", tmp_path / "rep_py").read_text()
     assert "## teacher passed from Python → cnn_tiny (Fashion-MNIST)" in md
-    assert "the engine records no accuracy for an nn.Module teacher" in md
+    assert "the run recorded no accuracy for its nn.Module teacher" in md
 
     # a bare checkpoint (no run folder beside it) is evaluated once on the test split
     bare = tmp_path / "bare" / "teacher.pt"
@@ -308,6 +308,27 @@ def test_data_sets_named_by_what_they_are(tmp_path):
     md = write_report(runs, tmp_path / "rep").read_text()
     assert "## resnet8, no teacher (CIFAR-10 JPEG)" in md and "folder_jpg" not in md
     assert "10000-image training subset" in md
+
+
+def test_validation_split_runs_are_labelled_validation_not_test(tmp_path):
+    """A suite run with data.val_split is evaluated on the hold-out: the report must not call
+    its numbers test top-1 (the val-study suite chooses defaults from them)."""
+    val = {"data": {"name": "cifar10", "val_split": 0.1, "val_seed": 3}}
+    fake_run(tmp_path / "v", "ce", None, "resnet8", 0, [40.0, 41.0], val)
+    fake_run(tmp_path / "v", "kd", "resnet20", "resnet8", 0, [42.0, 43.0], val)
+    md = write_report(tmp_path / "v", tmp_path / "rv").read_text()
+    assert "Top-1 (%) on the validation split" in md and "on the test split" not in md
+    assert "top-1 on a 10 % validation hold-out (val_seed 3)" in md
+    rep = json.loads((tmp_path / "rv" / "report.json").read_text())
+    assert rep["recipe"]["val_split"] == "10 % validation hold-out (val_seed 3)"
+    # Plain runs keep "test"; a mix names both and each table says which.
+    fake_run(tmp_path / "m", "ce", None, "resnet8", 0, [40.0, 41.0], val)
+    fake_run(tmp_path / "m", "kd", "resnet20", "resnet20", 0, [42.0], {"data": {"name": "cifar10"}})
+    md = write_report(tmp_path / "m", tmp_path / "rm").read_text()
+    assert "on the test or validation split (see each table's recipe)" in md
+    fake_run(tmp_path / "t", "ce", None, "resnet8", 0, [40.0, 41.0], {"data": {"name": "cifar10"}})
+    md = write_report(tmp_path / "t", tmp_path / "rt").read_text()
+    assert "Top-1 (%) on the test split" in md and "validation" not in md
 
 
 def test_method_styles_are_distinct():

@@ -56,15 +56,15 @@ def train(
         RelkdError: a bad config, checked most basic first (method name and arguments, model
             names, the teacher a method needs, checkpoint files; then data and models).
     """
-    from relkd.config import load_config
     from relkd.engine import fit
+    from relkd.engine.trainer import load_with_module_name
     from relkd.preflight import check_config
 
     if isinstance(config, (str, os.PathLike)):
         from relkd.resources import resolve
 
         config = resolve(config)
-    cfg = load_config(config, overrides)
+    cfg = load_with_module_name(config, overrides, student)
     check_config(cfg, teacher=teacher, student=student)
     if cfg.train.tensorboard:
         _warn_no_tensorboard()

@@ -255,7 +255,18 @@ def build_parser() -> argparse.ArgumentParser:
     from relkd.bench.cli import add_bench_parsers
 
     add_bench_parsers(sub)
+    _no_abbreviations(p)
     return p
+
+
+def _no_abbreviations(parser: argparse.ArgumentParser) -> None:
+    """Refuse abbreviated options everywhere (argparse takes ``--resum`` for ``--resume`` and
+    would take a future option's prefix for an old one): an option is spelled out or refused."""
+    parser.allow_abbrev = False
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _no_abbreviations(child)
 
 
 def _place_positionals(

@@ -210,6 +210,7 @@ def _validate_values(cfg: Config) -> None:
         ("train.replay_seed", t.replay_seed, 0 <= t.replay_seed <= MAX_SEED, "0 .. 2**63 - 1"),
         ("data.val_seed", d.val_seed, 0 <= d.val_seed <= MAX_SEED, "must be in 0 .. 2**63 - 1"),
         ("data.num_workers", d.num_workers, d.num_workers >= 0, "must be >= 0"),
+        ("train.log_every", t.log_every, t.log_every >= 1, "must be >= 1 (steps between reads)"),
     ]
     optional: list[tuple[str, Any, Any, str]] = [
         ("train.grad_clip", t.grad_clip, lambda v: v > 0, "must be > 0 (or null: no clipping)"),
@@ -232,6 +233,10 @@ def _validate_values(cfg: Config) -> None:
     for m in s.milestones:
         if m < 0:
             raise RelkdError(f"schedule.milestones has a negative epoch: {m}")
+    if any(b <= a for a, b in zip(s.milestones, s.milestones[1:])):
+        # torch's MultiStepLR counts a repeated milestone twice and an unsorted list silently
+        # changes where the decays fall: a typo, not a schedule.
+        raise _bad("schedule.milestones", list(s.milestones), "must be strictly increasing epochs")
     if cfg.method.name == "ce" and cfg.method.ce_weight == 0:
         raise _bad("method.ce_weight", 0, "method ce with ce_weight 0 has no loss to train on")
     for sect in ("student", "teacher"):

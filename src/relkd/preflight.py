@@ -53,7 +53,35 @@ def _check_model_name(section: str, name: str) -> None:
 
 def _check_file(key: str, path: str | None) -> None:
     if path and not Path(path).expanduser().is_file():
-        raise RelkdError(f"{key}={path!r} does not exist (no such file)")
+        hint = _producer_hint(path) if key == "teacher.checkpoint" else ""
+        raise RelkdError(f"{key}={path!r} does not exist (no such file){hint}")
+
+
+def _producer_hint(path: str) -> str:
+    """``"; train it first: relkd train NAME"`` when a packaged config writes ``path`` (the
+    packaged students point at the run folder of a packaged teacher config), else ``""``."""
+    import yaml
+
+    from relkd.resources import SUITES, packaged
+
+    want = Path(path).expanduser()
+    if want.name not in ("student.pt", "student.safetensors", "student_best.pt"):
+        return ""
+    for name, file in packaged().items():
+        if name.startswith(SUITES):
+            continue
+        try:
+            raw = yaml.safe_load(file.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        out, run = raw.get("output_dir"), raw.get("name")
+        if not isinstance(out, str) or not isinstance(run, str):
+            continue
+        seed = (raw.get("train") or {}).get("seed", 0)
+        run = run.replace("${train.seed}", str(seed))
+        if Path(out) / run == want.parent:
+            return f"; train that teacher first: relkd train {name}"
+    return ""
 
 
 def check_config(

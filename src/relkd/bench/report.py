@@ -61,7 +61,7 @@ _ROOT_NAMES = [
 _JPEG = re.compile(r"jpe?g", re.I)
 #: Recipe fields listed when a row's recipe differs from its table's, in this order.
 _DIFF_KEYS = ("subset", "epochs", "batch", "optimizer", "lr", "weight_decay", "schedule")
-_DIFF_KEYS += ("steps_per_epoch",)
+_DIFF_KEYS += ("steps_per_epoch", "val_split")
 
 
 def data_label(name: str, root: str | None = None, label: str | None = None) -> str:
@@ -107,7 +107,26 @@ def recipe_of(cfg: dict[str, Any], student: str, label: str | None = None) -> di
         "weight_decay": optim.get("weight_decay"),
         "schedule": _schedule(cfg.get("schedule") or {}),
         "steps_per_epoch": train.get("max_steps_per_epoch"),
+        # A run with data.val_split is evaluated on that hold-out of the training set, not on
+        # the test set: the report must say which (issue 17: choices are made on validation).
+        "val_split": _val_text(data) if data.get("val_split") else None,
     }
+
+
+def _val_text(data: dict[str, Any]) -> str:
+    frac = float(data["val_split"])
+    return f"{100 * frac:g} % validation hold-out (val_seed {data.get('val_seed', 0)})"
+
+
+def eval_split(recipes: list[dict[str, Any]]) -> str:
+    """What the top-1 numbers of runs with these recipes are measured on: ``"test split"``,
+    ``"validation split"`` (every run has ``data.val_split``) or both named."""
+    vals = {bool(r.get("val_split")) for r in recipes}
+    if vals == {True}:
+        return "validation split"
+    if vals == {False} or not vals:
+        return "test split"
+    return "test or validation split (see each table's recipe)"
 
 
 def _recipe_part(key: str, v: Any) -> str:
@@ -120,13 +139,13 @@ def _recipe_part(key: str, v: Any) -> str:
         "weight_decay": f"wd {v:g}" if isinstance(v, (int, float)) else f"wd {v}",
         "schedule": f"{v} schedule",
         "steps_per_epoch": f"at most {v} steps per epoch",
+        "val_split": f"top-1 on a {v}",
     }[key]
 
 
 def recipe_text(r: dict[str, Any]) -> str:
     keys = [k for k in _DIFF_KEYS if r.get(k) is not None or k == "subset"]
-    if r.get("steps_per_epoch") is None:
-        keys = [k for k in keys if k != "steps_per_epoch"]
+    keys = [k for k in keys if k == "subset" or r.get(k) is not None]
     return ", ".join([r.get("data") or "?", *(_recipe_part(k, r.get(k)) for k in keys)])
 
 
@@ -253,6 +272,12 @@ def _read_run(run_dir: Path) -> RunRecord | None:
     )
     if rec.teacher is None and _needs_teacher(rec.method_name):
         rec.teacher = PYTHON_TEACHER
+        # The engine records the module's class in run.json (modules_from_python).
+        sessions = (_read_json(run_dir / "run.json") or {}).get("sessions") or [{}]
+        given = (sessions[-1] if isinstance(sessions[-1], dict) else {}).get("modules_from_python")
+        cls = ((given or {}).get("teacher") or {}).get("class")
+        if isinstance(cls, str) and cls:
+            rec.teacher = f"{PYTHON_TEACHER} ({cls.rsplit('.', 1)[-1]})"
     summary = _read_json(run_dir / "summary.json")
     if isinstance(summary, dict) and summary.get("best_top1") is not None:
         rec.summary = summary
@@ -511,12 +536,13 @@ def _group_json(g: Group, tab: Table | None, base: Path) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------ writers
 def _intro(groups: list[Group], runs_rel: str, common: dict[str, Any] | None) -> list[str]:
+    split = eval_split([g.recipe for g in groups])
     n = sum(len(g.runs) for g in groups)
     n_unfinished = sum(g.unfinished for g in groups)
     lines = [
         f"Runs: {runs_rel} ({n} finished"
         + (f", {n_unfinished} unfinished" if n_unfinished else "")
-        + f"); generated {time.strftime('%Y-%m-%d %H:%M')}. Top-1 (%) on the test split: mean ± "
+        + f"); generated {time.strftime('%Y-%m-%d %H:%M')}. Top-1 (%) on the {split}: mean ± "
         "sample std over seeds (best epoch and last epoch; one column where they are equal).",
     ]
     if common:
@@ -615,11 +641,13 @@ def write_report(
     images: dict[str, Path] = {}
     if plotted:
         styles = method_styles([g.method for t in plotted for g in t.groups])
-        plot_accuracy(plotted, out / "accuracy.png", styles)
-        plot_curves(plotted, out / "curves.png", styles)
+        split = eval_split([t.recipe for t in plotted])
+        short = {"test split": "test", "validation split": "validation"}.get(split, "test/val")
+        plot_accuracy(plotted, out / "accuracy.png", styles, split=short)
+        plot_curves(plotted, out / "curves.png", styles, split=short)
         images = {
             "Top-1 per method": out / "accuracy.png",
-            "Test top-1 per epoch": out / "curves.png",
+            f"{short.capitalize()} top-1 per epoch": out / "curves.png",
         }
     intro = _intro(groups, runs_rel, common)
     sources = _used_sources(tables)

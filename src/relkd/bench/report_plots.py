@@ -41,7 +41,9 @@ def method_styles(methods: list[str]) -> dict[str, tuple[str, str]]:
     return out
 
 
-def plot_accuracy(tables: list[Table], path: Path, styles: dict[str, tuple[str, str]]) -> None:
+def plot_accuracy(
+    tables: list[Table], path: Path, styles: dict[str, tuple[str, str]], split: str = "test"
+) -> None:
     """Per table: mean top-1 per method with std error bars (filled: best epoch; hollow: last
     epoch, drawn only where it differs), the teacher and the CE student as vertical lines and
     the published numbers of the same recipe as black crosses. A dot plot, so the axis need not
@@ -86,7 +88,7 @@ def plot_accuracy(tables: list[Table], path: Path, styles: dict[str, tuple[str, 
         ax.set_ylim(-0.7, len(gs) - 0.3)
         ax.set_yticks(ys, [g.method for g in gs], fontsize=8)
         ax.set_title(tab.title, fontsize=9)
-        ax.set_xlabel("test top-1 (%), mean ± std over seeds")
+        ax.set_xlabel(f"{split} top-1 (%), mean ± std over seeds")
         ax.grid(axis="x", alpha=0.3)
     key = [
         Line2D([], [], marker="o", color="grey", ls="", label="best epoch"),
@@ -104,8 +106,10 @@ def plot_accuracy(tables: list[Table], path: Path, styles: dict[str, tuple[str, 
     plt.close(fig)
 
 
-def plot_curves(tables: list[Table], path: Path, styles: dict[str, tuple[str, str]]) -> None:
-    """Per table: test top-1 per epoch of each method, mean over its seeds; one legend for all
+def plot_curves(
+    tables: list[Table], path: Path, styles: dict[str, tuple[str, str]], split: str = "test"
+) -> None:
+    """Per table: ``split`` top-1 per epoch of each method, mean over its seeds; one legend for all
     panels, right of them."""
     from matplotlib.ticker import MaxNLocator
 
@@ -135,7 +139,7 @@ def plot_curves(tables: list[Table], path: Path, styles: dict[str, tuple[str, st
         ax.set_title(tab.title, fontsize=9)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("test top-1 (%), mean over seeds")
+        ax.set_ylabel(f"{split} top-1 (%), mean over seeds")
         ax.grid(alpha=0.3)
     if any(tab.teacher_top1.get("top1") is not None for tab in tables):
         (handles["teacher"],) = axes[0, 0].plot([], [], color="black", ls="--", lw=1)

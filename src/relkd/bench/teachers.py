@@ -116,7 +116,7 @@ def teacher_top1(
     data = run_cfg.get("data") or {}
     if not tcfg.get("checkpoint"):
         why = (
-            "the engine records no accuracy for an nn.Module teacher"
+            "the run recorded no accuracy for its nn.Module teacher"
             if not tcfg
             else "no checkpoint in the run's config"
         )

@@ -486,6 +486,21 @@ def _train_epoch(loop: _Loop, epoch: int, step: int) -> tuple[dict[str, Any], in
     return record, step
 
 
+def load_with_module_name(config: Any, overrides, student: nn.Module | None) -> Config:
+    """``load_config``; a student passed from Python needs no ``student.name`` in the config
+    (its class name is used for the run record and the checkpoint metadata)."""
+    try:
+        return load_config(config, overrides)
+    except RelkdError as e:
+        # Missing name: OmegaConf's "missing mandatory value" or our "student.name is required".
+        if student is None or "student.name" not in str(e):
+            raise
+        try:
+            return load_config(config, [*overrides, f"student.name={type(student).__name__}"])
+        except RelkdError:
+            raise e from None
+
+
 def fit(
     config: Any,
     *,
@@ -508,7 +523,7 @@ def fit(
         allow_change: config keys (or sections) that may differ on resume; each change is
             recorded in the folder's ``run.json``.
     """
-    cfg = load_config(config, overrides)
+    cfg = load_with_module_name(config, overrides, student)
     _check_train(cfg)
     device = resolve_device(cfg.train.device)
     init_distributed(device)
@@ -533,17 +548,24 @@ def _fit(cfg, device, run: RunFolder, teacher, student, resume, allow_change, qu
     progress = cfg.train.progress and D.is_main() and not quiet
     loop = _build_loop(cfg, comp, plan, device, say, progress)
     start_epoch, step, history, best = 0, 0, [], {"top1": -1.0, "epoch": -1}
+    given = {k: _describe_module(m) for k, m in (("teacher", teacher), ("student", student)) if m}
     resumed = run.open(
         cfg, resume=resume, allow_change=allow_change, device=device, world_size=D.world_size(),
         into=(distiller, loop.opt, loop.scaler),
+        extra={"modules_from_python": given} if given else None,
     )  # fmt: skip
     if resumed is not None:
         start_epoch, step = resumed.start_epoch, resumed.step
         history, best = resumed.history, resumed.best
+        if start_epoch >= loop.total_epochs:
+            say(f"{run.path} is already complete ({cfg.train.epochs} epochs): nothing to train")
     run.write_json("plan.json", plan.to_dict())
     say(plan.describe())
     meta = student_metadata(cfg, comp.info, student)
 
+    # A teacher passed from Python has no config or summary of its own: measure its top-1 once
+    # here so the run (and `relkd report`) can show it beside the student's.
+    teacher_top1 = _python_teacher_top1(teacher, comp, loop, device, say)
     pre = len(loop.phase_of)
     t_start = time.time()
     for epoch in range(start_epoch, loop.total_epochs):
@@ -585,9 +607,33 @@ def _fit(cfg, device, run: RunFolder, teacher, student, resume, allow_change, qu
         "session_time_s": time.time() - t_start,
         "run_dir": str(run.path),
     }
+    if teacher_top1 is not None:
+        summary["teacher_top1"] = teacher_top1
     run.finish(distiller.student, summary, meta)
     distiller.tap.remove()
     return summary
+
+
+def _describe_module(m: nn.Module) -> dict[str, Any]:
+    """What run.json records of a model passed from Python (it has no config entry)."""
+    return {
+        "class": f"{type(m).__module__}.{type(m).__qualname__}",
+        "parameters": sum(p.numel() for p in m.parameters()),
+    }
+
+
+def _python_teacher_top1(teacher, comp: Components, loop, device, say) -> float | None:
+    """Top-1 (%) on the evaluation split of a teacher passed from Python, or None (no such
+    teacher, or a cached teacher whose model is not on ``device``)."""
+    model = getattr(comp.teacher, "model", None)
+    if teacher is None or model is None:
+        return None
+    p = next(model.parameters(), None)
+    if p is None or p.device.type != device.type:
+        return None
+    top1 = evaluate(model, loop.test_loader, device, loop.amp)["top1"]
+    say(f"teacher passed from Python: top-1 {top1:.2f} on the evaluation split")
+    return top1
 
 
 def _epoch_line(record: dict[str, Any], epoch: int, pre: int, epochs: int, best) -> str:
