@@ -73,7 +73,11 @@ BAD_VALUES = [
     ("student.kwargs.num_classes=7", "student.kwargs.num_classes"),
     ("method.ce_weight=-1", "method.ce_weight"),
     ("method.ce_weight=0", "method.ce_weight"),  # FM_CE is method ce
-    ("train.log_every=0", "train.log_every"),  # refused by the config, so --print-config too
+    ("train.log_every=0", "train.log_every"),
+    (
+        "train.compile_mode=fast",
+        "train.compile_mode",
+    ),  # refused by the config, so --print-config too
     ("schedule.milestones=[180,150]", "schedule.milestones"),  # unsorted: a typo
     ("schedule.milestones=[150,150]", "schedule.milestones"),  # torch would decay twice
 ]

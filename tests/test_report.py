@@ -310,6 +310,29 @@ def test_data_sets_named_by_what_they_are(tmp_path):
     assert "10000-image training subset" in md
 
 
+def test_runs_differing_in_method_settings_are_rows_not_seeds(tmp_path):
+    """Two plain `relkd train` runs of kd at temperatures 2 and 4 (seed 0 each) are two
+    variants; averaging them as two seeds would report a spread that is not seed noise."""
+    for t, top1 in ((2.0, [40.0, 44.0]), (4.0, [41.0, 48.0])):
+        rec = {"data": {"name": "cifar10"}, "method": {"args": {"temperature": t}}}
+        fake_run(tmp_path / "r" / str(t), "kd", "resnet20", "resnet8", 0, top1, rec)
+    # fake_run sets method.name; put the args back under it
+    for t in (2.0, 4.0):
+        cfgp = next((tmp_path / "r" / str(t)).glob("*/config.yaml"))
+        cfg = yaml.safe_load(cfgp.read_text())
+        cfg["method"]["args"] = {"temperature": t}
+        cfgp.write_text(yaml.safe_dump(cfg))
+    md = write_report(tmp_path / "r", tmp_path / "rep").read_text()
+    assert md_row(md, "kd (args.temperature=2.0)")[2] == "44.00"
+    assert md_row(md, "kd (args.temperature=4.0)")[2] == "48.00"
+    # same settings twice: seeds of one row, as before
+    for seed, top1 in ((0, [40.0, 44.0]), (1, [41.0, 46.0])):
+        rec = {"data": {"name": "cifar10"}}
+        fake_run(tmp_path / "s", "kd", "resnet20", "resnet8", seed, top1, rec)
+    md = write_report(tmp_path / "s", tmp_path / "rep2").read_text()
+    assert md_row(md, "kd")[2].startswith("45.00 ± 1.41")
+
+
 def test_validation_split_runs_are_labelled_validation_not_test(tmp_path):
     """A suite run with data.val_split is evaluated on the hold-out: the report must not call
     its numbers test top-1 (the val-study suite chooses defaults from them)."""

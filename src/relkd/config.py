@@ -146,6 +146,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.on_nonfinite": ("stop", "skip"),
     "data.in_memory": ("auto", "true", "false"),
     "train.teacher_cache_dtype": ("fp16", "fp32"),
+    # torch.compile's modes (checked here, so --print-config refuses a typo too)
+    "train.compile_mode": (
+        "default",
+        "reduce-overhead",
+        "max-autotune",
+        "max-autotune-no-cudagraphs",
+    ),
 }
 POSITIVE: tuple[str, ...] = (
     "optim.lr",

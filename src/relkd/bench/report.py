@@ -32,7 +32,7 @@ import os
 import re
 import statistics
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -312,8 +312,37 @@ def _common(recipes: list[dict[str, Any]]) -> dict[str, Any]:
     return json.loads(Counter(keyed).most_common(1)[0][0])
 
 
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {prefix + k: v})
+    return out
+
+
+def _label_variants(records: list[RunRecord]) -> None:
+    """Runs of one method whose method settings differ (``relkd train`` runs of kd at two
+    temperatures) are variants, not seeds: their label gets the differing settings,
+    ``kd (args.temperature=2.0)``, so each variant is a row of its own."""
+    by: dict[tuple, list[RunRecord]] = defaultdict(list)
+    for r in records:
+        by[(r.method, r.teacher, r.student, r.dataset)].append(r)
+    for rs in by.values():
+        flat = [_flat(r.cfg.get("method") or {}) for r in rs]
+        keys = sorted(
+            k
+            for k in {k for f in flat for k in f}
+            if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flat}) > 1
+        )
+        for r, f in zip(rs, flat) if keys else ():
+            r.method = f"{r.method} ({', '.join(f'{k}={f.get(k)}' for k in keys)})"
+
+
 def group_runs(records: list[RunRecord]) -> list[Group]:
-    """Finished runs grouped by (method, teacher, student, data set), in suite order."""
+    """Finished runs grouped by (method, teacher, student, data set), in suite order; runs of
+    one method with different method settings are separate rows (:func:`_label_variants`)."""
+    _label_variants(records)
     groups: dict[tuple, Group] = {}
     first: dict[tuple, int] = {}
     recipes: dict[tuple, list[dict[str, Any]]] = {}

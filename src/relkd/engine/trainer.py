@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from relkd import distributed as D
-from relkd.config import Config, load_config
+from relkd.config import CHOICES, Config, load_config
 from relkd.engine.distiller import Distiller
 from relkd.engine.logger import RunLogger
 from relkd.engine.plan import (
@@ -321,7 +321,7 @@ def _say(quiet: bool):
     return say
 
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_MODES = CHOICES["train.compile_mode"]
 
 
 @dataclass
