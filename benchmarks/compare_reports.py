@@ -8,7 +8,10 @@ largest per-seed difference, and whether the rerun's mean lies within the record
 (``within 2 std``) and within the recorded [min, max] over seeds (``within range``). Exit status 1
 when a group of the recorded report is missing from the rerun or a rerun mean falls outside
 mean +- 2 std. ``--shared-only`` compares only the groups both reports hold (a partial rerun of
-some methods), and says how many recorded groups it left out.
+some methods), and says how many recorded groups it left out. ``--exact`` also fails unless
+every seed both reports hold has the same top-1 (a seeded rerun on the same kind of machine
+should reproduce it bit for bit; 2 std is the bar for other machines), and a rerun of only some
+seeds (``--only '*/*/s0'``) is then checked seed by seed.
 """
 
 from __future__ import annotations
@@ -32,9 +35,14 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def compare(
-    recorded: Path, rerun: Path, metric: str = "best", shared_only: bool = False
+    recorded: Path,
+    rerun: Path,
+    metric: str = "best",
+    shared_only: bool = False,
+    exact: bool = False,
 ) -> tuple[str, bool]:
-    """(markdown table, every group within 2 std)."""
+    """(markdown table, every group within 2 std; with ``exact``, also every shared seed
+    equal)."""
     a, b = _groups(recorded), _groups(rerun)
     left_out = 0
     if shared_only:
@@ -62,6 +70,8 @@ def compare(
         within = abs(mb - ma) <= 2 * sa + 1e-9
         in_range = min(xa) - 1e-9 <= mb <= max(xa) + 1e-9
         ok &= within
+        if exact:
+            ok &= bool(diffs) and max(diffs) <= 1e-9
         rows.append(
             f"| {key[0]} | {ma:.2f} ± {sa:.2f} | {mb:.2f} ± {sb:.2f} | "
             f"{max(diffs) if diffs else float('nan'):.2f} | {'yes' if within else 'NO'} | "
@@ -78,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("rerun", type=Path)
     p.add_argument("--metric", choices=("best", "last"), default="best")
     p.add_argument("--shared-only", action="store_true", help="compare the groups both hold")
+    p.add_argument("--exact", action="store_true", help="every shared seed must be equal")
     args = p.parse_args(argv)
-    table, ok = compare(args.recorded, args.rerun, args.metric, args.shared_only)
+    table, ok = compare(args.recorded, args.rerun, args.metric, args.shared_only, args.exact)
     print(table)
     return 0 if ok else 1
 

@@ -405,6 +405,18 @@ def test_committed_results_stay_readable(tmp_path):
     bad["groups"][0]["best"] = [x - 50 for x in bad["groups"][0]["best"]]
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     assert not cr.compare(tmp_path / "a/report.json", tmp_path / "bad.json", shared_only=True)[1]
+    # --exact: a one-seed rerun equal to its recorded seed passes; 0.01 off fails, although it is
+    # well within 2 std of the recorded seeds.
+    one = json.loads(json.dumps(part))
+    g = one["groups"][0]
+    g["seeds"], g["best"] = g["seeds"][:1], g["best"][:1]
+    (tmp_path / "one.json").write_text(json.dumps(one))
+    args = (tmp_path / "a/report.json", tmp_path / "one.json")
+    assert cr.compare(*args, shared_only=True, exact=True)[1]
+    g["best"] = [g["best"][0] + 0.01]
+    (tmp_path / "one.json").write_text(json.dumps(one))
+    assert cr.compare(*args, shared_only=True)[1]
+    assert not cr.compare(*args, shared_only=True, exact=True)[1]
 
 
 def test_reference_tables():
