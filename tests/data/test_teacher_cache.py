@@ -17,6 +17,7 @@ Tolerances (stated, measured on CPU fp32):
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -469,3 +470,22 @@ def test_build_lock_is_filelock(tmp_path, monkeypatch):
     other.acquire(timeout=0)
     other.release()
     assert Path(seen[0]).parent == tmp_path / "home" / "locks"
+
+
+def test_a_killed_builds_temporary_folder_is_swept(tmp_path):
+    """SIGKILL leaves `.NAME.tmp-PID-XXXX` beside the cache; the next build of that cache
+    removes it when PID is gone and leaves a live process's folder alone."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "c"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+    left = tmp_path / f".c.tmp-{dead.pid}-deadbeef"
+    (left / "sub").mkdir(parents=True)
+    (left / "logits.npy").write_bytes(b"\0" * 1000)
+    live = tmp_path / f".c.tmp-{os.getpid()}-0badf00d"
+    live.mkdir()
+    _build(_teacher(), _images(), path)
+    assert not left.exists() and live.exists()
+    assert (path / "logits.npy").is_file()

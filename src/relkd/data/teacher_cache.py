@@ -632,6 +632,7 @@ def _build_into(
         return tap(x.float().div_(255).sub_(mean_t).div_(std_t))
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_dead_builds(path, log)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -740,6 +741,25 @@ def _discard(path: Path) -> None:
     old = path.parent / f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     os.replace(path, old)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _sweep_dead_builds(path: Path, log: Callable[[str], None] | None) -> None:
+    """Remove the temporary folders of builds of ``path`` whose process is gone (a build killed
+    with SIGKILL or by the OOM killer cannot clean up; its folder can be GiBs). Called under the
+    build lock, so no live build of this cache on this machine owns one; a folder of a live
+    process (another machine's pid that exists here, by chance) is left alone."""
+    for d in path.parent.glob(f".{path.name}.tmp-*"):
+        try:
+            pid = int(d.name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
+            os.kill(pid, 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError, OSError):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        if log is not None:
+            log(f"teacher cache: removed {d.name}, left by an interrupted build (pid {pid})")
 
 
 def _move_into_place(tmp: Path, path: Path, key: str) -> None:
