@@ -45,13 +45,24 @@ def check_ok(rec: dict) -> None:
 
 
 def test_run_speed_records(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    # What killed runs leave: a folder of a pid that is gone is removed, a live pid's kept.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f"relkd_speed_cache_{dead.pid}_abc" / "logits").mkdir(parents=True)
+    live = tmp_path / f"relkd_speed_cache_{os.getppid()}_def"
+    live.mkdir()
     threads = torch.get_num_threads()
     recs = run_speed(
         "cnn_small", "cnn_tiny", ["ce", "kd,crd"], threads=1, data_workers=(0,),
         cache_root=str(tmp_path), **TINY,
     )  # fmt: skip
     assert torch.get_num_threads() == threads  # restored
-    assert list(tmp_path.iterdir()) == []  # the temporary teacher caches are removed
+    # the temporary teacher caches are removed, and so is the dead run's
+    assert [p.name for p in tmp_path.iterdir()] == [live.name]
     got = [(r["config"], r["method"], r["workers"]) for r in recs]
     assert got == [
         ("teacher_forward", None, None),

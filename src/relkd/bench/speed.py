@@ -87,6 +87,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from relkd._fs import remove_dead_temp_dirs
 from relkd.registry import RelkdError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -460,7 +461,11 @@ class _CacheFiles:
 
         spec = self.spec
         if self.root is None:
-            self.root = Path(tempfile.mkdtemp(prefix="relkd_speed_cache_", dir=self.root_arg))
+            # Named after this pid, so a later run removes the GiBs a killed run left behind.
+            parent = Path(self.root_arg or tempfile.gettempdir())
+            remove_dead_temp_dirs(parent, "relkd_speed_cache_")
+            prefix = f"relkd_speed_cache_{os.getpid()}_"
+            self.root = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
         path = self.root / ("_".join(taps) + (f"_{copy}" if copy else ""))
         path.mkdir()
         p = _padding(spec.image_size)

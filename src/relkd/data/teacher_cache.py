@@ -70,6 +70,7 @@ import torch
 from torch import nn
 
 from relkd._fs import fsync_dir as _fsync_dir
+from relkd._fs import remove_dead_temp_dirs
 from relkd.data.memory import _mix_seed, crop_flip
 from relkd.models.base import POOLED, FeatureTap, ModelOutput
 from relkd.registry import RelkdError
@@ -744,22 +745,11 @@ def _discard(path: Path) -> None:
 
 
 def _sweep_dead_builds(path: Path, log: Callable[[str], None] | None) -> None:
-    """Remove the temporary folders of builds of ``path`` whose process is gone (a build killed
-    with SIGKILL or by the OOM killer cannot clean up; its folder can be GiBs). Called under the
-    build lock, so no live build of this cache on this machine owns one; a folder of a live
-    process (another machine's pid that exists here, by chance) is left alone."""
-    for d in path.parent.glob(f".{path.name}.tmp-*"):
-        try:
-            pid = int(d.name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
-            os.kill(pid, 0)
-            continue  # alive
-        except ProcessLookupError:
-            pass
-        except (ValueError, PermissionError, OSError):
-            continue
-        shutil.rmtree(d, ignore_errors=True)
+    """Remove the temporary folders of builds of ``path`` that were killed (called under the
+    build lock: no live build of this cache on this machine owns one)."""
+    for name in remove_dead_temp_dirs(path.parent, f".{path.name}.tmp-"):
         if log is not None:
-            log(f"teacher cache: removed {d.name}, left by an interrupted build (pid {pid})")
+            log(f"teacher cache: removed {name}, left by an interrupted build")
 
 
 def _move_into_place(tmp: Path, path: Path, key: str) -> None:
