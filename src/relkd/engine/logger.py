@@ -27,6 +27,7 @@ class RunLogger:
         self.history: list[dict[str, Any]] = []
         self._tb: Any = None
         self._tb_tried = False
+        self._resumed_after: int | None = None  # last epoch of the history resumed from
 
     def info(self, msg: str) -> None:
         if self.main and not self.quiet:
@@ -38,7 +39,11 @@ class RunLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(self.run_dir / "tb"))
+                # On resume, purge_step makes TensorBoard drop the earlier session's events
+                # from the epoch the run continues at (the killed session may have logged
+                # epochs past its last checkpoint): each epoch shows once, as metrics.jsonl.
+                purge = self._resumed_after + 1 if self._resumed_after is not None else None
+                self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge)
             except ImportError:  # tensorboard is an optional extra
                 self._tb = None
         return self._tb
@@ -46,6 +51,8 @@ class RunLogger:
     def set_history(self, records: list[dict[str, Any]]) -> None:
         """``metrics.jsonl`` := exactly ``records`` (the checkpoint's history on resume)."""
         self.history = [dict(r) for r in records]
+        done = [int(r.get("epoch", 0)) for r in records]
+        self._resumed_after = max(done) if done else None
         if self.main:
             self._write()
 
