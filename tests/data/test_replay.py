@@ -283,13 +283,32 @@ def _weights(run_dir: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("method", ["kd", "rkd"])  # logits only; logits + pooled features
-def test_run_reading_the_store_equals_the_run_that_wrote_it(tree, tmp_path, method, capsys):
+def test_run_reading_the_store_equals_the_run_that_wrote_it(
+    tree, tmp_path, method, capsys, monkeypatch
+):
+    from relkd.engine import trainer
+
     torch.manual_seed(0)
     teacher = _Teacher()
-    calls = []
+    calls, measuring = [], []
+    # A teacher passed from Python is evaluated once per run (its top-1 for the report): that
+    # pass over the test set is not training and is not counted.
+    measure = trainer._python_teacher_top1
+
+    def counted_apart(*a, **k):
+        measuring.append(1)
+        try:
+            return measure(*a, **k)
+        finally:
+            measuring.pop()
+
+    monkeypatch.setattr(trainer, "_python_teacher_top1", counted_apart)
     # count training forwards (not the all-zero shape probe that every run does once)
-    teacher.register_forward_hook(lambda m, i, o: calls.append(1) if i[0].abs().sum() else None)
+    teacher.register_forward_hook(
+        lambda m, i, o: calls.append(1) if i[0].abs().sum() and not measuring else None
+    )
     first = relkd.train(_cfg(tree, tmp_path, "first", method), teacher=teacher)
+    assert first["teacher_top1"] >= 0.0
     err = capsys.readouterr().err
     assert "not stored yet: online teacher, writing it" in err and calls
     assert (tmp_path / "store" / "epoch_0").is_dir() and (tmp_path / "store" / "epoch_1").is_dir()
