@@ -371,7 +371,8 @@ def _check_long_cifar10jpg(name, suite, teachers, runs):
     assert teacher.config["train"]["epochs"] == 7 and teacher.config["data"]["train_subset"] is None
     assert suite.teacher_cache == "auto" and len(suite.seeds) == 3
     for r in runs:
-        assert r.config["train"]["epochs"] == 12 and r.config["data"]["train_subset"] == 10000
+        assert r.config["train"]["epochs"] == 16 and r.config["data"]["train_subset"] == 10000
+        assert r.config["train"]["channels_last"] is True
         assert r.config["train"]["teacher_cache_dtype"] == "fp32"
         assert r.config["train"].get("teacher_cache") == (
             None if r.teacher is None else "auto"
