@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from filelock import Timeout
+from filelock import FileLock, Timeout
 
 import relkd
 from relkd.bench import accuracy as acc
@@ -537,3 +537,112 @@ def test_progress_lines_show_the_eta_from_this_invocations_runs(tmp_path, fmnist
     prog = acc._Progress(acc.build_grid(load_suite(suite), tmp_path / "o2")[1], "t", workers=2)
     prog.run_times = [100.0, 200.0]
     assert prog.line() == "[0/5] finished; ETA 6 min (mean 150.0 s over 2 run(s) here, 2 workers)"
+
+
+HOLD_FILES = """
+import sys, time
+from filelock import FileLock
+locks = [FileLock(p) for p in sys.argv[1:]]
+for lock in locks:
+    lock.acquire(timeout=0)
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def hold_files(*paths: Path) -> subprocess.Popen:
+    """A separate process that holds file locks on ``paths`` until it is killed."""
+    for p in paths:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", HOLD_FILES, *map(str, paths)], stdout=subprocess.PIPE, text=True
+    )
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def _cached_grid(tmp_path, fmnist_root, tiny_teacher_ckpt, methods, overrides=()):
+    ck = {"checkpoint": str(tiny_teacher_ckpt)}
+    suite = write_suite(tmp_path / "c.yaml", fmnist_root, ck, methods=methods, seeds=[0],
+                        teacher_cache="auto")  # fmt: skip
+    return acc.build_grid(load_suite(suite), tmp_path / "out", overrides)[1]
+
+
+def test_cache_groups_follow_the_teacher_taps(tmp_path, fmnist_root, tiny_teacher_ckpt):
+    """Runs that read one teacher cache (same teacher, data, taps) share a group; teacher-free
+    runs and runs with the cache off have none."""
+    methods = ["ce", "kd", "dkd", "rkd", "crd", "rrd+kd",
+               {"name": "kd-online", "method": {"name": "kd"},
+                "config": {"train": {"teacher_cache": "off"}}}]  # fmt: skip
+    runs = {j.label: j.cache_group for j in _cached_grid(tmp_path, fmnist_root,
+                                                        tiny_teacher_ckpt, methods)}  # fmt: skip
+    assert runs["ce"] is None and runs["kd-online"] is None
+    assert runs["kd"] == runs["dkd"] and runs["rkd"] == runs["crd"] == runs["rrd+kd"]
+    assert runs["kd"] != runs["rkd"] and runs["kd"].parent == tmp_path / "out" / ".locks"
+    off = _cached_grid(
+        tmp_path, fmnist_root, tiny_teacher_ckpt, ["kd"], ["train.teacher_cache=off"]
+    )
+    assert [j.cache_group for j in off] == [None]
+
+
+def _fake_execute(order, held_by_us):
+    def execute(job, token, quiet, say):
+        order.append(job.label)
+        if job.cache_group is not None and not any(held_by_us):
+            held_by_us.append(job.label)  # the group's first run holds the group lock
+            with pytest.raises(Timeout):
+                FileLock(job.cache_group).acquire(timeout=0)
+        (job.run_dir / "metrics.jsonl").write_text('{"epoch": 1}\n')
+        (job.run_dir / "summary.json").write_text('{"best_top1": 1.0, "last_top1": 1.0}')
+        return acc._result(job, "trained", elapsed_s=0.0, error=None)
+
+    return execute
+
+
+def test_runs_of_a_cache_being_built_elsewhere_wait_behind_other_work(
+    tmp_path, fmnist_root, tiny_teacher_ckpt, monkeypatch
+):
+    """With the first run of a cache group held by another worker (which builds the cache), a
+    worker runs the other jobs first instead of blocking in the cache's build lock, polls when
+    only those runs are left, and runs them once the holder is gone; the first run it then
+    claims holds the group lock itself."""
+    jobs = _cached_grid(tmp_path, fmnist_root, tiny_teacher_ckpt, ["kd", "dkd", "ce"])
+    holder = hold_files(jobs[0].cache_group)
+    order: list[str] = []
+    lines: list[str] = []
+    monkeypatch.setattr(acc, "_execute", _fake_execute(order, []))
+
+    def sleep(s: float) -> None:
+        if holder.poll() is None:
+            assert order == ["ce"], "only the run outside the group may run meanwhile"
+            assert sum("another process is building" in x for x in lines) == 1, lines
+            holder.send_signal(signal.SIGKILL)
+            holder.wait()
+
+    monkeypatch.setattr(acc.time, "sleep", sleep)
+    res = list(acc._work(jobs, "tok", True, lines.append))
+    assert holder.returncode == -signal.SIGKILL
+    assert order == ["ce", "kd", "dkd"] and [r["status"] for r in res] == ["trained"] * 3
+
+
+def test_a_started_cache_group_is_not_waited_for(
+    tmp_path, fmnist_root, tiny_teacher_ckpt, monkeypatch
+):
+    """Once a run of the group is through an epoch (its cache exists), the other runs of the
+    group go ahead although the group's first run is still held elsewhere."""
+    jobs = _cached_grid(tmp_path, fmnist_root, tiny_teacher_ckpt, ["kd", "dkd"])
+    kd = jobs[0]
+    holder = hold_files(kd.cache_group, kd.run_dir / ".lock")
+    (kd.run_dir / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    order: list[str] = []
+    monkeypatch.setattr(acc, "_execute", _fake_execute(order, ["kd"]))
+
+    def sleep(s: float) -> None:
+        if holder.poll() is None:
+            assert order == ["dkd"]
+            holder.send_signal(signal.SIGKILL)
+            holder.wait()
+
+    monkeypatch.setattr(acc.time, "sleep", sleep)
+    list(acc._work(jobs, "tok", True, lambda m: None))
+    assert order == ["dkd", "kd"]

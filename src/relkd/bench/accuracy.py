@@ -50,7 +50,10 @@ Teacher reuse: a teacher is trained once per suite output folder and read by eve
 the exact teacher-output cache (:mod:`relkd.data.teacher_cache`) is keyed by teacher, data,
 transform and taps, so the first run that needs it builds it (under a file lock: concurrent
 workers wait instead of building twice) and every later method and seed of that teacher reads
-it. It pays when the grid's online teacher passes outnumber the K augmentation outcomes per image
+it. Runs that read one cache form a group; while another process runs a group's first run (and
+so probably builds its cache) and no run of the group is through an epoch yet, a worker runs
+other jobs of the grid first and comes back to the group's runs, instead of idling in the build
+lock; with nothing else left it polls until the cache is there. It pays when the grid's online teacher passes outnumber the K augmentation outcomes per image
 (162 on CIFAR): yes for 240-epoch tables, not for 3-epoch CPU mini-suites.
 """
 
@@ -135,9 +138,21 @@ class Job:
     seed: int = 0
     needs: str | None = None  # id of the teacher job this run waits for
     meta: dict[str, Any] = field(default_factory=dict)  # written to bench.json
+    #: Runs that read one teacher cache share a group (a scheduling hint, see ``_work``): the
+    #: lock file a worker holds while it runs the group's first run, None without a cache.
+    cache_group: Path | None = None
 
     def finished(self) -> bool:
         return (self.run_dir / "summary.json").is_file()
+
+    def started(self) -> bool:
+        """Finished, or through at least one epoch (so a cache it reads has been built)."""
+        if self.finished():
+            return True
+        try:
+            return (self.run_dir / "metrics.jsonl").stat().st_size > 0
+        except OSError:
+            return False
 
     def state(self) -> str:
         if self.finished():
@@ -475,10 +490,47 @@ def build_grid(
                 job = Job(rid, "run", out / "runs" / rid, cfg, list(all_overrides), index=index)
                 job.label, job.teacher, job.student, job.seed = entry.label, teacher, s, seed
                 job.needs, job.meta = needs, meta
+                if teacher is not None and _cache_on(cfg, all_overrides):
+                    job.cache_group = _cache_group_lock(out, cfg, entry.section["name"])
                 runs.append(job)
     for j in runs:
         j.total = j.meta["total"] = len(runs)
     return list(teacher_jobs.values()), runs
+
+
+def _cache_on(cfg: dict[str, Any], overrides: Sequence[str]) -> bool:
+    """Whether the run asks for the teacher cache: its config, then the last override, wins."""
+    mode = (cfg.get("train") or {}).get("teacher_cache", "off")
+    for o in overrides:
+        k, _, v = str(o).partition("=")
+        if k.strip() == "train.teacher_cache":
+            mode = v.strip().strip("'\"")
+    return str(mode) not in ("off", "False", "false", "None", "none", "")
+
+
+def _cache_group_lock(out: Path, cfg: dict[str, Any], method_name: str) -> Path:
+    """The group lock of the runs that read one teacher cache: same teacher checkpoint, data
+    section and teacher taps. Only a scheduling hint -- the cache's own key (teacher weights,
+    images, transform, taps, dtype) decides what is shared, so a coarse or wrong group can make
+    a worker idle or wait, never change a result."""
+    import hashlib
+
+    from relkd.methods import METHODS
+
+    taps: list[str] = []
+    for part in _method_parts(method_name):
+        try:  # methods whose taps depend on their settings get a group of their own
+            taps += METHODS.get(part).teacher_taps(None)
+        except Exception:
+            taps.append(f"method:{part}")
+    ident = {
+        "teacher": (cfg.get("teacher") or {}).get("checkpoint"),
+        "data": cfg.get("data") or {},
+        "dtype": (cfg.get("train") or {}).get("teacher_cache_dtype"),
+        "taps": sorted(set(taps)),
+    }
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+    return out / ".locks" / f"cache-{digest[:16]}.lock"
 
 
 def _select(runs: list[Job], only: str | Sequence[str] | None) -> list[Job]:
@@ -643,6 +695,23 @@ def _execute(job: Job, token: str, quiet: bool, say) -> dict[str, Any]:
     return _result(job, "resumed" if resume else "trained", elapsed_s=dt, error=None)
 
 
+def _claim_group(job: Job, groups: dict[Path, list[Job]]) -> FileLock | bool | None:
+    """Before ``job`` is claimed: ``None`` if it needs no group lock (no cache, or a run of its
+    group is through an epoch, so the cache exists), the acquired group lock if ``job`` may be
+    the run that builds the cache, ``False`` if another process holds that lock. Workers thus
+    never sit in the cache's build lock while other runs of the grid are waiting; a worker with
+    nothing else left polls until the cache is built, as it would have waited in the lock."""
+    if job.cache_group is None or any(j.started() for j in groups.get(job.cache_group, [job])):
+        return None
+    job.cache_group.parent.mkdir(parents=True, exist_ok=True)
+    glock = FileLock(job.cache_group)
+    try:
+        glock.acquire(timeout=0)
+    except Timeout:
+        return False
+    return glock
+
+
 def _work(
     jobs: list[Job],
     token: str,
@@ -656,6 +725,10 @@ def _work(
     being trained elsewhere, and returns when nothing is left to do. With ``progress``, prints
     its ``[ k/N] finished; ETA ...`` line after each job this process ran."""
     by_id = {j.id: j for j in jobs}
+    groups: dict[Path, list[Job]] = {}
+    for j in jobs:
+        if j.cache_group is not None:
+            groups.setdefault(j.cache_group, []).append(j)
     handled: set[str] = set()
     noted: set[str] = set()
     while True:
@@ -676,10 +749,24 @@ def _work(
             if dep is not None and not dep.finished():
                 waiting = True  # its teacher is being trained (here or elsewhere)
                 continue
+            glock = _claim_group(job, groups)
+            if glock is False:
+                # Another process runs the first run of this run's cache group, i.e. is
+                # probably building the cache this run would block on: run other jobs first.
+                if str(job.cache_group) not in noted:
+                    say(
+                        f"{_tag(job)} reads a teacher cache another process is building; "
+                        "running other jobs first"
+                    )
+                noted.add(str(job.cache_group))
+                waiting = True
+                continue
             lock = run_lock(job.run_dir)
             try:
                 lock.acquire(timeout=0)
             except Timeout:
+                if glock is not None:
+                    glock.release()
                 if job.id not in noted:
                     say(f"{_tag(job)} is being run by another process; waiting")
                 noted.add(job.id)
@@ -689,6 +776,8 @@ def _work(
                 res = None if job.finished() else _execute(job, token, quiet, say)
             finally:
                 lock.release()
+                if glock is not None:
+                    glock.release()
             handled.add(job.id)
             if res is not None:
                 ran = True
