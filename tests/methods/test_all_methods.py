@@ -59,3 +59,49 @@ def test_one_step(name, fmnist_root, tiny_teacher_ckpt, tmp_path):
     saved = torch.load(path, weights_only=True)["model"]
     fresh = create_model("cnn_tiny", 10, in_chans=1)
     assert set(saved) == set(fresh.state_dict())
+
+
+def _terms_and_grads(name, fmnist_root, ckpt, batch, channels_last: bool):
+    torch.manual_seed(0)
+    comp, _ = _components(name, fmnist_root, ckpt)
+    d, method, tea = comp.distiller, comp.method, comp.teacher
+    if channels_last:  # what the engine does with train.channels_last
+        d = d.to(memory_format=torch.channels_last)
+    x, y, extras = _unpack(batch, torch.device("cpu"))
+    x, y, extras = method.prepare_batch(x, y, extras)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(1)  # the same draws (CRD negatives, ...) in both layouts
+    t_out = tea(x) if tea is not None else None
+    _, terms = d(x, y, t_out, **extras)
+    sum(terms.values()).backward()
+    grads = {n: p.grad.clone() for n, p in d.named_parameters() if p.grad is not None}
+    return {k: v.detach() for k, v in terms.items()}, grads
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_channels_last_gives_the_same_step(name, fmnist_root, tiny_teacher_ckpt):
+    """``train.channels_last`` changes the memory layout, not the math: every method's terms
+    equal the NCHW step's up to float rounding, and so do its gradients up to the tie-breaking
+    of max-pooling (cnn_tiny pools Fashion-MNIST's flat black background, where a window's
+    equal maxima route the gradient to whichever element the layout's kernel picks: CORSD,
+    whose relation network reads the first stage, sees ~1e-3 of the first conv's gradient norm
+    move). A layout bug (a ``view`` that mixes channels and positions) moves O(1) of it; and no
+    method may break on a non-contiguous feature map."""
+    torch.manual_seed(0)
+    _, loader = _components(name, fmnist_root, tiny_teacher_ckpt)
+    loader.set_epoch(0)
+    batch = next(iter(loader))
+    t0, g0 = _terms_and_grads(name, fmnist_root, tiny_teacher_ckpt, batch, False)
+    t1, g1 = _terms_and_grads(name, fmnist_root, tiny_teacher_ckpt, batch, True)
+    assert t0.keys() == t1.keys() and g0.keys() == g1.keys() and g0
+    for k in t0:
+        torch.testing.assert_close(t1[k], t0[k], rtol=1e-4, atol=1e-5, msg=f"{name}: term {k}")
+    # a bias followed by batch norm has a zero gradient in exact arithmetic (the norm removes
+    # the mean), so its float noise is compared with the whole gradient, not with itself
+    total = torch.stack([g.norm() for g in g0.values()]).norm()
+    for n in g0:
+        diff = (g1[n] - g0[n]).norm()
+        assert diff <= 2e-2 * g0[n].norm() + 1e-4 * total, (
+            f"{name}: grad {n} moved by {diff:.2e} (its norm {g0[n].norm():.2e}, all {total:.2e})"
+        )
