@@ -92,7 +92,7 @@ def test_a_finished_run_resumed_says_it_is_complete(fmnist_root, tmp_path, capsy
     first = relkd.train(cfg)
     again = relkd.train(cfg, resume=True)
     out = capsys.readouterr()
-    assert "is already complete (1 epochs): nothing to train" in out.out + out.err
+    assert "is already complete (1 epoch): nothing to train" in out.out + out.err
     assert (
         again["best_top1"] == first["best_top1"] and again["train_time_s"] == first["train_time_s"]
     )

@@ -132,7 +132,7 @@ def eval_split(recipes: list[dict[str, Any]]) -> str:
 def _recipe_part(key: str, v: Any) -> str:
     return {
         "subset": f"{v}-image training subset" if v else "full training set",
-        "epochs": f"{v} epochs",
+        "epochs": f"{v} epoch{'' if v == 1 else 's'}",
         "batch": f"batch {v}",
         "optimizer": str(v).upper() if v == "sgd" else str(v),
         "lr": f"lr {v:g}" if isinstance(v, (int, float)) else f"lr {v}",

@@ -558,7 +558,10 @@ def _fit(cfg, device, run: RunFolder, teacher, student, resume, allow_change, qu
         start_epoch, step = resumed.start_epoch, resumed.step
         history, best = resumed.history, resumed.best
         if start_epoch >= loop.total_epochs:
-            say(f"{run.path} is already complete ({cfg.train.epochs} epochs): nothing to train")
+            n = cfg.train.epochs
+            say(
+                f"{run.path} is already complete ({n} epoch{'' if n == 1 else 's'}): nothing to train"
+            )
     run.write_json("plan.json", plan.to_dict())
     say(plan.describe())
     meta = student_metadata(cfg, comp.info, student)
