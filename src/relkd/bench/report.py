@@ -21,7 +21,8 @@ The recipe (data, subset, epochs, batch, optimiser and lr, schedule) heads the r
 table when tables differ. Outputs in ``out_dir``: ``report.md``, ``report.json`` (the same numbers,
 machine-readable, run folders relative to the report), ``accuracy.png`` (dot plot with error bars
 per pair), ``curves.png`` (top-1 per epoch, mean over seeds) and ``report.html`` (self-contained:
-tables and both images embedded).
+tables and both images embedded). Reading the run folders and grouping them:
+:mod:`relkd.bench.report_runs`; the plots and the HTML page: ``report_plots`` / ``report_html``.
 """
 
 from __future__ import annotations
@@ -29,186 +30,27 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import statistics
 import time
-from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from relkd.bench import reference as ref
+from relkd.bench.report_runs import (  # noqa: F401  (data_label, mean_std: used from here too)
+    _DIFF_KEYS,
+    Group,
+    RunRecord,
+    _common,
+    _recipe_part,
+    collect_runs,
+    data_label,
+    eval_split,
+    group_runs,
+    mean_std,
+    recipe_text,
+)
 from relkd.registry import RelkdError
-
-#: What the registry's data set names are, in words.
-DATA_NAMES = {
-    "cifar10": "CIFAR-10",
-    "cifar100": "CIFAR-100",
-    "fashion_mnist": "Fashion-MNIST",
-    "stl10": "STL-10",
-    "tiny_imagenet": "Tiny-ImageNet",
-    "cub200": "CUB-200-2011",
-    "imagenet": "ImageNet",
-    "imagefolder": "image folder",
-    "folder_jpg": "JPEG folder",
-}
-#: Folder data sets named after their root folder: (pattern on the folder name, what it is).
-_ROOT_NAMES = [
-    (re.compile(r"cifar[-_]?100", re.I), "CIFAR-100"),
-    (re.compile(r"cifar[-_]?10", re.I), "CIFAR-10"),
-    (re.compile(r"imagenet|ilsvrc", re.I), "ImageNet"),
-]
-_JPEG = re.compile(r"jpe?g", re.I)
-#: Recipe fields listed when a row's recipe differs from its table's, in this order.
-_DIFF_KEYS = ("subset", "epochs", "batch", "optimizer", "lr", "weight_decay", "schedule")
-_DIFF_KEYS += ("steps_per_epoch", "val_split")
-
-
-def data_label(name: str, root: str | None = None, label: str | None = None) -> str:
-    """``"CIFAR-10 JPEG"`` for ``folder_jpg`` on a ``cifar10-jpg`` folder, ``"CIFAR-100"`` for
-    ``cifar100``; ``label`` (a suite's ``data_label``) wins."""
-    if label:
-        return label
-    if name in ("folder_jpg", "imagefolder") and root:
-        base = Path(str(root).rstrip("/")).name
-        for pat, what in _ROOT_NAMES:
-            if pat.search(base):
-                return f"{what} JPEG" if name == "folder_jpg" or _JPEG.search(base) else what
-        return f"{DATA_NAMES[name]} {base}"
-    return DATA_NAMES.get(name, name)
-
-
-def _schedule(s: dict[str, Any]) -> str | None:
-    name = s.get("name")
-    if name == "multistep":
-        steps = ",".join(str(m) for m in s.get("milestones") or [])
-        text = f"multistep {steps} ×{float(s.get('gamma', 0.1)):g}"
-    else:
-        text = {"onecycle": "one-cycle"}.get(name, name)
-    if text and s.get("warmup_epochs"):
-        text += f", {float(s['warmup_epochs']):g}-epoch warm-up"
-    return text
-
-
-def recipe_of(cfg: dict[str, Any], student: str, label: str | None = None) -> dict[str, Any]:
-    """The recipe of a run from its resolved ``config.yaml`` (keys of :data:`_DIFF_KEYS`, ``data``
-    and ``dataset``); a key the config lacks is None."""
-    data, optim = cfg.get("data") or {}, cfg.get("optim") or {}
-    train = cfg.get("train") or {}
-    lr = (optim.get("lr_by_student") or {}).get(student, optim.get("lr"))
-    return {
-        "data": data_label(str(data.get("name")), data.get("root"), label),
-        "dataset": data.get("name"),
-        "subset": data.get("train_subset"),
-        "epochs": train.get("epochs"),
-        "batch": data.get("batch_size"),
-        "optimizer": optim.get("name"),
-        "lr": lr,
-        "weight_decay": optim.get("weight_decay"),
-        "schedule": _schedule(cfg.get("schedule") or {}),
-        "steps_per_epoch": train.get("max_steps_per_epoch"),
-        # A run with data.val_split is evaluated on that hold-out of the training set, not on
-        # the test set: the report must say which (issue 17: choices are made on validation).
-        "val_split": _val_text(data) if data.get("val_split") else None,
-    }
-
-
-def _val_text(data: dict[str, Any]) -> str:
-    frac = float(data["val_split"])
-    return f"{100 * frac:g} % validation hold-out (val_seed {data.get('val_seed', 0)})"
-
-
-def eval_split(recipes: list[dict[str, Any]]) -> str:
-    """What the top-1 numbers of runs with these recipes are measured on: ``"test split"``,
-    ``"validation split"`` (every run has ``data.val_split``) or both named."""
-    vals = {bool(r.get("val_split")) for r in recipes}
-    if vals == {True}:
-        return "validation split"
-    if vals == {False} or not vals:
-        return "test split"
-    return "test or validation split (see each table's recipe)"
-
-
-def _recipe_part(key: str, v: Any) -> str:
-    return {
-        "subset": f"{v}-image training subset" if v else "full training set",
-        "epochs": f"{v} epoch{'' if v == 1 else 's'}",
-        "batch": f"batch {v}",
-        "optimizer": str(v).upper() if v == "sgd" else str(v),
-        "lr": f"lr {v:g}" if isinstance(v, (int, float)) else f"lr {v}",
-        "weight_decay": f"wd {v:g}" if isinstance(v, (int, float)) else f"wd {v}",
-        "schedule": f"{v} schedule",
-        "steps_per_epoch": f"at most {v} steps per epoch",
-        "val_split": f"top-1 on a {v}",
-    }[key]
-
-
-def recipe_text(r: dict[str, Any]) -> str:
-    keys = [k for k in _DIFF_KEYS if r.get(k) is not None or k == "subset"]
-    keys = [k for k in keys if k == "subset" or r.get(k) is not None]
-    return ", ".join([r.get("data") or "?", *(_recipe_part(k, r.get(k)) for k in keys)])
-
-
-@dataclass
-class RunRecord:
-    run_dir: Path
-    method: str
-    teacher: str | None
-    student: str
-    seed: int
-    dataset: str
-    order: int = 10**9
-    best: float | None = None
-    last: float | None = None
-    curve: dict[int, float] = field(default_factory=dict)  # epoch -> top-1
-    method_name: str = ""
-    recipe: dict[str, Any] = field(default_factory=dict)
-    time_s: float | None = None  # train time of the run (summary.json)
-    cfg: dict[str, Any] = field(default_factory=dict)
-    summary: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def finished(self) -> bool:
-        return self.best is not None
-
-
-@dataclass
-class Group:
-    method: str
-    teacher: str | None
-    student: str
-    dataset: str
-    runs: list[RunRecord]
-    unfinished: int = 0
-    method_name: str = ""
-    recipe: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def key(self) -> tuple:
-        return (self.method, self.teacher, self.student, self.dataset)
-
-    @property
-    def seeds(self) -> list[int]:
-        return [r.seed for r in self.runs]
-
-    @property
-    def best(self) -> list[float]:
-        return [float(r.best) for r in self.runs]
-
-    @property
-    def last(self) -> list[float]:
-        return [float(r.last) for r in self.runs]
-
-    @property
-    def times(self) -> list[float]:
-        return [r.time_s for r in self.runs if r.time_s is not None]
-
-
-def mean_std(xs: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n - 1; 0.0 for a single value)."""
-    if not xs:
-        return math.nan, math.nan
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
 def _fmt(xs: list[float]) -> str:
@@ -225,140 +67,6 @@ def _fmt_time(ts: list[float]) -> str:
     if t < 10:
         return f"{t:.1f} s"
     return f"{t:.0f} s" if t < 120 else (f"{t / 60:.1f} min" if t < 7200 else f"{t / 3600:.1f} h")
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-#: The teacher label of a run that distilled from an ``nn.Module`` passed to :func:`relkd.train`
-#: (its config names no teacher).
-PYTHON_TEACHER = "teacher passed from Python"
-
-
-def _needs_teacher(method_name: str) -> bool:
-    from relkd.methods import METHODS
-
-    try:
-        return any(METHODS.get(p.strip()).requires_teacher for p in method_name.split("+"))
-    except Exception:  # not a registered method (renamed since, or a foreign run folder)
-        return False
-
-
-def _read_run(run_dir: Path) -> RunRecord | None:
-    import yaml
-
-    try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return None
-    meta = _read_json(run_dir / "bench.json") or {}
-    method_cfg = cfg.get("method") or {}
-    student = str(meta.get("student") or (cfg.get("student") or {}).get("name") or "?")
-    rec = RunRecord(
-        run_dir=run_dir,
-        method=str(meta.get("method") or method_cfg.get("name") or "?"),
-        teacher=meta.get("teacher", (cfg.get("teacher") or {}).get("name")),
-        student=student,
-        seed=int(meta.get("seed", (cfg.get("train") or {}).get("seed", 0))),
-        dataset=str(meta.get("reference") or (cfg.get("data") or {}).get("name") or "?"),
-        order=int(meta.get("index", 10**9)),
-        method_name=str(meta.get("method_name") or method_cfg.get("name") or "?"),
-        recipe=recipe_of(cfg, student, meta.get("data_label")),
-        cfg=cfg,
-    )
-    if rec.teacher is None and _needs_teacher(rec.method_name):
-        rec.teacher = PYTHON_TEACHER
-        # The engine records the module's class in run.json (modules_from_python).
-        sessions = (_read_json(run_dir / "run.json") or {}).get("sessions") or [{}]
-        given = (sessions[-1] if isinstance(sessions[-1], dict) else {}).get("modules_from_python")
-        cls = ((given or {}).get("teacher") or {}).get("class")
-        if isinstance(cls, str) and cls:
-            rec.teacher = f"{PYTHON_TEACHER} ({cls.rsplit('.', 1)[-1]})"
-    summary = _read_json(run_dir / "summary.json")
-    if isinstance(summary, dict) and summary.get("best_top1") is not None:
-        rec.summary = summary
-        rec.best = float(summary["best_top1"])
-        rec.last = float(summary["last_top1"])
-        if summary.get("train_time_s") is not None:
-            rec.time_s = float(summary["train_time_s"])
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        lines = []
-    for line in lines:
-        try:
-            r = json.loads(line)
-        except ValueError:
-            continue
-        if "top1" in r and "phase" not in r:
-            rec.curve[int(r["epoch"])] = float(r["top1"])
-    return rec
-
-
-def collect_runs(runs_dir: str | Path) -> list[RunRecord]:
-    """Every run folder (one holding ``config.yaml``) under ``runs_dir``."""
-    return [r for c in sorted(Path(runs_dir).rglob("config.yaml")) if (r := _read_run(c.parent))]
-
-
-def _common(recipes: list[dict[str, Any]]) -> dict[str, Any]:
-    """The most frequent recipe (ties: the first seen)."""
-    if not recipes:
-        return {}
-    keyed = [json.dumps(r, sort_keys=True) for r in recipes]
-    return json.loads(Counter(keyed).most_common(1)[0][0])
-
-
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix.rstrip("."): d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {prefix + k: v})
-    return out
-
-
-def _label_variants(records: list[RunRecord]) -> None:
-    """Runs of one method whose method settings differ (``relkd train`` runs of kd at two
-    temperatures) are variants, not seeds: their label gets the differing settings,
-    ``kd (args.temperature=2.0)``, so each variant is a row of its own."""
-    by: dict[tuple, list[RunRecord]] = defaultdict(list)
-    for r in records:
-        by[(r.method, r.teacher, r.student, r.dataset)].append(r)
-    for rs in by.values():
-        flat = [_flat(r.cfg.get("method") or {}) for r in rs]
-        keys = sorted(
-            k
-            for k in {k for f in flat for k in f}
-            if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flat}) > 1
-        )
-        for r, f in zip(rs, flat) if keys else ():
-            r.method = f"{r.method} ({', '.join(f'{k}={f.get(k)}' for k in keys)})"
-
-
-def group_runs(records: list[RunRecord]) -> list[Group]:
-    """Finished runs grouped by (method, teacher, student, data set), in suite order; runs of
-    one method with different method settings are separate rows (:func:`_label_variants`)."""
-    _label_variants(records)
-    groups: dict[tuple, Group] = {}
-    first: dict[tuple, int] = {}
-    recipes: dict[tuple, list[dict[str, Any]]] = {}
-    for r in records:
-        key = (r.method, r.teacher, r.student, r.dataset)
-        g = groups.setdefault(key, Group(*key, runs=[], method_name=r.method_name))
-        first[key] = min(first.get(key, r.order), r.order)
-        recipes.setdefault(key, []).append(r.recipe)
-        if r.finished:
-            g.runs.append(r)
-        else:
-            g.unfinished += 1
-    for key, g in groups.items():
-        g.runs.sort(key=lambda r: r.seed)
-        g.recipe = _common(recipes[key])
-    return sorted(groups.values(), key=lambda g: (first[g.key], g.method != "ce", g.method))
 
 
 @dataclass
