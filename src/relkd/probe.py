@@ -34,6 +34,11 @@ device with the same distribution (``in_memory="auto"``).
 Run folder (``out_dir/name``): ``probe.json`` (the options, the protocol, the deviations),
 ``metrics.jsonl`` (one record per epoch), ``summary.json`` (best / last top-1) and ``head.pt``
 (the trained head's weights).
+
+Code layout: this module holds the protocol, :func:`fit_probe`, :func:`run_probe` and the CLI
+(:data:`OPTIONS`, :func:`add_probe_parser`); :mod:`relkd.probe_model` the frozen backbone + head
+(:class:`LinearProbe`, :func:`build_probe`); :mod:`relkd.probe_data` the train / evaluation
+loaders and the feature extraction. Their public names stay importable from here.
 """
 
 from __future__ import annotations
@@ -45,15 +50,26 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+# Kept importable from here: the public names, and _eval_loader (tests import it from here).
+from relkd.probe_data import (  # noqa: F401
+    _eval_loader,
+    _train_loader,
+    extract_features,
+    file_pipeline,
+    materialize_file_split,
+)
+from relkd.probe_model import (  # noqa: F401  (public names kept importable from here)
+    LinearProbe,
+    build_probe,
+    head_optimizer,
+    init_head,
+)
 from relkd.registry import RelkdError
 
 PAPER = "RRD, Giakoumoglou & Stathaki, arXiv 2407.12073 (transfer: frozen backbone + linear head)"
@@ -80,264 +96,6 @@ NO_AUGMENT_NOTE = (
     "augment=False: train features computed once without augmentation (deviates from the "
     "protocol's RandomCrop + flip)"
 )
-
-#: Materialise a file-based train split in memory only below this many bytes (uint8 images).
-_MAX_IN_MEMORY_BYTES = 4 << 30
-
-
-# --------------------------------------------------------------------------------- the model
-
-
-def init_head(head: nn.Linear, std: float = 0.01) -> nn.Linear:
-    """The protocol's head init: weights ~ N(0, std) (std 0.01), bias 0."""
-    with torch.no_grad():
-        head.weight.normal_(0.0, std)
-        if head.bias is not None:
-            head.bias.zero_()
-    return head
-
-
-class LinearProbe(nn.Module):
-    """A frozen backbone's pooled features -> a new ``nn.Linear`` head.
-
-    The backbone's parameters get ``requires_grad=False`` and the backbone stays in eval mode
-    whatever ``train()`` is called with (BatchNorm uses and keeps its running statistics; dropout
-    is off). :meth:`features` taps the input of the backbone's classifier
-    (:data:`relkd.models.POOLED`) under ``no_grad``; only :attr:`head` is trainable.
-    """
-
-    def __init__(
-        self, backbone: nn.Module, feature_dim: int, num_classes: int, init_std: float = 0.01
-    ) -> None:
-        super().__init__()
-        from relkd.models import POOLED, FeatureTap
-
-        self.backbone = backbone
-        for p in backbone.parameters():
-            p.requires_grad_(False)
-        self.head = init_head(nn.Linear(feature_dim, num_classes), init_std)
-        self._key = POOLED
-        self._tap = FeatureTap(backbone, [POOLED])
-        self.backbone.eval()
-
-    def train(self, mode: bool = True) -> LinearProbe:
-        super().train(mode)
-        self.backbone.eval()  # frozen means frozen: BN statistics never move
-        return self
-
-    @torch.no_grad()
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features [B, D] (float32, no graph)."""
-        if self.backbone.training:  # someone called backbone.train() directly
-            self.backbone.eval()
-        return self._tap(x).feats[self._key].float()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-
-def head_optimizer(
-    probe: LinearProbe, *, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4
-) -> torch.optim.SGD:
-    """SGD over the head's parameters only (the backbone is not even handed to the optimizer)."""
-    return torch.optim.SGD(
-        list(probe.head.parameters()), lr=lr, momentum=momentum, weight_decay=weight_decay
-    )
-
-
-def build_probe(
-    model_name: str,
-    checkpoint: str | os.PathLike[str],
-    *,
-    num_source_classes: int,
-    num_classes: int,
-    in_channels: int = 3,
-    image_size: int = 32,
-    model_kwargs: Mapping[str, Any] | None = None,
-    init_std: float = 0.01,
-) -> LinearProbe:
-    """Load the student ``model_name`` (``num_source_classes`` outputs) from ``checkpoint`` and
-    wrap it in a :class:`LinearProbe` with a fresh ``num_classes`` head.
-
-    The checkpoint is loaded strictly (the official code uses ``strict=False``, which silently
-    probes a partly random network when the names do not match); a mismatch is a RelkdError.
-    """
-    from relkd.engine.trainer import probe_shapes
-    from relkd.models import POOLED, create_model, load_checkpoint
-
-    kw = dict(model_kwargs or {})
-    if in_channels != 3:
-        kw.setdefault("in_chans", in_channels)
-    backbone = create_model(model_name, num_source_classes, **kw)
-    try:
-        load_checkpoint(backbone, checkpoint)
-    except RelkdError as e:
-        if "does not match" not in str(e):
-            raise
-        raise RelkdError(
-            f"{e}\n(the probe builds {model_name!r} with num_source_classes={num_source_classes}"
-            f"{f' and {kw}' if kw else ''}; model, class count and architecture arguments must "
-            "match the checkpoint)"
-        ) from e
-    dummy = torch.zeros(2, in_channels, image_size, image_size)
-    shapes = probe_shapes(backbone, [POOLED], dummy)
-    if len(shapes[POOLED]) != 1:
-        raise RelkdError(f"{model_name}: pooled features have shape {shapes[POOLED]}, expected [D]")
-    return LinearProbe(backbone, shapes[POOLED][0], num_classes, init_std)
-
-
-# ---------------------------------------------------------------------------------- the data
-
-
-def file_pipeline(ds: Dataset) -> dict[str, Any] | None:
-    """Describe a FileImageDataset's transform when it is exactly
-    ``[Resize((s, s))] + [RandomCrop(s, p)] + [RandomHorizontalFlip()] + ToTensor + Normalize``
-    (zero fill, bilinear resize), else None. Such a split can be decoded + resized once and
-    augmented on the device by :class:`relkd.data.InMemoryLoader` with the same distribution."""
-    from torchvision import transforms as T
-    from torchvision.transforms import InterpolationMode
-
-    from relkd.data import FileImageDataset
-
-    if not isinstance(ds, FileImageDataset) or not isinstance(ds.transform, T.Compose):
-        return None
-    ts = list(ds.transform.transforms)
-    if len(ts) < 2 or not isinstance(ts[-2], T.ToTensor) or not isinstance(ts[-1], T.Normalize):
-        return None
-    out: dict[str, Any] = {
-        "resize": None, "padding": 0, "flip": False, "crop": None,
-        "mean": tuple(float(m) for m in ts[-1].mean), "std": tuple(float(s) for s in ts[-1].std),
-    }  # fmt: skip
-    order = 0  # each of resize, crop, flip at most once, in that order
-    for t in ts[:-2]:
-        if isinstance(t, T.Resize) and order == 0:
-            size = t.size if isinstance(t.size, (list, tuple)) else ()
-            if len(size) != 2 or size[0] != size[1] or t.max_size is not None:
-                return None
-            if t.interpolation != InterpolationMode.BILINEAR:
-                return None
-            out["resize"], order = int(size[0]), 1
-        elif isinstance(t, T.RandomCrop) and order <= 1:
-            pad = t.padding if isinstance(t.padding, (list, tuple)) else [t.padding]
-            if len(set(pad)) != 1 or t.size[0] != t.size[1] or t.pad_if_needed:
-                return None
-            if t.fill != 0 or t.padding_mode != "constant":
-                return None
-            out["crop"], out["padding"], order = int(t.size[0]), int(pad[0] or 0), 2
-        elif isinstance(t, T.RandomHorizontalFlip) and order <= 2 and t.p == 0.5:
-            out["flip"], order = True, 3
-        else:
-            return None
-    if out["resize"] and out["crop"] and out["crop"] != out["resize"]:
-        return None
-    return out
-
-
-def _decode_resized(path: str, size: int | None) -> np.ndarray:
-    from PIL import Image
-
-    from relkd.data import load_image
-
-    img = load_image(path)  # RGB, as FileImageDataset does
-    if size is not None:
-        img = img.resize((size, size), Image.Resampling.BILINEAR)  # == transforms.Resize((s, s))
-    return np.asarray(img)
-
-
-def materialize_file_split(
-    ds: Dataset, pipeline: dict[str, Any], workers: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Decode (and resize) every image of a FileImageDataset once: (uint8 [N, C, H, W], int64 [N]),
-    or None when the images do not share the size the pipeline crops (then use a DataLoader)."""
-    samples: list[tuple[str, int]] = ds.samples  # type: ignore[attr-defined]
-    size = pipeline["resize"]
-    side = size or pipeline["crop"]
-    if side is not None and len(samples) * side * side * 3 > _MAX_IN_MEMORY_BYTES:
-        return None
-    workers = workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(workers) as ex:  # Pillow releases the GIL while decoding
-        arrays = list(ex.map(lambda s: _decode_resized(s[0], size), samples))
-    if not arrays:
-        return None
-    shape = arrays[0].shape
-    if any(a.shape != shape for a in arrays) or shape[0] != shape[1]:
-        return None
-    if pipeline["crop"] is not None and shape[0] != pipeline["crop"]:
-        return None
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    y = torch.as_tensor([t for _, t in samples], dtype=torch.long)
-    return x, y
-
-
-def _train_loader(
-    ds: Dataset, *, batch_size: int, seed: int, device: torch.device, num_workers: int,
-    in_memory: str, log: Any,
-) -> tuple[Any, str]:  # fmt: skip
-    """Shuffled, augmented train batches: on-device when possible, else a DataLoader."""
-    from relkd.data import InMemoryLoader, supports_in_memory
-    from relkd.engine.plan import EpochLoader
-
-    if in_memory != "false" and supports_in_memory(ds):
-        loader = InMemoryLoader.from_dataset(
-            ds, batch_size=batch_size, shuffle=True, device=device, seed=seed
-        )
-        return loader, "in_memory"
-    if in_memory != "false":
-        pipe = file_pipeline(ds)
-        if pipe is not None:
-            t0 = time.time()
-            tensors = materialize_file_split(ds, pipe, workers=max(1, num_workers) * 2)
-            if tensors is not None:
-                log(f"decoded {len(tensors[1])} train images once in {time.time() - t0:.1f}s")
-                loader = InMemoryLoader(
-                    *tensors, batch_size=batch_size, shuffle=True,
-                    augment=pipe["padding"] > 0 or pipe["flip"], padding=pipe["padding"],
-                    flip=pipe["flip"], mean=pipe["mean"], std=pipe["std"], device=device,
-                    seed=seed,
-                )  # fmt: skip
-                return loader, "in_memory_decoded"
-    if in_memory == "true":
-        raise RelkdError(
-            "in_memory=true but the train split has no in-memory form (its images are files "
-            "with a pipeline other than [Resize] + RandomCrop + flip); use auto or false"
-        )
-    return EpochLoader(ds, batch_size, num_workers, seed, None, device), "dataloader"
-
-
-def _eval_loader(
-    ds: Dataset, *, batch_size: int, device: torch.device, num_workers: int, in_memory: str
-) -> Any:
-    """Unshuffled, unaugmented batches over ``ds`` (one pass, for feature extraction)."""
-    from relkd.data import InMemoryLoader, supports_in_memory
-
-    if in_memory != "false" and supports_in_memory(ds):
-        return InMemoryLoader.from_dataset(
-            ds, batch_size=batch_size, shuffle=False, augment=False, device=device
-        )
-    return DataLoader(
-        ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-    )  # fmt: skip
-
-
-def extract_features(
-    probe: LinearProbe, loader: Any, device: torch.device, *, progress: bool = False,
-    desc: str = "features",
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Pooled features [N, D] and labels [N] of every batch of ``loader`` (on ``device``);
-    ``progress``: a progress bar on stderr."""
-    from tqdm.auto import tqdm
-
-    from relkd.engine.plan import unpack
-
-    feats, labels = [], []
-    for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
-        x, y, _ = unpack(batch, device)
-        feats.append(probe.features(x))
-        labels.append(y)
-    if not feats:
-        raise RelkdError("the data split is empty: no features to probe")
-    return torch.cat(feats), torch.cat(labels)
 
 
 # ------------------------------------------------------------------------------ the training

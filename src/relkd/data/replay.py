@@ -11,7 +11,7 @@ instead of running the teacher. relkd's version, switched on by ``train.teacher_
   possibly inside ``Subset`` s) whose transform is ``RandomResizedCrop [+ RandomHorizontalFlip]``
   followed by deterministic steps (ToTensor, Normalize, ...). Item ``i`` of epoch ``e`` is the
   crop drawn from ``(replay_seed, e, i)`` alone -- torchvision's distribution, a different random
-  stream (:func:`~relkd.data.teacher_cache.draw_resized_crop_params`) -- and carries the extras
+  stream (:func:`~relkd.data.aug_records.draw_resized_crop_params`) -- and carries the extras
   ``index`` = i and ``aug_params`` = int64 [5] (top, left, h, w, flip).
 - :class:`ReplayStore` is a folder ``manifest.json`` + ``epoch_<e>/{params, logits[, pooled]}.npy``
   (params int64 [N, 5], logits [N, C], pooled [N, D]; fp16 or fp32), keyed by the sha256 of the
@@ -64,16 +64,11 @@ from torch.utils.data import Dataset, Subset
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
+from relkd._fs import fsync_dir as _fsync_dir
+from relkd.data.aug_records import draw_resized_crop_params
 from relkd.data.memory import _mix_seed
-from relkd.data.teacher_cache import (
-    _dtype_name,
-    _fsync_dir,
-    check_free_space,
-    draw_resized_crop_params,
-    file_sha256,
-    reserve_file,
-    verify_files,
-)
+from relkd.data.store_files import check_free_space, file_sha256, reserve_file, verify_files
+from relkd.data.teacher_cache_format import _dtype_name
 from relkd.models.base import POOLED, ModelOutput
 from relkd.registry import RelkdError
 
