@@ -228,7 +228,7 @@ class _CacheFiles:
 
 
 def _engine_preloads(nbytes: int, device: torch.device) -> bool:
-    """The engine's choice (relkd.engine.trainer._teacher_cache): memory-mapped on the host,
+    """The engine's choice (relkd.engine.plan._cached_teacher): memory-mapped on the host,
     preloaded onto a GPU when the cache takes under 40% of the free GPU memory."""
     return device.type == "cuda" and nbytes < 0.4 * torch.cuda.mem_get_info(device)[0]
 

@@ -52,7 +52,7 @@ class DataInfo:
 
 @dataclass(frozen=True)
 class BuildOptions:
-    """Options every builder receives (see :func:`build_datasets`)."""
+    """Options every builder receives (see :func:`relkd.data.datasets.build_datasets`)."""
 
     download: bool = False
     augment: bool = True

@@ -241,7 +241,7 @@ class InMemoryLoader:
         """Loader over a data set with ``as_tensors`` (or a Subset / IndexedDataset of one).
 
         Normalisation and augmentation (``mean``, ``std``, ``padding``, ``flip``) are read from
-        the data set (:class:`~relkd.data.datasets.ArrayImageDataset`), so the batches follow the
+        the data set (:class:`~relkd.data.base.ArrayImageDataset`), so the batches follow the
         same distribution as its ``__getitem__``; ``augment=None`` keeps the data set's choice.
         ``kwargs`` go to the constructor (``drop_last``, ``seed``, ``rank``, ...).
         """

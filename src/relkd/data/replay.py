@@ -7,7 +7,7 @@ crops instead: each epoch's crop of each image is a recorded parameter set, the 
 on exactly those crops are stored once, and later runs replay the crops and read the outputs
 instead of running the teacher. relkd's version, switched on by ``train.teacher_replay``:
 
-- :class:`ReplayCropDataset` wraps the train set (a :class:`~relkd.data.datasets.FileImageDataset`,
+- :class:`ReplayCropDataset` wraps the train set (a :class:`~relkd.data.base.FileImageDataset`,
   possibly inside ``Subset`` s) whose transform is ``RandomResizedCrop [+ RandomHorizontalFlip]``
   followed by deterministic steps (ToTensor, Normalize, ...). Item ``i`` of epoch ``e`` is the
   crop drawn from ``(replay_seed, e, i)`` alone -- torchvision's distribution, a different random
