@@ -19,7 +19,9 @@ Exactness. The teacher input of outcome ``(oy, ox, flip)`` is produced by the sa
 loader, so it is bit-identical to the online teacher's input; the teacher in eval mode treats every
 sample independently. What remains is floating-point: (a) the online teacher sees the sample in a
 different batch (a different conv / matmul blocking may change the last bits; a cached fp32 KD
-run on CPU was observed bit-identical to the online one), and (b) the storage dtype. ``dtype="fp32"`` stores the fp32 outputs
+run on CPU was observed bit-identical to the online one; with ``train.channels_last`` the online
+teacher is fed channels-last batches while the cache is built from NCHW ones, so the cache holds
+the NCHW teacher's values), and (b) the storage dtype. ``dtype="fp32"`` stores the fp32 outputs
 unchanged; ``dtype="fp16"`` (the default, half the disk) rounds each value to the nearest fp16:
 relative error <= 2^-11 (4.9e-4) for |v| >= 6.1e-5, absolute error <= 2^-25 below. For KD with
 temperature T, the teacher probabilities softmax(z / T) then change by at most a factor
