@@ -1,0 +1,123 @@
+"""The README's accuracy tables are promises about committed records: every number they quote
+must be the one in the record's ``report.json`` (mean and sample std over seeds, delta vs CE,
+teacher top-1), and every recorded rerun must still pass its ``compare_reports.py --exact``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+README = (ROOT / "README.md").read_text()
+
+
+def _groups(name: str) -> dict[str, dict]:
+    data = json.loads((RESULTS / name / "report.json").read_text())
+    return {g["method"]: g for g in data["groups"]}
+
+
+def _teacher_top1(name: str) -> float:
+    data = json.loads((RESULTS / name / "report.json").read_text())
+    return data["tables"][0]["teacher_top1"]
+
+
+def _row(text: str, label: str, after: str = "") -> list[str]:
+    """Cells of the first markdown table row whose first cell is ``label`` (after the first line
+    that starts with ``after``)."""
+    lines = text.splitlines()
+    if after:
+        lines = lines[next(i for i, ln in enumerate(lines) if ln.startswith(after)) :]
+    for line in lines:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == label:
+            return cells[1:]
+    raise AssertionError(f"no table row {label!r}")
+
+
+def _fmt(g: dict, metric: str = "best") -> str:
+    return f"{g[metric + '_mean']:.2f} ± {g[metric + '_std']:.2f}"
+
+
+def test_readme_long_suite_table_matches_its_record():
+    groups = _groups("cifar10jpg-long")
+    lines = [ln for ln in README.splitlines() if ln.startswith("| method | ce | dist")]
+    assert len(lines) == 1
+    methods = [c.strip() for c in lines[0].strip().strip("|").split("|")][1:]
+    assert set(methods) == set(groups), "the README table lists every recorded method"
+    top1 = _row(README, "top-1 (%), 16 epochs")
+    delta = _row(README, "Δ vs CE, 16 epochs")
+    for m, cell, d in zip(methods, top1, delta, strict=True):
+        assert cell == _fmt(groups[m]), m
+        if m != "ce":
+            assert d == f"{groups[m]['delta_vs_ce_best']:+.2f}", m
+    # The ranking the table claims: ordered by mean top-1, best first (CE first as the bar).
+    means = [groups[m]["best_mean"] for m in methods[1:]]
+    assert means == sorted(means, reverse=True)
+    # The mini-suite's delta row quotes the mini's record.
+    mini = _groups("cifar10jpg-mini")
+    for m, d in zip(methods, _row(README, "Δ vs CE, mini (3 epochs)"), strict=True):
+        if m in mini and m != "ce":
+            assert d == f"{mini[m]['delta_vs_ce_best']:+.2f}", m
+        else:
+            assert d == "", m
+    assert f"resnet20 {_teacher_top1('cifar10jpg-long'):.2f} %" in README
+
+
+def test_readme_mini_tables_match_their_records():
+    groups = _groups("cifar10jpg-mini")
+    lines = [ln for ln in README.splitlines() if ln.startswith("| method | ce | kd | dkd")]
+    assert len(lines) == 1
+    methods = [c.strip() for c in lines[0].strip().strip("|").split("|")][1:]
+    for m, cell in zip(methods, _row(README, "top-1 (%), 3 seeds"), strict=True):
+        assert cell == _fmt(groups[m]), m
+    fm = _groups("fmnist-mini")
+    header = "| method | test top-1 (%), mean ± std over 3 seeds"
+    for m, g in fm.items():
+        assert _row(README, m, after=header)[0] == _fmt(g), m
+
+
+def test_results_readme_of_the_long_suite_matches_its_record():
+    text = (RESULTS / "cifar10jpg-long" / "README.md").read_text()
+    groups = _groups("cifar10jpg-long")
+    mini = _groups("cifar10jpg-mini")
+    for m, g in groups.items():
+        cells = _row(text, m)
+        assert cells[0].startswith(_fmt(g)), m
+        if g["last_mean"] != g["best_mean"]:
+            assert f"(last {_fmt(g, 'last')})" in cells[0], m
+        if m != "ce":
+            assert cells[1] == f"{g['delta_vs_ce_best']:+.2f}", m
+            want = f"{mini[m]['delta_vs_ce_best']:+.2f}" if m in mini else ""
+            assert cells[2] == want, m
+    teacher = _row(text, "teacher resnet20")
+    assert teacher[0] == f"{_teacher_top1('cifar10jpg-long'):.2f}"
+    assert teacher[2] == f"{_teacher_top1('cifar10jpg-mini'):.2f}"
+
+
+def _compare():
+    spec = importlib.util.spec_from_file_location(
+        "compare_reports", ROOT / "benchmarks" / "compare_reports.py"
+    )
+    cr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cr)
+    return cr.compare
+
+
+@pytest.mark.parametrize(
+    "name, shared_only",
+    [("cifar10jpg-mini", False), ("fmnist-mini", False), ("cifar10jpg-long", True)],
+)
+def test_recorded_reruns_still_pass_exact(name, shared_only):
+    """Each ``reproduction.md`` quotes a ``compare_reports.py --exact`` that passed."""
+    rec, rerun = RESULTS / name / "report.json", RESULTS / name / "rerun" / "report.json"
+    table, ok = _compare()(rec, rerun, shared_only=shared_only, exact=True)
+    assert ok, table
+    assert "--exact" in (RESULTS / name / "reproduction.md").read_text()
+    # Every rerun group's table line reports a 0.00 max per-seed difference.
+    assert re.findall(r"\| 0\.00 \|", table)
+    assert not re.findall(r"\| (?!0\.00 )\d+\.\d\d \| (yes|no) \|", table)
