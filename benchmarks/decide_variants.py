@@ -59,9 +59,14 @@ def judge(default: dict[int, float], variant: dict[int, float]) -> dict:
 
 
 def decide(
-    report: Path, defaults: dict[str, str] | None = None, metric: str = "last"
+    report: Path,
+    defaults: dict[str, str] | None = None,
+    metric: str = "last",
+    min_seeds: int = 3,
 ) -> tuple[str, dict[str, str], bool]:
-    """(markdown, {method: chosen group}, every group the rule needs was complete)."""
+    """(markdown, {method: chosen group}, every group the rule needs was complete). A method
+    whose default has fewer than ``min_seeds`` seeds, or a variant other seeds than its default,
+    gets no decision. Variants not yet in the report are not seen: decide on the finished study."""
     defaults = dict(STUDY_DEFAULTS if defaults is None else defaults)
     data = json.loads(Path(report).read_text())
     by_name = {g["method"]: dict(zip(g["seeds"], g[metric], strict=True)) for g in data["groups"]}
@@ -81,13 +86,13 @@ def decide(
         out.append("|---|---|---|---|---|---|---|")
         vs_ce = f"{mb - _mean_std(list(ce.values()))[0]:+.2f}" if ce else ""
         out.append(f"| {dname} (default) | {mb:.2f} ± {sb:.2f} | | | | | {vs_ce} |")
-        passing = []
+        passing, broken = [], len(base) < min_seeds
         for name in sorted(n for n in by_name if n.startswith(method + "-") and n != dname):
             try:
                 j = judge(base, by_name[name])
             except ValueError as e:
                 out.append(f"| {name} | {e} | | | | | |")
-                complete = False
+                broken = True
                 continue
             vs_ce = f"{j['mean'] - _mean_std(list(ce.values()))[0]:+.2f}" if ce else ""
             out.append(
@@ -97,6 +102,10 @@ def decide(
             )
             if j["passes"]:
                 passing.append((j["mean"], name))
+        if broken:
+            complete = False
+            out.append(f"\nDecision: **none yet** (a group has fewer than {min_seeds} seeds)\n")
+            continue
         chosen[method] = max(passing)[1] if passing else dname
         verdict = (
             f"**{chosen[method]} replaces {dname}**"

@@ -134,7 +134,10 @@ def test_incomplete_report_fails_the_command(tmp_path, capsys):
         },
     )
     assert dv.main([str(report), "--default", "cmkd=cmkd-default"]) == 1
-    assert "seeds differ" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "seeds differ" in out and "**none yet**" in out and "stays" not in out
+    _, chosen, complete = dv.decide(report, {"cmkd": "cmkd-default"}, min_seeds=4)
+    assert not complete and chosen == {}
     assert dv.main([str(report), "--default", "clkd=clkd-default"]) == 1  # default missing
     with pytest.raises(SystemExit):
         dv.main([str(report), "--default", "cmkd"])
