@@ -14,15 +14,16 @@ CLKD / CMKD / RRD run of the study had finished).
 
 Variants are the report's groups named ``<method>-<variant>`` (``clkd-ce1``); the default of each
 method is a group given by ``--default METHOD=GROUP`` (the study's: clkd-default, cmkd-default,
-rrd-v4). Prints one markdown table per method and the decision; exit status 1 when a group the
-rule needs is missing or has fewer seeds than its default.
+rrd-v4). Prints one markdown table per method and the decision; a method whose default is
+missing, has fewer than 3 seeds, or has a variant with other seeds gets no decision, and the exit
+status is then 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -30,9 +31,8 @@ STUDY_DEFAULTS = {"clkd": "clkd-default", "cmkd": "cmkd-default", "rrd": "rrd-v4
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
-    m = sum(xs) / len(xs)
-    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-    return m, s
+    """Mean and sample std (0 for one value), as the report computes them."""
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
 def judge(default: dict[int, float], variant: dict[int, float]) -> dict:
@@ -42,7 +42,8 @@ def judge(default: dict[int, float], variant: dict[int, float]) -> dict:
         raise ValueError(f"seeds differ or too few: default {seeds}, variant {sorted(variant)}")
     md, sd = _mean_std([default[s] for s in seeds])
     mv, sv = _mean_std([variant[s] for s in seeds])
-    every_seed = all(variant[s] > default[s] for s in seeds)
+    wins = sum(variant[s] > default[s] for s in seeds)
+    every_seed = wins == len(seeds)
     margin = 2 * max(sd, sv)
     beyond = (mv - md) > margin
     return {
@@ -50,7 +51,7 @@ def judge(default: dict[int, float], variant: dict[int, float]) -> dict:
         "std": sv,
         "diff": mv - md,
         "margin": margin,
-        "wins": sum(variant[s] > default[s] for s in seeds),
+        "wins": wins,
         "seeds": len(seeds),
         "every_seed": every_seed,
         "beyond_spread": beyond,
@@ -70,7 +71,7 @@ def decide(
     defaults = dict(STUDY_DEFAULTS if defaults is None else defaults)
     data = json.loads(Path(report).read_text())
     by_name = {g["method"]: dict(zip(g["seeds"], g[metric], strict=True)) for g in data["groups"]}
-    ce = by_name.get("ce")
+    ce = _mean_std(list(by_name["ce"].values()))[0] if "ce" in by_name else None
     out, chosen, complete = [], {}, True
     for method, dname in defaults.items():
         out.append(f"## {method} (default: {dname}; {metric}-epoch top-1 %)\n")
@@ -84,7 +85,7 @@ def decide(
             "| group | mean ± std | Δ vs default | 2 × larger std | seeds won | passes | Δ vs CE |"
         )
         out.append("|---|---|---|---|---|---|---|")
-        vs_ce = f"{mb - _mean_std(list(ce.values()))[0]:+.2f}" if ce else ""
+        vs_ce = f"{mb - ce:+.2f}" if ce is not None else ""
         out.append(f"| {dname} (default) | {mb:.2f} ± {sb:.2f} | | | | | {vs_ce} |")
         passing, broken = [], len(base) < min_seeds
         for name in sorted(n for n in by_name if n.startswith(method + "-") and n != dname):
@@ -94,7 +95,7 @@ def decide(
                 out.append(f"| {name} | {e} | | | | | |")
                 broken = True
                 continue
-            vs_ce = f"{j['mean'] - _mean_std(list(ce.values()))[0]:+.2f}" if ce else ""
+            vs_ce = f"{j['mean'] - ce:+.2f}" if ce is not None else ""
             out.append(
                 f"| {name} | {j['mean']:.2f} ± {j['std']:.2f} | {j['diff']:+.2f} | "
                 f"{j['margin']:.2f} | {j['wins']}/{j['seeds']} | "
