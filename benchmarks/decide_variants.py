@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         help="the default group of a method (repeatable); the study's when omitted",
     )
     args = p.parse_args(argv)
+    if not args.report.is_file():
+        p.error(f"report {str(args.report)!r} not found (the study's OUT/report.json)")
     defaults = None
     if args.default:
         defaults = {}

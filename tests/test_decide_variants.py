@@ -142,6 +142,9 @@ def test_incomplete_report_fails_the_command(tmp_path, capsys):
     with pytest.raises(SystemExit):
         dv.main([str(report), "--default", "cmkd"])
     assert "expected METHOD=GROUP" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        dv.main([str(tmp_path / "nope.json")])
+    assert "nope.json' not found" in capsys.readouterr().err
 
 
 def test_the_rule_is_the_one_the_study_header_fixed():
