@@ -380,12 +380,18 @@ def _check_long_cifar10jpg(name, suite, teachers, runs):
     labels = list(dict.fromkeys(r.label for r in runs))
     if name == "cifar10jpg-long":
         want = {"ce", "kd", "dkd", "dist", "clkd", "cmkd", "rrd", "rrd+kd", "crd", "corsd"}
-        assert want | {"crd+kd", "rkd"} == set(labels) and len(runs) == 36
+        extra = {"crd+kd", "rkd", "rrd-v5", "rrd+kd-v5"}  # -v5: the study's choice, on test
+        assert want | extra == set(labels) and len(runs) == 42
+        rrd = {r.label: r.config["method"]["args"] for r in runs if r.label.startswith("rrd")}
+        # the recorded rows pin the preset they ran with; the -v5 rows run the new default
+        assert rrd["rrd"]["version"] == rrd["rrd+kd"]["rrd"]["version"] == "v4"
+        assert rrd["rrd-v5"]["version"] == rrd["rrd+kd-v5"]["rrd"]["version"] == "v5"
         assert all("val_split" not in r.config["data"] for r in runs)  # test-set table
         # logits-cache methods, then the teacher-free runs, then the pooled-feature ones
+        names = list(dict.fromkeys(r.config["method"]["name"] for r in runs))
         kinds = [
             "free" if not acc._requires_teacher(m) else ("pooled" if _taps(m) else "logits")
-            for m in labels
+            for m in names
         ]
         assert kinds == sorted(kinds, key=["logits", "free", "pooled"].index), labels
     else:

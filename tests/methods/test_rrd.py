@@ -48,11 +48,12 @@ def _step(m, f_s, f_t):
 
 def test_defaults():
     m, ce = build_method("rrd", _ctx())
-    assert ce == 1.0 and m.weight == 1.0 and (m.tau_s, m.tau_t) == (0.04, 0.1)
+    # v5 preset (the default chosen by cifar10jpg-val-study)
+    assert ce == 1.0 and m.weight == 1.0 and (m.version, m.tau_s, m.tau_t) == ("v5", 0.1, 0.02)
     assert m.queue.shape == (16384, 128) and int(m.queue_ptr) == 0
     assert torch.allclose(m.queue.norm(dim=1), torch.ones(16384))  # unit rows
     assert m.student_taps() == ["pooled"] and m.teacher_taps() == ["pooled"]
-    assert not m.enqueue_first and m.teacher_proj == "fixed_random"
+    assert m.enqueue_first and m.teacher_proj == "fixed_random"
     assert not any(p.requires_grad for p in m.proj_t.parameters())
     assert all(p.requires_grad for p in m.proj_s.parameters())
 
@@ -117,7 +118,8 @@ def test_enqueue_first_changes_target(first):
     before = m.queue.clone()
     loss = _step(m, f_s, f_t)
     after = m.queue.clone()
-    ref_before, ref_after = rrd_loss(z_s, z_t, before), rrd_loss(z_s, z_t, after)
+    taus = {"tau_s": m.tau_s, "tau_t": m.tau_t}
+    ref_before, ref_after = rrd_loss(z_s, z_t, before, **taus), rrd_loss(z_s, z_t, after, **taus)
     assert not torch.allclose(ref_before, ref_after)
     assert torch.allclose(loss, ref_after if first else ref_before, rtol=1e-6, atol=0)
     loss.backward()  # the in-place enqueue does not break backward
@@ -221,8 +223,8 @@ def test_ddp_ranks_share_the_single_process_queue(tmp_path):
 
 
 def test_version_presets():
-    v4, _ = build_method("rrd", _ctx(), {"queue_size": K})
-    v5, _ = build_method("rrd", _ctx(), {"queue_size": K, "version": "v5"})
+    v5, _ = build_method("rrd", _ctx(), {"queue_size": K})  # the default since the study
+    v4, _ = build_method("rrd", _ctx(), {"queue_size": K, "version": "v4"})
     assert (v4.version, v4.tau_s, v4.tau_t, v4.enqueue_first) == ("v4", 0.04, 0.1, False)
     assert (v5.version, v5.tau_s, v5.tau_t, v5.enqueue_first) == ("v5", 0.1, 0.02, True)
     # explicit values override the preset

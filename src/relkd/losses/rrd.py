@@ -10,12 +10,13 @@ embeddings:
 
 Decisions (see the docs of :class:`relkd.methods.rrd.RRD` for the full list):
 
-* Temperatures: ``tau_s = 0.04``, ``tau_t = 0.1`` as in the official code while the paper was at
-  v1-v4 (later code, after paper v5, uses 0.1 / 0.02: the method's ``version="v5"`` preset).
-  Both are arguments.
+* Temperatures: this function's defaults ``tau_s = 0.04``, ``tau_t = 0.1`` are the official code's
+  while the paper was at v1-v4; later code, after paper v5, uses 0.1 / 0.02. The method picks
+  them by its ``version`` preset (default ``"v5"`` since 2026-12-01, chosen on a validation split:
+  :class:`relkd.methods.rrd.RRD`).
 * Queue order: this function only scores against the queue it is given. Whether the current
-  batch is enqueued before (code after Feb 2025) or after (v1-v4 code, our default) scoring is the
-  caller's choice; :func:`ring_buffer_enqueue` does the enqueue.
+  batch is enqueued before (code after Feb 2025, the v5 preset) or after (v1-v4 code, the v4
+  preset) scoring is the caller's choice; :func:`ring_buffer_enqueue` does the enqueue.
 """
 
 from __future__ import annotations
