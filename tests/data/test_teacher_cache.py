@@ -293,15 +293,20 @@ def test_cached_kd_run_equals_online_run(fmnist_root, tiny_teacher_ckpt, tmp_pat
         )
 
 
-def test_pooled_method_uses_the_cache(fmnist_root, tiny_teacher_ckpt, tmp_path, monkeypatch):
-    """RKD reads the teacher's pooled features: cached (auto folder) == online."""
+@pytest.mark.parametrize("method", ["rkd", "rrd"])
+def test_pooled_method_uses_the_cache(
+    fmnist_root, tiny_teacher_ckpt, tmp_path, monkeypatch, method
+):
+    """RKD and RRD read the teacher's pooled features: cached (auto folder) == online. For RRD
+    (v5 preset: the batch's teacher rows are enqueued before scoring) this also checks that the
+    queue fills from cached rows exactly as from online ones."""
     monkeypatch.setenv("RELKD_CACHE_DIR", str(tmp_path / "home"))
     kw = dict(epochs=1)
     online = relkd.train(
-        _cfg(fmnist_root, tiny_teacher_ckpt, tmp_path, "on", "rkd", **kw), quiet=True
+        _cfg(fmnist_root, tiny_teacher_ckpt, tmp_path, "on", method, **kw), quiet=True
     )
     cached = relkd.train(
-        _cfg(fmnist_root, tiny_teacher_ckpt, tmp_path, "ca", "rkd", teacher_cache="auto",
+        _cfg(fmnist_root, tiny_teacher_ckpt, tmp_path, "ca", method, teacher_cache="auto",
              teacher_cache_dtype="fp32", **kw),
         quiet=True,
     )  # fmt: skip
