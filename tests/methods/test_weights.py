@@ -117,7 +117,9 @@ def test_clkd_weights_by_value():
     cla = ((rows(a.T) - rows(b.T)) ** 2).mean()
     cc = ((np.corrcoef(a, rowvar=False) - np.corrcoef(b, rowvar=False)) ** 2).sum() / C**2
     m, ce = build_method("clkd", _ctx())
-    assert ce == 0.1  # lambda
+    assert (
+        ce == 1.0
+    )  # lambda: 1 since cifar10jpg-val-study (the consensus 0.1 is pinned in configs)
     terms = m(_out(zs), _out(zt), torch.zeros(B, dtype=torch.long))
     assert terms["clkd_ins"].item() == pytest.approx(0.5 * ins, rel=1e-5)  # mu
     assert terms["clkd_cla"].item() == pytest.approx(0.5 * 2.0 * cla, rel=1e-5)  # mu * beta

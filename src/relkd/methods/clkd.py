@@ -14,21 +14,29 @@ from relkd.registry import RelkdError
 
 @register_method("clkd")
 class CLKD(Method):
-    """``mu * (L_ins + beta * L_cla) + nu * L_cc``; CE weight ``lambda`` = 0.1 by default.
+    """``mu * (L_ins + beta * L_cla) + nu * L_cc``; CE weight ``lambda`` = 1 by default.
 
     L_ins / L_cla: MSE of row-normalised logits of the [B, C] matrix and of its transpose
     (instance and class level); L_cc: squared Frobenius distance of the [C, C] class correlation
-    matrices / C^2. Defaults (the re-implementations' consensus): lambda 0.1, mu 0.5, beta 2,
-    nu 0.4. Switches ``corr`` (class | sample: re-implementation A's [B, B] sample matrix),
+    matrices / C^2. Defaults: mu 0.5, beta 2, nu 0.4 (the re-implementations' consensus) and
+    lambda 1 (their consensus is 0.1). Switches ``corr`` (class | sample: re-implementation A's [B, B] sample matrix),
     ``corr_normalized`` (correlation, default, vs the raw covariance / (C - 1) of the
     re-implementations, which collapsed training to chance in our Fashion-MNIST check),
     ``corr_centered``, ``corr_squared`` (False: ||dG||_F / C^2 not squared, re-implementation B);
-    exact formulas in :mod:`relkd.losses.clkd`. Short schedules want ``method.ce_weight=1`` (CLKD with
-    lambda 0.1 trailed CE in a 4-epoch run, matched it with lambda 1). The class-level and
-    correlation terms use the batch gathered from every rank under DDP.
+    exact formulas in :mod:`relkd.losses.clkd`. The class-level and correlation terms use the
+    batch gathered from every rank under DDP.
+
+    Why lambda 1, not the consensus 0.1 (chosen on a validation split, never on a test set):
+    in ``benchmarks/results/cifar10jpg-val-study/`` (CIFAR-10 JPEG, resnet20 -> resnet8, 16
+    epochs, a stratified 10 % hold-out of the training set, 3 seeds) lambda 0.1 reached 52.65 +-
+    0.79 last-epoch validation top-1 and lambda 1 65.47 +- 0.32: better on every seed and by
+    more than twice the larger seed spread (the study's pre-registered rule). Neither beat the
+    CE student there (65.62 +- 0.37); corr sample (43.81 +- 6.15) and corr_squared False
+    (52.70 +- 0.21) did not beat lambda 0.1. The evidence is one pair at one short budget: the
+    shipped CIFAR-100 configs and suites pin 0.1, the setting the re-implementations use there.
     """
 
-    default_ce_weight = 0.1
+    default_ce_weight = 1.0
 
     def __init__(
         self,
