@@ -121,3 +121,43 @@ def test_recorded_reruns_still_pass_exact(name, shared_only):
     # Every rerun group's table line reports a 0.00 max per-seed difference.
     assert re.findall(r"\| 0\.00 \|", table)
     assert not re.findall(r"\| (?!0\.00 )\d+\.\d\d \| (yes|no) \|", table)
+
+
+def _settings(method) -> dict:
+    """A built method's plain settings (numbers, strings, flags and dicts of them)."""
+    plain = (bool, int, float, str, tuple, dict)
+    return {k: v for k, v in vars(method).items() if not k.startswith("_") and isinstance(v, plain)}
+
+
+def test_defaults_follow_the_recorded_validation_study():
+    """relkd's defaults are what the committed study chose: for each studied method, building it
+    with the studied switches left out gives the settings (and CE weight) of the chosen group."""
+    from relkd.bench.suite import load_suite
+    from relkd.methods.base import MethodContext, build_method
+
+    spec = importlib.util.spec_from_file_location(
+        "decide_variants", ROOT / "benchmarks" / "decide_variants.py"
+    )
+    dv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dv)
+    report = RESULTS / "cifar10jpg-val-study" / "report.json"
+    _, chosen, complete = dv.decide(report)
+    assert complete and chosen == {"clkd": "clkd-ce1", "cmkd": "cmkd-default", "rrd": "rrd-v5"}
+
+    suite = load_suite(ROOT / "benchmarks" / "suites" / "cifar10jpg-val-study.yaml")
+    sections = {e.label: e.section for e in suite.methods}
+    ctx = MethodContext(
+        num_classes=10, student_shapes={"pooled": (64,)}, teacher_shapes={"pooled": (64,)}
+    )
+    for method, group in chosen.items():
+        variants = [s for lab, s in sections.items() if lab.startswith(method + "-")]
+        flat = [{"ce_weight": s.get("ce_weight"), **s.get("args", {})} for s in variants]
+        studied = {k for k in flat[0] if len({repr(f.get(k)) for f in flat}) > 1}
+        assert studied, method  # the study varied something
+        want = sections[group]
+        args = dict(want.get("args", {}))
+        rest = {k: v for k, v in args.items() if k not in studied}
+        m_default, ce_default = build_method(method, ctx, rest)
+        m_chosen, ce_chosen = build_method(method, ctx, args)
+        assert _settings(m_default) == _settings(m_chosen), method
+        assert ce_default == want.get("ce_weight", ce_chosen), method
