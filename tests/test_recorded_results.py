@@ -110,7 +110,12 @@ def _compare():
 
 @pytest.mark.parametrize(
     "name, shared_only",
-    [("cifar10jpg-mini", False), ("fmnist-mini", False), ("cifar10jpg-long", True)],
+    [
+        ("cifar10jpg-mini", False),
+        ("fmnist-mini", False),
+        ("cifar10jpg-long", True),
+        ("cifar10jpg-val-study", True),
+    ],
 )
 def test_recorded_reruns_still_pass_exact(name, shared_only):
     """Each ``reproduction.md`` quotes a ``compare_reports.py --exact`` that passed."""
@@ -161,3 +166,25 @@ def test_defaults_follow_the_recorded_validation_study():
         m_chosen, ce_chosen = build_method(method, ctx, args)
         assert _settings(m_default) == _settings(m_chosen), method
         assert ce_default == want.get("ce_weight", ce_chosen), method
+
+
+def test_results_readme_of_the_study_matches_its_record():
+    text = (RESULTS / "cifar10jpg-val-study" / "README.md").read_text()
+    groups = _groups("cifar10jpg-val-study")
+    assert len(groups) == 11
+    for m, g in groups.items():
+        cells = _row(text, m)
+        assert cells[1] == _fmt(g, "last"), m  # the rule reads the last epoch
+    # decision.md is the rule's output on the committed report, word for word
+    spec = importlib.util.spec_from_file_location(
+        "decide_variants", ROOT / "benchmarks" / "decide_variants.py"
+    )
+    dv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dv)
+    md, _, _ = dv.decide(RESULTS / "cifar10jpg-val-study" / "report.json")
+    assert (RESULTS / "cifar10jpg-val-study" / "decision.md").read_text().strip() == md.strip()
+    # the README's study paragraph quotes these groups
+    for m in ("ce", "rrd-v5", "rrd-v4", "clkd-ce1", "clkd-default", "cmkd-default"):
+        assert _fmt(groups[m], "last") in README, m
+    for m in ("cmkd-inverse", "cmkd-nodiff", "cmkd-sortnet"):
+        assert f"{groups[m]['last_mean']:.2f}" in README, m
