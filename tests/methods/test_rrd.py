@@ -230,8 +230,10 @@ def test_version_presets():
     # explicit values override the preset
     m, _ = build_method("rrd", _ctx(), {"queue_size": K, "version": "v5", "tau_t": 0.05})
     assert (m.tau_s, m.tau_t, m.enqueue_first) == (0.1, 0.05, True)
-    with pytest.raises(RelkdError, match="v4, v5"):
+    with pytest.raises(RelkdError, match="v4, v5") as err:
         build_method("rrd", _ctx(), {"version": "v6"})
+    # the method's own error reaches the user once, not wrapped in a second "method 'rrd':"
+    assert str(err.value) == "method 'rrd': version='v6'; valid: v4, v5"
 
 
 def _hand_rrd(zs, zt, queue, tau_s, tau_t):

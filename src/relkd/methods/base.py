@@ -195,6 +195,8 @@ def _build_one(name: str, ctx: MethodContext, args: Mapping[str, Any]) -> Method
         _check_value(name, key, value)
     try:
         return cls(ctx, **dict(args))
+    except RelkdError:  # already one line that names the method: do not wrap it again
+        raise
     except (ValueError, TypeError) as e:  # a method's own argument checks: one line, exit 2
         raise RelkdError(f"method {name!r}: {str(e).splitlines()[0] if str(e) else e!r}") from e
 
