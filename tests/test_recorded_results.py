@@ -99,13 +99,16 @@ def test_results_readme_of_the_long_suite_matches_its_record():
     assert teacher[2] == f"{_teacher_top1('cifar10jpg-mini'):.2f}"
 
 
+def _benchmark_module(name: str):
+    """A script of benchmarks/ loaded as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _compare():
-    spec = importlib.util.spec_from_file_location(
-        "compare_reports", ROOT / "benchmarks" / "compare_reports.py"
-    )
-    cr = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cr)
-    return cr.compare
+    return _benchmark_module("compare_reports").compare
 
 
 @pytest.mark.parametrize(
@@ -140,11 +143,7 @@ def test_defaults_follow_the_recorded_validation_study():
     from relkd.bench.suite import load_suite
     from relkd.methods.base import MethodContext, build_method
 
-    spec = importlib.util.spec_from_file_location(
-        "decide_variants", ROOT / "benchmarks" / "decide_variants.py"
-    )
-    dv = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(dv)
+    dv = _benchmark_module("decide_variants")
     report = RESULTS / "cifar10jpg-val-study" / "report.json"
     _, chosen, complete = dv.decide(report)
     assert complete and chosen == {"clkd": "clkd-ce1", "cmkd": "cmkd-default", "rrd": "rrd-v5"}
@@ -176,11 +175,7 @@ def test_results_readme_of_the_study_matches_its_record():
         cells = _row(text, m)
         assert cells[1] == _fmt(g, "last"), m  # the rule reads the last epoch
     # decision.md is the rule's output on the committed report, word for word
-    spec = importlib.util.spec_from_file_location(
-        "decide_variants", ROOT / "benchmarks" / "decide_variants.py"
-    )
-    dv = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(dv)
+    dv = _benchmark_module("decide_variants")
     md, _, _ = dv.decide(RESULTS / "cifar10jpg-val-study" / "report.json")
     assert (RESULTS / "cifar10jpg-val-study" / "decision.md").read_text().strip() == md.strip()
     # the README's study paragraph quotes these groups
