@@ -6,6 +6,7 @@ import gzip
 import os
 import pickle
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +179,48 @@ def test_cifar_pickle_that_runs_code_is_refused(tmp_path: Path, where: str) -> N
     msg = str(e.value)
     assert "data_batch_1" in msg and "refused" in msg and "system" in msg, msg
     assert not marker.exists()
+
+
+def _shared_reference_bomb(depth: int) -> list:
+    x: list = [0]
+    for _ in range(depth):
+        x = [x, x]  # pickled once per level (memo), 2**depth elements once expanded
+    return x
+
+
+@pytest.mark.parametrize(
+    "entry",
+    ["bomb_data", "bomb_labels", "object_array", "nested_dict", "scalar_labels", "text_data"],
+)
+def test_cifar_pickle_shapes_the_format_never_has_are_refused_cheaply(
+    tmp_path: Path, entry: str
+) -> None:
+    """A few hundred bytes of shared references must not expand to GBs before the shape check
+    (26 levels would be 2**26 elements; x2.2 bytes per level): refused in one line, at once."""
+    _write_cifar10(tmp_path)
+    x = np.zeros((1, 3072), dtype=np.uint8)
+    d = {
+        "bomb_data": {b"data": _shared_reference_bomb(26), b"labels": [0]},
+        "bomb_labels": {b"data": x, b"labels": _shared_reference_bomb(26)},
+        "object_array": {b"data": np.array([[1], [2]], dtype=object), b"labels": [0]},
+        "nested_dict": {b"data": x, b"labels": [0], b"extra": {"a": 1}},
+        "scalar_labels": {b"data": x, b"labels": 3},
+        "text_data": {b"data": "not pixels", b"labels": [0]},
+    }[entry]
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    with open(batch, "wb") as f:
+        pickle.dump(d, f)
+    if entry.startswith("bomb"):
+        assert batch.stat().st_size < 4000  # 3072 of them: the data row
+    t0 = time.perf_counter()
+    with pytest.raises(RelkdError) as e:
+        build_datasets("cifar10", tmp_path)
+    assert time.perf_counter() - t0 < 5.0
+    msg = str(e.value)
+    assert "data_batch_1" in msg and "\n" not in msg, msg
+    why = {"bomb_data": "nested", "bomb_labels": "nested", "nested_dict": "nested"}
+    why |= {"object_array": "object array", "scalar_labels": "labels of shape ()"}
+    assert why.get(entry, "uint8 data") in msg, msg
 
 
 @pytest.mark.parametrize("protocol", [2, 4, 5])

@@ -74,7 +74,33 @@ def unpickle_dict(path: Path) -> dict[str, Any]:
         ) from e
     if not isinstance(d, dict):
         raise RelkdError(f"CIFAR file {path} does not hold a dict")
+    _check_flat(path, d)
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in d.items()}
+
+
+_CONTAINERS = (list, tuple, dict, set, frozenset)
+
+
+def _check_flat(path: Path, d: dict[Any, Any]) -> None:
+    """Refuse the shapes a CIFAR file never has, before anything expands them: its dict holds
+    numeric arrays, scalars and flat lists of scalars (labels, file names). A pickle can share
+    one object many times (``x = [x, x]`` nested 26 deep is 281 bytes and 2**26 elements once
+    turned into an array), so a container inside a list, or an object array, is refused; the
+    walk then costs at most one step per element written in the file."""
+    for key, value in d.items():
+        if isinstance(value, np.ndarray) and value.dtype.hasobject:
+            raise RelkdError(
+                f"CIFAR file {path}: entry {key!r} is an object array (the format holds "
+                "numeric arrays, scalars and flat lists only)"
+            )
+        if isinstance(value, dict) or (
+            isinstance(value, _CONTAINERS)
+            and any(isinstance(v, (*_CONTAINERS, np.ndarray)) for v in value)
+        ):
+            raise RelkdError(
+                f"CIFAR file {path}: entry {key!r} holds nested containers (the format holds "
+                "numeric arrays, scalars and flat lists only)"
+            )
 
 
 def read_cifar_batches(
@@ -87,11 +113,20 @@ def read_cifar_batches(
         d = unpickle_dict(folder / fname)
         if "data" not in d or label_key not in d:
             raise RelkdError(f"{name}: {folder / fname} lacks the 'data' / '{label_key}' entries")
-        x = np.asarray(d["data"], dtype=np.uint8)
-        if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or len(x) != len(d[label_key]):
-            raise RelkdError(f"{name}: {folder / fname} has data of shape {x.shape}")
+        try:
+            x = np.asarray(d["data"], dtype=np.uint8)
+            y = np.asarray(d[label_key], dtype=np.int64)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise RelkdError(
+                f"{name}: {folder / fname} holds no uint8 data / int labels: {e}"
+            ) from e
+        if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or y.shape != (len(x),):
+            raise RelkdError(
+                f"{name}: {folder / fname} has data of shape {x.shape} and labels of shape "
+                f"{y.shape} (expected [N, 3072] and [N])"
+            )
         xs.append(x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # -> [N, H, W, C]
-        ys.append(np.asarray(d[label_key], dtype=np.int64))
+        ys.append(y)
     return np.concatenate(xs), np.concatenate(ys)
 
 
