@@ -7,6 +7,7 @@ exit with code 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import re
 import sys
@@ -269,13 +270,37 @@ def _no_abbreviations(parser: argparse.ArgumentParser) -> None:
                 _no_abbreviations(child)
 
 
+def _is_file(token: str) -> bool:
+    """``Path.is_file`` that says no instead of raising (a token over 255 bytes, NUL bytes)."""
+    try:
+        return Path(token).is_file()
+    except (OSError, ValueError):
+        return False
+
+
+#: Errors of the machine, not of relkd: a full or read-only disk, a missing permission, a name
+#: the file system cannot hold. They end in one line naming the file, like a RelkdError.
+_ENVIRONMENT_ERRNOS = frozenset(
+    getattr(errno, n)
+    for n in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "ENAMETOOLONG", "ENOTDIR", "EISDIR")
+    if hasattr(errno, n)
+)
+
+
+def _os_error_line(e: OSError) -> str:
+    if e.strerror is None:  # relkd._fs.UnreadableFile: its message names the file
+        return str(e)
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    return f"{e.strerror or e}{': ' + repr(where) if where else ''}"
+
+
 def _place_positionals(
     parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str], primary: str
 ) -> list[str]:
     """``key=value`` tokens anywhere on the line become overrides; the one other positional is
     the ``primary`` argument (config / suite). Returns the tokens that fit neither."""
     tokens = [getattr(args, primary), *args.overrides, *extra]
-    plain = [t for t in tokens if not _KV.match(t) or Path(t).is_file()]
+    plain = [t for t in tokens if not _KV.match(t) or _is_file(t)]
     if not plain:
         parser.error(f"no {primary} given, only key=value overrides")
     setattr(args, primary, plain[0])
@@ -313,6 +338,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `relkd configs list | head`
         sys.stderr.close()
         return 0
+    except OSError as e:
+        from relkd._fs import UnreadableFile
+
+        if e.errno not in _ENVIRONMENT_ERRNOS and not isinstance(e, UnreadableFile):
+            raise
+        print(f"relkd: error: {_os_error_line(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

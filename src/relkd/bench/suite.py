@@ -182,6 +182,7 @@ def _pairs(items: Any, where: str, errors: list[str]) -> list[tuple[str | None, 
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
     from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -195,7 +196,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         data = OmegaConf.to_container(raw, resolve=True)
     except OmegaConfBaseException as e:
         raise RelkdError(f"suite file {str(path)!r}: {str(e).splitlines()[0]}") from None
-    except ValueError as e:  # yaml errors
+    except yaml.YAMLError as e:  # unclosed bracket, duplicate key, recursive or huge aliases
+        from relkd.config import _yaml_error
+
+        raise _yaml_error(f"suite file {str(path)!r}", e) from None
+    except ValueError as e:
         raise RelkdError(f"suite file {str(path)!r} is not valid YAML: {e}") from None
     assert isinstance(data, dict)
     return data

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 
 from relkd._fs import fsync_dir as _fsync_dir
+from relkd._fs import read_bytes as _read_bytes
+from relkd._fs import read_text as _read_text
 from relkd.registry import RelkdError
 
 CKPT = "checkpoint.pt"
@@ -120,16 +122,26 @@ class CheckpointStore:
         m = self.run_dir / MANIFEST
         if m.exists():
             try:
-                found = set(json.loads(m.read_text())["files"])
+                files = json.loads(_read_text(m, "json", "checkpoint manifest"))["files"]
+                if not isinstance(files, (dict, list)) or not all(
+                    isinstance(h, str) for h in files
+                ):
+                    raise TypeError(f"'files' is {type(files).__name__}, not a list of sha256")
+                found = set(files)
             except (OSError, ValueError, KeyError, TypeError) as e:
-                self.log(f"warning: checkpoint manifest {str(m)!r} cannot be read ({e})")
-                found = set()
+                # Written atomically, so damage comes from outside: treated like a missing
+                # manifest (checkpoints load unverified, with a warning), never as a verdict
+                # that would call both intact checkpoints corrupt and block the resume.
+                self.log(
+                    f"warning: checkpoint manifest {str(m)!r} cannot be read ({e}); "
+                    "treating it as missing"
+                )
         for name in _LEGACY_SIDECARS:
             p = self.run_dir / name
             if p.exists():
                 try:
-                    h = p.read_text().strip()
-                except OSError:
+                    h = _read_text(p, "json", "checkpoint checksum").strip()
+                except (OSError, ValueError):
                     continue
                 found = (found or set()) | {h}
         return found
@@ -139,7 +151,7 @@ class CheckpointStore:
 
     def _load_one(self, path: Path, known: set[str] | None) -> dict[str, Any]:
         try:
-            data = path.read_bytes()
+            data = _read_bytes(path, "checkpoint", "checkpoint")
         except OSError as e:
             raise RelkdError(f"checkpoint {str(path)!r} cannot be read: {e}") from e
         h = _sha256(data)
@@ -153,7 +165,7 @@ class CheckpointStore:
             raise RelkdError(f"checkpoint {str(path)!r} is not a relkd training checkpoint")
         if known is None:
             self.log(
-                f"warning: checkpoint {str(path)!r} has no checksum ({MANIFEST} is missing): "
+                f"warning: checkpoint {str(path)!r} has no checksum ({MANIFEST} is missing or unreadable): "
                 "loaded unverified"
             )
         self._good = {path.name: h}
@@ -190,7 +202,7 @@ class CheckpointStore:
 
     def _manifest_entries(self) -> dict[str, dict[str, Any]]:
         try:
-            files = json.loads((self.run_dir / MANIFEST).read_text())["files"]
+            files = json.loads(_read_text(self.run_dir / MANIFEST, "json"))["files"]
             return {str(k): dict(v) for k, v in files.items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return {}
@@ -198,7 +210,7 @@ class CheckpointStore:
     def completed_before(self) -> bool:
         """Whether a save ever completed in this folder (the manifest says so)."""
         try:
-            return bool(json.loads((self.run_dir / MANIFEST).read_text()).get("completed"))
+            return bool(json.loads(_read_text(self.run_dir / MANIFEST, "json")).get("completed"))
         except (OSError, ValueError, AttributeError):
             return False
 
@@ -266,7 +278,7 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
     known = store._known_hashes() or set()
     for name in (CKPT, PREV):
         p = Path(run_dir) / name
-        h = _sha256(p.read_bytes()) if p.exists() else None
+        h = _sha256(_read_bytes(p, "checkpoint", "checkpoint")) if p.exists() else None
         if h in known:
             store._good[name] = h
     return store.save(state)
