@@ -70,21 +70,33 @@ def _cfg_file(tmp_path: Path, cfg: dict) -> str:
 
 
 # --- item 2: only regular files of a bounded size are read ------------------------------------
+def _replace(path: Path, target: str) -> None:
+    if target == "dev_zero":
+        path.symlink_to("/dev/zero")
+    elif target == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+
+
+@pytest.mark.parametrize("target", ["dev_zero", "fifo", "folder"])
+def test_eval_refuses_weights_that_are_not_a_regular_file(finished, tmp_path, target):
+    weights = tmp_path / "w.pt"
+    _replace(weights, target)
+    code, err = _cli(["eval", str(finished), "--checkpoint", str(weights)])
+    line = _one_line(err)
+    assert code == 2 and "w.pt" in line and "not a regular file" in line, line
+
+
 @pytest.mark.parametrize("target", ["dev_zero", "fifo", "folder"])
 def test_resume_refuses_a_checkpoint_that_is_not_a_regular_file(
     finished, fmnist_root, tmp_path, target
 ):
-    """checkpoint.pt -> /dev/zero grew --resume to 22 GB; a FIFO hung it. Both checkpoints
-    replaced: one line naming the file, exit 2, at once."""
+    """checkpoint.pt -> /dev/zero grew --resume to 22 GB; a FIFO hung it: one line naming the
+    file, exit 2, at once."""
     run = _copy(finished, tmp_path)
-    for name in (CKPT, PREV):
-        (run / name).unlink()
-        if target == "dev_zero":
-            (run / name).symlink_to("/dev/zero")
-        elif target == "fifo":
-            os.mkfifo(run / name)
-        else:
-            (run / name).mkdir()
+    (run / CKPT).unlink()
+    _replace(run / CKPT, target)
     cfg = _cfg(fmnist_root, run.parent, epochs=3)
     code, err = _cli(["train", _cfg_file(tmp_path, cfg), "--resume", "--allow-change", "train"])
     line = _one_line(err)
@@ -120,3 +132,66 @@ def test_a_damaged_checkpoint_manifest_loads_the_intact_checkpoints_unverified(
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in recs] == [1, 2, 3]  # resumed after epoch 2, not restarted
     assert res["last_top1"] == recs[-1]["top1"]
+
+
+# --- item 3: a finished run pruned to its exported student is still a run ----------------------
+def test_a_pruned_finished_run_is_refused_not_overwritten(finished, fmnist_root, tmp_path):
+    """config.yaml, run.json and student.pt kept; checkpoints, metrics, summary deleted. The next
+    run of that name (even of another model) used to overwrite it, provenance included."""
+    run = _copy(finished, tmp_path)
+    for name in (CKPT, PREV, MANIFEST, "metrics.jsonl", "summary.json", "student_best.pt"):
+        (run / name).unlink(missing_ok=True)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert {"config.yaml", "run.json", "student.pt"} <= set(before)
+    other = _cfg(fmnist_root, run.parent, epochs=1)
+    other["student"] = {"name": "cnn_small"}
+    code, err = _cli(["train", _cfg_file(tmp_path, other)])
+    line = _one_line(err)
+    assert code == 2 and "already holds a run" in line, line
+    code, err = _cli(["train", _cfg_file(tmp_path, other), "--resume"])
+    line = _one_line(err)
+    assert code == 2 and "student.pt" in line and "no checkpoint" in line, line
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+# --- item 7: a folder named checkpoint.pt is refused before training ---------------------------
+@pytest.mark.parametrize("name", [CKPT, "metrics.jsonl", "summary.json"])
+def test_a_folder_under_a_run_file_name_is_refused_before_training(fmnist_root, tmp_path, name):
+    run = tmp_path / "out" / "r"
+    (run / name).mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"relkd_run": 1}))
+    code, err = _cli(["train", _cfg_file(tmp_path, _cfg(fmnist_root, run.parent, epochs=1))])
+    line = _one_line(err)
+    assert code == 2 and f"{name} is not a regular file (a folder)" in line, line
+    assert sorted(p.name for p in run.iterdir()) == sorted([name, "run.json"])  # nothing trained
+
+
+# --- item 12: the resume line names the epoch the next line prints -----------------------------
+def test_the_resume_line_and_the_next_epoch_line_agree(finished, fmnist_root, tmp_path, capsys):
+    run = _copy(finished, tmp_path)
+    capsys.readouterr()
+    relkd.train(_cfg(fmnist_root, run.parent, epochs=3), resume=True, allow_change=["train"])
+    err = capsys.readouterr().err
+    assert "after epoch 2 (continuing with epoch 3)" in err, err
+    assert "epoch 3/3" in err, err
+
+
+def test_git_status_takes_no_optional_lock(tmp_path, monkeypatch):
+    """`git status` refreshes the index under .git/index.lock unless told not to; a concurrent
+    `git commit` in the checkout then fails. A stand-in git records what relkd runs."""
+    from relkd.engine import rundir
+
+    log = tmp_path / "calls"
+    fake = tmp_path / "bin" / "git"
+    fake.parent.mkdir()
+    top = Path(rundir.__file__).resolve().parents[2]
+    fake.write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" >> {log}\n'
+        f'case "$*" in *rev-parse*) echo {top}; echo 0123abc;; esac\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    assert rundir._git_commit() == "0123abc"
+    status = [c for c in log.read_text().splitlines() if "status" in c]
+    assert status and all(c.startswith("--no-optional-locks ") for c in status), status

@@ -528,4 +528,4 @@ def test_a_relkd_01_folder_killed_between_its_renames_resumes(fmnist_root, tmp_p
     err = capsys.readouterr().err
     assert "corrupt" not in err and "no readable" not in err and "unverified" not in err, err
     assert [r["epoch"] for r in _records(run)] == [1, 2]
-    assert "using checkpoint.prev.pt" in err and "resumed" in err and "at epoch 2" in err
+    assert "using checkpoint.prev.pt" in err and "resumed" in err and "after epoch 2" in err

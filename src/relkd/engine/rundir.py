@@ -46,6 +46,7 @@ from typing import Any
 import yaml
 
 from relkd import distributed as D
+from relkd._fs import open_regular, read_text
 from relkd.engine.checkpoint import (
     CKPT,
     MANIFEST,
@@ -168,7 +169,10 @@ def _git_commit() -> str | None:
         if len(top) != 2 or not here.is_relative_to(Path(top[0]).resolve()):
             return None
         dirty = subprocess.run(
-            ["git", "-C", top[0], "status", "--porcelain", "--untracked-files=no"],
+            # --no-optional-locks: a status refreshes the index under .git/index.lock, which
+            # would make a concurrent `git commit` in that checkout fail
+            ["git", "--no-optional-locks", "-C", top[0], "status", "--porcelain",
+             "--untracked-files=no"],
             capture_output=True, text=True, timeout=5,
         ).stdout.strip()  # fmt: skip
         return top[1] + ("+dirty" if dirty else "")
@@ -265,6 +269,9 @@ class FolderState:
     epochs_recorded: int = 0  # lines in metrics.jsonl
     finished: bool = False
     saved_before: bool = False  # the manifest says a checkpoint save completed
+    # The finished run's exported student (written after its last checkpoint; student_best.pt
+    # is not one: it may precede the first checkpoint): a run pruned to save space keeps it.
+    exported: list[str] = field(default_factory=list)
 
 
 class RunFolder:
@@ -314,12 +321,13 @@ class RunFolder:
             st.epochs_recorded = _count_lines(p / METRICS)
             st.finished = (p / SUMMARY).exists()
             st.saved_before = self.store.completed_before()
+            st.exported = [n for n in ("student.pt", "student.safetensors") if n in names]
         return st
 
     def _recorded_config(self) -> dict[str, Any] | None:
         try:
-            cfg = yaml.safe_load((self.path / CONFIG).read_text())
-        except (OSError, yaml.YAMLError):
+            cfg = yaml.safe_load(read_text(self.path / CONFIG, "config"))
+        except (OSError, ValueError, yaml.YAMLError):
             return None
         return cfg if isinstance(cfg, dict) else None
 
@@ -331,7 +339,9 @@ class RunFolder:
         st = self.state()
         where = f"run folder {str(self.path)!r}"
         self._refuse_foreign(st)
+        self._refuse_odd_files(st)
         holds_run = st.has_checkpoint or st.epochs_recorded > 0 or st.finished or st.saved_before
+        holds_run = holds_run or bool(st.exported)
         if not resume:
             if holds_run:
                 raise RelkdError(
@@ -343,14 +353,37 @@ class RunFolder:
             what = (
                 f"{st.epochs_recorded} epoch(s) in {METRICS}"
                 if st.epochs_recorded
-                else ("a summary.json" if st.finished else f"a {MANIFEST}")
+                else ("a summary.json" if st.finished else None)
             )
+            what = what or (f"its {st.exported[0]}" if st.exported else f"a {MANIFEST}")
             raise RelkdError(
                 f"{where} has history ({what}) but no checkpoint ({CKPT} and {PREV} are "
                 "missing): it cannot be resumed and is not restarted silently; restore the "
                 "checkpoint, or delete the folder to start again"
             )
         return self._check_config(cfg, allow_change) if st.is_run else []
+
+    def _refuse_odd_files(self, st: FolderState) -> None:
+        """relkd's own file names must be regular files: a folder named ``checkpoint.pt`` would
+        fail the first save (after an epoch of training), a FIFO or a device would hang or
+        flood a read. Refused before anything runs."""
+        if not st.exists:
+            return
+        for name in sorted(RUN_FILES - {"tb", LOCK}):
+            f = self.path / name
+            if os.path.lexists(f) and not f.is_file():
+                kind = (
+                    "a folder"
+                    if f.is_dir()
+                    else "a link to nothing"
+                    if not f.exists()
+                    else ("a special file")
+                )
+                raise RelkdError(
+                    f"run folder {str(self.path)!r}: {name} is not a regular file ({kind}); "
+                    "relkd writes only regular files there: remove it or choose another "
+                    "output_dir / name"
+                )
 
     def _refuse_foreign(self, st: FolderState) -> None:
         if st.exists and not st.is_run and st.foreign:
@@ -509,7 +542,8 @@ class RunFolder:
                 f"checkpoint {str(resumed.path)!r} does not fit this run's optimizer: "
                 f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
             ) from None
-        self.log.info(f"resumed {self.path} at epoch {resumed.start_epoch}")
+        e = resumed.start_epoch  # epochs done; the next one is printed as epoch e + 1
+        self.log.info(f"resumed {self.path} after epoch {e} (continuing with epoch {e + 1})")
 
     def save_best(self, student: Any, metadata: Mapping[str, Any] | None = None) -> None:
         if self.main:
@@ -565,7 +599,7 @@ def _is_tmp(name: str) -> bool:
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_text(path, "json"))
     except (OSError, ValueError):
         return None
 
@@ -577,15 +611,16 @@ def _is_run_json(path: Path) -> bool:
 
 def _looks_like_config(path: Path) -> bool:
     try:
-        cfg = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
+        cfg = yaml.safe_load(read_text(path, "config"))
+    except (OSError, ValueError, yaml.YAMLError):
         return False
     return isinstance(cfg, dict) and {"student", "method", "train"} <= set(cfg)
 
 
 def _count_lines(path: Path) -> int:
     try:
-        return sum(1 for line in path.read_text().splitlines() if line.strip())
+        with open_regular(path, "metrics") as f:
+            return sum(1 for line in f if line.strip())
     except OSError:
         return 0
 

@@ -15,12 +15,14 @@ from relkd.registry import RelkdError
 _WRAPPER_KEYS = ("model", "state_dict", "student", "net")
 
 
-def extract_state_dict(obj: object) -> dict[str, torch.Tensor]:
+def extract_state_dict(
+    obj: object, path: str | os.PathLike | None = None
+) -> dict[str, torch.Tensor]:
     """The state dict inside a loaded checkpoint object.
 
     Accepts a bare state dict, ``{"model": sd, ...}`` (RepDistiller ``ckpt_epoch_240.pth``),
     ``{"state_dict": sd}``, relkd's run ``checkpoint.pt`` (the student's weights) and keys prefixed
-    ``module.`` (saved from DDP / DataParallel).
+    ``module.`` (saved from DDP / DataParallel). ``path`` names the file in the error.
     """
     if isinstance(obj, Mapping) and isinstance(obj.get("distiller"), Mapping):
         # relkd's own run checkpoint (checkpoint.pt): the student inside the Distiller's state.
@@ -33,8 +35,9 @@ def extract_state_dict(obj: object) -> dict[str, torch.Tensor]:
                 obj = inner
                 break
     if not isinstance(obj, Mapping) or not all(torch.is_tensor(v) for v in obj.values()):
+        where = f" {str(path)!r}" if path is not None else ""
         raise RelkdError(
-            "checkpoint holds no state dict: expected a dict of tensors, optionally under one of "
+            f"checkpoint{where} holds no state dict: expected a dict of tensors, optionally under one of "
             f"the keys {list(_WRAPPER_KEYS)}"
         )
     sd = dict(obj)
@@ -75,21 +78,29 @@ def load_checkpoint(
     failure (missing, empty, truncated or junk file, objects other than tensors, weights of
     another model) is a :class:`RelkdError` of one line naming the file.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise RelkdError(f"checkpoint {str(p)!r} does not exist")
-    if p.stat().st_size == 0:
-        raise RelkdError(f"cannot read checkpoint {str(p)!r}: the file is empty")
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    from relkd._fs import open_regular
 
-            obj: object = load_file(str(p), device=map_location)
-        else:
-            obj = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as e:  # unpickling / deserialising errors carry no file name
-        raise _read_error(p, e) from e
-    sd = extract_state_dict(obj)
+    p = Path(path)
+    if not p.exists():
+        raise RelkdError(f"checkpoint {str(p)!r} does not exist")
+    try:  # a regular file within the bound (never a FIFO, /dev/zero or a folder)
+        f = open_regular(p, "checkpoint", "checkpoint")
+    except OSError as e:
+        raise RelkdError(str(e) if e.strerror is None else f"cannot read {str(p)!r}: {e}") from e
+    with f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise RelkdError(f"cannot read checkpoint {str(p)!r}: the file is empty")
+        try:
+            if p.suffix == ".safetensors":
+                from safetensors.torch import load
+
+                obj: object = load(f.read())
+                obj = {k: v.to(map_location) for k, v in obj.items()}
+            else:
+                obj = torch.load(f, map_location=map_location, weights_only=True)
+        except Exception as e:  # unpickling / deserialising errors carry no file name
+            raise _read_error(p, e) from e
+    sd = extract_state_dict(obj, p)
     try:
         model.load_state_dict(sd, strict=strict)
     except RuntimeError as e:
