@@ -57,6 +57,7 @@ LIMITS: dict[str, int] = {
     "json": 64 * MiB,  # run.json, summary.json, bench.json, manifests, checksum lists
     "metrics": 1 * GiB,  # metrics.jsonl
     "checkpoint": 64 * GiB,  # checkpoint.pt, student.pt, teacher weights
+    "store": 1 << 40,  # an array of a teacher cache or replay epoch (read in blocks)
 }
 
 

@@ -30,6 +30,7 @@ from relkd.data.replay import (
     replay_key,
     replay_unsupported,
 )
+from relkd.data.store_files import SMALL_FILES_ROOM
 from relkd.models.base import ModelOutput
 from relkd.registry import RelkdError
 
@@ -512,5 +513,45 @@ def test_full_disk_epoch_write_fails_with_one_line(tree, tmp_path, monkeypatch):
     with pytest.raises(RelkdError) as e:
         rt.set_epoch(0)  # the params array (24 x 5 int64 = 960 bytes) does not fit
     msg = str(e.value)
-    assert f"needs {24 * 5 * 8} bytes" in msg and str(tmp_path / "s") in msg and "\n" not in msg
+    need = 24 * 5 * 8 + SMALL_FILES_ROOM  # its checksums.json too
+    assert f"needs {need} bytes" in msg and str(tmp_path / "s") in msg and "\n" not in msg
     assert not list((tmp_path / "s").glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("manifest", ["[]", "no_parts", "no_samples"])
+def test_a_replay_manifest_of_the_wrong_shape_is_one_line(tree, tmp_path, manifest):
+    ds, key, _ = _write_epoch(tree, tmp_path / "s")
+    mpath = tmp_path / "s" / "manifest.json"
+    m = json.loads(mpath.read_text())
+    if manifest == "[]":
+        mpath.write_text("[]")
+    else:
+        del m["parts" if manifest == "no_parts" else "num_samples"]
+        mpath.write_text(json.dumps(m))
+    with pytest.raises(RelkdError) as e:
+        ReplayStore.open(tmp_path / "s", key, len(ds))
+    msg = str(e.value)
+    assert str(tmp_path / "s") in msg and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize("missing", ["params.npy", "checksums.json"])
+def test_an_epoch_missing_a_file_is_recomputed_and_stored_again(tree, tmp_path, missing):
+    """It was never rebuilt: every later run recomputed it online and the log blamed
+    train.max_steps_per_epoch."""
+    ds, key, rt = _write_epoch(tree, tmp_path / "s")
+    want = np.load(tmp_path / "s" / "epoch_0" / "logits.npy").copy()
+    (tmp_path / "s" / "epoch_0" / missing).unlink()
+    logs: list[str] = []
+    online = _Counting()
+    rt = ReplayTeacher(online, ReplayStore.open(tmp_path / "s", key, len(ds)), log=logs.append)
+    rt.set_epoch(0)
+    for x, _, ex in _batches(ds, 0):
+        rt(x, **ex)
+    rt.end_epoch()
+    text = "\n".join(logs)
+    assert "damaged" in text and missing not in text.split("holds only")[1].split("]")[0]
+    assert "max_steps_per_epoch" not in text and "stored epoch 1" in text, text
+    assert online.calls == 5 and rt.store.has_epoch(0)
+    assert np.array_equal(np.load(tmp_path / "s" / "epoch_0" / "logits.npy"), want)
+    rt.set_epoch(0)  # the next reader: from the store, no teacher call
+    assert rt._stored is not None

@@ -27,6 +27,7 @@ from torchvision.transforms import functional as TF
 
 import relkd
 from relkd.data import InMemoryLoader
+from relkd.data.store_files import SMALL_FILES_ROOM
 from relkd.data.teacher_cache import (
     TeacherCache,
     apply_resized_crop,
@@ -446,11 +447,78 @@ def test_full_disk_fails_with_one_line(tmp_path, monkeypatch):
     model, images = _teacher(), _images()
     with pytest.raises(RelkdError) as e:
         _build(model, images, tmp_path / "c")
-    need = 6 * num_outcomes(2, True) * 5 * 4  # N x K x classes x fp32
+    need = 6 * num_outcomes(2, True) * 5 * 4 + SMALL_FILES_ROOM  # N x K x classes x fp32 + manifest
     msg = str(e.value)
     assert f"needs {need} bytes" in msg and str(tmp_path) in msg and "1000 bytes free" in msg
     assert "\n" not in msg
     assert list(tmp_path.iterdir()) == []  # nothing left behind
+
+
+def test_free_space_check_counts_the_manifest(tmp_path, monkeypatch):
+    """With exactly the arrays' bytes free the manifest write used to crash (ENOSPC traceback)
+    after the whole build: now refused before any teacher forward, naming the bytes needed."""
+    import shutil
+    from collections import namedtuple
+
+    arrays = 6 * num_outcomes(2, True) * 5 * 4
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - arrays, arrays))
+    with pytest.raises(RelkdError) as e:
+        _build(_teacher(), _images(), tmp_path / "c")
+    msg = str(e.value)
+    assert f"needs {arrays + SMALL_FILES_ROOM} bytes" in msg and f"{arrays} bytes free" in msg
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["cache_folder", "cache_root"])
+def test_an_unwritable_cache_folder_is_one_line(tmp_path, monkeypatch, where):
+    """A read-only folder (here /sys, refused even to root) as the cache or as RELKD_CACHE_DIR."""
+    if not os.path.isdir("/sys") or _can_mkdir("/sys"):
+        pytest.skip("needs a folder this process cannot write (/sys)")
+    monkeypatch.setenv(
+        "RELKD_CACHE_DIR", "/sys/relkd-cache" if where == "cache_root" else str(tmp_path)
+    )
+    path = Path("/sys/relkd-cache/c") if where == "cache_folder" else None
+    with pytest.raises(RelkdError) as e:
+        TeacherCache.build(
+            _teacher(), _images(), padding=2, flip=True, mean=MEAN, std=STD, path=path,
+            batch_size=4, progress=False, log=None, dtype="fp32",
+        )  # fmt: skip
+    msg = str(e.value)
+    assert "teacher cache: cannot write in" in msg and "/sys/relkd-cache" in msg, msg
+    assert "\n" not in msg
+
+
+def _can_mkdir(folder: str) -> bool:
+    try:
+        os.mkdir(os.path.join(folder, "relkd-probe"))
+    except OSError:
+        return False
+    os.rmdir(os.path.join(folder, "relkd-probe"))
+    return True
+
+
+@pytest.mark.parametrize("manifest", ["[]", "no_parts", "bad_taps"])
+def test_a_cache_manifest_of_the_wrong_shape_is_damage(tmp_path, manifest):
+    model, images = _teacher(), _images()
+    path = tmp_path / "c"
+    good = _build(model, images, path)
+    m = json.loads((path / "manifest.json").read_text())
+    if manifest == "[]":
+        (path / "manifest.json").write_text("[]")
+    else:
+        if manifest == "no_parts":
+            del m["parts"]
+        else:
+            m["parts"]["taps"] = 5
+        (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(RelkdError) as e:
+        TeacherCache.open(path, key=good.key)
+    msg = str(e.value)
+    assert "\n" not in msg and ("damaged" in msg or "holds no relkd teacher cache" in msg), msg
+    if manifest != "[]":  # the default rebuild='auto' rebuilds a damaged cache
+        rebuilt = _build(model, images, path)
+        assert rebuilt.key == good.key and "parts" in rebuilt.manifest
 
 
 def test_build_lock_is_filelock(tmp_path, monkeypatch):

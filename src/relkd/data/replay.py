@@ -65,9 +65,17 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 from relkd._fs import fsync_dir as _fsync_dir
+from relkd._fs import read_text
 from relkd.data.aug_records import draw_resized_crop_params
 from relkd.data.memory import _mix_seed
-from relkd.data.store_files import check_free_space, file_sha256, reserve_file, verify_files
+from relkd.data.store_files import (
+    SMALL_FILES_ROOM,
+    check_free_space,
+    file_sha256,
+    reserve_file,
+    verify_files,
+    writing,
+)
 from relkd.data.teacher_cache_format import _dtype_name
 from relkd.models.base import POOLED, ModelOutput
 from relkd.registry import RelkdError
@@ -250,7 +258,7 @@ class _EpochWriter:
         """A memory-mapped array, its disk space checked and reserved first (no SIGBUS)."""
         need = int(np.prod(shape)) * np.dtype(dtype).itemsize
         try:
-            check_free_space(self.store.path, need, "teacher replay")
+            check_free_space(self.store.path, need + SMALL_FILES_ROOM, "teacher replay")
             f = self.tmp / f"{name}.npy"
             self.arrays[name] = np.lib.format.open_memmap(f, mode="w+", dtype=dtype, shape=shape)
             reserve_file(f, self.store.path, "teacher replay")
@@ -280,7 +288,12 @@ class _EpochWriter:
             a.flush()
         self.arrays.clear()
         sums = {f.name: file_sha256(f) for f in sorted(self.tmp.glob("*.npy"))}
-        (self.tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
+        try:
+            with writing(self.store.path, "teacher replay"):
+                (self.tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
+        except BaseException:
+            self.abort()
+            raise
         _fsync_dir(self.tmp)
         final = self.store.epoch_dir(self.epoch)
         try:
@@ -317,22 +330,25 @@ class ReplayStore:
         path = Path(path)
         k, parts = key
         mpath = path / MANIFEST
-        if not mpath.exists():
-            path.mkdir(parents=True, exist_ok=True)
-            manifest = {
-                "format": FORMAT, "key": k, "parts": parts, "num_samples": int(num_samples),
-            }  # fmt: skip
-            tmp = path / f".{MANIFEST}.{uuid.uuid4().hex[:8]}"
-            tmp.write_text(json.dumps(manifest, indent=1))
-            if not mpath.exists():  # a concurrent creator wrote the same manifest
-                os.replace(tmp, mpath)
-            else:
-                tmp.unlink()
+        if not os.path.lexists(mpath):
+            with writing(path, "teacher replay"):  # a full or read-only disk: one line
+                path.mkdir(parents=True, exist_ok=True)
+                manifest = {
+                    "format": FORMAT, "key": k, "parts": parts, "num_samples": int(num_samples),
+                }  # fmt: skip
+                tmp = path / f".{MANIFEST}.{uuid.uuid4().hex[:8]}"
+                tmp.write_text(json.dumps(manifest, indent=1))
+                if not mpath.exists():  # a concurrent creator wrote the same manifest
+                    os.replace(tmp, mpath)
+                else:
+                    tmp.unlink()
         try:
-            manifest = json.loads(mpath.read_text())
+            manifest = json.loads(read_text(mpath, "json", "replay manifest"))
         except (OSError, ValueError) as e:
-            raise RelkdError(f"teacher replay store {str(path)!r}: unreadable {MANIFEST}") from e
-        if manifest.get("format") != FORMAT:
+            raise RelkdError(
+                f"teacher replay store {str(path)!r}: unreadable {MANIFEST} ({e})"
+            ) from e
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise RelkdError(f"{str(path)!r} is not a relkd teacher replay store")
         if manifest.get("key") != k:
             theirs = manifest.get("parts", {})
@@ -341,7 +357,13 @@ class ReplayStore:
                 f"teacher replay store {str(path)!r} is stale: it was written for another "
                 f"{', '.join(diff) or 'key'}. Delete the folder or point to another one"
             )
-        store = cls(path, manifest)
+        try:
+            store = cls(path, manifest)
+        except (KeyError, TypeError, ValueError) as e:  # the right key, a damaged manifest
+            raise RelkdError(
+                f"teacher replay store {str(path)!r} is damaged: its {MANIFEST} lacks or has a "
+                f"bad {e}; delete the folder or point train.teacher_replay elsewhere"
+            ) from None
         store._remove_dead_temporaries()
         return store
 
@@ -388,7 +410,7 @@ class ReplayStore:
         d = self.epoch_dir(epoch)
         names = [f"{t}.npy" for t in ("params", *self.taps)]
         try:
-            sums = json.loads((d / CHECKSUMS).read_text())
+            sums = json.loads(read_text(d / CHECKSUMS, "json", "replay checksums"))
         except (OSError, ValueError) as e:
             raise RelkdError(
                 f"teacher replay store {str(d)!r} is damaged: {CHECKSUMS} missing or unreadable"
@@ -406,7 +428,8 @@ class ReplayStore:
         return arrays
 
     def writer(self, epoch: int) -> _EpochWriter:
-        return _EpochWriter(self, epoch)
+        with writing(self.path, "teacher replay"):
+            return _EpochWriter(self, epoch)
 
     def __repr__(self) -> str:
         return (
@@ -445,14 +468,26 @@ class ReplayTeacher:
     def set_epoch(self, epoch: int) -> None:
         self.close()
         self.epoch = int(epoch)
-        if self.store.has_epoch(epoch):
+        d = self.store.epoch_dir(epoch)
+        damaged = None
+        if self.store.has_epoch(epoch):  # files that fail their checksums are refused here
             self._stored = self.store.read(epoch)
             self.log(f"teacher replay: epoch {epoch + 1} from the store, no teacher forward pass")
-        else:
-            self._stored = None
-            self._writer = self.store.writer(epoch) if self.write else None
-            what = "writing it" if self.write else "not writing it (only one process writes)"
-            self.log(f"teacher replay: epoch {epoch + 1} not stored yet: online teacher, {what}")
+            return
+        if os.path.lexists(d):  # epochs are renamed into place complete: a missing file is damage
+            have = sorted(x.name for x in d.iterdir()) if d.is_dir() else []
+            damaged = f"teacher replay store {str(d)!r} is damaged (it holds only {have})"
+        if damaged is not None:
+            self.log(f"teacher replay: {damaged}; recomputing the epoch online")
+            if self.write:  # the one writer discards it, so this epoch is stored again
+                if d.is_dir() and not d.is_symlink():
+                    shutil.rmtree(d, ignore_errors=True)
+                else:
+                    d.unlink(missing_ok=True)
+        self._stored = None
+        self._writer = self.store.writer(epoch) if self.write else None
+        what = "writing it" if self.write else "not writing it (only one process writes)"
+        self.log(f"teacher replay: epoch {epoch + 1} not stored yet: online teacher, {what}")
 
     def _round(self, out: ModelOutput) -> ModelOutput:
         if self.store.dtype == "fp32":
@@ -497,8 +532,14 @@ class ReplayTeacher:
         if self._writer is None:
             return
         w, self._writer = self._writer, None
+        complete = bool(w.filled.all())
         if w.commit():
             self.log(f"teacher replay: stored epoch {self.epoch + 1} in {self.store.path}")
+        elif complete:
+            self.log(
+                f"teacher replay: epoch {self.epoch + 1} not stored ("
+                f"{self.store.epoch_dir(self.epoch)} could not be replaced)"
+            )
         else:
             self.log(
                 f"teacher replay: epoch {self.epoch + 1} not stored (not every sample was seen, "

@@ -12,9 +12,11 @@ read in random row order (:func:`_advise_random`). These names stay importable f
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +26,10 @@ from relkd.registry import RelkdError
 
 def file_sha256(path: Path) -> str:
     """sha256 of a file's bytes (read in 16 MiB blocks; ~1 s per GB on one core)."""
+    from relkd._fs import open_regular
+
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path, "store", "stored file") as f:  # never a FIFO or a device
         while block := f.read(16 << 20):
             h.update(block)
     return h.hexdigest()
@@ -42,6 +46,32 @@ def check_free_space(folder: Path, nbytes: int, what: str) -> None:
             f"({nbytes / 2**20:.1f} MiB), {free} bytes free. Free space or point the cache "
             "elsewhere (RELKD_CACHE_DIR or a folder path)"
         )
+
+
+#: Room kept for a store's small files beyond its arrays (the manifest of a teacher cache is
+#: ~2 KiB, a replay epoch's checksums.json ~0.3 KiB): a free-space check that counted only the
+#: arrays passed with exactly their bytes free, and the manifest write then hit the full disk.
+SMALL_FILES_ROOM = 64 << 10
+
+_DISK_ERRNOS = frozenset(
+    getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM") if hasattr(errno, n)
+)
+
+
+@contextlib.contextmanager
+def writing(folder: Path, what: str) -> Iterator[None]:
+    """Turn a full, read-only or forbidden disk met while writing a store under ``folder`` into
+    one line naming the folder (a RelkdError), instead of an ``OSError`` traceback."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _DISK_ERRNOS:
+            raise
+        where = e.filename if e.filename is not None else folder
+        raise RelkdError(
+            f"{what}: cannot write in {folder} ({e.strerror}: {where}). Free space, make it "
+            "writable, or point the cache elsewhere (RELKD_CACHE_DIR or a folder path)"
+        ) from None
 
 
 def reserve_file(path: Path, folder: Path, what: str) -> None:

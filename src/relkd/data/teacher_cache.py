@@ -84,6 +84,7 @@ from relkd.data.store_files import (  # noqa: F401  (names kept importable from 
     file_sha256,
     reserve_file,
     verify_files,
+    writing,
 )
 from relkd.data.teacher_cache_build import _build_into, _build_lock, _discard
 from relkd.data.teacher_cache_format import (  # noqa: F401  (names kept importable from here)
@@ -126,11 +127,20 @@ class TeacherCache:
     ):
         self.path = path
         self.manifest = manifest
-        self.key: str = manifest["key"]
-        self.padding = int(manifest["parts"]["padding"])
-        self.flip = bool(manifest["parts"]["flip"])
-        self.taps = tuple(manifest["parts"]["taps"])
-        self.dtype = manifest["parts"]["dtype"]
+        try:  # a manifest of the right format and key, but of the wrong shape, is damage
+            self.key: str = manifest["key"]
+            parts = manifest["parts"]
+            self.padding = int(parts["padding"])
+            self.flip = bool(parts["flip"])
+            self.taps = tuple(str(t) for t in parts["taps"])
+            self.dtype = str(parts["dtype"])
+            _DTYPES[self.dtype]
+            want = (int(manifest["num_images"]), int(manifest["num_outcomes"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise RelkdError(
+                f"teacher cache {str(path)!r} is damaged: its manifest lacks or has a bad "
+                f"{e}. Delete the folder to rebuild it"
+            ) from None
         self.device = torch.device(device)
         self._arrays: dict[str, np.ndarray] = {}
         self._on_device: dict[str, torch.Tensor] = {}
@@ -150,7 +160,6 @@ class TeacherCache:
                     f"teacher cache {str(path)!r} is damaged: {tap}.npy cannot be read "
                     f"(missing or truncated: {e}). Delete the folder to rebuild it"
                 ) from e
-            want = (manifest["num_images"], manifest["num_outcomes"])
             if arr.shape[:2] != want or arr.dtype != _DTYPES[self.dtype]:
                 raise RelkdError(
                     f"teacher cache {str(path)!r} is damaged: {tap}.npy is {arr.dtype} "
@@ -300,27 +309,40 @@ class TeacherCache:
                 if rebuild != "auto" or "damaged" not in str(e):
                     raise
         if rebuild != "never":
-            # Concurrent builders of one cache (workers of a benchmark grid) queue on a lock
-            # file instead of computing it twice; the first builds, the others then open it.
-            with _build_lock(path, log):
-                manifest = _read_manifest(path)
-                if manifest is not None and manifest.get("key") == k:
-                    try:
-                        return open_checked()
-                    except RelkdError as e:
-                        if "damaged" not in str(e):
-                            raise
-                        if log is not None:
-                            log(f"teacher cache: {e}; rebuilding")
-                        _discard(path)
-                        manifest = None
-                return cls._build_locked(
-                    model, images_u8, path, manifest, padding=padding, flip=flip, mean=mean,
-                    std=std, taps=taps, dname=dname, k=k, parts=parts, rebuild=rebuild,
+            with writing(path, "teacher cache"):  # a full or read-only disk: one line
+                return cls._build_under_lock(
+                    model, images_u8, path, padding=padding, flip=flip, mean=mean, std=std,
+                    taps=taps, dname=dname, k=k, parts=parts, rebuild=rebuild,
                     batch_size=batch_size, device=device, preload=preload, progress=progress,
-                    log=log,
+                    log=log, open_checked=open_checked,
                 )  # fmt: skip
         raise RelkdError(f"no teacher cache at {str(path)!r} and rebuild='never'; build it first")
+
+    @classmethod
+    def _build_under_lock(
+        cls, model, images_u8, path, *, padding, flip, mean, std, taps, dname, k, parts,
+        rebuild, batch_size, device, preload, progress, log, open_checked,
+    ) -> TeacherCache:  # fmt: skip
+        # Concurrent builders of one cache (workers of a benchmark grid) queue on a lock
+        # file instead of computing it twice; the first builds, the others then open it.
+        with _build_lock(path, log):
+            manifest = _read_manifest(path)
+            if manifest is not None and manifest.get("key") == k:
+                try:
+                    return open_checked()
+                except RelkdError as e:
+                    if "damaged" not in str(e):
+                        raise
+                    if log is not None:
+                        log(f"teacher cache: {e}; rebuilding")
+                    _discard(path)
+                    manifest = None
+            return cls._build_locked(
+                model, images_u8, path, manifest, padding=padding, flip=flip, mean=mean,
+                std=std, taps=taps, dname=dname, k=k, parts=parts, rebuild=rebuild,
+                batch_size=batch_size, device=device, preload=preload, progress=progress,
+                log=log,
+            )  # fmt: skip
 
     @classmethod
     def _build_locked(

@@ -29,7 +29,12 @@ from torch import nn
 from relkd._fs import fsync_dir as _fsync_dir
 from relkd._fs import remove_dead_temp_dirs
 from relkd.data.memory import crop_flip
-from relkd.data.store_files import check_free_space, file_sha256, reserve_file
+from relkd.data.store_files import (
+    SMALL_FILES_ROOM,
+    check_free_space,
+    file_sha256,
+    reserve_file,
+)
 from relkd.data.teacher_cache_format import (
     _DTYPES,
     CACHE_VERSION,
@@ -138,7 +143,7 @@ def _build_into(
                     f"teacher forward passes ({n_fwd} batches of <= {bs} on {device}), "
                     f"~{_fmt_s(per_forward * n_fwd)} estimated, {nbytes / 2**20:.1f} MiB on disk"
                 )
-            check_free_space(path.parent, nbytes, "teacher cache")
+            check_free_space(path.parent, nbytes + SMALL_FILES_ROOM, "teacher cache")
             widths = {"logits": num_classes, **({POOLED: pooled_dim} if want_pooled else {})}
             arrays = {}
             for t, width in widths.items():

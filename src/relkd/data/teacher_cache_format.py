@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from relkd._fs import read_text
 from relkd.models.base import POOLED
 from relkd.registry import RelkdError
 
@@ -130,7 +131,7 @@ def cache_key(
 
 def _read_manifest(path: Path) -> dict[str, Any] | None:
     try:
-        m = json.loads((path / MANIFEST).read_text())
+        m = json.loads(read_text(path / MANIFEST, "json", "teacher cache manifest"))
     except (OSError, ValueError):
         return None
     return m if isinstance(m, dict) and m.get("format") == FORMAT else None
