@@ -195,3 +195,35 @@ def test_git_status_takes_no_optional_lock(tmp_path, monkeypatch):
     assert rundir._git_commit() == "0123abc"
     status = [c for c in log.read_text().splitlines() if "status" in c]
     assert status and all(c.startswith("--no-optional-locks ") for c in status), status
+
+
+# --- item 6: a full disk during training --------------------------------------------------------
+@pytest.mark.parametrize("err", ["ENOSPC", "EROFS"])
+def test_a_full_or_read_only_disk_during_training_is_one_line_and_resumable(
+    fmnist_root, tmp_path, monkeypatch, err
+):
+    import errno
+
+    from relkd.engine import checkpoint
+
+    real = checkpoint._write_fsync
+    calls = []
+
+    def full_on_second_save(path, data):
+        if Path(path).name.startswith(f".{CKPT}."):
+            calls.append(path)
+        if len(calls) == 2 and calls[-1] == path:  # epoch 2's checkpoint
+            raise OSError(getattr(errno, err), os.strerror(getattr(errno, err)), str(path))
+        real(path, data)
+
+    monkeypatch.setattr(checkpoint, "_write_fsync", full_on_second_save)
+    cfg = _cfg(fmnist_root, tmp_path / "out", epochs=2)
+    code, err_text = _cli(["train", _cfg_file(tmp_path, cfg)])
+    line = _one_line(err_text)
+    assert code == 2 and os.strerror(getattr(errno, err)) in line and "checkpoint.pt" in line
+    monkeypatch.setattr(checkpoint, "_write_fsync", real)  # space freed: resume from epoch 1
+    res = relkd.train(cfg, resume=True, quiet=True)
+    recs = [
+        json.loads(x) for x in (Path(res["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["epoch"] for r in recs] == [1, 2]
