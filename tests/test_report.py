@@ -489,3 +489,95 @@ def test_report_html_renders_in_a_real_browser(suite_out, tmp_path):
         capture_output=True, timeout=120,
     )  # fmt: skip
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _damage(run: Path, how: str) -> None:
+    """One of the damaged or foreign run folders the report met in the field."""
+    cfgp = run / "config.yaml"
+    cfg = yaml.safe_load(cfgp.read_text())
+    if how in ("section_str", "section_list", "seed_text", "milestones_int"):
+        if how == "section_str":
+            cfg["method"] = "kd"
+        elif how == "section_list":
+            cfg["data"] = [1, 2]
+        elif how == "seed_text":
+            cfg["train"]["seed"] = "zero"
+        else:
+            cfg["schedule"] = {"name": "multistep", "milestones": 5, "gamma": "x"}
+        cfgp.write_text(yaml.safe_dump(cfg))
+    elif how == "config_list":
+        cfgp.write_text("- 1\n- 2\n")
+    elif how == "config_binary":
+        cfgp.write_bytes(b"\xff\xfe\x00garbage")
+    elif how.startswith("bench_"):
+        bench = {"bench_list": [], "bench_seed": {"seed": "x"}, "bench_teacher": {"teacher": 3}}
+        (run / "bench.json").write_text(json.dumps(bench[how]))
+    elif how.startswith("summary_"):
+        summary = {"summary_text": {"best_top1": "high", "last_top1": 1},
+                   "summary_nan": {"best_top1": float("nan"), "last_top1": 1},
+                   "summary_list": [1]}[how]  # fmt: skip
+        (run / "summary.json").write_text(json.dumps(summary))
+    elif how == "metrics_binary":
+        (run / "metrics.jsonl").write_bytes(bytes(range(256)) * 4)
+    elif how == "metrics_values":
+        (run / "metrics.jsonl").write_text('{"epoch": "one", "top1": 5}\n["x"]\n')
+    elif how == "metrics_dev_zero":
+        (run / "metrics.jsonl").unlink()
+        (run / "metrics.jsonl").symlink_to("/dev/zero")
+    else:
+        raise AssertionError(how)
+
+
+_DAMAGES = [
+    "section_str", "section_list", "seed_text", "milestones_int", "config_list", "config_binary",
+    "bench_list", "bench_seed", "bench_teacher", "summary_text", "summary_nan", "summary_list",
+    "metrics_binary", "metrics_values", "metrics_dev_zero",
+]  # fmt: skip
+
+
+def test_bad_folders_are_skipped_and_listed_the_rest_reported(tmp_path, capsys):
+    """A damaged or foreign folder ended the whole report with a traceback (14 of 25 tried):
+    now each is left out and named (stderr, report.md, report.json); the good runs are reported
+    with their own numbers."""
+    runs = tmp_path / "runs"
+    fake_run(runs / "good", "kd", "resnet56", "resnet20", 0, [60.0, 70.5])
+    fake_run(runs / "good", "kd", "resnet56", "resnet20", 1, [61.0, 70.9])
+    for how in _DAMAGES:
+        fake_run(runs / how, "kd", "resnet56", "resnet20", 2, [10.0, 20.0])
+        _damage(next((runs / how).iterdir()), how)
+    (runs / "notes").mkdir()
+    (runs / "notes" / "config.yaml").write_text("editor: vim\n")  # a stray config.yaml
+    capsys.readouterr()
+    md = write_report(runs, tmp_path / "rep").read_text()
+    err = capsys.readouterr().err
+    assert md_row(md, "kd")[2].startswith("70.70 ± 0.28"), md  # the two good seeds only
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    skipped = {Path(s["run_dir"]).parts[2] for s in report["skipped"]}
+    assert skipped == {*_DAMAGES, "notes"} or skipped == {*_DAMAGES}, skipped
+    assert len(report["skipped"]) == len(_DAMAGES) + 1
+    for how in _DAMAGES:
+        assert f"{how}/kd_resnet20_s2" in md and f"runs/{how}/kd_resnet20_s2" in err, how
+    assert err.count("relkd report: skipped") == len(_DAMAGES) + 1
+    assert "Traceback" not in err
+
+
+def test_report_into_a_read_only_folder_is_one_line(tmp_path, monkeypatch):
+    from relkd.cli import main
+
+    fake_run(tmp_path / "runs", "kd", "resnet56", "resnet20", 0, [60.0, 70.5])
+    try:
+        os.mkdir("/sys/relkd-report")
+    except OSError:
+        pass  # /sys refuses new folders, even to root: a read-only output folder
+    else:
+        os.rmdir("/sys/relkd-report")
+        pytest.skip("needs a folder this process cannot write (/sys)")
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["report", str(tmp_path / "runs"), "--out", "/sys/relkd-report"])
+    lines = err.getvalue().strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert "cannot write the report into '/sys/relkd-report'" in lines[0], lines

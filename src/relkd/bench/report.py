@@ -31,6 +31,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -325,9 +326,6 @@ def write_report(
     accuracy is recorded nowhere is evaluated once on the test split (``evaluate_teachers``; the
     result is kept in ``teacher_eval.json`` in ``out_dir``).
     """
-    from relkd.bench.report_html import render_html
-    from relkd.bench.report_plots import method_styles, plot_accuracy, plot_curves
-
     root = Path(runs_dir)
     if not root.is_dir():
         raise RelkdError(f"runs folder {str(root)!r} does not exist")
@@ -337,14 +335,43 @@ def write_report(
         base = root.parent if root.name == "runs" else root
     teachers_dir = base / "teachers" if (base / "teachers").is_dir() else None
     out = Path(out_dir) if out_dir is not None else base
-    out.mkdir(parents=True, exist_ok=True)
+    skipped: list[tuple[Path, str]] = []
     records = [
         r
-        for r in collect_runs(root)
+        for r in collect_runs(root, skipped)
         if teachers_dir is None or teachers_dir not in r.run_dir.parents
     ]
+    for folder, why in skipped:  # listed, never fatal: the rest is still reported
+        print(f"relkd report: skipped {folder}: {why}", file=sys.stderr)
     if not records:
-        raise RelkdError(f"no relkd run folder (with config.yaml) under {str(root)!r}")
+        note = f" ({len(skipped)} folder(s) skipped as unreadable)" if skipped else ""
+        raise RelkdError(f"no relkd run folder (with config.yaml) under {str(root)!r}{note}")
+    try:
+        return _write_report_files(
+            root, base, out, records, skipped, teachers_dir, evaluate_teachers
+        )
+    except OSError as e:  # a read-only or full output folder: one line naming it
+        if e.errno is None:
+            raise
+        raise RelkdError(
+            f"cannot write the report into {str(out)!r}: {e.strerror} "
+            f"({e.filename}); choose another folder with --out"
+        ) from None
+
+
+def _write_report_files(
+    root: Path,
+    base: Path,
+    out: Path,
+    records: list,
+    skipped: list[tuple[Path, str]],
+    teachers_dir: Path | None,
+    evaluate_teachers: bool,
+) -> Path:
+    from relkd.bench.report_html import render_html
+    from relkd.bench.report_plots import method_styles, plot_accuracy, plot_curves
+
+    out.mkdir(parents=True, exist_ok=True)
     groups = group_runs(records)
     tables = _tables(groups)
     _find_teachers(tables, teachers_dir, out, evaluate_teachers)
@@ -372,6 +399,7 @@ def write_report(
             for t in tables
         ],
         "groups": [_group_json(g, table_of.get(id(g)), out) for g in groups],
+        "skipped": [{"run_dir": os.path.relpath(f, out), "why": w} for f, w in skipped],
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     plotted = [t for t in tables if any(g.runs for g in t.groups)]
@@ -387,6 +415,11 @@ def write_report(
             f"{short.capitalize()} top-1 per epoch": out / "curves.png",
         }
     intro = _intro(groups, runs_rel, common)
+    if skipped:
+        intro += [
+            f"Skipped {len(skipped)} folder(s) that cannot be read: "
+            + "; ".join(f"`{os.path.relpath(f, out)}` ({w})" for f, w in skipped)
+        ]
     sources = _used_sources(tables)
     (out / "report.md").write_text(_markdown(views, intro, sources, images))
     (out / "report.html").write_text(render_html(views, intro, sources, images))

@@ -185,10 +185,43 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def _read_json(path: Path) -> Any:
+    from relkd._fs import read_text
+
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_text(path, "json"))
     except (OSError, ValueError):
         return None
+
+
+class Unreadable(Exception):
+    """A folder the report cannot read (damaged or foreign files); the message says why."""
+
+
+def _mapping(obj: Any, what: str) -> dict[str, Any]:
+    if obj is None:
+        return {}
+    if not isinstance(obj, dict):
+        raise Unreadable(f"{what} is a {type(obj).__name__}, not a mapping")
+    return obj
+
+
+def _number(v: Any, what: str) -> float:
+    """A finite number from a run file (a bool, a string, NaN or inf is damage)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise Unreadable(f"{what} is {v!r}, not a finite number")
+    return float(v)
+
+
+def _integer(v: Any, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise Unreadable(f"{what} is {v!r}, not an integer")
+    return v
+
+
+def _text(v: Any, what: str) -> str | None:
+    if v is not None and not isinstance(v, str):
+        raise Unreadable(f"{what} is {v!r}, not a string")
+    return v
 
 
 #: The teacher label of a run that distilled from an ``nn.Module`` passed to :func:`relkd.train`
@@ -206,25 +239,43 @@ def _needs_teacher(method_name: str) -> bool:
 
 
 def _read_run(run_dir: Path) -> RunRecord | None:
+    """The record of one run folder; None when its ``config.yaml`` is not a relkd config (a
+    stray file); :class:`Unreadable` when its files are damaged."""
     import yaml
 
+    from relkd._fs import open_regular, read_text
+
     try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return None
-    meta = _read_json(run_dir / "bench.json") or {}
-    method_cfg = cfg.get("method") or {}
-    student = str(meta.get("student") or (cfg.get("student") or {}).get("name") or "?")
+        cfg = yaml.safe_load(read_text(run_dir / "config.yaml", "config"))
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise Unreadable(f"config.yaml cannot be read ({str(e).splitlines()[0]})") from None
+    if not isinstance(cfg, dict) or not {"student", "method", "train"} <= set(cfg):
+        raise Unreadable("config.yaml is not a relkd run config (no student / method / train)")
+    for sect in ("student", "method", "train", "data", "optim", "schedule"):
+        _mapping(cfg.get(sect), f"config.yaml section {sect!r}")
+    teacher_cfg = _mapping(cfg.get("teacher"), "config.yaml section 'teacher'")
+    meta = _read_json(run_dir / "bench.json") if (run_dir / "bench.json").exists() else None
+    if (run_dir / "bench.json").exists() and meta is None:
+        raise Unreadable("bench.json cannot be read")
+    meta = _mapping(meta, "bench.json")
+    method_cfg = cfg["method"]
+    student = str(_text(meta.get("student"), "bench.json student") or cfg["student"].get("name"))
+    seed = meta.get("seed", cfg["train"].get("seed", 0))
+    teacher = meta.get("teacher", teacher_cfg.get("name"))
     rec = RunRecord(
         run_dir=run_dir,
-        method=str(meta.get("method") or method_cfg.get("name") or "?"),
-        teacher=meta.get("teacher", (cfg.get("teacher") or {}).get("name")),
+        method=str(_text(meta.get("method"), "bench.json method") or method_cfg.get("name")),
+        teacher=_text(teacher, "the teacher's name"),
         student=student,
-        seed=int(meta.get("seed", (cfg.get("train") or {}).get("seed", 0))),
-        dataset=str(meta.get("reference") or (cfg.get("data") or {}).get("name") or "?"),
-        order=int(meta.get("index", 10**9)),
-        method_name=str(meta.get("method_name") or method_cfg.get("name") or "?"),
-        recipe=recipe_of(cfg, student, meta.get("data_label")),
+        seed=_integer(seed, "the seed"),
+        dataset=str(
+            _text(meta.get("reference"), "bench.json reference") or cfg["data"].get("name") or "?"
+        ),
+        order=_integer(meta.get("index", 10**9), "bench.json index"),
+        method_name=str(
+            _text(meta.get("method_name"), "bench.json method_name") or method_cfg.get("name")
+        ),
+        recipe=recipe_of(cfg, student, _text(meta.get("data_label"), "bench.json data_label")),
         cfg=cfg,
     )
     if rec.teacher is None and _needs_teacher(rec.method_name):
@@ -235,30 +286,53 @@ def _read_run(run_dir: Path) -> RunRecord | None:
         cls = ((given or {}).get("teacher") or {}).get("class")
         if isinstance(cls, str) and cls:
             rec.teacher = f"{PYTHON_TEACHER} ({cls.rsplit('.', 1)[-1]})"
-    summary = _read_json(run_dir / "summary.json")
-    if isinstance(summary, dict) and summary.get("best_top1") is not None:
-        rec.summary = summary
-        rec.best = float(summary["best_top1"])
-        rec.last = float(summary["last_top1"])
-        if summary.get("train_time_s") is not None:
-            rec.time_s = float(summary["train_time_s"])
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        lines = []
-    for line in lines:
+    if (run_dir / "summary.json").exists():
+        summary = _mapping(_read_json(run_dir / "summary.json"), "summary.json")
+        if not summary:
+            raise Unreadable("summary.json cannot be read")
+        if summary.get("best_top1") is not None:
+            rec.summary = summary
+            rec.best = _number(summary["best_top1"], "summary.json best_top1")
+            rec.last = _number(summary.get("last_top1"), "summary.json last_top1")
+            if summary.get("train_time_s") is not None:
+                rec.time_s = _number(summary["train_time_s"], "summary.json train_time_s")
+    if (run_dir / "metrics.jsonl").exists():
         try:
-            r = json.loads(line)
-        except ValueError:
-            continue
-        if "top1" in r and "phase" not in r:
-            rec.curve[int(r["epoch"])] = float(r["top1"])
+            with open_regular(run_dir / "metrics.jsonl", "metrics", "metrics.jsonl") as f:
+                lines = f.read().decode("utf-8").splitlines()
+        except (OSError, ValueError) as e:
+            raise Unreadable(f"metrics.jsonl cannot be read ({e})") from None
+        for i, line in enumerate(lines, 1):
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue  # a torn last line of a killed run (never written by relkd itself)
+            r = _mapping(r, f"metrics.jsonl line {i}")
+            if "top1" in r and "phase" not in r:
+                epoch = _integer(r.get("epoch"), f"metrics.jsonl line {i} epoch")
+                rec.curve[epoch] = _number(r["top1"], f"metrics.jsonl line {i} top1")
     return rec
 
 
-def collect_runs(runs_dir: str | Path) -> list[RunRecord]:
-    """Every run folder (one holding ``config.yaml``) under ``runs_dir``."""
-    return [r for c in sorted(Path(runs_dir).rglob("config.yaml")) if (r := _read_run(c.parent))]
+def collect_runs(
+    runs_dir: str | Path, skipped: list[tuple[Path, str]] | None = None
+) -> list[RunRecord]:
+    """Every run folder (one holding ``config.yaml``) under ``runs_dir``. A folder whose files
+    cannot be read (damaged, foreign, of the wrong types) is left out and, with ``skipped``,
+    appended there as ``(folder, why)``: one bad folder never stops a report."""
+    out = []
+    for c in sorted(Path(runs_dir).rglob("config.yaml")):
+        try:
+            rec = _read_run(c.parent)
+        except (Unreadable, OSError, RecursionError, TypeError, ValueError, AttributeError) as e:
+            # Unreadable: what the checks above found; the others: a value of a type no relkd
+            # run has, met further down (e.g. a schedule's milestones that are not a list).
+            if skipped is not None:
+                skipped.append((c.parent, str(e) or type(e).__name__))
+            continue
+        if rec is not None:
+            out.append(rec)
+    return out
 
 
 def _common(recipes: list[dict[str, Any]]) -> dict[str, Any]:
