@@ -120,3 +120,18 @@ def read_text(path: str | os.PathLike[str], kind: str, what: str = "file") -> st
     """:func:`read_bytes` decoded as UTF-8; undecodable bytes raise ``UnicodeDecodeError``, a
     ``ValueError`` (as ``json.loads`` of such bytes would)."""
     return read_bytes(path, kind, what).decode("utf-8")
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, inf) replaced by None: ``json.dumps`` would
+    write ``NaN`` / ``Infinity``, which is not JSON (other readers refuse it). A diverged run's
+    ``test_loss`` is written as ``null``."""
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from relkd._fs import json_safe
 from relkd.registry import RelkdError
 
 _KV = re.compile(r"^[A-Za-z_][\w.\-]*=")
@@ -30,7 +31,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         allow_change=args.allow_change,
     )  # fmt: skip
     if D.is_main():  # under torchrun every rank returns the same summary; print it once
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(json_safe(summary), indent=2, allow_nan=False))
     if D.is_dist():
         import torch.distributed
 
@@ -89,6 +90,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from relkd.models import create_model, load_checkpoint
     from relkd.models.normalization import attach_input_norm
 
+    device = resolve_device(args.device, key="--device")  # before any data is read
     if args.run_dir is not None:
         run = Path(args.run_dir)
         if not (run / "config.yaml").is_file():
@@ -126,7 +128,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     # The student sees inputs normalised as in training: student.mean / student.std of the
     # run's config, else the model's own (pretrained) statistics, else the data set's (no hook).
     attach_input_norm(model, info.mean, info.std, cfg.student.mean, cfg.student.std)
-    device = resolve_device(args.device)
     method, _ = build_method("ce", MethodContext(num_classes=info.num_classes))
     _, test = _make_loaders(cfg, method, test_ds, test_ds, info, device)
     bar = tqdm(test, total=len(test), desc="eval", unit="batch", leave=False,
@@ -135,7 +136,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         res = evaluate(model.to(device), bar, device)
     bar.close()
     res["checkpoint"] = str(args.checkpoint)
-    print(json.dumps(res, indent=2))
+    print(json.dumps(json_safe(res), indent=2, allow_nan=False))
     return 0
 
 

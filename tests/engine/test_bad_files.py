@@ -227,3 +227,79 @@ def test_a_full_or_read_only_disk_during_training_is_one_line_and_resumable(
         json.loads(x) for x in (Path(res["run_dir"]) / "metrics.jsonl").read_text().splitlines()
     ]
     assert [r["epoch"] for r in recs] == [1, 2]
+
+
+def test_identical_runs_write_identical_safetensors_bytes(finished, tmp_path):
+    """safetensors wrote its metadata from a hash map: the key order (and the bytes) changed
+    from process to process. Now sorted; the file still loads with its metadata."""
+    import torch
+    from safetensors import safe_open
+
+    from relkd.models import create_model
+    from relkd.models.checkpoint import save_student
+
+    meta = json.loads(json.dumps({"arch": "cnn_tiny", "num_classes": 10, "in_chans": 1}))
+    meta |= {"mean": [0.5], "std": [0.25], "image_size": 28, "data": "fashion_mnist"}
+    torch.manual_seed(0)
+    model = create_model("cnn_tiny", 10, in_chans=1)
+    blobs = set()
+    for i in range(6):  # each save: a fresh hash map, a fresh order before the fix
+        save_student(model, tmp_path / f"s{i}.safetensors", metadata=meta)
+        blobs.add((tmp_path / f"s{i}.safetensors").read_bytes())
+    assert len(blobs) == 1
+    with safe_open(str(tmp_path / "s0.safetensors"), "pt") as f:
+        got = f.metadata()
+    assert got == {"format": "pt", **{k: json.dumps(v) for k, v in meta.items()}}
+    raw = (tmp_path / "s0.safetensors").read_bytes()
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    assert list(header["__metadata__"]) == sorted(got)
+
+
+def test_a_non_finite_test_loss_is_written_as_json_null(finished, tmp_path):
+    """`"test_loss": NaN` is not JSON; relkd eval of NaN weights prints strict JSON."""
+    import torch
+
+    run = _copy(finished, tmp_path)
+    sd = torch.load(run / "student.pt", weights_only=True)
+    sd["model"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                   for k, v in sd["model"].items()}  # fmt: skip
+    torch.save(sd, run / "student.pt")
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        assert cli_main(["eval", str(run), "--no-progress"]) == 0
+
+    def refuse(c):
+        raise AssertionError(f"not JSON: {c}")
+
+    res = json.loads(out.getvalue(), parse_constant=refuse)
+    assert res["test_loss"] is None and 0 <= res["top1"] <= 100
+    from relkd.engine.logger import RunLogger
+
+    (tmp_path / "log").mkdir()
+    log = RunLogger(tmp_path / "log", tensorboard=False, quiet=True)
+    log.metrics({"epoch": 1, "test_loss": float("nan"), "top1": 10.0, "x": [float("inf")]})
+    line = (tmp_path / "log" / "metrics.jsonl").read_text()
+    assert json.loads(line, parse_constant=refuse) == {
+        "epoch": 1, "test_loss": None, "top1": 10.0, "x": [None]
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("device", ["gpu:7", "cuda"])
+def test_eval_device_errors_name_the_eval_option(finished, device):
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    code, err = _cli(["eval", str(finished), "--device", device])
+    line = _one_line(err)
+    assert code == 2 and f"--device={device!r}" in line and "train.device" not in line, line
+
+
+def test_weights_without_a_state_dict_name_the_file(finished, tmp_path):
+    import torch
+
+    junk = tmp_path / "junk.pt"
+    torch.save({"epoch": 3, "note": "no tensors here"}, junk)
+    code, err = _cli(["eval", str(finished), "--checkpoint", str(junk)])
+    line = _one_line(err)
+    assert code == 2 and "holds no state dict" in line and str(junk) in line, line

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from relkd._fs import fsync_dir as _fsync_dir
+from relkd._fs import json_safe
 from relkd._fs import read_bytes as _read_bytes
 from relkd._fs import read_text as _read_text
 from relkd.registry import RelkdError
@@ -85,7 +86,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+    atomic_write_bytes(
+        path, (json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n").encode()
+    )
 
 
 def remove_temp_files(folder: Path) -> list[str]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from relkd import distributed as D
+from relkd._fs import json_safe
 from relkd.engine.checkpoint import atomic_write_text
 
 METRICS = "metrics.jsonl"
@@ -58,7 +59,8 @@ class RunLogger:
 
     def _write(self) -> None:
         atomic_write_text(
-            self.run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in self.history)
+            self.run_dir / METRICS,
+            "".join(json.dumps(json_safe(r), allow_nan=False) + "\n" for r in self.history),
         )
 
     def metrics(self, record: dict[str, Any]) -> None:

@@ -66,7 +66,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """``auto`` (CUDA when available, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``;
+    errors name the setting as ``key`` (``--device`` for ``relkd eval``)."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -74,9 +76,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError as e:
-        raise RelkdError(f"train.device={name!r} is not a device (auto, cpu, cuda, cuda:N)") from e
+        raise RelkdError(f"{key}={name!r} is not a device (auto, cpu, cuda, cuda:N)") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RelkdError(f"train.device={name!r} but CUDA is not available; use cpu or auto")
+        raise RelkdError(f"{key}={name!r} but CUDA is not available; use cpu or auto")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return dev

@@ -136,9 +136,28 @@ def save_student(
         from safetensors.torch import save
 
         header = {"format": "pt", **{str(k): json.dumps(v) for k, v in meta.items()}}
-        data = save(sd, metadata=header)
+        data = _sorted_safetensors_metadata(save(sd, metadata=header))
     else:
         buf = io.BytesIO()
         torch.save({"model": sd, "meta": meta} if meta else {"model": sd}, buf)
         data = buf.getvalue()
     atomic_write_bytes(p, data)
+
+
+def _sorted_safetensors_metadata(data: bytes) -> bytes:
+    """``data`` with its ``__metadata__`` keys in sorted order. safetensors writes them from a
+    hash map, in an order that changes from process to process, so two identical runs wrote
+    different bytes. Reordering keeps the header's length (the same escaping, the same
+    8-byte-aligned padding of spaces); where it would not, the bytes are returned as they are."""
+    import json
+
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict):
+        return data
+    header["__metadata__"] = dict(sorted(meta.items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > n:
+        return data
+    return data[:8] + text + b" " * (n - len(text)) + data[8 + n :]
