@@ -555,3 +555,32 @@ def test_an_epoch_missing_a_file_is_recomputed_and_stored_again(tree, tmp_path, 
     assert np.array_equal(np.load(tmp_path / "s" / "epoch_0" / "logits.npy"), want)
     rt.set_epoch(0)  # the next reader: from the store, no teacher call
     assert rt._stored is not None
+
+
+def test_the_documented_threat_model_holds(tree, tmp_path):
+    """README (Reliability): checksums catch damage, not forgery; the replay store compares
+    nothing with the live teacher, so its folder must be writable only by trusted users. A
+    forger who rewrites an epoch and its checksums is read as if genuine, exactly as stated."""
+    import inspect
+
+    from relkd.data.store_files import file_sha256
+    from relkd.data.teacher_cache import TeacherCache
+
+    ds, key, _ = _write_epoch(tree, tmp_path / "s")
+    d = tmp_path / "s" / "epoch_0"
+    arr = np.load(d / "logits.npy", mmap_mode="r+")
+    arr[:] = 7.0
+    arr.flush()
+    del arr
+    sums = json.loads((d / "checksums.json").read_text())
+    sums["logits.npy"] = file_sha256(d / "logits.npy")
+    (d / "checksums.json").write_text(json.dumps(sums))
+    rt = ReplayTeacher(_Counting(), ReplayStore.open(tmp_path / "s", key, len(ds)))
+    rt.set_epoch(0)
+    x, _, ex = next(_batches(ds, 0))
+    assert torch.equal(rt(x, **ex).logits, torch.full((len(x), 3), 7.0))
+    readme = " ".join((Path(__file__).resolve().parents[2] / "README.md").read_text().split())
+    rows = inspect.signature(TeacherCache.spot_check).parameters["rows"].default
+    assert f"the teacher cache compares only {rows} entries with the live teacher" in readme
+    assert "the replay store none" in readme and "`RELKD_CACHE_DIR`" in readme
+    assert "Keep those folders writable only by users you trust" in readme

@@ -229,7 +229,7 @@ def test_a_full_or_read_only_disk_during_training_is_one_line_and_resumable(
     assert [r["epoch"] for r in recs] == [1, 2]
 
 
-def test_identical_runs_write_identical_safetensors_bytes(finished, tmp_path):
+def test_identical_runs_write_identical_safetensors_bytes(fmnist_root, tmp_path):
     """safetensors wrote its metadata from a hash map: the key order (and the bytes) changed
     from process to process. Now sorted; the file still loads with its metadata."""
     import torch
@@ -250,6 +250,12 @@ def test_identical_runs_write_identical_safetensors_bytes(finished, tmp_path):
     with safe_open(str(tmp_path / "s0.safetensors"), "pt") as f:
         got = f.metadata()
     assert got == {"format": "pt", **{k: json.dumps(v) for k, v in meta.items()}}
+    runs = [
+        Path(relkd.train(_cfg(fmnist_root, tmp_path / f"o{i}", epochs=1), quiet=True)["run_dir"])
+        for i in range(2)
+    ]  # two identical runs, end to end
+    for name in ("student.pt", "student.safetensors"):
+        assert (runs[0] / name).read_bytes() == (runs[1] / name).read_bytes(), name
     raw = (tmp_path / "s0.safetensors").read_bytes()
     header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
     assert list(header["__metadata__"]) == sorted(got)
