@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -275,6 +276,7 @@ def _validate(cfg: Config) -> None:
     if not str(cfg.train.teacher_replay).strip():
         raise RelkdError("train.teacher_replay='' is not valid: use off, auto or a folder path")
     _validate_values(cfg)
+    _validate_magnitudes(cfg)
 
 
 def _yaml_error(where: str, e: yaml.YAMLError) -> RelkdError:
@@ -304,27 +306,24 @@ def load_config(
             merged = OmegaConf.merge(schema, OmegaConf.structured(source))
         elif isinstance(source, (str, os.PathLike)):
             path = Path(source)
-            if not path.is_file():
+            if path.is_dir():
+                raise RelkdError(
+                    f"config {str(path)!r} is a folder, not a config file: give a YAML file or "
+                    "a packaged config name (relkd configs list)"
+                )
+            if not path.exists():
                 raise RelkdError(f"config file {str(path)!r} does not exist")
-            try:
-                loaded = OmegaConf.load(path)
-            except yaml.YAMLError as e:
-                raise _yaml_error(f"config file {str(path)!r}", e) from None
-            if not isinstance(loaded, DictConfig):
-                raise RelkdError(f"config file {str(path)!r} must hold a mapping at the top")
+            loaded = _load_yaml_file(path)
+            _check_types(OmegaConf.to_container(loaded, resolve=False), Config, "", str(path))
             merged = OmegaConf.merge(schema, loaded)
         elif isinstance(source, (Mapping, DictConfig)):
-            merged = OmegaConf.merge(schema, OmegaConf.create(dict(source)))
+            created = OmegaConf.create(dict(source))
+            _check_types(OmegaConf.to_container(created, resolve=False), Config, "", None)
+            merged = OmegaConf.merge(schema, created)
         else:
             raise RelkdError(f"cannot read a config from {type(source).__name__}")
         for item in overrides:
-            if "=" not in item:
-                raise RelkdError(f"override {item!r} is not of the form key=value")
-            try:
-                parsed = OmegaConf.from_dotlist([item])
-            except yaml.YAMLError as e:
-                raise _yaml_error(f"override {item!r}", e) from None
-            merged = OmegaConf.merge(merged, parsed)
+            merged = OmegaConf.merge(merged, _parse_override(item))
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise _explain(e, schema) from None
@@ -340,3 +339,155 @@ def load_config(
 def to_yaml(cfg: Config) -> str:
     """The resolved config as YAML (saved in every run folder)."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+# ----------------------------------------------------------- types the YAML parser cannot see
+_FLOAT32_MAX = 3.4028234663852886e38  # torch keeps lrs and factors in float32 tensors
+
+
+def _validate_magnitudes(cfg: Config) -> None:
+    """The one-cycle factors, and every float that torch turns into a float32 (or multiplies
+    into the lr): a zero divides by zero, a negative gives a negative lr or momentum (training
+    went on, exit 0), a huge finite value (``optim.lr=1e308``) overflowed inside torch after an
+    epoch had been saved."""
+    o, s, t = cfg.optim, cfg.schedule, cfg.train
+    rules: list[tuple[str, Any, bool, str]] = [
+        ("schedule.div_factor", s.div_factor, s.div_factor > 0, "must be > 0 (start lr = lr / it)"),
+        (
+            "schedule.final_div_factor",
+            s.final_div_factor,
+            s.final_div_factor > 0,
+            "must be > 0 (final lr = start lr / it)",
+        ),
+        ("schedule.base_momentum", s.base_momentum, 0 <= s.base_momentum < 1, "must be in [0, 1)"),
+        ("schedule.max_momentum", s.max_momentum, 0 <= s.max_momentum < 1, "must be in [0, 1)"),
+    ]
+    for dotted, value, ok, want in rules:
+        if not ok:
+            raise _bad(dotted, value, want)
+    floats: list[tuple[str, Any]] = [
+        ("optim.lr", o.lr), ("optim.weight_decay", o.weight_decay), ("schedule.gamma", s.gamma),
+        ("schedule.div_factor", s.div_factor), ("schedule.final_div_factor", s.final_div_factor),
+        ("schedule.warmup_epochs", s.warmup_epochs), ("train.grad_clip", t.grad_clip),
+        ("method.ce_weight", cfg.method.ce_weight),
+        *((f"optim.lr_by_student.{k}", v) for k, v in o.lr_by_student.items()),
+    ]  # fmt: skip
+    for dotted, value in floats:
+        if value is not None and not abs(value) <= _FLOAT32_MAX:  # also NaN
+            raise _bad(dotted, value, f"must be a finite number of at most {_FLOAT32_MAX:.4g}")
+    lrs = [o.lr, *o.lr_by_student.values()]
+    peak = max(lrs) * (s.gamma ** len(s.milestones) if s.name == "multistep" and s.gamma > 1 else 1)
+    if s.name == "onecycle":
+        start = min(lrs) / s.div_factor
+        peak = max(peak, max(lrs) / s.div_factor, max(lrs) / s.div_factor / s.final_div_factor)
+        if start / s.final_div_factor == 0:
+            raise _bad(
+                "schedule.final_div_factor", s.final_div_factor,
+                f"lr / div_factor / final_div_factor underflows to 0 (lr={o.lr})",
+            )  # fmt: skip
+    if not peak <= _FLOAT32_MAX:
+        raise RelkdError(
+            f"the schedule's learning rate reaches {peak:.4g} (optim.lr={o.lr}, "
+            f"schedule.{s.name}): more than float32 holds ({_FLOAT32_MAX:.4g})"
+        )
+
+
+def _load_yaml_file(path: Path) -> DictConfig:
+    """A config file's mapping (a regular file within the config size bound)."""
+    from relkd._fs import open_regular
+
+    try:
+        with open_regular(path, "config", "config file") as f:
+            loaded = OmegaConf.load(f)
+    except yaml.YAMLError as e:
+        raise _yaml_error(f"config file {str(path)!r}", e) from None
+    except OSError as e:
+        raise RelkdError(str(e) if e.strerror is None else f"config file {str(path)!r}: {e}") from e
+    if not isinstance(loaded, DictConfig):
+        raise RelkdError(f"config file {str(path)!r} must hold a mapping at the top")
+    return loaded
+
+
+def _leaf_type(cls: Any, dotted: str) -> Any:
+    """The declared type of ``dotted`` in the dataclass ``cls`` (Optional unwrapped), a
+    dataclass for a section, or None where the schema does not say (free-form dicts)."""
+    import typing
+
+    tp: Any = cls
+    for part in dotted.split("."):
+        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
+            return None
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            return None
+        tp = hints[part]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            tp = args[0] if len(args) == 1 else tp
+    return tp
+
+
+def _is_interp(v: Any) -> bool:
+    return isinstance(v, str) and "${" in v
+
+
+def _check_types(tree: Any, cls: Any, prefix: str, path: str | None) -> None:
+    """What YAML's implicit typing turns into something else: a name or path that YAML read as
+    a boolean or a number (``name: yes`` would name the folder ``True``, ``1e3`` and
+    ``1000.0`` would share one), a boolean given as a number (``sync_bn: -9``), a nested list
+    where the schema has a flat one (``milestones: [[1]]``). One line naming the key."""
+    import typing
+
+    if not isinstance(tree, dict):
+        return
+    where = f" in config file {path!r}" if path else ""
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        tp = _leaf_type(Config, dotted) if isinstance(key, str) else None
+        if tp is None or value is None or _is_interp(value):
+            continue
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            _check_types(value, tp, dotted + ".", path)
+        elif tp is str and not isinstance(value, str):
+            kind = "a boolean" if isinstance(value, bool) else f"a {type(value).__name__}"
+            raise RelkdError(
+                f"{dotted}={value!r}{where} is {kind} in YAML, not a string: quote it "
+                f"({dotted.rsplit('.', 1)[-1]}: '...') so that it is read as written"
+            )
+        elif tp is bool and not isinstance(value, bool):
+            raise RelkdError(f"{dotted}={value!r}{where} is not valid: must be true or false")
+        elif (
+            typing.get_origin(tp) is list
+            and isinstance(value, list)
+            and any(isinstance(v, (list, dict)) for v in value)
+        ):
+            raise RelkdError(
+                f"{dotted}={value!r}{where} is not valid: must be a flat list of "
+                f"{typing.get_args(tp)[0].__name__} values"
+            )
+
+
+def _parse_override(item: str) -> DictConfig:
+    """One ``key=value`` override. The value of a string field (names, paths, choices) is
+    taken as written, not through YAML's implicit types (``name=yes`` is the folder ``yes``,
+    ``name=1e3`` is ``1e3``, a newline stays a newline); quote it in YAML (``name="'a'"``) or
+    write ``null`` for YAML's reading. Other fields are YAML values, type-checked."""
+    if "=" not in item:
+        raise RelkdError(f"override {item!r} is not of the form key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if (
+        _leaf_type(Config, key) is str
+        and raw.strip() not in ("null", "~", "")
+        and (raw.strip()[:1] not in ("'", '"'))
+    ):
+        node: Any = raw
+        for part in reversed(key.split(".")):
+            node = {part: node}
+        return OmegaConf.create(node)
+    try:
+        parsed = OmegaConf.from_dotlist([item])
+    except yaml.YAMLError as e:
+        raise _yaml_error(f"override {item!r}", e) from None
+    _check_types(OmegaConf.to_container(parsed, resolve=False), Config, "", None)
+    return parsed

@@ -20,7 +20,7 @@ def _check_method(name: str, args: dict) -> bool:
     """Method parts exist and their argument names / types are valid; returns whether any part
     needs a teacher."""
     from relkd.methods import METHODS
-    from relkd.methods.base import _check_type
+    from relkd.methods.base import _check_type, _check_value
 
     parts = [p.strip() for p in str(name).split("+")]
     classes = {p: METHODS.get(p) for p in parts}  # unknown name: close matches, all choices
@@ -38,7 +38,28 @@ def _check_method(name: str, args: dict) -> bool:
                     f"{', '.join(sorted(params)) or 'none'}"
                 )
             _check_type(part, key, value, hints.get(key, inspect.Parameter.empty))
+            _check_value(part, key, value)  # the sign rules build_method applies
     return any(c.requires_teacher for c in classes.values())
+
+
+def _check_data_and_device(cfg: Config) -> None:
+    """The data set name and the device's spelling (whether that device exists here is the
+    engine's check: ``--print-config`` on a login node may check a config for a GPU node)."""
+    import torch
+
+    from relkd.data import DATASETS
+
+    try:
+        DATASETS.get(cfg.data.name)
+    except RelkdError as e:
+        raise RelkdError(f"data.name: {e}") from None
+    if cfg.train.device != "auto":
+        try:
+            torch.device(cfg.train.device)
+        except (RuntimeError, ValueError):
+            raise RelkdError(
+                f"train.device={cfg.train.device!r} is not a device (auto, cpu, cuda, cuda:N, mps)"
+            ) from None
 
 
 def _check_model_name(section: str, name: str) -> None:
@@ -92,6 +113,7 @@ def check_config(
     ``teacher`` / ``student``: the user's own modules (their config names are then not checked).
     """
     needs_teacher = _check_method(cfg.method.name, dict(cfg.method.args or {}))
+    _check_data_and_device(cfg)
     if student is None:
         _check_model_name("student", cfg.student.name)
     if teacher is None and cfg.teacher is not None:

@@ -71,8 +71,11 @@ def resolve(source: str | os.PathLike, *, suite: bool = False) -> Path:
         RelkdError: neither a file nor a packaged name (close matches suggested).
     """
     p = Path(source)
-    if p.is_file():
-        return p
+    try:
+        if p.is_file() or (p.exists() and not p.is_dir()):  # a FIFO or device: the reader says
+            return p
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+        pass
     key = str(source).strip().removesuffix(".yaml")
     table = _names(suites_dir(), SUITES) if suite else _names(configs_dir())
     if suite and not key.startswith(SUITES):
@@ -80,6 +83,15 @@ def resolve(source: str | os.PathLike, *, suite: bool = False) -> Path:
     if key in table:
         return table[key]
     what = "suite" if suite else "config"
+    try:
+        is_dir = p.is_dir()
+    except (OSError, ValueError):
+        is_dir = False
+    if is_dir:
+        raise RelkdError(
+            f"{what} {str(source)!r} is a folder, not a {what} file: give a YAML file or a "
+            f"packaged name (relkd configs list)"
+        )
     raise _missing(
         what, str(source), [n.removeprefix(SUITES) for n in table] if suite else list(table)
     )
