@@ -11,10 +11,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 import relkd
 from relkd.cli import main as cli_main
 from relkd.engine.checkpoint import CKPT, MANIFEST, PREV
+from relkd.registry import RelkdError
 
 
 def _cfg(root: Path, out: Path, name: str = "r", epochs: int = 2, **over) -> dict:
@@ -309,3 +311,59 @@ def test_weights_without_a_state_dict_name_the_file(finished, tmp_path):
     code, err = _cli(["eval", str(finished), "--checkpoint", str(junk)])
     line = _one_line(err)
     assert code == 2 and "holds no state dict" in line and str(junk) in line, line
+
+
+# --- item 8: a non-finite buffer is a non-finite step ---------------------------------------------
+class _OverflowsBuffer(torch.nn.Module):
+    """A finite loss whose forward pass writes inf into a buffer on the batch marked bad (as a
+    BatchNorm batch variance that overflows while the loss stays finite)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(3))
+        self.register_buffer("running_var", torch.ones(3))
+
+    def forward(self, x, y, t_out, **_):
+        with torch.no_grad():  # y[0] == 1: a variance past float32's range
+            big = torch.where(y[0] > 0, torch.tensor(3e38), torch.tensor(0.0))
+            self.running_var.mul_(0.9).add_(0.1 * x.var(0)).add_(big).add_(big)
+        return None, {"ce": ((x @ self.w) ** 2).mean()}
+
+
+@pytest.mark.parametrize("mode", ["skip", "stop"])
+def test_a_step_that_makes_a_buffer_non_finite_is_treated_like_a_non_finite_loss(mode):
+    from relkd.engine.step import TrainStep
+
+    torch.manual_seed(0)
+    net = _OverflowsBuffer()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    step = TrainStep(net, opt, on_nonfinite=mode)
+    x = torch.randn(4, 3)
+    ok, bad = torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.long)
+    step(x, ok)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    loss = step(x, bad)  # finite loss, running_var -> inf
+    assert torch.isfinite(loss)
+    if mode == "stop":
+        with pytest.raises(RelkdError, match=r"non-finite BatchNorm statistics .* step 1 "):
+            step.read()
+        return
+    for k, v in net.state_dict().items():  # exactly as before the batch
+        assert torch.equal(v, before[k]), k
+    step(x, ok)
+    stats = step.read()
+    assert (stats.steps, stats.skipped) == (2, 1)
+    assert torch.isfinite(net.running_var).all()
+
+
+def test_a_diverging_run_with_skip_keeps_finite_statistics(fmnist_root, tmp_path):
+    """optim.lr=1e10 with on_nonfinite=skip: the loss stayed finite while a batch variance
+    overflowed; running_var became inf and the run exited 0 with inf in student.pt."""
+    cfg = _cfg(fmnist_root, tmp_path, epochs=1)
+    cfg["optim"]["lr"] = 1e10
+    cfg["train"].update(on_nonfinite="skip", log_every=1)
+    res = relkd.train(cfg, quiet=True)
+    sd = torch.load(Path(res["run_dir"]) / "student.pt", weights_only=True)["model"]
+    assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
+    rec = json.loads((Path(res["run_dir"]) / "metrics.jsonl").read_text())
+    assert rec["skipped_steps"] >= 1

@@ -41,6 +41,7 @@ update; its forward pass's buffer writes (BatchNorm statistics) are undone from 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -198,6 +199,21 @@ class TrainStep:
                 ts += [v for v in st.values() if torch.is_tensor(v)]
         return ts
 
+    def _buffers_finite(self) -> torch.Tensor | None:
+        """Whether every floating buffer of the state module (BatchNorm statistics, memory
+        banks) is finite, as a device bool (no host read); None without buffers. A diverging
+        batch can overflow a batch variance while its loss stays finite: ``running_var`` then
+        holds inf and every later evaluation is garbage, so it counts as a non-finite step."""
+        mod = self.state_module
+        if mod is None:
+            return None
+        bufs = [b for b in mod.buffers() if b.is_floating_point() and b.numel()]
+        if not bufs:
+            return None
+        with torch.no_grad():
+            peaks = torch._foreach_norm(bufs, ord=float("inf"))  # inf / NaN only if one is
+            return torch.isfinite(torch.stack([p.float() for p in peaks])).all()
+
     def _snapshot(self) -> list[torch.Tensor]:
         ts = self._state_tensors()
         snap = self._snap
@@ -263,7 +279,10 @@ class TrainStep:
             raise RelkdError(f"method {self.method_name!r} returned no loss terms")
         call = self.calls
         self.calls += 1
-        if self._host_check and not torch.isfinite(loss):  # fp16: the scaler syncs anyway
+        state_ok = self._buffers_finite() if self._host_check else None
+        if self._host_check and not (  # fp16: the scaler syncs anyway
+            bool(torch.isfinite(loss)) and (state_ok is None or bool(state_ok))
+        ):
             if skip:
                 self._host_skipped += 1
                 self.optimizer.zero_grad(set_to_none=True)
@@ -309,6 +328,9 @@ class TrainStep:
             vals[self._keys.index("loss")] = loss.detach().double()
             v = torch.stack([*vals, one])
             good = torch.isfinite(loss)
+            finite_state = self._buffers_finite()
+            if finite_state is not None:
+                good = good & finite_state
             if before is not None and D.is_dist() and not self._host_check:
                 # All ranks skip together: DDP has averaged the bad rank's gradients into all.
                 g = good.to(torch.int32)
@@ -350,8 +372,11 @@ class TrainStep:
 
     def _raise(self, call: int, terms: dict[str, float]) -> None:
         detail = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+        what = "non-finite loss"
+        if all(math.isfinite(v) for v in terms.values()):  # the loss was fine, a buffer not
+            what = "non-finite BatchNorm statistics (or another buffer)"
         raise RelkdError(
-            f"non-finite loss at epoch {self.epoch + 1} step {call} (global step "
+            f"{what} at epoch {self.epoch + 1} step {call} (global step "
             f"{self.global_step0 + call}) with method {self.method_name!r}: {detail}. Lower the "
             "lr, use fp32, or set train.on_nonfinite=skip"
         )
