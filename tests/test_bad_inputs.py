@@ -205,3 +205,11 @@ def test_a_folder_given_as_config_says_it_is_a_folder(tmp_path):
     code, err = _cli(["train", str(tmp_path), "--print-config"])
     line = _one_line(err)
     assert code == 2 and "is a folder, not a config file" in line, line
+
+
+@pytest.mark.parametrize("argv", [["train", "/dev/zero"], ["bench", "accuracy", "/dev/zero"]])
+def test_a_config_or_suite_that_is_not_a_regular_file_is_one_line(argv):
+    """Read only as regular files within a size bound (a device would be read forever)."""
+    code, err = _cli([*argv, "--dry-run"] if argv[0] == "bench" else [*argv, "--print-config"])
+    line = _one_line(err)
+    assert code == 2 and "'/dev/zero' is not a regular file" in line, line

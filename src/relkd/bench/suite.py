@@ -151,8 +151,10 @@ def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 def _read_json(path: Path) -> Any:
+    from relkd._fs import read_text
+
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_text(path, "json"))
     except (OSError, ValueError):
         return None
 
@@ -186,10 +188,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    if not path.is_file():
+    from relkd._fs import open_regular
+
+    if not path.exists():
         raise RelkdError(f"suite file {str(path)!r} does not exist")
     try:
-        raw = OmegaConf.load(path)
+        with open_regular(path, "config", "suite file") as f:
+            raw = OmegaConf.load(f)
         if not isinstance(raw, DictConfig):
             raise RelkdError(f"suite file {str(path)!r} must hold a mapping at the top")
         # resolve=True expands ${oc.env:VAR,default} (data roots from the environment)
@@ -202,6 +207,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise _yaml_error(f"suite file {str(path)!r}", e) from None
     except ValueError as e:
         raise RelkdError(f"suite file {str(path)!r} is not valid YAML: {e}") from None
+    except OSError as e:  # not a regular file, too large, unreadable
+        raise RelkdError(str(e) if e.strerror is None else f"suite file {str(path)!r}: {e}") from e
     assert isinstance(data, dict)
     return data
 
