@@ -10,12 +10,11 @@ from typing import Any
 from torch import nn
 
 from relkd import losses
+from relkd._version import __version__ as __version__  # the one place it is set
 from relkd.api import Distillation, DistillationOutput
 from relkd.methods import list_methods
 from relkd.models import FeatureTap, ModelOutput, create_model, list_models, load_checkpoint
 from relkd.registry import RelkdError
-
-__version__ = "0.1.0"
 
 _TB_WARNED = False
 

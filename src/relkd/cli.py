@@ -165,7 +165,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from relkd import __version__
+    from relkd._version import __version__
 
     p = argparse.ArgumentParser(prog="relkd", description="Relational knowledge distillation")
     p.add_argument("--version", action="version", version=f"relkd {__version__}")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from relkd import distributed as D
-from relkd.engine.checkpoint import atomic_write_text
+from relkd._fs import atomic_write_text
 
 METRICS = "metrics.jsonl"
 

@@ -46,15 +46,9 @@ from typing import Any
 import yaml
 
 from relkd import distributed as D
-from relkd.engine.checkpoint import (
-    CKPT,
-    MANIFEST,
-    PREV,
-    CheckpointStore,
-    atomic_write_json,
-    atomic_write_text,
-    remove_temp_files,
-)
+from relkd._fs import atomic_write_json, atomic_write_text, remove_temp_files
+from relkd._version import __version__
+from relkd.engine.checkpoint import CKPT, MANIFEST, PREV, CheckpointStore
 from relkd.engine.logger import METRICS, RunLogger
 from relkd.registry import RelkdError
 
@@ -180,12 +174,10 @@ def provenance(device: Any = None, world_size: int = 1, global_batch: int | None
     """What produced a run: versions, git commit, command line, host, device, world size."""
     import torch
 
-    import relkd
-
     dev = str(device) if device is not None else None
     info: dict[str, Any] = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "relkd": relkd.__version__,
+        "relkd": __version__,
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "git_commit": _git_commit(),
@@ -558,9 +550,9 @@ class RunFolder:
 
 
 def _is_tmp(name: str) -> bool:
-    from relkd.engine.checkpoint import _TMP_RE
+    from relkd._fs import TMP_RE
 
-    return bool(_TMP_RE.match(name))
+    return bool(TMP_RE.match(name))
 
 
 def _read_json(path: Path) -> Any:
