@@ -15,8 +15,6 @@ from typing import Any
 TMP_RE = re.compile(r"^(\..+\.\d+\.tmp|\..+\.tmp\d+|.+\.tmp)$")
 
 
-
-
 def fsync_dir(folder: Path) -> None:
     """Make a rename in ``folder`` durable (a no-op where directories cannot be opened)."""
     try:

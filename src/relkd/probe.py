@@ -110,7 +110,7 @@ def head_schedule(
     from relkd.engine.schedule import Schedule
 
     return Schedule(
-        "multistep", base_lr=lr, steps_per_epoch=steps_per_epoch, epochs=epochs,
+        name="multistep", base_lr=lr, steps_per_epoch=steps_per_epoch, epochs=epochs,
         milestones=tuple(int(m) for m in milestones), gamma=gamma,
     )  # fmt: skip
 
@@ -149,10 +149,10 @@ def fit_probe(
     the head is trained on them (``train_ds`` should then be built without augmentation). Test
     features are always extracted once (exact: no augmentation, fixed backbone).
     """
+    from relkd.engine.build import build_step, seed_everything
     from relkd.engine.distiller import Distiller
+    from relkd.engine.evaluation import evaluate
     from relkd.engine.plan import unpack
-    from relkd.engine.step import TrainStep
-    from relkd.engine.trainer import evaluate, seed_everything
     from relkd.methods import MethodContext, build_method
     from relkd.models.checkpoint import save_student
 
@@ -201,7 +201,7 @@ def fit_probe(
         correct.add_((logits.detach().argmax(1) == y).sum())
         return logits, terms
 
-    train_step = TrainStep(model, opt, state_module=distiller, method_name="linear probe (ce)")
+    train_step = build_step(model, distiller, opt, device=device, method_name="linear probe (ce)")
 
     (run_dir / "metrics.jsonl").write_text("")
     history: list[dict[str, Any]] = []
@@ -322,7 +322,7 @@ def run_probe(
     for k in ("model_name", "quiet", "overwrite"):
         del options[k]
     from relkd.data import build_datasets
-    from relkd.engine.trainer import resolve_device, seed_everything
+    from relkd.engine.build import resolve_device, seed_everything
 
     milestones = [int(m) for m in milestones]
     for ok, msg in (

@@ -23,13 +23,8 @@ from torchvision.transforms import functional as TF
 
 import relkd
 from relkd.data import build_datasets
-from relkd.data.replay import (
-    ReplayCropDataset,
-    ReplayStore,
-    ReplayTeacher,
-    replay_key,
-    replay_unsupported,
-)
+from relkd.data.replay import ReplayCropDataset, ReplayStore, replay_key, replay_unsupported
+from relkd.engine.teacher import ReplayTeacher
 from relkd.models.base import ModelOutput
 from relkd.registry import RelkdError
 

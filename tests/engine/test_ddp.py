@@ -126,7 +126,7 @@ def test_ddp_equals_single_process(method, ddp_runs):
     w_one = torch.load(single / "runs" / method / "student.pt", weights_only=True)["model"]
     assert w_ddp.keys() == w_one.keys()
     # the initial weights: the engine seeds, then builds the student (the same on every rank)
-    from relkd.engine.trainer import seed_everything
+    from relkd.engine.build import seed_everything
     from relkd.models import create_model
 
     seed_everything(SEED)

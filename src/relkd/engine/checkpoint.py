@@ -44,6 +44,8 @@ CKPT = "checkpoint.pt"
 PREV = "checkpoint.prev.pt"
 MANIFEST = "checkpoint.json"
 _LEGACY_SIDECARS = (CKPT + ".sha256", PREV + ".sha256")
+
+
 def _sha256(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 

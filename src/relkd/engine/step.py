@@ -44,7 +44,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -54,6 +54,65 @@ from relkd.registry import RelkdError
 
 #: ``on_nonfinite`` values.
 NONFINITE = ("stop", "skip")
+
+
+class ForwardOutput(NamedTuple):
+    """What the forward half of a step returns.
+
+    Attributes:
+        logits: the student's logits [B', C] (B' = the batch after ``prepare_batch``: 3B for
+            CORSD's triplets, B otherwise).
+        targets: the labels [B'] matching ``logits``.
+        terms: name -> already-weighted scalar loss (``"ce"``: cross-entropy with the labels).
+        loss: fp32 scalar, the sum of ``terms`` in their order.
+    """
+
+    logits: torch.Tensor
+    targets: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    loss: torch.Tensor
+
+
+def forward_loss(
+    model: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    extras: dict[str, Any] | None = None,
+    *,
+    teacher: Callable[..., Any] | None = None,
+    prepare_batch: Callable[..., tuple[torch.Tensor, torch.Tensor, dict[str, Any]]] | None = None,
+    channels_last: bool = False,
+    drop_extras: Collection[str] = (),
+    amp: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    method_name: str = "",
+) -> ForwardOutput:
+    """The forward half of the engine's step, shared by :class:`TrainStep`,
+    :class:`relkd.Distillation` and the method registry's tests::
+
+        x, y, extras = prepare_batch(x, y, extras)      the method's batch hook
+        x -> channels_last                              if asked
+        t_out = teacher(x, **extras)                    no autocast (a teacher source)
+        drop the teacher-only extras
+        with amp(): logits, terms = model(x, y, t_out, **extras)
+        loss = sum of the terms in fp32
+
+    ``model``: the :class:`~relkd.engine.distiller.Distiller` (or its DDP / compiled wrapper).
+    Raises :class:`~relkd.registry.RelkdError` when the method returned no terms.
+    """
+    extras = dict(extras or {})
+    if prepare_batch is not None:
+        x, y, extras = prepare_batch(x, y, extras)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    t_out = teacher(x, **extras) if teacher is not None else None
+    if drop_extras:
+        extras = {k: v for k, v in extras.items() if k not in drop_extras}
+    with amp():
+        logits, terms = model(x, y, t_out, **extras)
+    loss = sum(t.float() for t in terms.values())
+    if not torch.is_tensor(loss):  # no terms at all
+        raise RelkdError(f"method {method_name!r} returned no loss terms")
+    return ForwardOutput(logits, y, terms, loss)
 
 
 @dataclass
@@ -246,21 +305,33 @@ class TrainStep:
     def _step(
         self, x: torch.Tensor, y: torch.Tensor, extras: dict[str, Any] | None
     ) -> torch.Tensor:
-        extras = dict(extras or {})
-        if self.prepare_batch is not None:
-            x, y, extras = self.prepare_batch(x, y, extras)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        t_out = self.teacher(x, **extras) if self.teacher is not None else None
-        if self.drop_extras:
-            extras = {k: v for k, v in extras.items() if k not in self.drop_extras}
         skip = self.on_nonfinite == "skip"
+        # Skip mode: the state before this step (nothing of the forward half writes the student,
+        # the method or the optimizer before the model's own forward pass).
         before = self._snapshot() if skip else None
-        with self.amp():
-            _, terms = self.model(x, y, t_out, **extras)
-        loss = sum(t.float() for t in terms.values())
-        if not torch.is_tensor(loss):  # no terms at all
-            raise RelkdError(f"method {self.method_name!r} returned no loss terms")
+        out = self.forward(x, y, extras)
+        return self.update(out.terms, out.loss, before)
+
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor, extras: dict[str, Any] | None = None
+    ) -> ForwardOutput:
+        """The forward half of the step (no gradient step): see :func:`forward_loss`."""
+        return forward_loss(
+            self.model, x, y, extras, teacher=self.teacher, prepare_batch=self.prepare_batch,
+            channels_last=self.channels_last, drop_extras=self.drop_extras, amp=self.amp,
+            method_name=self.method_name,
+        )  # fmt: skip
+
+    def update(
+        self,
+        terms: dict[str, torch.Tensor],
+        loss: torch.Tensor,
+        before: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The update half: the non-finite policy, ``zero_grad``, backward (scaled), clipping,
+        the optimizer step and the on-device bookkeeping of ``terms`` / ``loss``. ``before``:
+        the skip-mode snapshot taken before the forward half. Returns the detached loss."""
+        skip = before is not None
         call = self.calls
         self.calls += 1
         if self._host_check and not torch.isfinite(loss):  # fp16: the scaler syncs anyway
@@ -274,11 +345,23 @@ class TrainStep:
                 self._host_bad = (call, {k: float(v.detach()) for k, v in terms.items()})
             self._raise(*self._host_bad)
         self.optimizer.zero_grad(set_to_none=True)
-        scaler = self.scaler
-        if scaler is not None:
-            scaler.scale(loss).backward()
+        self.backward(loss)
+        self.optimizer_step()
+        self._account(call, terms, loss, before)
+        return loss.detach()
+
+    # Named seams of the update half (what loops add: accumulation, EMA) ------------------------
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Back-propagate ``loss`` (scaled by the ``GradScaler`` when there is one)."""
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
         else:
             loss.backward()
+
+    def optimizer_step(self) -> None:
+        """Unscale and clip (``grad_clip``), step the optimizer, update the scaler."""
+        scaler = self.scaler
         if self.grad_clip:
             if scaler is not None:
                 scaler.unscale_(self.optimizer)
@@ -288,8 +371,6 @@ class TrainStep:
             scaler.update()
         else:
             self.optimizer.step()
-        self._account(call, terms, loss, before)
-        return loss.detach()
 
     def _account(
         self,
