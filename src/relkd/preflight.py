@@ -20,7 +20,7 @@ def _check_method(name: str, args: dict) -> bool:
     """Method parts exist and their argument names / types are valid; returns whether any part
     needs a teacher."""
     from relkd.methods import METHODS
-    from relkd.methods.base import _check_type
+    from relkd.methods.base import check_type
 
     parts = [p.strip() for p in str(name).split("+")]
     classes = {p: METHODS.get(p) for p in parts}  # unknown name: close matches, all choices
@@ -37,7 +37,7 @@ def _check_method(name: str, args: dict) -> bool:
                     f"method {part!r} has no argument {key!r}. Valid arguments: "
                     f"{', '.join(sorted(params)) or 'none'}"
                 )
-            _check_type(part, key, value, hints.get(key, inspect.Parameter.empty))
+            check_type(part, key, value, hints.get(key, inspect.Parameter.empty))
     return any(c.requires_teacher for c in classes.values())
 
 

@@ -56,13 +56,13 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-# Kept importable from here: the public names, and _eval_loader (tests import it from here).
+# Kept importable from here: the public names (tests import eval_loader from here).
 from relkd.probe_data import (  # noqa: F401
-    _eval_loader,
-    _train_loader,
+    eval_loader,
     extract_features,
     file_pipeline,
     materialize_file_split,
+    train_loader_for,
 )
 from relkd.probe_model import (  # noqa: F401  (public names kept importable from here)
     LinearProbe,
@@ -164,7 +164,7 @@ def fit_probe(
 
     def features_of(ds: Dataset, what: str) -> tuple[torch.Tensor, torch.Tensor]:
         t0 = time.time()
-        loader = _eval_loader(ds, batch_size=eval_batch_size, device=device,
+        loader = eval_loader(ds, batch_size=eval_batch_size, device=device,
                               num_workers=num_workers, in_memory=in_memory)  # fmt: skip
         out = extract_features(probe, loader, device, progress=not quiet, desc=what)
         log(f"{what} {tuple(out[0].shape)} in {time.time() - t0:.1f}s")
@@ -175,7 +175,7 @@ def fit_probe(
     test_feats, test_y = features_of(test_ds, "test features")
     test_batches = list(zip(test_feats.split(4096), test_y.split(4096)))
     if augment:
-        train_loader, loader_kind = _train_loader(
+        train_loader, loader_kind = train_loader_for(
             train_ds, batch_size=batch_size, seed=seed, device=device, num_workers=num_workers,
             in_memory=in_memory, log=log,
         )  # fmt: skip

@@ -154,7 +154,7 @@ def list_methods() -> list[str]:
     return METHODS.names()
 
 
-def _check_type(method: str, key: str, value: Any, annotation: Any) -> None:
+def check_type(method: str, key: str, value: Any, annotation: Any) -> None:
     """Loud failure for obviously wrong argument types (the config is YAML, so be forgiving
     only where YAML is: ints for floats)."""
     if annotation is inspect.Parameter.empty or isinstance(annotation, str):
@@ -191,7 +191,7 @@ def _build_one(name: str, ctx: MethodContext, args: Mapping[str, Any]) -> Method
                 f"method {name!r} has no argument {key!r}. Valid arguments: "
                 f"{', '.join(params) or 'none'}"
             )
-        _check_type(name, key, value, hints.get(key, inspect.Parameter.empty))
+        check_type(name, key, value, hints.get(key, inspect.Parameter.empty))
         _check_value(name, key, value)
     try:
         return cls(ctx, **dict(args))
