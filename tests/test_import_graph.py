@@ -171,9 +171,9 @@ def test_no_private_name_crosses_a_package():
     bad = []
     for m in sorted(MODULES):
         for t, name, line in _imports(m):
-            if name and name.startswith("_") and not name.startswith("__"):
-                if _package(t) != _package(m) or _package(m) == m:
-                    bad.append(f"{m}:{line} imports {name} from {t}")
+            private = bool(name) and name.startswith("_") and not name.startswith("__")
+            if private and (_package(t) != _package(m) or _package(m) == m):
+                bad.append(f"{m}:{line} imports {name} from {t}")
     assert not bad, "\n".join(bad)
 
 
@@ -186,6 +186,7 @@ def test_module_sizes():
 
 @pytest.mark.parametrize("layered", ["relkd.engine.build", "relkd.data.replay", "relkd._fs"])
 def test_layer_lookup_is_by_the_longest_name(layered):
-    assert _layer(layered) == {"relkd.engine.build": 6, "relkd.data.replay": 3, "relkd._fs": 0}[
-        layered
-    ]
+    assert (
+        _layer(layered)
+        == {"relkd.engine.build": 6, "relkd.data.replay": 3, "relkd._fs": 0}[layered]
+    )

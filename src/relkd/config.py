@@ -340,3 +340,19 @@ def load_config(
 def to_yaml(cfg: Config) -> str:
     """The resolved config as YAML (saved in every run folder)."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def load_run_config(config: Any, overrides: Sequence[str] = (), student: Any = None) -> Config:
+    """:func:`load_config` for a run; a student module passed from Python needs no
+    ``student.name`` in the config (its class name is used for the run record and the
+    checkpoint metadata)."""
+    try:
+        return load_config(config, overrides)
+    except RelkdError as e:
+        # Missing name: OmegaConf's "missing mandatory value" or our "student.name is required".
+        if student is None or "student.name" not in str(e):
+            raise
+        try:
+            return load_config(config, [*overrides, f"student.name={type(student).__name__}"])
+        except RelkdError:
+            raise e from None

@@ -1,7 +1,9 @@
 """Checks of a run config that need no data and no model weights, in the order a user fixes
-them: method name and arguments, model names, whether the method has the teacher it needs, then
-the checkpoint files. :func:`relkd.train` runs them before :func:`relkd.engine.fit`, so a method
-typo is reported before a missing teacher checkpoint or a missing data folder.
+them: method name and arguments, model names, whether the method has the teacher it needs, the
+checkpoint files, then the engine's own options (``train.compile_mode``, ``train.log_every``).
+:func:`relkd.engine.fit` (and so :func:`relkd.train`) runs them once, right after loading the
+config and before the run folder or any data, so a method typo is reported before a missing
+teacher checkpoint or a missing data folder.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
-from relkd.config import Config
+from relkd.config import CHOICES, Config
 from relkd.registry import RelkdError
 
 
@@ -111,3 +113,15 @@ def check_config(
                 f"teacher {cfg.teacher.name!r} has no checkpoint: set teacher.checkpoint=PATH "
                 "(a trained teacher; an untrained one teaches nothing)"
             )
+    _check_engine_options(cfg)
+
+
+def _check_engine_options(cfg: Config) -> None:
+    """The engine's own options that the config schema does not pin down."""
+    modes = CHOICES["train.compile_mode"]
+    if cfg.train.compile_mode not in modes:
+        raise RelkdError(
+            f"train.compile_mode={cfg.train.compile_mode!r} is unknown; valid: {', '.join(modes)}"
+        )
+    if not isinstance(cfg.train.log_every, int) or cfg.train.log_every < 1:
+        raise RelkdError(f"train.log_every={cfg.train.log_every!r} must be a positive integer")

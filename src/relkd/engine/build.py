@@ -291,14 +291,12 @@ def build_components(
     teacher: nn.Module | None = None,
     student: nn.Module | None = None,
 ) -> Components:
-    """Data sets, models, method and Distiller for ``cfg``; every check that can fail before
-    training (unknown names, class counts, missing teacher) fails here."""
+    """Data sets, models, method and Distiller for a checked ``cfg``
+    (:func:`relkd.preflight.check_config` ran: ``fit`` runs it first); every check that needs
+    the data or the models (class counts, input shapes, the method's own argument checks)
+    fails here, before anything is trained or written."""
     from relkd.data import build_datasets, take_subset
-    from relkd.preflight import check_config
 
-    # Config-only checks first, in the order a user fixes them (a method typo before a missing
-    # teacher checkpoint or data folder).
-    check_config(cfg, teacher=teacher, student=student)
     train_ds, test_ds, info = build_datasets(
         cfg.data.name, cfg.data.root, download=cfg.data.download, augment=cfg.data.augment,
         image_size=cfg.data.image_size, val_split=cfg.data.val_split,

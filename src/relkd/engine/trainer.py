@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from relkd import distributed as D
-from relkd.config import CHOICES, Config, load_config
+from relkd.config import Config, load_run_config
 from relkd.engine.build import (
     Components,
     build_components,
@@ -41,7 +41,7 @@ from relkd.engine.build import (
     seed_everything,
 )
 from relkd.engine.evaluation import evaluate
-from relkd.engine.logger import RunLogger
+from relkd.engine.logger import RunLogger, warn_no_tensorboard
 from relkd.engine.plan import (
     Plan,
     build_loaders,
@@ -51,11 +51,12 @@ from relkd.engine.plan import (
 )
 from relkd.engine.rundir import RunFolder, run_path, sigterm_as_interrupt, student_metadata
 from relkd.engine.schedule import Schedule
+from relkd.engine.state import TrainState
 from relkd.engine.step import TrainStep
 from relkd.engine.teacher import TeacherSource
-from relkd.registry import RelkdError
+from relkd.preflight import check_config
 
-__all__ = ["fit", "load_with_module_name"]
+__all__ = ["fit"]
 
 
 def _say(quiet: bool):
@@ -66,9 +67,6 @@ def _say(quiet: bool):
             print(msg, file=sys.stderr, flush=True)
 
     return say
-
-
-COMPILE_MODES = CHOICES["train.compile_mode"]
 
 
 @dataclass
@@ -147,17 +145,6 @@ def _build_loop(cfg: Config, comp: Components, plan: Plan, device, say, progress
     )  # fmt: skip
 
 
-def _check_train(cfg: Config) -> None:
-    """Build-time checks of the engine's own options."""
-    if cfg.train.compile_mode not in COMPILE_MODES:
-        raise RelkdError(
-            f"train.compile_mode={cfg.train.compile_mode!r} is unknown; valid: "
-            f"{', '.join(COMPILE_MODES)}"
-        )
-    if not isinstance(cfg.train.log_every, int) or cfg.train.log_every < 1:
-        raise RelkdError(f"train.log_every={cfg.train.log_every!r} must be a positive integer")
-
-
 def _train_epoch(loop: _Loop, epoch: int, step: int) -> tuple[dict[str, Any], int]:
     """One epoch slot (a pre-training phase or a main epoch): returns its metrics record
     (losses, lr, time; no evaluation) and the global step after it. Host reads happen only
@@ -224,21 +211,6 @@ def _train_epoch(loop: _Loop, epoch: int, step: int) -> tuple[dict[str, Any], in
     return record, step
 
 
-def load_with_module_name(config: Any, overrides, student: nn.Module | None) -> Config:
-    """``load_config``; a student passed from Python needs no ``student.name`` in the config
-    (its class name is used for the run record and the checkpoint metadata)."""
-    try:
-        return load_config(config, overrides)
-    except RelkdError as e:
-        # Missing name: OmegaConf's "missing mandatory value" or our "student.name is required".
-        if student is None or "student.name" not in str(e):
-            raise
-        try:
-            return load_config(config, [*overrides, f"student.name={type(student).__name__}"])
-        except RelkdError:
-            raise e from None
-
-
 def fit(
     config: Any,
     *,
@@ -261,98 +233,84 @@ def fit(
         allow_change: config keys (or sections) that may differ on resume; each change is
             recorded in the folder's ``run.json``.
     """
-    cfg = load_with_module_name(config, overrides, student)
-    _check_train(cfg)
+    # 1. Set up: the config (loaded and checked once, in the order of relkd.preflight), the
+    # device, the run folder (checked on every rank, so none waits on a failed one).
+    cfg = load_run_config(config, overrides, student)
+    check_config(cfg, teacher=teacher, student=student)
+    if cfg.train.tensorboard:
+        warn_no_tensorboard()
     device = resolve_device(cfg.train.device)
     init_distributed(device)
     run_dir = run_path(cfg)
     run = RunFolder(run_dir, RunLogger(run_dir, tensorboard=cfg.train.tensorboard, quiet=quiet))
-    # Every rank checks (the same folder on a shared file system), so none waits on a failed one.
     run.check(cfg, resume=resume, allow_change=allow_change)
     with sigterm_as_interrupt(), run:
-        return _fit(cfg, device, run, teacher, student, resume, allow_change, quiet)
+        say = _say(quiet)
+        seed_everything(cfg.train.seed)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
 
-
-def _fit(cfg, device, run: RunFolder, teacher, student, resume, allow_change, quiet) -> dict:
-    say = _say(quiet)
-    seed_everything(cfg.train.seed)
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-
-    # Build and check everything; the run folder is first written after this.
-    comp = build_components(cfg, device, teacher, student)
-    distiller = comp.distiller
-    plan = plan_for_config(cfg, comp.method, comp.teacher is not None, comp.train_ds)
-    progress = cfg.train.progress and D.is_main() and not quiet
-    loop = _build_loop(cfg, comp, plan, device, say, progress)
-    start_epoch, step, history, best = 0, 0, [], {"top1": -1.0, "epoch": -1}
-    given = {k: _describe_module(m) for k, m in (("teacher", teacher), ("student", student)) if m}
-    resumed = run.open(
-        cfg, resume=resume, allow_change=allow_change, device=device, world_size=D.world_size(),
-        into=(distiller, loop.opt, loop.scaler),
-        extra={"modules_from_python": given} if given else None,
-    )  # fmt: skip
-    if resumed is not None:
-        start_epoch, step = resumed.start_epoch, resumed.step
-        history, best = resumed.history, resumed.best
-        if start_epoch >= loop.total_epochs:
+        # 2. Build every part (every check that needs data or models fails here); the run
+        # folder is first written after this.
+        comp = build_components(cfg, device, teacher, student)
+        plan = plan_for_config(cfg, comp.method, comp.teacher is not None, comp.train_ds)
+        progress = cfg.train.progress and D.is_main() and not quiet
+        loop = _build_loop(cfg, comp, plan, device, say, progress)
+        state = TrainState(comp.distiller, loop.opt, loop.scaler)
+        given = {
+            k: _describe_module(m) for k, m in (("teacher", teacher), ("student", student)) if m
+        }
+        run.open(
+            cfg, resume=resume, allow_change=allow_change, device=device,
+            world_size=D.world_size(), into=state,
+            extra={"modules_from_python": given} if given else None,
+        )  # fmt: skip
+        if state.epoch >= 0 and state.start_epoch >= loop.total_epochs:
             n = cfg.train.epochs
             say(
                 f"{run.path} is already complete ({n} epoch{'' if n == 1 else 's'}): nothing to train"
             )
-    run.write_json("plan.json", plan.to_dict())
-    say(plan.describe())
-    meta = student_metadata(cfg, comp.info, student)
+        run.write_json("plan.json", plan.to_dict())
+        say(plan.describe())
+        meta = student_metadata(cfg, comp.info, student)
+        # A teacher passed from Python has no config or summary of its own: measure its top-1
+        # once here so the run (and `relkd report`) can show it beside the student's.
+        teacher_top1 = _python_teacher_top1(teacher, comp, loop, device, say)
 
-    # A teacher passed from Python has no config or summary of its own: measure its top-1 once
-    # here so the run (and `relkd report`) can show it beside the student's.
-    teacher_top1 = _python_teacher_top1(teacher, comp, loop, device, say)
-    pre = len(loop.phase_of)
-    t_start = time.time()
-    for epoch in range(start_epoch, loop.total_epochs):
-        record, step = _train_epoch(loop, epoch, step)
-        main_epoch = epoch - pre
-        is_eval = (main_epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == loop.total_epochs
-        if "phase" not in record and is_eval:
-            ev = evaluate(distiller.student, loop.test_loader, device, loop.amp)
-            record.update(ev)
-            if ev["top1"] > best["top1"]:
-                best = {"top1": ev["top1"], "epoch": main_epoch + 1}
-                run.save_best(distiller.student, meta)
-            record["best_top1"] = best["top1"]
-        history.append(record)
-        say(_epoch_line(record, epoch, pre, cfg.train.epochs, best))
-        state = {
-            "distiller": distiller.state_dict(), "optimizer": loop.opt.state_dict(),
-            "scaler": loop.scaler.state_dict(), "epoch": epoch, "step": step,
-            "history": history, "best": best,
-        }  # fmt: skip
-        run.end_epoch(record, state)  # the checkpoint first, then the metrics line
-        if D.is_dist():
-            torch.distributed.barrier()
+        # 3. The loop: train an epoch slot, evaluate, checkpoint.
+        t_start = time.time()
+        for epoch in range(state.start_epoch, loop.total_epochs):
+            record, state.step = _train_epoch(loop, epoch, state.step)
+            _evaluate_epoch(loop, run, state, record, epoch, meta)
+            state.epoch = epoch
+            state.history.append(record)
+            say(_epoch_line(record, epoch, len(loop.phase_of), cfg.train.epochs, state.best))
+            run.end_epoch(record, state)  # the checkpoint first, then the metrics line
+            if D.is_dist():
+                torch.distributed.barrier()
 
-    last = next((r for r in reversed(history) if "top1" in r), {})
-    summary = {
-        "best_top1": best["top1"],
-        "best_epoch": best["epoch"],
-        "last_top1": last.get("top1", float("nan")),
-        "last_top5": last.get("top5", float("nan")),
-        "epochs": cfg.train.epochs,
-        "method": cfg.method.name,
-        "student": cfg.student.name,
-        "teacher": cfg.teacher.name if cfg.teacher else None,
-        "seed": cfg.train.seed,
-        # Training time of every epoch of the run, earlier sessions included (a resumed run's
-        # history holds them); evaluation excluded.
-        "train_time_s": sum(r.get("epoch_time_s", 0.0) for r in history),
-        "session_time_s": time.time() - t_start,
-        "run_dir": str(run.path),
-    }
-    if teacher_top1 is not None:
-        summary["teacher_top1"] = teacher_top1
-    run.finish(distiller.student, summary, meta)
-    distiller.tap.remove()
-    return summary
+        # 4. Finish: the student's files and summary.json (last: the run finished).
+        extra = {"teacher_top1": teacher_top1} if teacher_top1 is not None else None
+        summary = run.finish(comp.distiller.student, cfg, state, t_start=t_start, metadata=meta,
+                             extra=extra)  # fmt: skip
+        comp.distiller.tap.remove()
+        return summary
+
+
+def _evaluate_epoch(loop: _Loop, run: RunFolder, state: TrainState, record, epoch, meta) -> None:
+    """Evaluate a main epoch slot when ``train.eval_every`` (or the last slot) says so: its
+    top-1 / top-5 / test loss into ``record``; a new best is saved as ``student_best.pt``."""
+    main_epoch = epoch - len(loop.phase_of)
+    is_eval = (main_epoch + 1) % loop.cfg.train.eval_every == 0 or epoch + 1 == loop.total_epochs
+    if "phase" in record or not is_eval:
+        return
+    student = loop.comp.distiller.student
+    ev = evaluate(student, loop.test_loader, loop.device, loop.amp)
+    record.update(ev)
+    if ev["top1"] > state.best["top1"]:
+        state.best = {"top1": ev["top1"], "epoch": main_epoch + 1}
+        run.save_best(student, meta)
+    record["best_top1"] = state.best["top1"]
 
 
 def _describe_module(m: nn.Module) -> dict[str, Any]:
