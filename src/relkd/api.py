@@ -94,7 +94,8 @@ class Distillation(nn.Module):
             per-sample shape ``(C, H, W)``; the models see a zero batch of that shape once.
         num_classes: checked against the student's logits (default: measured from them).
         ce_weight: weight of the cross-entropy term (default: the method's, e.g. 0.1 for KD).
-        epochs: length of the main schedule, for methods that schedule their weights (DKD).
+        epochs: the length of your run in epochs, if known: a method schedule longer than it
+            (DKD's loss warm-up, a pre-training phase) is then said once as a warning.
         num_train_samples: size of the training set, for per-sample memories (CRD).
         seed: seed of data-side draws (CORSD's triplets).
         **method_args: the method's keyword arguments (e.g. ``temperature=4.0``); for a
@@ -114,19 +115,26 @@ class Distillation(nn.Module):
         example_input: torch.Tensor | tuple[int, ...],
         num_classes: int | None = None,
         ce_weight: float | None = None,
-        epochs: int = 1,
+        epochs: int | None = None,
         num_train_samples: int = 0,
         seed: int = 0,
         **method_args: Any,
     ) -> None:
         super().__init__()
-        from relkd.engine.build import build_method_parts
+        import warnings
 
+        from relkd.engine.build import build_method_parts
+        from relkd.methods.spec import MethodScheduleWarning, MethodSpec
+
+        spec = MethodSpec.parse(method, method_args)
+        spec.check()
+        for note in spec.schedule_notes(epochs) if epochs is not None else ():
+            warnings.warn(note, MethodScheduleWarning, stacklevel=2)
         dummy = _example(example_input)
         parts = build_method_parts(
             method, student, teacher, dummy, method_args=method_args, ce_weight=ce_weight,
             num_classes=num_classes, num_train_samples=num_train_samples, seed=seed,
-            epochs=epochs, teacher_hint="pass teacher=<trained model>",
+            teacher_hint="pass teacher=<trained model>",
         )  # fmt: skip
         self.method_name = method
         self.ce_weight = parts.ce_weight

@@ -8,39 +8,28 @@ teacher checkpoint or a missing data folder.
 
 from __future__ import annotations
 
-import inspect
-import typing
+import warnings
 from pathlib import Path
 
 from torch import nn
 
+from relkd import distributed as D
 from relkd.config import CHOICES, Config
 from relkd.registry import RelkdError
 
 
-def _check_method(name: str, args: dict) -> bool:
-    """Method parts exist and their argument names / types are valid; returns whether any part
+def _check_method(name: str, args: dict, epochs: int) -> bool:
+    """Method parts exist and their arguments are valid (:class:`MethodSpec`); a method schedule
+    longer than the run is said once (a warning on the main process). Returns whether any part
     needs a teacher."""
-    from relkd.methods import METHODS
-    from relkd.methods.base import check_type
+    from relkd.methods.spec import MethodScheduleWarning, MethodSpec
 
-    parts = [p.strip() for p in str(name).split("+")]
-    classes = {p: METHODS.get(p) for p in parts}  # unknown name: close matches, all choices
-    per_part = {parts[0]: args} if len(parts) == 1 else {p: args.get(p) or {} for p in parts}
-    if len(parts) > 1 and set(args) - set(parts):
-        return any(c.requires_teacher for c in classes.values())  # build_method words this
-    for part, a in per_part.items():
-        init = classes[part].__init__
-        params = {k for k in inspect.signature(init).parameters if k not in ("self", "ctx")}
-        hints = typing.get_type_hints(init)
-        for key, value in dict(a).items():
-            if key not in params:
-                raise RelkdError(
-                    f"method {part!r} has no argument {key!r}. Valid arguments: "
-                    f"{', '.join(sorted(params)) or 'none'}"
-                )
-            check_type(part, key, value, hints.get(key, inspect.Parameter.empty))
-    return any(c.requires_teacher for c in classes.values())
+    spec = MethodSpec.parse(name, args)
+    spec.check()
+    if D.is_main():
+        for note in spec.schedule_notes(epochs):
+            warnings.warn(note, MethodScheduleWarning, stacklevel=2)
+    return spec.requires_teacher
 
 
 def _check_model_name(section: str, name: str) -> None:
@@ -93,7 +82,7 @@ def check_config(
 
     ``teacher`` / ``student``: the user's own modules (their config names are then not checked).
     """
-    needs_teacher = _check_method(cfg.method.name, dict(cfg.method.args or {}))
+    needs_teacher = _check_method(cfg.method.name, dict(cfg.method.args or {}), cfg.train.epochs)
     if student is None:
         _check_model_name("student", cfg.student.name)
     if teacher is None and cfg.teacher is not None:

@@ -161,11 +161,10 @@ def _as_flags(value: bool | Sequence[bool], what: str) -> list[bool]:
 
 def _validate(spec: _Spec, methods: list[str]) -> None:
     """Every name and number checked before anything is measured."""
-    from relkd.methods.base import METHODS
+    from relkd.methods import MethodSpec
 
     for m in methods:
-        for part in m.split("+"):
-            METHODS.get(part.strip())  # RelkdError naming the unknown method
+        MethodSpec.parse(m)  # a RelkdError naming an unknown method or a bad composition
     for name in (spec.student, spec.teacher):
         spec.create(name)  # a RelkdError naming an unknown model
     for p in spec.precisions:
@@ -330,9 +329,9 @@ def _cached(
 ) -> list[tuple[dict[str, Any], Callable[[], Any] | None, str | None]]:
     """``(record fields, cache opener, skip reason)`` of each cached step of method ``m`` (none
     for a method without a teacher)."""
-    from relkd.methods.base import METHODS
+    from relkd.methods import MethodSpec
 
-    if not any(METHODS.get(p.strip()).requires_teacher for p in m.split("+")):
+    if not MethodSpec.parse(m).requires_teacher:
         return []
     why, taps, dims, nbytes = _cache_plan(spec, m, files, budget_mb)
     what = f"TeacherCache {files.dtype} {'+'.join(taps)} {nbytes / MIB:.0f} MiB"

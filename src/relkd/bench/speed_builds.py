@@ -65,14 +65,13 @@ class _SyntheticSet(Dataset):
 def _parts(spec: _Spec, method_name: str, with_teacher: bool) -> Any:
     """The engine's :class:`~relkd.engine.build.MethodParts` (context, method, Distiller, online
     teacher) for the spec's models, random init, measured on a CPU dummy batch."""
-    from relkd.config import TrainConfig
     from relkd.engine.build import build_method_parts
 
     student = spec.create(spec.student)
     teacher = spec.create(spec.teacher) if with_teacher else None
     return build_method_parts(
         method_name, student, teacher, torch.zeros(spec.shape(2)), num_classes=spec.num_classes,
-        num_train_samples=spec.num_train_samples, seed=spec.seed, epochs=TrainConfig.epochs,
+        num_train_samples=spec.num_train_samples, seed=spec.seed,
     )  # fmt: skip
 
 

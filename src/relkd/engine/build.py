@@ -217,7 +217,6 @@ def build_method_parts(
     num_classes: int | None = None,
     num_train_samples: int = 0,
     seed: int = 0,
-    epochs: int = 1,
     data_name: str | None = None,
     teacher_hint: str = "set teacher.name and teacher.checkpoint",
 ) -> MethodParts:
@@ -244,7 +243,6 @@ def build_method_parts(
         num_classes=int(s_shapes["logits"][0]),
         student_stages=get_feature_info(student, example),
         student_shapes=s_shapes,
-        epochs=epochs,
         num_train_samples=num_train_samples,
         seed=seed,
     )
@@ -309,7 +307,7 @@ def build_components(
     parts = build_method_parts(
         cfg.method.name, student_model, teacher_model, dummy, method_args=cfg.method.args,
         ce_weight=cfg.method.ce_weight, num_classes=info.num_classes,
-        num_train_samples=len(train_ds), seed=cfg.train.seed, epochs=cfg.train.epochs,
+        num_train_samples=len(train_ds), seed=cfg.train.seed,
         data_name=cfg.data.name,
     )  # fmt: skip
     distiller = parts.distiller.to(device)
