@@ -348,11 +348,13 @@ def build_step(
     on_nonfinite: str = "stop",
     method_name: str = "",
     params: list[torch.Tensor] | None = None,
+    accum_steps: int = 1,
 ) -> TrainStep:
     """The engine's :class:`TrainStep` over ``model`` (the Distiller, its DDP wrapper or any
     callable with its signature; compiled when ``compile``): a ``GradScaler`` enabled for fp16,
     the autocast of ``precision``, the method's batch hook (``distiller.method.prepare_batch``
-    when it has a method). The scaler is ``step.scaler``, the autocast ``step.amp``."""
+    when it has a method), ``accum_steps`` micro-batches per optimizer step. The scaler is
+    ``step.scaler``, the autocast ``step.amp``."""
     fn: Any = torch.compile(model, mode=compile_mode) if compile else model
     method = getattr(distiller, "method", None)
     return TrainStep(
@@ -361,5 +363,6 @@ def build_step(
         amp=autocast(precision, device), teacher=teacher, drop_extras=drop_extras,
         prepare_batch=method.prepare_batch if method is not None else None,
         channels_last=channels_last, grad_clip=grad_clip, on_nonfinite=on_nonfinite,
-        method_name=method_name,
+        method_name=method_name, accum_steps=accum_steps,
+        ddp=model if isinstance(model, nn.parallel.DistributedDataParallel) else None,
     )  # fmt: skip

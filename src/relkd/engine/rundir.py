@@ -143,6 +143,14 @@ def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple
     )]  # fmt: skip
 
 
+def _added_at_default(key: str, old: Any, new: Any) -> bool:
+    """A key a newer relkd added (``relkd.config.ADDED_KEYS``), absent from the recorded config
+    and at the value that keeps the old behaviour: not a change."""
+    from relkd.config import ADDED_KEYS
+
+    return old == _ABSENT and key in ADDED_KEYS and new == ADDED_KEYS[key]
+
+
 def _matches(key: str, patterns: Sequence[str]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in patterns)
 
@@ -372,7 +380,11 @@ class RunFolder:
                     f"--allow-change {pat!r} is not a config key (e.g. train.epochs, "
                     "method.args.temperature)"
                 )
-        changes = [c for c in config_changes(old, new) if not _matches(c[0], _PLACE_KEYS)]
+        changes = [
+            c
+            for c in config_changes(old, new)
+            if not _matches(c[0], _PLACE_KEYS) and not _added_at_default(*c)
+        ]
         refused = [c for c in changes if not _matches(c[0], [*ENV_KEYS, *allow_change])]
         if refused:
             listed = "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, a, b in refused)

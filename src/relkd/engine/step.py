@@ -180,6 +180,8 @@ class TrainStep:
         grad_clip: float | None = None,
         on_nonfinite: str = "stop",
         method_name: str = "",
+        accum_steps: int = 1,
+        ddp: Any = None,
     ) -> None:
         if on_nonfinite not in NONFINITE:
             raise RelkdError(
@@ -187,6 +189,13 @@ class TrainStep:
             )
         if grad_clip is not None and grad_clip < 0:
             raise RelkdError(f"train.grad_clip={grad_clip} must be positive (or unset)")
+        if accum_steps < 1:
+            raise RelkdError(f"train.grad_accum_steps={accum_steps} must be >= 1")
+        if accum_steps > 1 and on_nonfinite == "skip":
+            raise RelkdError(
+                f"train.grad_accum_steps={accum_steps} with train.on_nonfinite=skip is not "
+                "supported (a skipped micro-batch would leave a partial gradient): use stop"
+            )
         self.model = model
         self.optimizer = optimizer
         self.params = (
@@ -210,14 +219,23 @@ class TrainStep:
         if on_nonfinite == "skip" and not self._host_check and state_module is None:
             raise RelkdError("on_nonfinite='skip' needs the state_module to restore")
         self._snap: list[torch.Tensor] | None = None
+        #: micro-batches per optimizer step (gradient accumulation); ``ddp``: the
+        #: DistributedDataParallel wrapper whose gradient all-reduce the first k-1 skip.
+        self.accum_steps, self.ddp = int(accum_steps), ddp
+        #: named seam: called after every optimizer step (e.g. an EMA of the weights).
+        self.after_update: list[Callable[[], None]] = []
+        #: whether the last call ended an accumulation group (took an optimizer step).
+        self.stepped = False
         self.start_epoch(0, 0)
 
     # -- window bookkeeping -------------------------------------------------------------------
 
-    def start_epoch(self, epoch: int, global_step: int) -> None:
+    def start_epoch(self, epoch: int, global_step: int, batches: int | None = None) -> None:
         """Reset the sums; ``epoch`` (0-based) and ``global_step`` (of the next call) label a
-        non-finite error."""
+        non-finite error. ``batches``: the calls this epoch will make, so that with gradient
+        accumulation the last group of the epoch is sized right (default: full groups)."""
         self.epoch, self.global_step0 = int(epoch), int(global_step)
+        self.batches = batches
         self.calls = 0  # steps since start_epoch (a host counter, no sync)
         self._keys: list[str] = []
         self._acc: torch.Tensor | None = None  # float64 [len(keys) + 1]: sums..., good steps
@@ -309,8 +327,21 @@ class TrainStep:
         # Skip mode: the state before this step (nothing of the forward half writes the student,
         # the method or the optimizer before the model's own forward pass).
         before = self._snapshot() if skip else None
-        out = self.forward(x, y, extras)
-        return self.update(out.terms, out.loss, before)
+        first, last, size = self._group(self.calls)
+        # Gradient accumulation under DDP: no all-reduce until the group's last micro-batch.
+        sync = nullcontext() if last or self.ddp is None else self.ddp.no_sync()
+        with sync:
+            out = self.forward(x, y, extras)
+            return self.update(out.terms, out.loss, before, first=first, last=last, size=size)
+
+    def _group(self, call: int) -> tuple[bool, bool, int]:
+        """``(first, last, size)`` of the accumulation group of call ``call`` of the epoch."""
+        k = self.accum_steps
+        if k == 1:
+            return True, True, 1
+        start = call - call % k
+        size = k if self.batches is None else max(1, min(k, self.batches - start))
+        return call % k == 0, call % k == size - 1, size
 
     def forward(
         self, x: torch.Tensor, y: torch.Tensor, extras: dict[str, Any] | None = None
@@ -327,13 +358,21 @@ class TrainStep:
         terms: dict[str, torch.Tensor],
         loss: torch.Tensor,
         before: list[torch.Tensor] | None = None,
+        *,
+        first: bool = True,
+        last: bool = True,
+        size: int = 1,
     ) -> torch.Tensor:
         """The update half: the non-finite policy, ``zero_grad``, backward (scaled), clipping,
-        the optimizer step and the on-device bookkeeping of ``terms`` / ``loss``. ``before``:
-        the skip-mode snapshot taken before the forward half. Returns the detached loss."""
+        the optimizer step, the ``after_update`` hooks and the on-device bookkeeping of
+        ``terms`` / ``loss``. ``before``: the skip-mode snapshot taken before the forward half.
+        Gradient accumulation: ``first`` / ``last`` micro-batch of a group of ``size`` (the
+        gradient is zeroed at the first, each loss divided by ``size``, the optimizer steps at
+        the last). Returns the detached loss."""
         skip = before is not None
         call = self.calls
         self.calls += 1
+        self.stepped = last
         if self._host_check and not torch.isfinite(loss):  # fp16: the scaler syncs anyway
             if skip:
                 self._host_skipped += 1
@@ -344,10 +383,15 @@ class TrainStep:
             if self._host_bad is None:
                 self._host_bad = (call, {k: float(v.detach()) for k, v in terms.items()})
             self._raise(*self._host_bad)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.backward(loss)
-        self.optimizer_step()
+        if first:
+            self.optimizer.zero_grad(set_to_none=True)
+        self.backward(loss if size == 1 else loss / size)
+        if last:
+            self.optimizer_step()
         self._account(call, terms, loss, before)
+        if last:
+            for hook in self.after_update:
+                hook()
         return loss.detach()
 
     # Named seams of the update half (what loops add: accumulation, EMA) ------------------------

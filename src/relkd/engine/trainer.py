@@ -21,8 +21,10 @@ Every file is written atomically; the rules (names, locks, resume) are in
 
 from __future__ import annotations
 
+import math
 import sys
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +42,7 @@ from relkd.engine.build import (
     resolve_device,
     seed_everything,
 )
+from relkd.engine.ema import EMA
 from relkd.engine.evaluation import evaluate
 from relkd.engine.logger import RunLogger, warn_no_tensorboard
 from relkd.engine.plan import (
@@ -85,9 +88,21 @@ class _Loop:
     train_loader: Any
     test_loader: Any
     phase_of: list[str]  # the pre-training phase of each leading epoch slot
-    steps_per_epoch: int
+    steps_per_epoch: int  # batches (micro-batches with train.grad_accum_steps > 1)
     device: torch.device
     progress: bool
+    ema: EMA | None = None  # train.ema_decay: the averaged weights (evaluated and exported)
+
+    @property
+    def optimizer_steps_per_epoch(self) -> int:
+        return math.ceil(self.steps_per_epoch / self.cfg.train.grad_accum_steps)
+
+    def averaged(self) -> AbstractContextManager[Any]:
+        """The student with the weights that are evaluated and exported inside the block (the
+        EMA when ``train.ema_decay`` is on)."""
+        return (
+            self.ema.swapped() if self.ema is not None else nullcontext(self.comp.distiller.student)
+        )
 
     @property
     def total_epochs(self) -> int:
@@ -123,9 +138,10 @@ def _build_loop(cfg: Config, comp: Components, plan: Plan, device, say, progress
     steps_per_epoch = len(train_loader)
     if cfg.train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
-    sc = cfg.schedule
-    sched = Schedule(
-        name=sc.name, base_lr=lr, steps_per_epoch=steps_per_epoch, epochs=cfg.train.epochs,
+    sc, k = cfg.schedule, cfg.train.grad_accum_steps
+    sched = Schedule(  # counts optimizer steps
+        name=sc.name, base_lr=lr, steps_per_epoch=math.ceil(steps_per_epoch / k),
+        epochs=cfg.train.epochs,
         milestones=tuple(sc.milestones), gamma=sc.gamma, warmup_epochs=sc.warmup_epochs,
         min_lr=sc.min_lr, pct_start=sc.pct_start, div_factor=sc.div_factor,
         final_div_factor=sc.final_div_factor, cycle_momentum=sc.cycle_momentum,
@@ -136,18 +152,23 @@ def _build_loop(cfg: Config, comp: Components, plan: Plan, device, say, progress
         compile=cfg.train.compile, compile_mode=cfg.train.compile_mode, teacher=tea,
         drop_extras=drop, channels_last=cfg.train.channels_last, grad_clip=cfg.train.grad_clip,
         on_nonfinite=cfg.train.on_nonfinite, method_name=cfg.method.name, params=params,
+        accum_steps=k,
     )  # fmt: skip
+    ema = EMA(distiller.student, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+    if ema is not None:
+        step.after_update.append(ema.update)
     # Pre-training phases (multi-stage methods) come first; epoch slots are numbered over all.
     phase_of = [name for name, n in method.phases() for _ in range(n)]
     return _Loop(
         cfg, comp, opt, step.scaler, step.amp, step, tea, sched, lr, train_loader, test_loader,
-        phase_of, steps_per_epoch, device, progress,
+        phase_of, steps_per_epoch, device, progress, ema,
     )  # fmt: skip
 
 
 def _train_epoch(loop: _Loop, epoch: int, step: int) -> tuple[dict[str, Any], int]:
     """One epoch slot (a pre-training phase or a main epoch): returns its metrics record
-    (losses, lr, time; no evaluation) and the global step after it. Host reads happen only
+    (losses, lr, time; no evaluation) and the global optimizer step after it (with
+    ``train.grad_accum_steps`` k, k batches make one optimizer step). Host reads happen only
     every ``train.log_every`` steps and at the end, which raises on a non-finite loss
     (``on_nonfinite=stop``) before anything of the epoch is evaluated or saved."""
     cfg, method, device = loop.cfg, loop.comp.method, loop.device
@@ -163,7 +184,7 @@ def _train_epoch(loop: _Loop, epoch: int, step: int) -> tuple[dict[str, Any], in
     method.set_phase(phase)
     method.set_epoch(max(0, main_epoch))
     loop.comp.distiller.train()
-    loop.step.start_epoch(epoch, step)
+    loop.step.start_epoch(epoch, step, n)
     t0, bar = time.time(), None
     if loop.progress:
         from tqdm.auto import tqdm
@@ -175,12 +196,12 @@ def _train_epoch(loop: _Loop, epoch: int, step: int) -> tuple[dict[str, Any], in
             break
         x, y, extras = unpack(batch, device)
         if phase == "main":
-            loop.sched.apply(loop.opt, step - pre * n)
+            loop.sched.apply(loop.opt, step - pre * loop.optimizer_steps_per_epoch)
         else:  # pre-training phases run at the base lr
             for g in loop.opt.param_groups:
                 g["lr"] = loop.lr
         loop.step(x, y, extras)
-        step += 1
+        step += loop.step.stepped  # an accumulation group ended: one optimizer step
         if (i + 1) % cfg.train.log_every == 0 and i + 1 < n:
             stats = loop.step.read()  # the read point: progress and the non-finite check
             if bar is not None:
@@ -257,6 +278,8 @@ def fit(
         progress = cfg.train.progress and D.is_main() and not quiet
         loop = _build_loop(cfg, comp, plan, device, say, progress)
         state = TrainState(comp.distiller, loop.opt, loop.scaler)
+        if loop.ema is not None:
+            state.extras["ema"] = loop.ema
         given = {
             k: _describe_module(m) for k, m in (("teacher", teacher), ("student", student)) if m
         }
@@ -291,8 +314,8 @@ def fit(
 
         # 4. Finish: the student's files and summary.json (last: the run finished).
         extra = {"teacher_top1": teacher_top1} if teacher_top1 is not None else None
-        summary = run.finish(comp.distiller.student, cfg, state, t_start=t_start, metadata=meta,
-                             extra=extra)  # fmt: skip
+        with loop.averaged() as student:
+            summary = run.finish(student, cfg, state, t_start=t_start, metadata=meta, extra=extra)
         comp.distiller.tap.remove()
         return summary
 
@@ -304,12 +327,13 @@ def _evaluate_epoch(loop: _Loop, run: RunFolder, state: TrainState, record, epoc
     is_eval = (main_epoch + 1) % loop.cfg.train.eval_every == 0 or epoch + 1 == loop.total_epochs
     if "phase" in record or not is_eval:
         return
-    student = loop.comp.distiller.student
-    ev = evaluate(student, loop.test_loader, loop.device, loop.amp)
-    record.update(ev)
-    if ev["top1"] > state.best["top1"]:
-        state.best = {"top1": ev["top1"], "epoch": main_epoch + 1}
-        run.save_best(student, meta)
+    with loop.averaged():
+        student = loop.comp.distiller.student
+        ev = evaluate(student, loop.test_loader, loop.device, loop.amp)
+        record.update(ev)
+        if ev["top1"] > state.best["top1"]:
+            state.best = {"top1": ev["top1"], "epoch": main_epoch + 1}
+            run.save_best(student, meta)
     record["best_top1"] = state.best["top1"]
 
 
