@@ -126,10 +126,10 @@ class TrainConfig:
     replay_seed: int = 0
     # Exponential moving average of the student's weights (0: off). When on, the averaged
     # weights are what is evaluated, saved as student_best.pt / student.pt and exported; decay
-    # warms up as min(ema_decay, (1 + t) / (10 + t)) over the first updates t (docs/training.md).
+    # warms up as min(ema_decay, (1 + t) / (10 + t)) over the first updates t (docs/architecture.md).
     ema_decay: float = 0.0
     # Micro-batches (of data.batch_size each) per optimizer step; the lr schedule counts
-    # optimizer steps. 1: every batch is a step (docs/training.md says what differs for k > 1).
+    # optimizer steps. 1: every batch is a step (docs/architecture.md: what differs for k > 1).
     grad_accum_steps: int = 1
 
 
