@@ -183,7 +183,7 @@ class ReplayCropDataset(Dataset):
         return self.tail(out) if self.tail is not None else out
 
     def __getitem__(self, i: int) -> tuple[Any, int, dict[str, Any]]:
-        from relkd.data.datasets import load_image
+        from relkd.data.formats import load_image
 
         path, target = self._sample(i)
         img = load_image(path)

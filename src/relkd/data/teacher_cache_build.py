@@ -51,7 +51,7 @@ def _build_lock(path: Path, log: Callable[[str], None] | None):
     beside a user's cache folder."""
     from filelock import FileLock, Timeout
 
-    from relkd.data.datasets import cache_dir
+    from relkd.data.kit import cache_dir
 
     locks = cache_dir() / "locks"
     locks.mkdir(parents=True, exist_ok=True)
