@@ -3,14 +3,23 @@ speed`` and the linear probe.
 
 One call of a :class:`TrainStep` does, in this order::
 
-    prepare_batch(x, y, extras)          the method's batch hook (e.g. CORSD's triplets -> 3B)
-    x -> channels_last                   if asked
-    t_out = teacher(x, **extras)         online teacher, exact cache or replay (no autocast)
-    drop the teacher-only extras         (index / aug_offsets / aug_flips of a cached teacher)
-    with amp(): _, terms = model(x, y, t_out, **extras)
-    loss = sum(terms)                    fp32
-    non-finite handling                  on the device (see below)
-    zero_grad; scaler.scale(loss).backward(); [unscale_; clip_grad_norm_]; scaler.step; update
+    [skip mode: snapshot the state]
+    forward half (forward_loss, also relkd.Distillation's and the registry tests'):
+      prepare_batch(x, y, extras)        the method's batch hook (e.g. CORSD's triplets -> 3B)
+      x -> channels_last                 if asked
+      t_out = teacher(x, **extras)       online teacher, exact cache or replay (no autocast)
+      drop the teacher-only extras       (index / aug_offsets / aug_flips of a cached teacher)
+      with amp(): _, terms = model(x, y, t_out, **extras)
+      loss = sum(terms)                  fp32
+    update half (TrainStep.update):
+      non-finite handling                on the device (see below)
+      zero_grad; backward: scaler.scale(loss).backward()
+      optimizer_step: [unscale_; clip_grad_norm_]; scaler.step; scaler.update
+      after_update hooks                 (e.g. the EMA of the weights)
+
+With ``accum_steps`` k (``train.grad_accum_steps``) the calls form groups of k micro-batches:
+the gradient is zeroed at a group's first, each loss divided by the group's size, the optimizer
+steps at its last (``TrainStep.stepped``), and under DDP the others run under ``no_sync``.
 
 No host-device synchronisation happens in the step (fp32 / bf16): the loss terms are summed on
 the device into one float64 vector and only :meth:`TrainStep.read` copies them to the host (one
