@@ -227,7 +227,8 @@ def build_method_parts(
     given), the teacher and the student disagree on the classes, or the method needs a teacher
     and ``teacher`` is None (``teacher_hint`` says how to give one).
     """
-    s_shapes = probe_shapes(student, tappable(student, example), example.to(_device_of(student)))
+    s_ex = example.to(_device_of(student))  # each model measured on its own device
+    s_shapes = probe_shapes(student, tappable(student, s_ex), s_ex)
     if len(s_shapes["logits"]) != 1:
         raise RelkdError(
             f"the student must return logits [B, C]; got a per-sample shape {s_shapes['logits']}"
@@ -241,16 +242,15 @@ def build_method_parts(
         )
     ctx = MethodContext(
         num_classes=int(s_shapes["logits"][0]),
-        student_stages=get_feature_info(student, example),
+        student_stages=get_feature_info(student, s_ex),
         student_shapes=s_shapes,
         num_train_samples=num_train_samples,
         seed=seed,
     )
     if teacher is not None:
-        ctx.teacher_stages = get_feature_info(teacher, example)
-        ctx.teacher_shapes = probe_shapes(
-            teacher, tappable(teacher, example), example.to(_device_of(teacher))
-        )
+        t_ex = example.to(_device_of(teacher))
+        ctx.teacher_stages = get_feature_info(teacher, t_ex)
+        ctx.teacher_shapes = probe_shapes(teacher, tappable(teacher, t_ex), t_ex)
         if ctx.teacher_shapes["logits"] != s_shapes["logits"]:
             raise RelkdError(
                 f"teacher predicts {ctx.teacher_shapes['logits'][0]} classes but the student "
