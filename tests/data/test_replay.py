@@ -116,7 +116,7 @@ def test_replayed_crops_follow_torchvision_distribution(tree):
 
 
 def test_unsupported_transforms_are_named(tmp_path):
-    from relkd.data.datasets import FileImageDataset
+    from relkd.data import FileImageDataset
 
     samples = [(str(tmp_path / "x.jpg"), 0)]
     mk = lambda tf: FileImageDataset(samples, transform=tf)  # noqa: E731
