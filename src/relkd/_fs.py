@@ -1,10 +1,18 @@
-"""File-system helpers shared by the run folder and the teacher-output caches."""
+"""File-system helpers shared by the run folder, the model files and the teacher-output caches:
+atomic writes (a file holds the old or the new bytes, never a part) and the clean-up of what a
+killed writer left. A leaf module: it imports nothing of relkd."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 from typing import Any
+
+# Temporary names: ours (``.<name>.<pid>.tmp``), relkd 0.1's (``.<name>.tmp<pid>``) and
+# save_student's old ``<name>.tmp``; only ever removed by the process holding the run's lock.
+TMP_RE = re.compile(r"^(\..+\.\d+\.tmp|\..+\.tmp\d+|.+\.tmp)$")
 
 
 def fsync_dir(folder: Path) -> None:
@@ -122,6 +130,17 @@ def read_text(path: str | os.PathLike[str], kind: str, what: str = "file") -> st
     return read_bytes(path, kind, what).decode("utf-8")
 
 
+def first_odd_file(folder: Path, names: list[str]) -> tuple[str, str] | None:
+    """``(name, what it is)`` of the first of ``names`` in ``folder`` that exists but is not a
+    regular file (a folder, a link to nothing, a FIFO or a device), else None."""
+    for name in names:
+        f = Path(folder) / name
+        if os.path.lexists(f) and not f.is_file():
+            kind = "a folder" if f.is_dir() else "a special file" if f.exists() else "a dead link"
+            return name, kind
+    return None
+
+
 def json_safe(obj: Any) -> Any:
     """``obj`` with every non-finite float (NaN, inf) replaced by None: ``json.dumps`` would
     write ``NaN`` / ``Infinity``, which is not JSON (other readers refuse it). A diverged run's
@@ -135,3 +154,57 @@ def json_safe(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [json_safe(v) for v in obj]
     return obj
+
+
+def write_fsync(path: Path, data: bytes | memoryview) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def tmp_name(path: Path) -> Path:
+    """The temporary file an atomic write of ``path`` goes through (same folder, hidden)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that ``path`` holds either the old or the new bytes, never
+    a part: a temporary file in the same folder, fsync, rename over ``path``, fsync the folder.
+    The file mode follows the umask, like ``open(path, "w")``. A temporary file is removed when
+    the write fails or is interrupted (a SIGKILL leaves it for :func:`remove_temp_files`)."""
+    path = Path(path)
+    tmp = tmp_name(path)
+    try:
+        write_fsync(tmp, data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(
+        path, (json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n").encode()
+    )
+
+
+def remove_temp_files(folder: Path) -> list[str]:
+    """Delete temporary files that killed atomic writes left in ``folder``; their names."""
+    gone = []
+    if not folder.is_dir():
+        return gone
+    for p in folder.iterdir():
+        if p.is_file() and TMP_RE.match(p.name):
+            p.unlink(missing_ok=True)
+            gone.append(p.name)
+    return sorted(gone)

@@ -125,6 +125,18 @@ class TrainConfig:
     # method and seed of a table shares them and the teacher's stored outputs.
     teacher_replay: str = "off"
     replay_seed: int = 0
+    # Exponential moving average of the student's weights (0: off). When on, the averaged
+    # weights are what is evaluated, saved as student_best.pt / student.pt and exported; decay
+    # warms up as min(ema_decay, (1 + t) / (10 + t)) over the first updates t (docs/architecture.md).
+    ema_decay: float = 0.0
+    # Micro-batches (of data.batch_size each) per optimizer step; the lr schedule counts
+    # optimizer steps. 1: every batch is a step (docs/architecture.md: what differs for k > 1).
+    grad_accum_steps: int = 1
+
+
+#: Keys added after runs were recorded, with the value that keeps the old behaviour: a run
+#: folder recorded without the key resumes when the key has this value.
+ADDED_KEYS: dict[str, Any] = {"train.ema_decay": 0.0, "train.grad_accum_steps": 1}
 
 
 @dataclass
@@ -219,6 +231,8 @@ def _validate_values(cfg: Config) -> None:
         ("data.val_seed", d.val_seed, 0 <= d.val_seed <= MAX_SEED, "must be in 0 .. 2**63 - 1"),
         ("data.num_workers", d.num_workers, d.num_workers >= 0, "must be >= 0"),
         ("train.log_every", t.log_every, t.log_every >= 1, "must be >= 1 (steps between reads)"),
+        ("train.ema_decay", t.ema_decay, 0 <= t.ema_decay < 1, "must be in [0, 1) (0: off)"),
+        ("train.grad_accum_steps", t.grad_accum_steps, t.grad_accum_steps >= 1, "must be >= 1"),
     ]
     optional: list[tuple[str, Any, Any, str]] = [
         ("train.grad_clip", t.grad_clip, lambda v: v > 0, "must be > 0 (or null: no clipping)"),
@@ -279,7 +293,7 @@ def _validate(cfg: Config) -> None:
     _validate_magnitudes(cfg)
 
 
-def _yaml_error(where: str, e: yaml.YAMLError) -> RelkdError:
+def yaml_error(where: str, e: yaml.YAMLError) -> RelkdError:
     """One line for a YAML syntax error: what is wrong and where (line, column)."""
     problem = getattr(e, "problem", None) or str(e).splitlines()[0]
     mark = getattr(e, "problem_mark", None)
@@ -400,7 +414,7 @@ def _load_yaml_file(path: Path) -> DictConfig:
         with open_regular(path, "config", "config file") as f:
             loaded = OmegaConf.load(f)
     except yaml.YAMLError as e:
-        raise _yaml_error(f"config file {str(path)!r}", e) from None
+        raise yaml_error(f"config file {str(path)!r}", e) from None
     except OSError as e:
         raise RelkdError(str(e) if e.strerror is None else f"config file {str(path)!r}: {e}") from e
     if not isinstance(loaded, DictConfig):
@@ -488,6 +502,22 @@ def _parse_override(item: str) -> DictConfig:
     try:
         parsed = OmegaConf.from_dotlist([item])
     except yaml.YAMLError as e:
-        raise _yaml_error(f"override {item!r}", e) from None
+        raise yaml_error(f"override {item!r}", e) from None
     _check_types(OmegaConf.to_container(parsed, resolve=False), Config, "", None)
     return parsed
+
+
+def load_run_config(config: Any, overrides: Sequence[str] = (), student: Any = None) -> Config:
+    """:func:`load_config` for a run; a student module passed from Python needs no
+    ``student.name`` in the config (its class name is used for the run record and the
+    checkpoint metadata)."""
+    try:
+        return load_config(config, overrides)
+    except RelkdError as e:
+        # Missing name: OmegaConf's "missing mandatory value" or our "student.name is required".
+        if student is None or "student.name" not in str(e):
+            raise
+        try:
+            return load_config(config, [*overrides, f"student.name={type(student).__name__}"])
+        except RelkdError:
+            raise e from None

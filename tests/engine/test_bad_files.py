@@ -174,7 +174,7 @@ def test_the_resume_line_and_the_next_epoch_line_agree(finished, fmnist_root, tm
     capsys.readouterr()
     relkd.train(_cfg(fmnist_root, run.parent, epochs=3), resume=True, allow_change=["train"])
     err = capsys.readouterr().err
-    assert "after epoch 2 (continuing with epoch 3)" in err, err
+    assert "after epoch 2 (next: epoch 3)" in err, err
     assert "epoch 3/3" in err, err
 
 
@@ -208,7 +208,7 @@ def test_a_full_or_read_only_disk_during_training_is_one_line_and_resumable(
 
     from relkd.engine import checkpoint
 
-    real = checkpoint._write_fsync
+    real = checkpoint.write_fsync
     calls = []
 
     def full_on_second_save(path, data):
@@ -218,12 +218,12 @@ def test_a_full_or_read_only_disk_during_training_is_one_line_and_resumable(
             raise OSError(getattr(errno, err), os.strerror(getattr(errno, err)), str(path))
         real(path, data)
 
-    monkeypatch.setattr(checkpoint, "_write_fsync", full_on_second_save)
+    monkeypatch.setattr(checkpoint, "write_fsync", full_on_second_save)
     cfg = _cfg(fmnist_root, tmp_path / "out", epochs=2)
     code, err_text = _cli(["train", _cfg_file(tmp_path, cfg)])
     line = _one_line(err_text)
     assert code == 2 and os.strerror(getattr(errno, err)) in line and "checkpoint.pt" in line
-    monkeypatch.setattr(checkpoint, "_write_fsync", real)  # space freed: resume from epoch 1
+    monkeypatch.setattr(checkpoint, "write_fsync", real)  # space freed: resume from epoch 1
     res = relkd.train(cfg, resume=True, quiet=True)
     recs = [
         json.loads(x) for x in (Path(res["run_dir"]) / "metrics.jsonl").read_text().splitlines()
