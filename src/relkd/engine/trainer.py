@@ -604,6 +604,8 @@ def _fit(cfg, device, run: RunFolder, teacher, student, resume, allow_change, qu
         "student": cfg.student.name,
         "teacher": cfg.teacher.name if cfg.teacher else None,
         "seed": cfg.train.seed,
+        # What every top-1 above was measured on (issue 27: a number says its split and size).
+        **eval_set(cfg, comp.test_ds),
         # Training time of every epoch of the run, earlier sessions included (a resumed run's
         # history holds them); evaluation excluded.
         "train_time_s": sum(r.get("epoch_time_s", 0.0) for r in history),
@@ -615,6 +617,17 @@ def _fit(cfg, device, run: RunFolder, teacher, student, resume, allow_change, qu
     run.finish(distiller.student, summary, meta)
     distiller.tap.remove()
     return summary
+
+
+def eval_set(cfg: Config, test_ds) -> dict[str, Any]:
+    """``{"eval_split", "test_subset", "eval_images"}``: the split a run's top-1 is measured on
+    (``"validation"`` with ``data.val_split``, else ``"test"``), its ``data.test_subset`` cap and
+    the number of images evaluated."""
+    return {
+        "eval_split": "validation" if cfg.data.val_split else "test",
+        "test_subset": cfg.data.test_subset,
+        "eval_images": len(test_ds),
+    }
 
 
 def _describe_module(m: nn.Module) -> dict[str, Any]:
