@@ -11,8 +11,9 @@ from torch import nn
 
 from relkd import losses
 from relkd.api import Distillation, DistillationOutput
-from relkd.methods import list_methods
+from relkd.methods import Method, MethodContext, list_methods, register_method
 from relkd.models import FeatureTap, ModelOutput, create_model, list_models, load_checkpoint
+from relkd.models.registry import register_model
 from relkd.registry import RelkdError
 
 __version__ = "0.1.0"
@@ -78,6 +79,8 @@ __all__ = [
     "Distillation",
     "DistillationOutput",
     "FeatureTap",
+    "Method",
+    "MethodContext",
     "ModelOutput",
     "RelkdError",
     "create_model",
@@ -85,5 +88,7 @@ __all__ = [
     "list_models",
     "load_checkpoint",
     "losses",
+    "register_method",
+    "register_model",
     "train",
 ]

@@ -61,23 +61,17 @@ def evaluate_checkpoint(
 ) -> float:
     """Top-1 (%) of the checkpoint ``ckpt`` of ``model_name`` on the test split of ``data`` (a
     config's ``data`` section: name, root, image_size, eval_batch_size)."""
-    import inspect
-
     import torch
 
     from relkd.data import build_datasets
+    from relkd.engine.trainer import _chans_kwargs
     from relkd.models import create_model, load_checkpoint
-    from relkd.models.registry import MODELS
 
     _, test_ds, info = build_datasets(
         data["name"], data.get("root"), augment=False, image_size=data.get("image_size")
     )
-    kw = dict(kwargs or {})
-    takes = (
-        ":" not in model_name and "in_chans" in inspect.signature(MODELS.get(model_name)).parameters
-    )
-    if takes or info.in_channels != 3:
-        kw.setdefault("in_chans", info.in_channels)
+    # in_chans as training passes it (zoo names, import paths: where the factory takes it)
+    kw = _chans_kwargs(model_name, kwargs or {}, info.in_channels)
     model = create_model(model_name, info.num_classes, **kw)
     load_checkpoint(model, ckpt)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

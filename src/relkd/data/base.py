@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from relkd import plugins as _plugins
 from relkd.data.formats import load_image
 from relkd.registry import Registry
 
@@ -62,7 +63,7 @@ class BuildOptions:
 
 
 Builder = Callable[[Path | None, BuildOptions], "tuple[Dataset, Dataset, DataInfo]"]
-DATASETS: Registry[Builder] = Registry("dataset")
+DATASETS: Registry[Builder] = Registry("dataset", check=_plugins.check_dataset)
 
 
 class ArrayImageDataset(Dataset):

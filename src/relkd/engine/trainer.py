@@ -132,7 +132,7 @@ def _chans_kwargs(name: str, kwargs: Any, in_channels: int) -> dict[str, Any]:
 
     kw = dict(kwargs)
     takes = False
-    if ":" not in name and name in MODELS.names():
+    if not name.startswith(("torchvision:", "timm:")) and name in MODELS:
         takes = "in_chans" in inspect.signature(MODELS.get(name)).parameters
     if takes or in_channels != 3:
         kw.setdefault("in_chans", in_channels)

@@ -20,10 +20,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from relkd import plugins as _plugins
 from relkd.models.base import FeatureInfo, ModelOutput
 from relkd.registry import Registry, RelkdError
 
-METHODS: Registry[type[Method]] = Registry("method")
+METHODS: Registry[type[Method]] = Registry("method", check=_plugins.check_method)
 
 
 @dataclass

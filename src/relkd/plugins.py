@@ -1,0 +1,187 @@
+"""Models, methods and data sets of your own: by import path, or registered by a package.
+
+Everywhere relkd accepts a model, method or data set name (configs, suites, ``relkd eval``,
+``relkd probe``, ``relkd report``), an **import path** ``package.module:Attribute`` names an
+object of your own, as torchdistill's and Lightning's configs do::
+
+    student: {name: mypkg.models:ResNetA, kwargs: {depth: 20}}
+    method: {name: mypkg.methods:MyKD}          # a relkd.Method subclass; "mypkg.methods:MyKD+kd"
+    data: {name: mypkg.data:build_flowers}      # a builder (root, BuildOptions) -> (train, test, DataInfo)
+
+The module is imported once, the first time the name is looked up (before any other check), and
+a failure is one line naming the path: module not found, attribute not found, or not a model /
+method / data set. A model may be an ``nn.Module`` subclass or a function returning one; it gets
+``num_classes`` when its signature takes it (else its classifier width is checked against the
+data set) and ``in_chans`` likewise.
+
+A package can also register names under the **entry-point groups** :data:`GROUPS`
+(``relkd.models``, ``relkd.methods``, ``relkd.datasets``), e.g. in its ``pyproject.toml``::
+
+    [project.entry-points."relkd.methods"]
+    mykd = "mypkg.methods:MyKD"
+
+Entry points are discovered the first time a registry is consulted (every command does this at
+start-up); the name (``mykd``) then works like a built-in one, and ``relkd list methods`` shows
+it. An entry point may also name a module whose import registers its components (with
+:func:`relkd.register_method` / ``register_model``). A plug-in that fails to load is reported in
+one warning and skipped; it never breaks the built-in names.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+import types
+import warnings
+from typing import Any
+
+from relkd.registry import RelkdError
+
+#: Registry kind -> entry-point group.
+GROUPS = {"model": "relkd.models", "method": "relkd.methods", "dataset": "relkd.datasets"}
+#: Prefixes that name adapters, not modules (``torchvision:resnet18``, ``timm:resnet50``).
+RESERVED = ("torchvision", "timm")
+_PATH = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*$")
+_WHAT = {
+    "model": "a model (an nn.Module subclass or a function returning an nn.Module)",
+    "method": "a method (a relkd.Method subclass)",
+    "dataset": "a data set (a builder function (root, BuildOptions) -> (train, test, DataInfo))",
+}
+
+
+def is_import_path(name: object) -> bool:
+    """Whether ``name`` is a ``module:attribute`` import path (not ``torchvision:`` / ``timm:``)."""
+    return (
+        isinstance(name, str)
+        and bool(_PATH.match(name))
+        and name.split(":", 1)[0].split(".")[0] not in RESERVED
+    )
+
+
+def import_object(path: str, kind: str = "component") -> Any:
+    """The object an import path names; :class:`RelkdError` (one line naming ``path``) when the
+    module or the attribute is missing or the module fails to import."""
+    mod_name, attr = path.split(":", 1)
+    try:
+        module = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        missing = e.name or mod_name
+        if mod_name == missing or mod_name.startswith(missing + "."):
+            raise RelkdError(
+                f"{kind} {path!r}: module {missing!r} not found (is its package installed or its "
+                "folder on PYTHONPATH?)"
+            ) from None
+        raise RelkdError(
+            f"{kind} {path!r}: importing {mod_name!r} failed: it imports {missing!r}, which is "
+            "not installed"
+        ) from None
+    except Exception as e:  # the user's module itself raised while importing
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise RelkdError(
+            f"{kind} {path!r}: importing {mod_name!r} failed: {type(e).__name__}: {first}"
+        ) from e
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise RelkdError(f"{kind} {path!r}: module {mod_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def import_path_of(obj: Any) -> str | None:
+    """``"module:QualName"`` of a class or function when importing that path gives ``obj``
+    back (so a config holding it reproduces the object), else None (defined in ``__main__``, in
+    a function, or not reachable under its name)."""
+    target = obj if isinstance(obj, (type, types.FunctionType)) else type(obj)
+    mod, qual = getattr(target, "__module__", None), getattr(target, "__qualname__", "")
+    if not mod or mod == "__main__" or "<" in qual:
+        return None
+    path = f"{mod}:{qual}"
+    if not is_import_path(path):
+        return None
+    try:
+        return path if import_object(path) is target else None
+    except RelkdError:
+        return None
+
+
+def not_a(kind: str, path: str, obj: Any) -> RelkdError:
+    got = (
+        f"class {obj.__name__}" if isinstance(obj, type) else f"value of type {type(obj).__name__}"
+    )
+    return RelkdError(f"{kind} {path!r} is not {_WHAT.get(kind, 'a ' + kind)}; it is a {got}")
+
+
+def load_entry_points(registry: Any) -> None:
+    """Register the entry points of ``registry``'s group (see the module docstring)."""
+    from importlib.metadata import entry_points
+
+    group = GROUPS.get(registry.kind)
+    if group is None:
+        return
+    for ep in entry_points(group=group):
+        where = f"entry point {ep.name!r} = {ep.value!r} (group {group})"
+        try:
+            obj = ep.load()
+            if isinstance(obj, types.ModuleType):
+                continue  # importing the module registered its components
+            if ep.name in registry and registry.get(ep.name) is obj:
+                continue  # registered by a decorator while loading
+            registry.add(ep.name, registry.check(obj, ep.value))
+        except Exception as e:  # a broken plug-in must not break the built-in names
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            warnings.warn(f"relkd: skipped {where}: {first}", stacklevel=2)
+
+
+def model_factory(obj: Any, path: str) -> Any:
+    """A registry factory ``f(num_classes=, **kwargs) -> nn.Module`` for a model class or
+    function named by ``path``; its signature is the object's (so ``in_chans`` is passed only
+    where it is taken)."""
+    from torch import nn
+
+    if (isinstance(obj, type) and not issubclass(obj, nn.Module)) or not callable(obj):
+        raise not_a("model", path, obj)
+    if isinstance(obj, nn.Module):  # an instance, not something that builds one
+        raise not_a("model", path, obj)
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):
+        sig = None
+    params = sig.parameters if sig is not None else {}
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+    def factory(num_classes: int, **kwargs: Any) -> nn.Module:
+        if "num_classes" in params or var_kw:
+            kwargs.setdefault("num_classes", num_classes)
+        model = obj(**kwargs)
+        if not isinstance(model, nn.Module):
+            raise RelkdError(
+                f"model {path!r} is not a model: calling it returned a {type(model).__name__}, "
+                "not an nn.Module"
+            )
+        return model
+
+    if sig is not None:
+        factory.__signature__ = sig  # type: ignore[attr-defined]
+    factory.__name__ = getattr(obj, "__name__", "model")
+    factory.import_path = path  # type: ignore[attr-defined]
+    return factory
+
+
+def check_method(obj: Any, path: str) -> Any:
+    from relkd.methods.base import Method, check_declarations
+
+    if not (isinstance(obj, type) and issubclass(obj, Method)):
+        raise not_a("method", path, obj)
+    try:
+        check_declarations(obj)
+    except TypeError as e:
+        raise RelkdError(f"method {path!r}: {e}") from None
+    return obj
+
+
+def check_dataset(obj: Any, path: str) -> Any:
+    if not callable(obj) or isinstance(obj, type):
+        raise not_a("dataset", path, obj)
+    return obj

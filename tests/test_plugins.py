@@ -1,0 +1,240 @@
+"""A user's own model, method and data set, as a user meets them: by import path from the CLI, a
+suite, `relkd eval` and `relkd probe`; through entry points; and the one-line errors."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import pickle
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import relkd
+from relkd.cli import main
+
+FOREIGN = "tests.foreign_resnet:resnet8"
+
+
+def _cli(args: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(args)
+        except SystemExit as e:
+            code = int(e.code or 0)
+    return code, out.getvalue(), err.getvalue()
+
+
+def write_cifar10(root: Path, per_batch: int = 16, n_test: int = 40, seed: int = 0) -> Path:
+    """CIFAR-10's python pickles (5 train batches + test), tiny: class c is brighter in channel
+    c % 3, so a small net learns something in a few steps."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+
+    def batch(n: int) -> dict:
+        y = rng.integers(0, 10, n)
+        x = rng.integers(0, 120, (n, 3, 32, 32))
+        for i, c in enumerate(y):
+            x[i, c % 3] += 100 + 10 * (c // 3)
+        return {b"data": x.reshape(n, -1).astype(np.uint8), b"labels": [int(v) for v in y]}
+
+    for i in range(1, 6):
+        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch(per_batch)))
+    (folder / "test_batch").write_bytes(pickle.dumps(batch(n_test)))
+    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse",
+             b"ship", b"truck"]  # fmt: skip
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory) -> Path:
+    return write_cifar10(tmp_path_factory.mktemp("cifar10"))
+
+
+def _cfg(tmp_path: Path, root: Path, **over) -> str:
+    cfg = {
+        "student": {"name": FOREIGN},
+        "method": {"name": "ce"},
+        "data": {"name": "cifar10", "root": str(root), "batch_size": 16},
+        "train": {"epochs": 1, "max_steps_per_epoch": 3, "tensorboard": False,
+                  "progress": False, "device": "cpu"},
+        "schedule": {"name": "constant"},
+        "output_dir": str(tmp_path / "runs"),
+    }  # fmt: skip
+    cfg.update(over)
+    p = tmp_path / f"c{len(list(tmp_path.glob('c*.yaml')))}.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return str(p)
+
+
+@pytest.mark.parametrize(
+    ("override", "want"),
+    [
+        ("student.name=tests.no_such_module:Net",
+         "student.name: model 'tests.no_such_module:Net': module 'tests.no_such_module' not found"),
+        ("student.name=tests.foreign_resnet:Nope",
+         "model 'tests.foreign_resnet:Nope': module 'tests.foreign_resnet' has no attribute 'Nope'"),
+        ("student.name=tests.foreign_resnet:NOT_A_MODEL",
+         "model 'tests.foreign_resnet:NOT_A_MODEL' is not a model (an nn.Module subclass or a "
+         "function returning an nn.Module); it is a value of type int"),
+        ("method.name=tests.foreign_resnet:ResNet",
+         "method 'tests.foreign_resnet:ResNet' is not a method (a relkd.Method subclass); it is "
+         "a class ResNet"),
+        ("data.name=tests.foreign_resnet:ResNet",
+         "data.name: dataset 'tests.foreign_resnet:ResNet' is not a data set"),
+    ],
+)  # fmt: skip
+def test_a_bad_import_path_is_one_line_naming_it(tmp_path, cifar_root, override, want):
+    code, _, err = _cli(["train", _cfg(tmp_path, cifar_root), override, "--print-config"])
+    assert code == 2 and want in err and err.count("\n") == 1, err
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_foreign_model_by_import_path_in_train_eval_probe(tmp_path, cifar_root):
+    """An akamaster-style CIFAR ResNet of the user's own module: trained as a teacher with
+    `relkd train`, distilled from by import path, evaluated with `relkd eval` (the run's own
+    number, exactly) and probed with `relkd probe`."""
+    code, out, err = _cli(["train", _cfg(tmp_path, cifar_root), "name=teacher"])
+    assert code == 0, err
+    t_sum = json.loads(out)
+    t_run = Path(t_sum["run_dir"])
+    recorded = yaml.safe_load((t_run / "config.yaml").read_text())
+    assert recorded["student"]["name"] == FOREIGN
+
+    kd = _cfg(
+        tmp_path, cifar_root, student={"name": "resnet8"},
+        teacher={"name": FOREIGN, "checkpoint": str(t_run / "student.pt")},
+        method={"name": "kd"},
+    )  # fmt: skip
+    code, out, err = _cli(["train", kd])
+    assert code == 0, err
+    kd_run = Path(json.loads(out)["run_dir"])
+    assert yaml.safe_load((kd_run / "config.yaml").read_text())["teacher"]["name"] == FOREIGN
+    assert kd_run.name == "kd_tests.foreign_resnet-resnet8_resnet8_s0"
+
+    code, out, err = _cli(["eval", str(t_run), "--no-progress"])
+    assert code == 0, err
+    assert json.loads(out)["top1"] == t_sum["last_top1"]
+
+    code, out, err = _cli([
+        "probe", "--model", FOREIGN, "--checkpoint", str(t_run / "student.pt"),
+        "--num-source-classes", "10", "--data", "cifar10", "--root", str(cifar_root),
+        "--epochs", "1", "--max-steps-per-epoch", "2", "--batch-size", "16", "--device", "cpu",
+        "--out", str(tmp_path / "probe"), "--quiet",
+    ])  # fmt: skip
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["model"] == FOREIGN and res["feature_dim"] == 64
+    assert Path(res["run_dir"]).name == "cifar10_tests.foreign_resnet-resnet8_s0"
+
+
+USER_METHOD = '''
+    import torch
+    import torch.nn.functional as F
+
+    import relkd
+
+
+    class LogitMSE(relkd.Method):
+        """Mean squared error between student and teacher logits, times `weight`."""
+
+        requires_teacher = True
+
+        def __init__(self, ctx: relkd.MethodContext, weight: float = 1.0) -> None:
+            super().__init__(ctx)
+            self.weight = weight
+
+        def forward(self, student, teacher, targets, **extras):
+            return {"mse": self.weight * F.mse_loss(student.logits, teacher.logits)}
+'''
+
+
+@pytest.fixture
+def user_package(tmp_path, monkeypatch) -> Path:
+    """A package of the user's, outside relkd and outside the tests, on sys.path."""
+    pkg = tmp_path / "site" / "my_kd_methods"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(textwrap.dedent(USER_METHOD))
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    yield tmp_path / "site"
+    for name in [m for m in sys.modules if m.startswith("my_kd_methods")]:
+        del sys.modules[name]
+
+
+def test_user_method_from_a_separate_package_in_a_suite(tmp_path, cifar_root, user_package):
+    """A suite names the user's method by import path (bare, and with arguments under a label)
+    and a foreign teacher by import path; the report shows both rows."""
+    from relkd.bench import run_suite, write_report
+
+    code, out, err = _cli(["train", _cfg(tmp_path, cifar_root), "name=teacher"])
+    assert code == 0, err
+    ckpt = Path(json.loads(out)["run_dir"]) / "student.pt"
+    suite = {
+        "name": "mine",
+        "base": {
+            "data": {"name": "cifar10", "root": str(cifar_root), "batch_size": 16},
+            "schedule": {"name": "constant"},
+            "train": {"epochs": 1, "max_steps_per_epoch": 2, "progress": False,
+                      "tensorboard": False, "device": "cpu"},
+        },
+        "teachers": {FOREIGN: {"checkpoint": str(ckpt)}},
+        "pairs": [[FOREIGN, "resnet8"]],
+        "methods": [
+            "ce",
+            "my_kd_methods:LogitMSE",
+            {"name": "mse_w2", "method": {"name": "my_kd_methods:LogitMSE", "args": {"weight": 2.0}}},
+        ],
+        "seeds": [0],
+    }  # fmt: skip
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    res = run_suite(path, tmp_path / "out", progress=False)
+    assert {r["status"] for r in res} == {"trained"}
+    run = tmp_path / "out/runs/LogitMSE/tests.foreign_resnet-resnet8_resnet8/s0"
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert "train/mse" in metrics[-1]  # the user's loss term was trained and logged
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["method"]["name"] == "my_kd_methods:LogitMSE"
+    md = write_report(tmp_path / "out", evaluate_teachers=False).read_text()
+    assert "| LogitMSE |" in md and "| mse_w2 |" in md
+
+    # a typo in the suite's import path: one line, before anything is trained
+    suite["methods"] = ["my_kd_methods:LogitMSEE"]
+    path.write_text(yaml.safe_dump(suite))
+    code, _, err = _cli(["bench", "accuracy", str(path), "--out", str(tmp_path / "o2")])
+    assert code == 2 and "module 'my_kd_methods' has no attribute 'LogitMSEE'" in err
+    assert not (tmp_path / "o2" / "runs").exists()
+
+
+def test_entry_points_register_models_and_methods(tmp_path, monkeypatch, user_package):
+    """A package that declares entry points in the relkd.models / relkd.methods groups: its names
+    work like built-in ones and `relkd list` shows them; a broken entry point is one warning."""
+    from relkd.methods import METHODS
+    from relkd.models import MODELS
+
+    dist = user_package / "my_kd_methods-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-kd-methods\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(
+        "[relkd.methods]\nlogit_mse = my_kd_methods:LogitMSE\nbroken = my_kd_methods:Missing\n\n"
+        "[relkd.models]\nakamaster_resnet8 = tests.foreign_resnet:resnet8\n"
+    )
+    for reg in (METHODS, MODELS):  # as at start-up: the registries have not looked yet
+        monkeypatch.setattr(reg, "_plugins_loaded", False)
+        monkeypatch.setattr(reg, "_items", dict(reg._items))
+    with pytest.warns(UserWarning, match="skipped entry point 'broken'"):
+        code, out, _ = _cli(["list", "methods"])
+    assert code == 0 and "logit_mse" in out.split() and "broken" not in out.split()
+    assert "akamaster_resnet8" in relkd.list_models()
+    model = relkd.create_model("akamaster_resnet8", 7)
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 7)
+    assert METHODS.get("logit_mse").__name__ == "LogitMSE"
