@@ -204,8 +204,11 @@ def test_user_method_from_a_separate_package_in_a_suite(tmp_path, cifar_root, us
     assert "train/mse" in metrics[-1]  # the user's loss term was trained and logged
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["method"]["name"] == "my_kd_methods:LogitMSE"
-    md = write_report(tmp_path / "out", evaluate_teachers=False).read_text()
+    md = write_report(tmp_path / "out").read_text()
     assert "| LogitMSE |" in md and "| mse_w2 |" in md
+    # the teacher row: the foreign teacher's own run folder gives its top-1
+    t_top1 = json.loads((ckpt.parent / "summary.json").read_text())["last_top1"]
+    assert f"| teacher ({FOREIGN}) | - | {t_top1:.2f} |" in md
 
     # a typo in the suite's import path: one line, before anything is trained
     suite["methods"] = ["my_kd_methods:LogitMSEE"]
@@ -238,3 +241,73 @@ def test_entry_points_register_models_and_methods(tmp_path, monkeypatch, user_pa
     model = relkd.create_model("akamaster_resnet8", 7)
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 7)
     assert METHODS.get("logit_mse").__name__ == "LogitMSE"
+
+
+USER_DATA = '''
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from relkd.data import DataInfo
+
+
+    def build_blobs(root, opts):
+        """Two Gaussian blobs per channel, 3 x 16 x 16 images, already normalised."""
+        g = torch.Generator().manual_seed(0)
+
+        def split(n):
+            y = torch.arange(n) % 4
+            x = torch.randn(n, 3, 16, 16, generator=g) * 0.5 + y.view(-1, 1, 1, 1) - 1.5
+            return TensorDataset(x, y)
+
+        info = DataInfo(num_classes=4, in_channels=3, image_size=16, mean=(0.0,) * 3,
+                        std=(1.0,) * 3, name="blobs")
+        return split(64), split(32), info
+'''
+
+
+def test_user_data_set_by_import_path(tmp_path, user_package):
+    (user_package / "my_kd_methods" / "data.py").write_text(textwrap.dedent(USER_DATA))
+    cfg = {
+        "student": {"name": FOREIGN},
+        "method": {"name": "ce"},
+        "data": {"name": "my_kd_methods.data:build_blobs", "batch_size": 16},
+        "train": {"epochs": 2, "tensorboard": False, "progress": False, "device": "cpu"},
+        "schedule": {"name": "constant"},
+        "optim": {"lr": 0.1},
+        "output_dir": str(tmp_path / "runs"),
+    }
+    res = relkd.train(cfg, quiet=True)
+    assert res["eval_images"] == 32 and res["best_top1"] > 25.0  # 4 classes: chance is 25 %
+    recorded = yaml.safe_load((Path(res["run_dir"]) / "config.yaml").read_text())
+    assert recorded["data"]["name"] == "my_kd_methods.data:build_blobs"
+
+
+def test_the_readme_method_example_runs(tmp_path, fmnist_root, tiny_teacher_ckpt):
+    """The README's ~15-line method: registered under its short name, trained from a config."""
+    import re
+
+    from relkd.methods import METHODS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"```python\n(import torch.nn.functional as F\n.*?)```", readme, re.S)
+    assert block, "the README's method example"
+    try:
+        exec(compile(block.group(1), "README.md", "exec"), {})
+        assert "logit_mse" in relkd.list_methods()
+        res = relkd.train(
+            {
+                "student": {"name": "cnn_tiny"},
+                "teacher": {"name": "cnn_small", "checkpoint": str(tiny_teacher_ckpt)},
+                "method": {"name": "logit_mse", "args": {"weight": 2.0}},
+                "data": {"name": "fashion_mnist", "root": str(fmnist_root), "batch_size": 32},
+                "train": {"epochs": 1, "max_steps_per_epoch": 2, "tensorboard": False,
+                          "progress": False, "device": "cpu"},
+                "schedule": {"name": "constant"},
+                "output_dir": str(tmp_path),
+            },
+            quiet=True,
+        )  # fmt: skip
+        last = json.loads((Path(res["run_dir"]) / "metrics.jsonl").read_text().splitlines()[-1])
+        assert last["train/mse"] > 0
+    finally:
+        METHODS._items.pop("logit_mse", None)
