@@ -311,3 +311,43 @@ def test_the_readme_method_example_runs(tmp_path, fmnist_root, tiny_teacher_ckpt
         assert last["train/mse"] > 0
     finally:
         METHODS._items.pop("logit_mse", None)
+
+
+def test_distillation_normalises_a_foreign_teacher_as_train_does(tmp_path, cifar_root):
+    """One rule for every entry point: the akamaster teacher declares ImageNet statistics; on
+    CIFAR data relkd.train re-normalises its inputs, and relkd.Distillation, told the loader's
+    statistics, gives the same logits (and says which statistics it applied)."""
+    from relkd.config import load_config
+    from relkd.engine.trainer import build_components
+    from relkd.models import load_checkpoint
+    from tests.foreign_resnet import AKAMASTER_MEAN, AKAMASTER_STD, resnet8
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "teacher.pt"
+    torch.save(resnet8(10).state_dict(), ckpt)
+    cfg = load_config(yaml.safe_load(open(_cfg(
+        tmp_path, cifar_root, student={"name": "resnet8"}, method={"name": "kd"},
+        teacher={"name": FOREIGN, "checkpoint": str(ckpt)},
+    ))))  # fmt: skip
+    comp = build_components(cfg, torch.device("cpu"))
+    x = torch.stack([comp.test_ds[i][0] for i in range(8)])  # normalised with CIFAR-10's stats
+    in_train = comp.teacher.model.eval()(x)
+
+    teacher = load_checkpoint(resnet8(10), ckpt).eval()
+    raw = teacher(x)
+    distill = relkd.Distillation(
+        "kd", relkd.create_model("resnet8", 10), teacher, example_input=x,
+        data_mean=comp.info.mean, data_std=comp.info.std,
+    )  # fmt: skip
+    mine = distill.teacher.eval()(x)
+    assert torch.equal(mine, in_train) and not torch.allclose(raw, in_train)
+    assert distill.input_norm["teacher"] == (
+        f"mean {AKAMASTER_MEAN} std {AKAMASTER_STD} declared by the model, re-normalised from "
+        "the data's"
+    )
+    assert distill.input_norm["student"].startswith("the data's mean")
+    # without the loader's statistics: inputs unchanged, and a warning says why that matters
+    with pytest.warns(UserWarning, match="teacher's input statistics are declared by the model"):
+        d2 = relkd.Distillation("kd", relkd.create_model("resnet8", 10), resnet8(10),
+                                example_input=x)  # fmt: skip
+    assert d2.input_norm["teacher"].startswith("unchanged")
