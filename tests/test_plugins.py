@@ -325,10 +325,10 @@ def test_distillation_normalises_a_foreign_teacher_as_train_does(tmp_path, cifar
     torch.manual_seed(0)
     ckpt = tmp_path / "teacher.pt"
     torch.save(resnet8(10).state_dict(), ckpt)
-    cfg = load_config(yaml.safe_load(open(_cfg(
+    cfg = load_config(_cfg(
         tmp_path, cifar_root, student={"name": "resnet8"}, method={"name": "kd"},
         teacher={"name": FOREIGN, "checkpoint": str(ckpt)},
-    ))))  # fmt: skip
+    ))  # fmt: skip
     comp = build_components(cfg, torch.device("cpu"))
     x = torch.stack([comp.test_ds[i][0] for i in range(8)])  # normalised with CIFAR-10's stats
     in_train = comp.teacher.model.eval()(x)
