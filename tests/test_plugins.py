@@ -109,6 +109,12 @@ def test_foreign_model_by_import_path_in_train_eval_probe(tmp_path, cifar_root):
     t_run = Path(t_sum["run_dir"])
     recorded = yaml.safe_load((t_run / "config.yaml").read_text())
     assert recorded["student"]["name"] == FOREIGN
+    # the statistics the akamaster module declares are applied, and the plan line says so
+    plan = next(ln for ln in err.splitlines() if ln.startswith("plan:"))
+    assert (
+        f"inputs 3x32x32; student {FOREIGN} sees mean (0.485, 0.456, 0.406) std (0.229, "
+        "0.224, 0.225) declared by the model, re-normalised from the data's" in plan
+    )
 
     kd = _cfg(
         tmp_path, cifar_root, student={"name": "resnet8"},
@@ -351,3 +357,66 @@ def test_distillation_normalises_a_foreign_teacher_as_train_does(tmp_path, cifar
         d2 = relkd.Distillation("kd", relkd.create_model("resnet8", 10), resnet8(10),
                                 example_input=x)  # fmt: skip
     assert d2.input_norm["teacher"].startswith("unchanged")
+
+
+def _png_folder(root: Path, side: int, n: int = 8, classes: int = 2) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            d = root / split / f"c{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                px = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+                Image.fromarray(px).save(d / f"{i}.png")
+    return root
+
+
+def test_input_mismatch_said_before_training_and_small_imagefolder(tmp_path, cifar_root):
+    """A teacher trained by relkd on CIFAR (32 px, CIFAR statistics, recorded in its student.pt)
+    distilled on an image folder of 32-pixel PNGs: imagefolder trains at 32 (and says so), the
+    teacher's recorded statistics are applied (the data's are ImageNet's) and said once, and the
+    plan line shows size, channels and statistics per model. At 48 px the size mismatch is said."""
+    from relkd.config import load_config
+    from relkd.engine.trainer import build_components
+    from relkd.models import create_model, load_checkpoint
+    from relkd.models.normalization import renormalize
+
+    code, out, err = _cli(["train", _cfg(tmp_path, cifar_root, student={"name": "resnet8"}),
+                           "name=t", "optim.lr=0.01"])  # fmt: skip
+    assert code == 0, err
+    ckpt = Path(json.loads(out)["run_dir"]) / "student.pt"
+    folder = _png_folder(tmp_path / "imgs", 32, classes=10)
+    kd = _cfg(
+        tmp_path, folder, student={"name": "resnet8"}, method={"name": "kd"},
+        teacher={"name": "resnet8", "checkpoint": str(ckpt)},
+        data={"name": "imagefolder", "root": str(folder), "batch_size": 8},
+    )  # fmt: skip
+    code, out, err = _cli(["train", kd])
+    assert code == 0, err
+    lines = err.splitlines()
+    assert sum("imagefolder: the training images are 32x32" in ln for ln in lines) == 1
+    stats = [ln for ln in lines if "teacher resnet8 was trained on inputs normalised" in ln]
+    assert len(stats) == 1 and "relkd re-normalises the teacher's inputs" in stats[0]
+    plan = next(ln for ln in lines if ln.startswith("plan:"))
+    assert "inputs 3x32x32" in plan
+    assert "teacher resnet8 sees mean (0.4914, 0.4822, 0.4465)" in plan  # CIFAR-10's, recorded
+    assert "student resnet8 sees the data's mean (0.485, 0.456, 0.406)" in plan  # ImageNet's
+    assert "image size" not in err and "expects" not in err  # 32 px fed to a 32-px teacher
+
+    # What relkd does about it, checked on the logits: the teacher sees CIFAR-normalised inputs.
+    comp = build_components(load_config(kd), torch.device("cpu"))
+    x = torch.stack([comp.test_ds[i][0] for i in range(4)])  # ImageNet-normalised, 32 px
+    plain = load_checkpoint(create_model("resnet8", 10), ckpt).eval()
+    meta = torch.load(ckpt, weights_only=True)["meta"]  # what the teacher's run recorded
+    want = plain(renormalize(x, comp.info.mean, comp.info.std, meta["mean"], meta["std"]))
+    assert torch.allclose(comp.teacher.model.eval()(x), want, atol=1e-5)
+
+    code, _, err = _cli(["train", kd, "data.image_size=48", "name=at48"])
+    assert code == 0, err
+    assert (
+        "teacher resnet8 expects 32x32 images (recorded in student.pt) but the data "
+        "pipeline feeds 48x48: relkd feeds them as configured; set data.image_size=32" in err
+    )
+    assert "imagefolder: the training images" not in err  # the size was chosen by the user

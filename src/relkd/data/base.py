@@ -39,6 +39,8 @@ class DataInfo:
         crop_padding: zero padding of the train RandomCrop (4 for CIFAR, 2 for Fashion-MNIST,
             size / 8 for STL-10, Tiny-ImageNet and folder_jpg; 0 for the RandomResizedCrop
             recipes), for loaders that redo the augmentation themselves.
+        notes: what the builder chose that the user should hear (said once before training),
+            e.g. imagefolder training small images at their own size.
     """
 
     num_classes: int
@@ -49,6 +51,7 @@ class DataInfo:
     classes: list[str] | None = None
     name: str = ""
     crop_padding: int = 0
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import random
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +139,21 @@ def _chans_kwargs(name: str, kwargs: Any, in_channels: int) -> dict[str, Any]:
     return kw
 
 
-def _build_models(cfg: Config, info: Any, teacher: nn.Module | None, student: nn.Module | None):
+def _build_models(
+    cfg: Config,
+    info: Any,
+    teacher: nn.Module | None,
+    student: nn.Module | None,
+    report: dict[str, Any] | None = None,
+):
+    """Student and teacher as configured, each with its input normalisation attached. With
+    ``report``: ``report["inputs"][role]`` says the statistics each model sees and
+    ``report["notes"]`` gets what relkd noticed about the teacher's input contract
+    (:mod:`relkd.models.input_check`)."""
+    from relkd.models.normalization import describe_input_norm
+
+    report = report if report is not None else {}
+    inputs, notes = report.setdefault("inputs", {}), report.setdefault("notes", [])
     kw = _chans_kwargs(cfg.student.name, cfg.student.kwargs, info.in_channels)
     if student is None:
         student = create_model(
@@ -165,10 +179,24 @@ def _build_models(cfg: Config, info: Any, teacher: nn.Module | None, student: nn
                 "and pass that run's student.pt as teacher.checkpoint"
             )
     # Each model sees inputs normalised as it was trained (a no-op when they match the data's).
-    attach_input_norm(student, info.mean, info.std, cfg.student.mean, cfg.student.std)
+    sc = cfg.student
+    attach_input_norm(student, info.mean, info.std, sc.mean, sc.std)
+    inputs["student"] = describe_input_norm(
+        student, info.mean, info.std, sc.mean, sc.std, "student.mean / student.std"
+    )
     if teacher is not None:
+        from relkd.models.input_check import teacher_input
+
         tc = cfg.teacher
-        attach_input_norm(teacher, info.mean, info.std, tc and tc.mean, tc and tc.std)
+        t_name = tc.name if tc else f"{type(teacher).__name__} (passed from Python)"
+        (t_mean, t_std), t_notes = teacher_input(
+            teacher, t_name, tc.checkpoint if tc else None, tc and tc.mean, tc and tc.std, info
+        )
+        attach_input_norm(teacher, info.mean, info.std, t_mean, t_std)
+        given = tc is not None and tc.mean is not None
+        how = "teacher.mean / teacher.std" if given else "recorded with its checkpoint"
+        inputs["teacher"] = describe_input_norm(teacher, info.mean, info.std, t_mean, t_std, how)
+        notes += t_notes
     return teacher, student
 
 
@@ -245,6 +273,10 @@ class Components:
     teacher: Teacher | None
     train_ds: Any
     test_ds: Any
+    #: the images each model sees, for the plan line (size, channels, statistics per model)
+    inputs: str = ""
+    #: what relkd noticed about the models' inputs, said once before training
+    input_notes: list[str] = field(default_factory=list)
 
 
 def build_components(
@@ -272,7 +304,8 @@ def build_components(
         train_ds = take_subset(
             train_ds, cfg.data.train_subset, seed=0
         )  # same subset for every seed
-    teacher_model, student_model = _build_models(cfg, info, teacher, student)
+    report: dict[str, Any] = {"notes": list(getattr(info, "notes", ()) or ()), "inputs": {}}
+    teacher_model, student_model = _build_models(cfg, info, teacher, student, report=report)
     dummy = torch.zeros(2, info.in_channels, info.image_size, info.image_size)
     s_shapes = probe_shapes(student_model, _tappable(student_model, dummy), dummy)
     if s_shapes["logits"] != (info.num_classes,):
@@ -308,7 +341,16 @@ def build_components(
     tea = None
     if teacher_model is not None and method.requires_teacher:
         tea = Teacher(teacher_model, method.teacher_taps()).to(device)
-    return Components(cfg, info, distiller, method, tea, train_ds, test_ds)
+    # The plan line's part: image size, channels and the statistics each model sees.
+    size = f"inputs {info.in_channels}x{info.image_size}x{info.image_size}"
+    names = {
+        "teacher": cfg.teacher.name if cfg.teacher else type(teacher_model).__name__,
+        "student": cfg.student.name if student is None else type(student_model).__name__,
+    }
+    roles = [r for r in ("teacher", "student") if r in report["inputs"]]
+    roles = [r for r in roles if r == "student" or tea is not None]  # an unused teacher: no
+    inputs = "; ".join([size, *(f"{r} {names[r]} sees {report['inputs'][r]}" for r in roles)])
+    return Components(cfg, info, distiller, method, tea, train_ds, test_ds, inputs, report["notes"])
 
 
 def _say(quiet: bool):
@@ -562,8 +604,11 @@ def _fit(cfg, device, run: RunFolder, teacher, student, resume, allow_change, qu
             say(
                 f"{run.path} is already complete ({n} epoch{'' if n == 1 else 's'}): nothing to train"
             )
-    run.write_json("plan.json", plan.to_dict())
-    say(plan.describe())
+    run.write_json("plan.json", {**plan.to_dict(), "inputs": comp.inputs,
+                                 "input_notes": comp.input_notes})  # fmt: skip
+    for note in comp.input_notes:
+        say(f"note: {note}")
+    say(f"{plan.describe()}; {comp.inputs}")
     meta = student_metadata(cfg, comp.info, student)
 
     # A teacher passed from Python has no config or summary of its own: measure its top-1 once

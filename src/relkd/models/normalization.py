@@ -230,11 +230,14 @@ def describe_input_norm(
     data_std: Sequence[float],
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    source: str | None = None,
 ) -> str:
     """In words, the statistics ``model`` sees (for the ``plan:`` line and
     :attr:`relkd.Distillation.input_norm`): ``"mean (0.485, 0.456, 0.406) std (...) declared by
     the model, re-normalised from the data's"`` or ``"the data's mean (...) std (...)"``."""
-    own, source = input_norm_source(model, mean, std)
+    own, found = input_norm_source(model, mean, std)
+    # ``source``: where given statistics came from, in words (unused when none are given)
+    source = source if mean is not None and source else found
     d = f"mean {_short(data_mean)} std {_short(data_std)}"
     if own is None:
         return f"the data's {d}"
