@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from torch import nn
 
 import relkd
 from relkd.cli import main
@@ -420,3 +421,47 @@ def test_input_mismatch_said_before_training_and_small_imagefolder(tmp_path, cif
         "pipeline feeds 48x48: relkd feeds them as configured; set data.image_size=32" in err
     )
     assert "imagefolder: the training images" not in err  # the size was chosen by the user
+
+
+def test_modules_passed_from_python_are_recorded_by_import_path(tmp_path, cifar_root):
+    """A module whose class rebuilds it is recorded by its import path: `relkd eval` of the run
+    folder reproduces the run's number. One that cannot be imported (or rebuilt from its class
+    alone) is recorded as such, and eval / --resume say in one line to pass it again."""
+    from tests.foreign_resnet import resnet8, resnet20
+
+    cfg = yaml.safe_load(Path(_cfg(tmp_path, cifar_root)).read_text())
+    del cfg["student"]
+    res = relkd.train({**cfg, "name": "a"}, student=resnet8(10), quiet=True)
+    run = Path(res["run_dir"])
+    assert yaml.safe_load((run / "config.yaml").read_text())["student"]["name"] == (
+        "tests.foreign_resnet:ResNet"
+    )
+    code, out, err = _cli(["eval", str(run), "--no-progress"])
+    assert code == 0 and json.loads(out)["top1"] == res["last_top1"], err
+
+    class Local(nn.Module):  # defined in a function: not importable
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = resnet8(10)
+
+        def forward(self, x):
+            return self.net(x)
+
+    # resnet20 is importable, but ResNet(num_classes=10) rebuilds a resnet8: not reproducible
+    for name, module in (("b", Local()), ("c", resnet20(10))):
+        res = relkd.train({**cfg, "name": name}, student=module, quiet=True)
+        run = Path(res["run_dir"])
+        recorded = yaml.safe_load((run / "config.yaml").read_text())["student"]["name"]
+        assert recorded.startswith("python-module:") and recorded.endswith(
+            "Local" if name == "b" else "foreign_resnet.ResNet"
+        )
+        for argv in (["eval", str(run)], ["train", str(run / "config.yaml"), "--resume"]):
+            code, _, err = _cli(argv)
+            assert code == 2 and err.count("\n") == 1, err
+            assert (
+                "was an nn.Module passed from Python that relkd cannot import or rebuild: "
+                "pass it again from Python" in err
+            )
+        # ... and passing it again resumes the run
+        again = relkd.train({**cfg, "name": name}, student=module, resume=True, quiet=True)
+        assert again["last_top1"] == res["last_top1"]

@@ -65,7 +65,7 @@ def train(
         from relkd.resources import resolve
 
         config = resolve(config)
-    cfg = load_with_module_name(config, overrides, student)
+    cfg = load_with_module_name(config, overrides, student, teacher)
     check_config(cfg, teacher=teacher, student=student)
     if cfg.train.tensorboard:
         _warn_no_tensorboard()

@@ -185,3 +185,44 @@ def check_dataset(obj: Any, path: str) -> Any:
     if not callable(obj) or isinstance(obj, type):
         raise not_a("dataset", path, obj)
     return obj
+
+
+#: The name a run records for a model passed from Python that relkd cannot import (defined in
+#: ``__main__`` or inside a function, or not rebuilt by its class alone): ``python-module:`` +
+#: ``module.QualName``. It is neither a registered name nor an import path.
+PYTHON_MODULE = "python-module:"
+
+
+def recorded_name(model: Any) -> str:
+    """What a run's ``config.yaml`` records for a model passed from Python: its import path when
+    importing it and calling it (with ``num_classes`` = the width of its last ``nn.Linear``)
+    rebuilds a module of the same parameter names and shapes, so the run folder reproduces the
+    run; else ``python-module:<module>.<QualName>``, which ``relkd eval`` / ``--resume`` answer
+    with one line: the module must be passed again from Python."""
+    from torch import nn
+
+    cls = type(model)
+    path = import_path_of(cls)
+    if path is not None:
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        try:
+            factory = model_factory(cls, path)
+            kw = {"num_classes": linears[-1].out_features} if linears else {}
+            rebuilt = factory(**kw) if kw else cls()
+            want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+            if {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()} == want:
+                return path
+        except Exception:  # needs other constructor arguments: not rebuilt from the path alone
+            pass
+    return f"{PYTHON_MODULE}{cls.__module__}.{cls.__qualname__}"
+
+
+def refuse_python_module(name: str, section: str) -> None:
+    """One line for a recorded ``python-module:`` name: relkd cannot rebuild that model."""
+    if isinstance(name, str) and name.startswith(PYTHON_MODULE):
+        cls = name[len(PYTHON_MODULE) :]
+        raise RelkdError(
+            f"{section} {cls} was an nn.Module passed from Python that relkd cannot import or "
+            f"rebuild: pass it again from Python (relkd.train(config, {section}=module, "
+            "resume=True); to evaluate, load student.pt into it with relkd.load_checkpoint)"
+        )

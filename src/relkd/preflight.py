@@ -43,7 +43,9 @@ def _check_method(name: str, args: dict) -> bool:
 
 def _check_model_name(section: str, name: str) -> None:
     from relkd.models.registry import MODELS
-    from relkd.plugins import is_import_path
+    from relkd.plugins import is_import_path, refuse_python_module
+
+    refuse_python_module(name, section)  # a module passed from Python, recorded by its class
 
     # torchvision: / timm: names are checked where they are built; import paths are imported
     # here, once, before any other check

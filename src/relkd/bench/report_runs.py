@@ -252,7 +252,12 @@ def _read_run(run_dir: Path) -> RunRecord | None:
         recipe=recipe_of(cfg, student, meta.get("data_label")),
         cfg=cfg,
     )
-    if rec.teacher is None and _needs_teacher(rec.method_name):
+    from relkd.plugins import PYTHON_MODULE
+
+    if isinstance(rec.teacher, str) and rec.teacher.startswith(PYTHON_MODULE):
+        # a teacher module passed from Python that relkd cannot import (config.yaml says so)
+        rec.teacher = f"{PYTHON_TEACHER} ({rec.teacher.rsplit('.', 1)[-1]})"
+    elif rec.teacher is None and _needs_teacher(rec.method_name):
         rec.teacher = PYTHON_TEACHER
         # The engine records the module's class in run.json (modules_from_python).
         sessions = (_read_json(run_dir / "run.json") or {}).get("sessions") or [{}]

@@ -528,19 +528,34 @@ def _train_epoch(loop: _Loop, epoch: int, step: int) -> tuple[dict[str, Any], in
     return record, step
 
 
-def load_with_module_name(config: Any, overrides, student: nn.Module | None) -> Config:
-    """``load_config``; a student passed from Python needs no ``student.name`` in the config
-    (its class name is used for the run record and the checkpoint metadata)."""
-    try:
-        return load_config(config, overrides)
-    except RelkdError as e:
-        # Missing name: OmegaConf's "missing mandatory value" or our "student.name is required".
-        if student is None or "student.name" not in str(e):
-            raise
+def load_with_module_name(
+    config: Any, overrides, student: nn.Module | None, teacher: nn.Module | None = None
+) -> Config:
+    """``load_config``; a model passed from Python that the config does not name is recorded
+    by what :func:`relkd.plugins.recorded_name` gives (its import path when that rebuilds it,
+    else ``python-module:<module>.<QualName>``), so ``config.yaml`` says what the run used."""
+    from relkd.plugins import recorded_name
+
+    extra = []
+    if student is not None:
         try:
-            return load_config(config, [*overrides, f"student.name={type(student).__name__}"])
+            named = load_config(config, overrides).student.name
+        except RelkdError as e:
+            # Missing name: OmegaConf's "missing mandatory value" or our "student.name is
+            # required".
+            if "student.name" not in str(e):
+                raise
+            named = None
+        if named is None:
+            extra.append(f"student.name={recorded_name(student)}")
+    if teacher is not None:
+        try:
+            unnamed = load_config(config, [*overrides, *extra]).teacher is None
         except RelkdError:
-            raise e from None
+            unnamed = False  # reported below, as the config's own error
+        if unnamed:
+            extra.append(f"teacher.name={recorded_name(teacher)}")
+    return load_config(config, [*overrides, *extra])
 
 
 def fit(
@@ -565,7 +580,7 @@ def fit(
         allow_change: config keys (or sections) that may differ on resume; each change is
             recorded in the folder's ``run.json``.
     """
-    cfg = load_with_module_name(config, overrides, student)
+    cfg = load_with_module_name(config, overrides, student, teacher)
     _check_train(cfg)
     device = resolve_device(cfg.train.device)
     init_distributed(device)

@@ -31,6 +31,7 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     """
     if not isinstance(num_classes, int) or num_classes < 1:
         raise RelkdError(f"num_classes must be a positive int, got {num_classes!r}")
+    _plugins.refuse_python_module(name, "model")
     adapter = name.startswith(("torchvision:", "timm:"))
     if not adapter and kwargs.get("weights") is not None:
         raise RelkdError(
