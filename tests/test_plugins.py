@@ -131,6 +131,9 @@ def test_foreign_model_by_import_path_in_train_eval_probe(tmp_path, cifar_root):
     code, out, err = _cli(["eval", str(t_run), "--no-progress"])
     assert code == 0, err
     assert json.loads(out)["top1"] == t_sum["last_top1"]
+    code, out, err = _cli(["eval", "--model", FOREIGN, "--checkpoint", str(t_run / "student.pt"),
+                           "--data", "cifar10", "--root", str(cifar_root), "--no-progress"])  # fmt: skip
+    assert code == 0 and json.loads(out)["top1"] == t_sum["last_top1"], err
 
     code, out, err = _cli([
         "probe", "--model", FOREIGN, "--checkpoint", str(t_run / "student.pt"),
