@@ -128,6 +128,8 @@ def load_entry_points(registry: Any) -> None:
                 continue  # importing the module registered its components
             if ep.name in registry and registry.get(ep.name) is obj:
                 continue  # registered by a decorator while loading
+            if registry.kind == "method" and (ep.name != ep.name.lower() or "+" in ep.name):
+                raise ValueError("method names are lowercase without '+'")
             registry.add(ep.name, registry.check(obj, ep.value))
         except Exception as e:  # a broken plug-in must not break the built-in names
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
