@@ -468,3 +468,25 @@ def test_modules_passed_from_python_are_recorded_by_import_path(tmp_path, cifar_
         # ... and passing it again resumes the run
         again = relkd.train({**cfg, "name": name}, student=module, resume=True, quiet=True)
         assert again["last_top1"] == res["last_top1"]
+
+
+def test_a_teacher_trained_on_its_own_statistics_gets_them_back(tmp_path, cifar_root):
+    """student.mean / student.std of the teacher's run are recorded with its weights
+    (model_mean / model_std), so the teacher, named by its zoo name only, sees them again."""
+    code, out, err = _cli(["train", _cfg(tmp_path, cifar_root, student={
+        "name": "resnet8", "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}), "name=t"])  # fmt: skip
+    assert code == 0, err
+    ckpt = Path(json.loads(out)["run_dir"]) / "student.pt"
+    assert torch.load(ckpt, weights_only=True)["meta"]["model_mean"] == [0.5, 0.5, 0.5]
+    kd = _cfg(tmp_path, cifar_root, student={"name": "resnet8"}, method={"name": "kd"},
+              teacher={"name": "resnet8", "checkpoint": str(ckpt)})  # fmt: skip
+    code, _, err = _cli(["train", kd])
+    assert code == 0, err
+    assert (
+        "note: teacher resnet8 was trained on inputs normalised with mean (0.5, 0.5, 0.5) "
+        "std (0.25, 0.25, 0.25) (recorded in student.pt)" in err
+    )
+    assert (
+        "teacher resnet8 sees mean (0.5, 0.5, 0.5) std (0.25, 0.25, 0.25) recorded with "
+        "its checkpoint, re-normalised from the data's" in err
+    )

@@ -345,7 +345,7 @@ def build_components(
     size = f"inputs {info.in_channels}x{info.image_size}x{info.image_size}"
     names = {
         "teacher": cfg.teacher.name if cfg.teacher else type(teacher_model).__name__,
-        "student": cfg.student.name if student is None else type(student_model).__name__,
+        "student": cfg.student.name,
     }
     roles = [r for r in ("teacher", "student") if r in report["inputs"]]
     roles = [r for r in roles if r == "student" or tea is not None]  # an unused teacher: no
@@ -625,6 +625,11 @@ def _fit(cfg, device, run: RunFolder, teacher, student, resume, allow_change, qu
         say(f"note: {note}")
     say(f"{plan.describe()}; {comp.inputs}")
     meta = student_metadata(cfg, comp.info, student)
+    # The statistics the student itself saw when its own differ from the data's (a pretrained
+    # model's, student.mean / std): a later run using it as a teacher applies them.
+    hook = getattr(distiller.student, "_relkd_input_norm", None)
+    if hook is not None:
+        meta["model_mean"], meta["model_std"] = (list(v) for v in hook[0].model)
 
     # A teacher passed from Python has no config or summary of its own: measure its top-1 once
     # here so the run (and `relkd report`) can show it beside the student's.

@@ -2,7 +2,8 @@
 
 A teacher carries its input contract in two places: what its **checkpoint records** (relkd's
 ``student.pt`` / ``.safetensors`` hold the image size, channels and normalisation statistics of
-the run that trained it, and that run's ``config.yaml`` its ``student.mean`` / ``student.std``)
+the run that trained it: ``model_mean`` / ``model_std`` where the model saw other statistics than
+its data's, else the data's ``mean`` / ``std``)
 and what its **module declares** (``input_mean`` / ``input_std``, a torchvision weights enum's or
 timm's ``pretrained_cfg`` statistics and ``input_size``, or an ``input_size`` attribute of a
 user's module: an int side or ``(C, H, W)``). :func:`teacher_input` compares both with the data
@@ -54,18 +55,11 @@ def recorded_input(checkpoint: str | Path | None) -> dict[str, Any]:
     out = {k: meta[k] for k in ("image_size", "in_chans", "mean", "std", "dataset") if k in meta}
     if not out:
         return {}
+    # model_mean / model_std: the statistics the model itself saw when they differed from its
+    # data's (a pretrained model's, or its run's student.mean / std); mean / std: the data's.
+    if meta.get("model_mean") is not None and meta.get("model_std") is not None:
+        out["mean"], out["std"] = meta["model_mean"], meta["model_std"]
     out["source"] = f"recorded in {path.name}"
-    # The run that wrote it may have normalised the model with its own statistics.
-    try:
-        import yaml
-
-        cfg = yaml.safe_load((path.parent / "config.yaml").read_text()) or {}
-        student = cfg.get("student") or {}
-        if student.get("mean") is not None and student.get("std") is not None:
-            out["mean"], out["std"] = student["mean"], student["std"]
-            out["source"] = f"student.mean / student.std of the run in {path.parent}"
-    except (OSError, ValueError, AttributeError):
-        pass
     return out
 
 
