@@ -478,6 +478,11 @@ def test_a_teacher_trained_on_its_own_statistics_gets_them_back(tmp_path, cifar_
     assert code == 0, err
     ckpt = Path(json.loads(out)["run_dir"]) / "student.pt"
     assert torch.load(ckpt, weights_only=True)["meta"]["model_mean"] == [0.5, 0.5, 0.5]
+    # relkd eval of the bare file (no run folder, no config) applies them too: the run's number
+    code, got, err = _cli(["eval", "--model", "resnet8", "--checkpoint", str(ckpt), "--data",
+                           "cifar10", "--root", str(cifar_root), "--no-progress"])  # fmt: skip
+    assert code == 0 and json.loads(got)["top1"] == json.loads(out)["last_top1"], err
+    assert "relkd eval: note: model resnet8 was trained on inputs normalised with mean (0.5" in err
     kd = _cfg(tmp_path, cifar_root, student={"name": "resnet8"}, method={"name": "kd"},
               teacher={"name": "resnet8", "checkpoint": str(ckpt)})  # fmt: skip
     code, _, err = _cli(["train", kd])

@@ -127,9 +127,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     # statistics a pretrained model declares), then the trained weights replace them.
     model = create_model(cfg.student.name, info.num_classes, weights=cfg.student.weights, **kw)
     load_checkpoint(model, args.checkpoint)
-    # The student sees inputs normalised as in training: student.mean / student.std of the
-    # run's config, else the model's own (pretrained) statistics, else the data set's (no hook).
-    attach_input_norm(model, info.mean, info.std, cfg.student.mean, cfg.student.std)
+    # The model sees inputs normalised as in training, by the rule training uses for a teacher:
+    # student.mean / student.std of the run's config, else the model's own (pretrained)
+    # statistics, else those recorded with the checkpoint, else the data set's (no hook).
+    from relkd.models.input_check import teacher_input
+
+    (m_mean, m_std), notes = teacher_input(
+        model, cfg.student.name, args.checkpoint, cfg.student.mean, cfg.student.std, info,
+        role="model",
+    )  # fmt: skip
+    attach_input_norm(model, info.mean, info.std, m_mean, m_std)
+    for note in notes:
+        print(f"relkd eval: note: {note}", file=sys.stderr)
     device = resolve_device(args.device)
     method, _ = build_method("ce", MethodContext(num_classes=info.num_classes))
     _, test = _make_loaders(cfg, method, test_ds, test_ds, info, device)

@@ -92,9 +92,11 @@ def teacher_input(
     mean: Sequence[float] | None,
     std: Sequence[float] | None,
     info: Any,
+    role: str = "teacher",
 ) -> tuple[tuple[Sequence[float], Sequence[float]] | tuple[None, None], list[str]]:
     """The statistics to give :func:`relkd.models.normalization.attach_input_norm` for the
-    teacher ``name`` and the notes to say before training (see the module docstring)."""
+    teacher ``name`` and the notes to say before training (see the module docstring);
+    ``role``: how the notes call the model (``relkd eval`` checks its model the same way)."""
     from relkd.models.normalization import find_input_norm
 
     notes: list[str] = []
@@ -109,15 +111,15 @@ def teacher_input(
             if not (_same(r_mean, info.mean) and _same(r_std, info.std)):
                 use = (r_mean, r_std)
                 notes.append(
-                    f"teacher {name} was trained on inputs normalised with mean {_fmt(r_mean)} "
+                    f"{role} {name} was trained on inputs normalised with mean {_fmt(r_mean)} "
                     f"std {_fmt(r_std)} ({rec['source']}); the data uses mean {_fmt(info.mean)} "
-                    f"std {_fmt(info.std)}: relkd re-normalises the teacher's inputs to its own "
-                    "(teacher.mean / teacher.std override)"
+                    f"std {_fmt(info.std)}: relkd re-normalises the {role}'s inputs to its own "
+                    f"({role}.mean / {role}.std override)"
                 )
         elif not (_same(r_mean, chosen[0]) and _same(r_std, chosen[1])):
-            how = "teacher.mean / teacher.std" if given else "the module's declared statistics"
+            how = f"{role}.mean / {role}.std" if given else "the module's declared statistics"
             notes.append(
-                f"teacher {name}: {rec['source']} says mean {_fmt(r_mean)} std {_fmt(r_std)}, "
+                f"{role} {name}: {rec['source']} says mean {_fmt(r_mean)} std {_fmt(r_std)}, "
                 f"but {how} say mean {_fmt(chosen[0])} std {_fmt(chosen[1])}: relkd uses {how}"
             )
     if given is not None:
@@ -133,13 +135,13 @@ def teacher_input(
     chans = rec.get("in_chans") if rec else d_chans
     if side is not None and int(side) != int(info.image_size):
         notes.append(
-            f"teacher {name} expects {side}x{side} images ({src}) but the data pipeline feeds "
+            f"{role} {name} expects {side}x{side} images ({src}) but the data pipeline feeds "
             f"{info.image_size}x{info.image_size}: relkd feeds them as configured; set "
             f"data.image_size={side} to match"
         )
     if chans is not None and int(chans) != int(info.in_channels):
         notes.append(
-            f"teacher {name} expects {chans}-channel images ({src}) but the data has "
+            f"{role} {name} expects {chans}-channel images ({src}) but the data has "
             f"{info.in_channels}: relkd feeds the data's channels"
         )
     return use, notes
