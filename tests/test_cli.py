@@ -428,6 +428,10 @@ def test_demo_shows_the_teachers_progress_and_reuses_it(fmnist_root, tmp_path, c
     assert "training the teacher" in o
     assert "main epoch 3/3" in e  # the teacher's per-epoch lines
     assert "ce         seed 0: last" in o
+    # every number says what it was measured on
+    assert "on the test split (" in o.split("teacher cnn_small: top-1")[1].splitlines()[0]
+    assert "top-1 % on the test split (128 images)" in o
+    assert json.loads((out / "results.json").read_text())["eval_images"] == 128
     # a second demo reuses the teacher, also one trained without progress output
     cfg = out / "teacher" / "config.yaml"
     cfg.write_text(cfg.read_text().replace("progress: true", "progress: false"))
