@@ -202,6 +202,7 @@ def test_user_method_from_a_separate_package_in_a_suite(tmp_path, cifar_root, us
             "ce",
             "my_kd_methods:LogitMSE",
             {"name": "mse_w2", "method": {"name": "my_kd_methods:LogitMSE", "args": {"weight": 2.0}}},
+            "my_kd_methods:LogitMSE+kd",  # composes with a built-in method
         ],
         "seeds": [0],
     }  # fmt: skip
@@ -215,7 +216,10 @@ def test_user_method_from_a_separate_package_in_a_suite(tmp_path, cifar_root, us
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["method"]["name"] == "my_kd_methods:LogitMSE"
     md = write_report(tmp_path / "out").read_text()
-    assert "| LogitMSE |" in md and "| mse_w2 |" in md
+    assert "| LogitMSE |" in md and "| mse_w2 |" in md and "| LogitMSE+kd |" in md
+    both = tmp_path / "out/runs/LogitMSE+kd/tests.foreign_resnet-resnet8_resnet8/s0/metrics.jsonl"
+    last = json.loads(both.read_text().splitlines()[-1])
+    assert "train/mse" in last and "train/kd" in last
     # the teacher row: the foreign teacher's own run folder gives its top-1
     t_top1 = json.loads((ckpt.parent / "summary.json").read_text())["last_top1"]
     assert f"| teacher ({FOREIGN}) | - | {t_top1:.2f} |" in md
@@ -495,3 +499,14 @@ def test_a_teacher_trained_on_its_own_statistics_gets_them_back(tmp_path, cifar_
         "teacher resnet8 sees mean (0.5, 0.5, 0.5) std (0.25, 0.25, 0.25) recorded with "
         "its checkpoint, re-normalised from the data's" in err
     )
+
+
+def test_a_model_factory_gets_num_classes_and_in_chans_when_it_takes_them():
+    from relkd.engine.trainer import _chans_kwargs
+
+    path = "tests.foreign_resnet:small_cnn"
+    assert _chans_kwargs(path, {"width": 4}, 1) == {"width": 4, "in_chans": 1}
+    assert _chans_kwargs(path, {}, 3) == {"in_chans": 3}
+    assert _chans_kwargs(FOREIGN, {}, 3) == {}  # resnet8 takes no in_chans: none is passed
+    model = relkd.create_model(path, 7, **_chans_kwargs(path, {"width": 4}, 1))
+    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 7)
