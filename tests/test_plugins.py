@@ -174,6 +174,7 @@ def user_package(tmp_path, monkeypatch) -> Path:
     pkg = tmp_path / "site" / "my_kd_methods"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text(textwrap.dedent(USER_METHOD))
+    (pkg / "more.py").write_text("from my_kd_methods import LogitMSE  # a dotted module path\n")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     yield tmp_path / "site"
     for name in [m for m in sys.modules if m.startswith("my_kd_methods")]:
@@ -202,7 +203,7 @@ def test_user_method_from_a_separate_package_in_a_suite(tmp_path, cifar_root, us
             "ce",
             "my_kd_methods:LogitMSE",
             {"name": "mse_w2", "method": {"name": "my_kd_methods:LogitMSE", "args": {"weight": 2.0}}},
-            "my_kd_methods:LogitMSE+kd",  # composes with a built-in method
+            "my_kd_methods.more:LogitMSE+kd",  # composes with a built-in method
         ],
         "seeds": [0],
     }  # fmt: skip

@@ -230,7 +230,8 @@ class Composite(Method):
 
     def __init__(self, ctx: MethodContext, parts: dict[str, Method]) -> None:
         super().__init__(ctx)
-        self.parts = nn.ModuleDict(parts)
+        # nn.ModuleDict keys may not hold "." (an import path part, "mypkg.methods:MyKD")
+        self.parts = nn.ModuleDict({k.replace(".", "_"): v for k, v in parts.items()})
         # Instance attributes shadow the class defaults: a composition needs what any part needs.
         self.requires_teacher = any(p.requires_teacher for p in parts.values())  # type: ignore[misc]
         self.batch_extras = tuple(sorted({e for p in parts.values() for e in p.batch_extras}))  # type: ignore[misc]
