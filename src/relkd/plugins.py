@@ -29,64 +29,24 @@ one warning and skipped; it never breaks the built-in names.
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import re
 import types
-import warnings
 from typing import Any
 
-from relkd.registry import RelkdError
+from relkd.registry import (  # noqa: F401  (the import-path core, public here too)
+    GROUPS,
+    RESERVED,
+    RelkdError,
+    import_object,
+    is_import_path,
+    load_entry_points,
+)
 
-#: Registry kind -> entry-point group.
-GROUPS = {"model": "relkd.models", "method": "relkd.methods", "dataset": "relkd.datasets"}
-#: Prefixes that name adapters, not modules (``torchvision:resnet18``, ``timm:resnet50``).
-RESERVED = ("torchvision", "timm")
-_PATH = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*$")
 _WHAT = {
     "model": "a model (an nn.Module subclass or a function returning an nn.Module)",
     "method": "a method (a relkd.Method subclass)",
     "dataset": "a data set (a builder function (root, BuildOptions) -> (train, test, DataInfo))",
 }
-
-
-def is_import_path(name: object) -> bool:
-    """Whether ``name`` is a ``module:attribute`` import path (not ``torchvision:`` / ``timm:``)."""
-    return (
-        isinstance(name, str)
-        and bool(_PATH.match(name))
-        and name.split(":", 1)[0].split(".")[0] not in RESERVED
-    )
-
-
-def import_object(path: str, kind: str = "component") -> Any:
-    """The object an import path names; :class:`RelkdError` (one line naming ``path``) when the
-    module or the attribute is missing or the module fails to import."""
-    mod_name, attr = path.split(":", 1)
-    try:
-        module = importlib.import_module(mod_name)
-    except ModuleNotFoundError as e:
-        missing = e.name or mod_name
-        if mod_name == missing or mod_name.startswith(missing + "."):
-            raise RelkdError(
-                f"{kind} {path!r}: module {missing!r} not found (is its package installed or its "
-                "folder on PYTHONPATH?)"
-            ) from None
-        raise RelkdError(
-            f"{kind} {path!r}: importing {mod_name!r} failed: it imports {missing!r}, which is "
-            "not installed"
-        ) from None
-    except Exception as e:  # the user's module itself raised while importing
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise RelkdError(
-            f"{kind} {path!r}: importing {mod_name!r} failed: {type(e).__name__}: {first}"
-        ) from e
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise RelkdError(f"{kind} {path!r}: module {mod_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    return obj
 
 
 def import_path_of(obj: Any) -> str | None:
@@ -111,29 +71,6 @@ def not_a(kind: str, path: str, obj: Any) -> RelkdError:
         f"class {obj.__name__}" if isinstance(obj, type) else f"value of type {type(obj).__name__}"
     )
     return RelkdError(f"{kind} {path!r} is not {_WHAT.get(kind, 'a ' + kind)}; it is a {got}")
-
-
-def load_entry_points(registry: Any) -> None:
-    """Register the entry points of ``registry``'s group (see the module docstring)."""
-    from importlib.metadata import entry_points
-
-    group = GROUPS.get(registry.kind)
-    if group is None:
-        return
-    for ep in entry_points(group=group):
-        where = f"entry point {ep.name!r} = {ep.value!r} (group {group})"
-        try:
-            obj = ep.load()
-            if isinstance(obj, types.ModuleType):
-                continue  # importing the module registered its components
-            if ep.name in registry and registry.get(ep.name) is obj:
-                continue  # registered by a decorator while loading
-            if registry.kind == "method" and (ep.name != ep.name.lower() or "+" in ep.name):
-                raise ValueError("method names are lowercase without '+'")
-            registry.add(ep.name, registry.check(obj, ep.value))
-        except Exception as e:  # a broken plug-in must not break the built-in names
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            warnings.warn(f"relkd: skipped {where}: {first}", stacklevel=2)
 
 
 def model_factory(obj: Any, path: str) -> Any:
@@ -169,18 +106,6 @@ def model_factory(obj: Any, path: str) -> Any:
     factory.__name__ = getattr(obj, "__name__", "model")
     factory.import_path = path  # type: ignore[attr-defined]
     return factory
-
-
-def check_method(obj: Any, path: str) -> Any:
-    from relkd.methods.base import Method, check_declarations
-
-    if not (isinstance(obj, type) and issubclass(obj, Method)):
-        raise not_a("method", path, obj)
-    try:
-        check_declarations(obj)
-    except TypeError as e:
-        raise RelkdError(f"method {path!r}: {e}") from None
-    return obj
 
 
 def check_dataset(obj: Any, path: str) -> Any:

@@ -2,19 +2,93 @@
 
 Besides the names registered in the library, a registry answers import paths
 (``mypkg.models:ResNetA``) and the names packages register under its entry-point group
-(:mod:`relkd.plugins`)."""
+(the functions below; :mod:`relkd.plugins` explains them to users)."""
 
 from __future__ import annotations
 
 import difflib
+import importlib
+import re
+import types
+import warnings
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
 
 class RelkdError(ValueError):
     """A user error (bad name, bad value, missing data): the CLI prints it and exits with code 2."""
+
+
+# ----------------------------------------------------------- import paths and entry points
+#: Registry kind -> entry-point group.
+GROUPS = {"model": "relkd.models", "method": "relkd.methods", "dataset": "relkd.datasets"}
+#: Prefixes that name adapters, not modules (``torchvision:resnet18``, ``timm:resnet50``).
+RESERVED = ("torchvision", "timm")
+_PATH = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*$")
+
+
+def is_import_path(name: object) -> bool:
+    """Whether ``name`` is a ``module:attribute`` import path (not ``torchvision:`` / ``timm:``)."""
+    return (
+        isinstance(name, str)
+        and bool(_PATH.match(name))
+        and name.split(":", 1)[0].split(".")[0] not in RESERVED
+    )
+
+
+def import_object(path: str, kind: str = "component") -> Any:
+    """The object an import path names; :class:`RelkdError` (one line naming ``path``) when the
+    module or the attribute is missing or the module fails to import."""
+    mod_name, attr = path.split(":", 1)
+    try:
+        module = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        missing = e.name or mod_name
+        if mod_name == missing or mod_name.startswith(missing + "."):
+            raise RelkdError(
+                f"{kind} {path!r}: module {missing!r} not found (is its package installed or its "
+                "folder on PYTHONPATH?)"
+            ) from None
+        raise RelkdError(
+            f"{kind} {path!r}: importing {mod_name!r} failed: it imports {missing!r}, which is "
+            "not installed"
+        ) from None
+    except Exception as e:  # the user's module itself raised while importing
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise RelkdError(
+            f"{kind} {path!r}: importing {mod_name!r} failed: {type(e).__name__}: {first}"
+        ) from e
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise RelkdError(f"{kind} {path!r}: module {mod_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def load_entry_points(registry: Any) -> None:
+    """Register the entry points of ``registry``'s group (see the module docstring)."""
+    from importlib.metadata import entry_points
+
+    group = GROUPS.get(registry.kind)
+    if group is None:
+        return
+    for ep in entry_points(group=group):
+        where = f"entry point {ep.name!r} = {ep.value!r} (group {group})"
+        try:
+            obj = ep.load()
+            if isinstance(obj, types.ModuleType):
+                continue  # importing the module registered its components
+            if ep.name in registry and registry.get(ep.name) is obj:
+                continue  # registered by a decorator while loading
+            if registry.kind == "method" and (ep.name != ep.name.lower() or "+" in ep.name):
+                raise ValueError("method names are lowercase without '+'")
+            registry.add(ep.name, registry.check(obj, ep.value))
+        except Exception as e:  # a broken plug-in must not break the built-in names
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            warnings.warn(f"relkd: skipped {where}: {first}", stacklevel=2)
 
 
 class Registry(Generic[T]):
@@ -39,15 +113,11 @@ class Registry(Generic[T]):
         if self._plugins_loaded:
             return
         self._plugins_loaded = True
-        from relkd.plugins import load_entry_points
-
         load_entry_points(self)
 
     def resolve_path(self, path: str) -> T:
         """The object an import path names, imported and checked once."""
         if path not in self._paths:
-            from relkd.plugins import import_object
-
             self._paths[path] = self.check(import_object(path, self.kind), path)
         return self._paths[path]
 
@@ -75,8 +145,6 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         """Registered names only; an import path is "in" the registry once it resolves."""
-        from relkd.plugins import is_import_path
-
         if is_import_path(name):
             try:
                 self.resolve_path(name)  # type: ignore[arg-type]
@@ -86,8 +154,6 @@ class Registry(Generic[T]):
         return isinstance(name, str) and self._lookup(name) is not None
 
     def get(self, name: str) -> T:
-        from relkd.plugins import is_import_path
-
         if is_import_path(name):
             return self.resolve_path(name)
         key = self._lookup(name)

@@ -20,11 +20,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from relkd import plugins as _plugins
 from relkd.models.base import FeatureInfo, ModelOutput
 from relkd.registry import Registry, RelkdError
 
-METHODS: Registry[type[Method]] = Registry("method", check=_plugins.check_method)
+# check: what an import path must name (check_method, below: resolved when called)
+METHODS: Registry[type[Method]] = Registry("method", check=lambda o, p: check_method(o, p))
 
 
 @dataclass
@@ -308,3 +308,17 @@ def build_method(
     # every part defaults lower (e.g. only logit KD parts).
     ce = max(type(p).default_ce_weight for p in parts.values())
     return Composite(ctx, parts), ce
+
+
+def check_method(obj: Any, path: str) -> Any:
+    """``obj`` (named by the import path ``path``) if it is a :class:`Method` subclass whose
+    data hooks are declared; else one :class:`RelkdError` line naming the path."""
+    from relkd.plugins import not_a
+
+    if not (isinstance(obj, type) and issubclass(obj, Method)):
+        raise not_a("method", path, obj)
+    try:
+        check_declarations(obj)
+    except TypeError as e:
+        raise RelkdError(f"method {path!r}: {e}") from None
+    return obj
