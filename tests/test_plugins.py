@@ -333,7 +333,7 @@ def test_distillation_normalises_a_foreign_teacher_as_train_does(tmp_path, cifar
     CIFAR data relkd.train re-normalises its inputs, and relkd.Distillation, told the loader's
     statistics, gives the same logits (and says which statistics it applied)."""
     from relkd.config import load_config
-    from relkd.engine.trainer import build_components
+    from relkd.engine.build import build_components
     from relkd.models import load_checkpoint
     from tests.foreign_resnet import AKAMASTER_MEAN, AKAMASTER_STD, resnet8
 
@@ -388,7 +388,7 @@ def test_input_mismatch_said_before_training_and_small_imagefolder(tmp_path, cif
     teacher's recorded statistics are applied (the data's are ImageNet's) and said once, and the
     plan line shows size, channels and statistics per model. At 48 px the size mismatch is said."""
     from relkd.config import load_config
-    from relkd.engine.trainer import build_components
+    from relkd.engine.build import build_components
     from relkd.models import create_model, load_checkpoint
     from relkd.models.normalization import renormalize
 
@@ -503,11 +503,11 @@ def test_a_teacher_trained_on_its_own_statistics_gets_them_back(tmp_path, cifar_
 
 
 def test_a_model_factory_gets_num_classes_and_in_chans_when_it_takes_them():
-    from relkd.engine.trainer import _chans_kwargs
+    from relkd.engine.build import model_kwargs
 
     path = "tests.foreign_resnet:small_cnn"
-    assert _chans_kwargs(path, {"width": 4}, 1) == {"width": 4, "in_chans": 1}
-    assert _chans_kwargs(path, {}, 3) == {"in_chans": 3}
-    assert _chans_kwargs(FOREIGN, {}, 3) == {}  # resnet8 takes no in_chans: none is passed
-    model = relkd.create_model(path, 7, **_chans_kwargs(path, {"width": 4}, 1))
+    assert model_kwargs(path, {"width": 4}, 1) == {"width": 4, "in_chans": 1}
+    assert model_kwargs(path, {}, 3) == {"in_chans": 3}
+    assert model_kwargs(FOREIGN, {}, 3) == {}  # resnet8 takes no in_chans: none is passed
+    model = relkd.create_model(path, 7, **model_kwargs(path, {"width": 4}, 1))
     assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 7)

@@ -65,7 +65,7 @@ def _save(fig, path: Path) -> list[Path]:
 def dot_rows(tab: Table) -> list:
     """The rows of a table's dot plot, best first: every group with finished runs except the CE
     student, which is drawn as a reference line (kept as a row only when it is the only one)."""
-    from relkd.bench.report import mean_std
+    from relkd.bench.report_runs import mean_std
 
     gs = [g for g in tab.groups if g.runs]
     ce = tab.ce
@@ -84,7 +84,8 @@ def plot_accuracy(
     bar lengths, carry the numbers. Writes ``path`` and its PDF / SVG twins; returns them."""
     from matplotlib.lines import Line2D
 
-    from relkd.bench.report import _refs, mean_std
+    from relkd.bench.reference import lookup
+    from relkd.bench.report_runs import mean_std
 
     plt = _plt()
     rows = [dot_rows(t) for t in tables]
@@ -116,7 +117,7 @@ def plot_accuracy(
                 if len(g.runs) > 1:
                     ax.plot(g.last, [y - 0.15] * len(g.last), "o", color="black", mfc="white",
                             ms=3.5, mew=0.5, alpha=0.8, zorder=4)  # fmt: skip
-            for r in _refs(g):
+            for r in lookup(g.dataset, g.method, g.teacher, g.student, g.recipe):
                 ax.plot(r["value"], y, "x", color="black", ms=8, mew=2)
                 xs.append(r["value"])
                 drawn["ref"] = True

@@ -71,7 +71,7 @@ def evaluate_checkpoint(
     import torch
 
     from relkd.data import build_datasets
-    from relkd.engine.trainer import _chans_kwargs
+    from relkd.engine.build import model_kwargs
     from relkd.models import create_model, load_checkpoint
     from relkd.models.input_check import teacher_input
     from relkd.models.normalization import attach_input_norm
@@ -80,7 +80,7 @@ def evaluate_checkpoint(
         data["name"], data.get("root"), augment=False, image_size=data.get("image_size")
     )
     # in_chans as training passes it (zoo names, import paths: where the factory takes it)
-    kw = _chans_kwargs(model_name, kwargs or {}, info.in_channels)
+    kw = model_kwargs(model_name, kwargs or {}, info.in_channels)
     model = create_model(model_name, info.num_classes, **kw)
     load_checkpoint(model, ckpt)
     # One normalisation rule for every entry point (relkd.models.input_check / normalization).
