@@ -11,6 +11,8 @@ from torch import nn
 
 from relkd import losses
 from relkd.api import Distillation, DistillationOutput
+from relkd.deploy.export import eval_onnx, export_onnx, export_run
+from relkd.deploy.profile import profile_model, profile_run
 from relkd.methods import list_methods
 from relkd.models import FeatureTap, ModelOutput, create_model, list_models, load_checkpoint
 from relkd.registry import RelkdError
@@ -81,9 +83,14 @@ __all__ = [
     "ModelOutput",
     "RelkdError",
     "create_model",
+    "eval_onnx",
+    "export_onnx",
+    "export_run",
     "list_methods",
     "list_models",
     "load_checkpoint",
     "losses",
+    "profile_model",
+    "profile_run",
     "train",
 ]
