@@ -335,17 +335,11 @@ def profile_model(
             for dev in devs:
                 for mode in ("eager", "compile") if compile else ("eager",):
                     for b in batches:
-                        cost.latency.append(
-                            measure_latency(
-                                model,
-                                shape,
-                                batch=int(b),
-                                device=dev,
-                                compile=mode == "compile",
-                                warmup=warmup,
-                                repeats=repeats,
-                            )  # fmt: skip
-                        )
+                        r = measure_latency(
+                            model, shape, batch=int(b), device=dev, compile=mode == "compile",
+                            warmup=warmup, repeats=repeats,
+                        )  # fmt: skip
+                        cost.latency.append(r)
         finally:
             torch.set_num_threads(old)
             model.cpu()
