@@ -40,7 +40,7 @@ def test_report_gains_a_cost_table_plot_and_json(kd_run, ce_run, tmp_path):
     )
     assert "torch thread" in cost["machine"]
     assert "## Cost: cnn_small → cnn_tiny" in md and "speed-up vs teacher" in md
-    row = next(ln for ln in md.splitlines() if ln.startswith("| student (cnn_tiny) |"))
+    row = next(ln for ln in md.splitlines() if ln.startswith("| cnn_tiny (student) |"))
     assert f"{s_params / 1e3:.2f} k" in row and row.rstrip(" |").endswith("×")
     assert cost["machine"] in md
     assert (tmp_path / "rep" / "cost.png").stat().st_size > 0

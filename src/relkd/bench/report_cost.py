@@ -143,7 +143,7 @@ def cost_view(tab: Table, cost: dict[str, Any]) -> dict[str, Any]:
         c = cost.get(role)
         if c is None:
             continue
-        row = [f"{role} ({c['name']})", _si(c["params"]), _si(c["macs"]),
+        row = [f"{c['name']} ({role})", _si(c["params"]), _si(c["macs"]),
                _mib(c["weight_bytes_fp32"]), _mib(c["peak_activation_bytes"])]  # fmt: skip
         if timed:
             lat = c["latency_ms"]
