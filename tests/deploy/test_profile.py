@@ -184,3 +184,25 @@ def test_cli_profile_errors_are_one_line(capsys, tmp_path):
     assert code == 2 and "CxHxW" in err
     code, _, err = _cli(["profile", "no_such_model", "--num-classes", "10"], capsys)
     assert code == 2 and "no_such_model" in err
+
+
+def test_benchmark_script_for_the_crd_pairs(tmp_path, capsys):
+    """benchmarks/profile_crd_pairs.py (the run behind benchmarks/profile.md): its records are
+    `relkd profile`'s numbers and its table quotes them."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "profile_crd_pairs.py"
+    spec = importlib.util.spec_from_file_location("profile_crd_pairs", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "p"
+    assert mod.main(["--out", str(out), "--pairs", "resnet32x4:resnet8x4", "--no-latency"]) == 0
+    recs = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in recs] == ["resnet32x4", "resnet8x4"]
+    for r in recs:
+        assert r["params"] == count_params(create_model(r["name"], 100))
+    md = (tmp_path / "p.md").read_text()
+    t, s = recs
+    assert f"| resnet32x4 → resnet8x4 | {t['params'] / 1e6:.2f} / {s['params'] / 1e6:.2f} |" in md
+    assert f"{t['params'] / s['params']:.1f}×" in md and "load average before" in md
