@@ -206,3 +206,15 @@ def test_benchmark_script_for_the_crd_pairs(tmp_path, capsys):
     t, s = recs
     assert f"| resnet32x4 → resnet8x4 | {t['params'] / 1e6:.2f} / {s['params'] / 1e6:.2f} |" in md
     assert f"{t['params'] / s['params']:.1f}×" in md and "load average before" in md
+
+
+@pytest.mark.slow
+def test_cli_profile_times_torch_compile_too(capsys):
+    code, out, err = _cli(
+        ["profile", "cnn_tiny", "--num-classes", "10", "--input", "1x28x28", "--compile",
+         "--batch", "1", "--repeats", "2", "--warmup", "1", "--device", "cpu", "--json"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    (m,) = json.loads(out)["models"]
+    assert {(r["batch"], r["mode"]) for r in m["latency"]} == {(1, "eager"), (1, "compile")}

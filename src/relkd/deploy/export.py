@@ -242,9 +242,10 @@ def _topk_stats(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     top = logits.topk(k, dim=1).indices
     hit = top.eq(labels[:, None])
     ce = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="mean")
-    return {
-        "top1": 100.0 * float(hit[:, 0].float().mean()),
-        "top5": 100.0 * float(hit.any(dim=1).float().mean()),
+    n = max(1, len(labels))
+    return {  # counts, not float32 means: 74.37, not 74.37000274658203
+        "top1": 100.0 * int(hit[:, 0].sum()) / n,
+        "top5": 100.0 * int(hit.any(dim=1).sum()) / n,
         "test_loss": float(ce),
         "images": len(labels),
     }
