@@ -218,3 +218,24 @@ def test_cli_profile_times_torch_compile_too(capsys):
     assert code == 0, err
     (m,) = json.loads(out)["models"]
     assert {(r["batch"], r["mode"]) for r in m["latency"]} == {(1, "eager"), (1, "compile")}
+
+
+def test_profile_md_counts_are_the_codes():
+    """benchmarks/profile.md quotes parameters and MACs of the 13 CRD pairs: they must be what
+    the code counts (the latency columns come from the recorded run, never from a test)."""
+    from pathlib import Path
+
+    from relkd.bench.reference import CRD_PAIRS
+
+    text = (Path(__file__).resolve().parents[2] / "benchmarks" / "profile.md").read_text()
+    counts = {}
+    for name in {m for pair in CRD_PAIRS for m in pair}:
+        m = create_model(name, 100)
+        counts[name] = (count_params(m), count_macs(m, torch.rand(1, 3, 32, 32)))
+    for t, s in CRD_PAIRS:
+        (tp, tm), (sp, sm) = counts[t], counts[s]
+        row = (
+            f"| {t} → {s} | {tp / 1e6:.2f} / {sp / 1e6:.2f} | {tm / 1e6:.1f} / {sm / 1e6:.1f} | "
+            f"{tp / sp:.1f}× | {tm / sm:.1f}× |"
+        )
+        assert row in text, row
