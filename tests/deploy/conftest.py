@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 
-def _train(root: Path, out: Path, name: str, student: str, **extra) -> Path:
+def _train(root: Path, out: Path, name: str, model: str, **extra) -> Path:
     import relkd
 
     cfg = {
-        "student": {"name": student},
+        "student": {"name": model},
         "method": {"name": "ce"},
         "data": {"name": "fashion_mnist", "root": str(root), "batch_size": 32},
         "train": {"epochs": 1, "max_steps_per_epoch": 2, "progress": False,

@@ -220,3 +220,34 @@ def test_safetensors_format_is_the_runs_export(kd_run, tmp_path, capsys):
         assert set(a.keys()) == set(b.keys())
         for k in a.keys():  # noqa: SIM118  (safe_open is no dict)
             assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+
+
+def test_a_pretrained_student_exports_with_its_own_statistics(tmp_path, monkeypatch, capsys):
+    """student.weights=IMAGENET1K_V1 (a fake local cache): training fed the student ImageNet
+    statistics (averaged for grey images); the file normalises with them, so `relkd eval
+    FILE.onnx` gives the run's own last test loss."""
+    from tests.conftest import make_fmnist
+    from tests.deploy.conftest import _train
+    from tests.models.test_pretrained import _fake_torchvision_cache
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    _fake_torchvision_cache("resnet18", "IMAGENET1K_V1")
+    root = make_fmnist(tmp_path / "fm", n_train=64, n_test=32)
+    run = _train(
+        root, tmp_path / "runs", "tvp", "torchvision:resnet18", optim={"lr": 0.01},
+        student={"name": "torchvision:resnet18", "weights": "IMAGENET1K_V1"},
+    )  # fmt: skip
+    out = tmp_path / "p.onnx"
+    code, _, err = _cli(["export", str(run), "--out", str(out)], capsys)
+    assert code == 0, err
+    rec = json.loads((tmp_path / "export.json").read_text())
+    grey = sum([0.485, 0.456, 0.406]) / 3, sum([0.229, 0.224, 0.225]) / 3
+    assert rec["metadata"]["mean"] == pytest.approx([grey[0]])
+    assert rec["metadata"]["std"] == pytest.approx([grey[1]])
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    code, text, err = _cli(["eval", str(out), "--data", "fashion_mnist", "--root", str(root)],
+                           capsys)  # fmt: skip
+    assert code == 0, err
+    res = json.loads(text)
+    assert res["top1"] == pytest.approx(last["top1"])
+    assert res["test_loss"] == pytest.approx(last["test_loss"], rel=1e-4)

@@ -394,9 +394,12 @@ def run_models(run_dir: str | os.PathLike, *, weights: bool = False, best: bool 
                 "dataset": di.name}  # fmt: skip
     shape = (int(meta["in_chans"]), int(meta["image_size"]), int(meta["image_size"]))
     nc = int(meta["num_classes"])
+    # With its trained weights the student is built as `relkd eval` builds it: pretrained
+    # weights named by the config set the input statistics the student was trained on.
     student = create_model(
-        cfg.student.name, nc, **_chans_kwargs(cfg.student.name, cfg.student.kwargs, shape[0])
-    )
+        cfg.student.name, nc, weights=cfg.student.weights if weights else None,
+        **_chans_kwargs(cfg.student.name, cfg.student.kwargs, shape[0]),
+    )  # fmt: skip
     if weights:
         names = ("student_best.pt",) if best else ("student.pt", "checkpoint.pt")
         found = [run / n for n in names if (run / n).is_file()]
