@@ -251,3 +251,10 @@ def test_a_pretrained_student_exports_with_its_own_statistics(tmp_path, monkeypa
     res = json.loads(text)
     assert res["top1"] == pytest.approx(last["top1"])
     assert res["test_loss"] == pytest.approx(last["test_loss"], rel=1e-4)
+
+
+def test_export_and_profile_leave_a_users_module_as_they_found_it(tmp_path):
+    m = UserNet().train()
+    relkd.export_onnx(m, tmp_path / "u.onnx", input_shape=(3, 8, 8))
+    relkd.profile_model(m, (3, 8, 8), latency=False)
+    assert m.training and all(p.device.type == "cpu" for p in m.parameters())

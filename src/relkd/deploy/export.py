@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from relkd.deploy.profile import _logits, cpu_model, parse_input
+from relkd.deploy.profile import _logits, cpu_model, on_cpu_eval, parse_input
 from relkd.registry import RelkdError
 
 EXTRA_HINT = "pip install 'relkd[export]' (onnx, onnxruntime, onnxscript)"
@@ -297,7 +297,6 @@ def export_onnx(
             fed as in training (data statistics, then its own re-normalisation hook).
     """
     require_extra()
-    from relkd import __version__
 
     shape = parse_input(input_shape)
     out = Path(path)
@@ -308,7 +307,19 @@ def export_onnx(
             "int8 quantisation needs calibration images (a few hundred training images)"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
-    model = model.cpu().eval()
+    with on_cpu_eval(model):
+        return _export(
+            model, out, shape, mean, std, class_names, images, labels, images_source,
+            dynamic_batch, opset, atol, rtol, int8, calibration, metadata, reference,
+        )  # fmt: skip
+
+
+def _export(
+    model, out, shape, mean, std, class_names, images, labels, images_source, dynamic_batch,
+    opset, atol, rtol, int8, calibration, metadata, reference,
+) -> dict[str, Any]:  # fmt: skip
+    from relkd import __version__
+
     wrapped = NormalizedModel(model, mean, std).eval()
     if images is None:
         images = torch.rand(64, *shape, generator=torch.Generator().manual_seed(0))

@@ -27,8 +27,8 @@ Every number describes one forward pass of the model in evaluation mode under ``
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 import os
 import platform
 import statistics
@@ -271,6 +271,21 @@ def measure_latency(
 
 
 # --------------------------------------------------------------------------------- profiles
+@contextlib.contextmanager
+def on_cpu_eval(model: nn.Module):
+    """``model`` on the CPU in eval mode meanwhile; its device and train flag restored after
+    (profiling or exporting a user's module must not change it)."""
+    p = next(iter([*model.parameters(), *model.buffers()]), None)
+    device, was = (p.device if p is not None else None), model.training
+    model.cpu().eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
+        if device is not None:
+            model.to(device)
+
+
 def build_named(name: str, num_classes: int, input_shape: Sequence[int]) -> nn.Module:
     """A zoo / ``torchvision:`` / ``timm:`` model by name, untrained (the cost is the
     architecture's), for ``input_shape[0]`` channels."""
@@ -310,7 +325,13 @@ def profile_model(
         model = build_named(model, num_classes, shape)
     if not isinstance(model, nn.Module):
         raise RelkdError(f"profile needs an nn.Module or a model name, got {type(model).__name__}")
-    model = model.cpu().eval()
+    with on_cpu_eval(model):
+        return _profile(
+            model, shape, name, latency, batches, devices, compile, threads, warmup, repeats
+        )
+
+
+def _profile(model, shape, name, latency, batches, devices, compile, threads, warmup, repeats):
     x = torch.rand(1, *shape)
     with torch.no_grad():
         out = _logits(model(x))
@@ -503,7 +524,3 @@ def profile_json(costs: Sequence[ModelCost], ratio: dict[str, Any] | None = None
         "(weights and input excluded), tracked with a TorchDispatchMode on the CPU"
     )
     return out
-
-
-def _isfinite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
