@@ -107,7 +107,7 @@ def _hook_macs(model: nn.Module, x: torch.Tensor) -> int:
 @pytest.mark.parametrize(
     "name",
     ["resnet8x4", "wrn_16_2", "vgg8", "MobileNetV2", "ShuffleV1", "cnn_tiny",
-     "torchvision:resnet18"],
+     "torchvision:resnet18", "timm:resnet10t"],
 )  # fmt: skip
 def test_zoo_macs_agree_with_an_independent_counter(name):
     in_chans = 1 if name == "cnn_tiny" else 3
@@ -115,6 +115,15 @@ def test_zoo_macs_agree_with_an_independent_counter(name):
     m = create_model(name, 100, **kw)
     x = torch.rand(1, in_chans, 32, 32)
     assert count_macs(m, x) == _hook_macs(m, x)
+
+
+def test_attention_of_a_vit_is_counted():
+    """timm's ViT calls scaled_dot_product_attention: its two products per block (QK^T and
+    AV, N x N x D MACs each) come on top of what hooks on its Linear layers see."""
+    m = create_model("timm:vit_tiny_patch16_224", 10, img_size=32)
+    x = torch.rand(1, 3, 32, 32)
+    tokens, dim, blocks = (32 // 16) ** 2 + 1, 192, 12
+    assert count_macs(m, x) == _hook_macs(m, x) + blocks * 2 * tokens * tokens * dim
 
 
 def test_published_sizes_of_the_crd_students():

@@ -5,8 +5,9 @@ Every number describes one forward pass of the model in evaluation mode under ``
 * **parameters**: elements of the model's parameters (a parameter shared by two modules once).
 * **MACs** of one forward at batch 1: multiply-accumulates of the matrix products and
   convolutions, counted by ``torch.utils.flop_counter.FlopCounterMode`` at the operator level
-  (``aten.mm`` / ``addmm`` / ``bmm`` / ``baddbmm`` / ``convolution`` / scaled dot-product
-  attention, however a module calls them). PyTorch counts FLOPs, two per multiply-accumulate;
+  (``aten.mm`` / ``addmm`` / ``bmm`` / ``baddbmm`` / ``convolution``, however a module calls
+  them; scaled dot-product attention runs on its math backend while counting, as torch has no
+  count for the fused CPU kernel). PyTorch counts FLOPs, two per multiply-accumulate;
   relkd reports MACs = FLOPs / 2. **Not counted**: bias additions, batch / layer normalisation
   (folded into the convolution before it by every inference runtime), activations, pooling,
   element-wise sums of residual blocks, softmax, resizing. On the convolutional networks of the
@@ -154,11 +155,21 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> int:
     model.eval()
     counter = FlopCounterMode(display=False)
     try:
-        with counter:
+        # The fused CPU attention kernel has no FLOP formula in torch (counted as 0); the math
+        # backend computes the same attention with matmuls, which are counted.
+        with _math_attention(), counter:
             model(x)
     finally:
         model.train(was)
     return int(counter.get_total_flops()) // 2
+
+
+def _math_attention():
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3: no fused CPU kernel to avoid
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 class _LiveTensorBytes:
