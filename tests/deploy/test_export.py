@@ -62,6 +62,10 @@ def test_export_a_zoo_student_and_evaluate_the_file(kd_run, fmnist_root, tmp_pat
     res = json.loads(text)
     assert res["top1"] == pytest.approx(summary["last_top1"])
     assert res["top5"] == pytest.approx(summary["last_top5"])
+    # The same from Python.
+    assert relkd.eval_onnx(out, "fashion_mnist", str(fmnist_root))["top1"] == res["top1"]
+    rec = relkd.export_run(kd_run, tmp_path / "py" / "s.onnx", verify_images=32)
+    assert rec["verification"]["images"] == 32 and (tmp_path / "py" / "export.json").is_file()
 
 
 def test_export_options_dynamic_batch_opset_best_no_data(kd_run, tmp_path, capsys):
@@ -258,3 +262,19 @@ def test_export_and_profile_leave_a_users_module_as_they_found_it(tmp_path):
     relkd.export_onnx(m, tmp_path / "u.onnx", input_shape=(3, 8, 8))
     relkd.profile_model(m, (3, 8, 8), latency=False)
     assert m.training and all(p.device.type == "cpu" for p in m.parameters())
+
+
+def test_python_int8_of_a_user_module(tmp_path):
+    torch.manual_seed(0)
+    m = UserNet().eval()
+    images, labels = torch.rand(40, 3, 12, 12), torch.arange(40) % 4
+    rec = relkd.export_onnx(
+        m, tmp_path / "u.onnx", input_shape=(3, 12, 12), mean=[0.5] * 3, std=[0.25] * 3,
+        images=images, labels=labels, int8=True, calibration=torch.rand(32, 3, 12, 12),
+    )  # fmt: skip
+    q = rec["int8"]
+    assert (tmp_path / "u.int8.onnx").is_file() and q["calibration_images"] == 32
+    assert q["fp32_top1"] == pytest.approx(rec["verification"]["onnx_top1"])
+    assert q["eval_images"] == 40 and 0 <= q["top1_agreement_with_fp32"] <= 1
+    with pytest.raises(relkd.RelkdError, match="calibration"):
+        relkd.export_onnx(m, tmp_path / "v.onnx", input_shape=(3, 12, 12), int8=True)
