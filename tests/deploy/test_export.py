@@ -224,6 +224,8 @@ def test_safetensors_format_is_the_runs_export(kd_run, tmp_path, capsys):
         assert set(a.keys()) == set(b.keys())
         for k in a.keys():  # noqa: SIM118  (safe_open is no dict)
             assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+    code, _, err = _cli(["export", str(kd_run), "--format", "safetensors", "--int8"], capsys)
+    assert code == 2 and "--int8" in err
 
 
 def test_a_pretrained_student_exports_with_its_own_statistics(tmp_path, monkeypatch, capsys):

@@ -563,6 +563,12 @@ def export_run(
     if format == "safetensors":
         from relkd.models import save_student
 
+        onnx_only = {"--int8": int8, "--dynamic-batch": dynamic_batch, "--opset": opset,
+                     "--no-data": no_data}  # fmt: skip
+        if any(onnx_only.values()):
+            used = ", ".join(k for k, v in onnx_only.items() if v)
+            raise RelkdError(f"{used}: ONNX options; --format safetensors writes the weights only")
+
         dst = Path(out) if out is not None else run / f"{stem}.safetensors"
         if dst.suffix != ".safetensors":
             raise RelkdError(f"safetensors output {str(dst)!r} must end in .safetensors")
