@@ -40,7 +40,8 @@ def _cmd_accuracy(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from relkd.bench.report import write_report, write_report_from_json
+    from relkd.bench.report import write_report
+    from relkd.bench.report_json import write_report_from_json
 
     cost = {"cost": not args.no_cost, "latency": not args.no_latency, "threads": args.threads}
     if args.from_json:
