@@ -4,7 +4,7 @@
 
 The cost comes from the architectures (parameters and MACs do not depend on the weights;
 latency is timed on random images), so a report can be re-rendered with it from its
-``report.json`` alone (:func:`relkd.bench.report.write_report_from_json`): no run folder, no
+``report.json`` alone (:func:`relkd.bench.report_json.write_report_from_json`): no run folder, no
 retraining. The input size and class count come from a run folder's exported student metadata,
 else from the data set's name (CIFAR-10 / CIFAR-100: 3x32x32; Fashion-MNIST: 1x28x28), else
 from ``input_shape`` / ``num_classes`` given by the caller.
