@@ -193,6 +193,11 @@ def test_cli_profile_errors_are_one_line(capsys, tmp_path):
     assert code == 2 and "CxHxW" in err
     code, _, err = _cli(["profile", "no_such_model", "--num-classes", "10"], capsys)
     assert code == 2 and "no_such_model" in err
+    if not torch.cuda.is_available():
+        code, _, err = _cli(
+            ["profile", "cnn_tiny", "--num-classes", "10", "--device", "cuda"], capsys
+        )
+        assert code == 2 and "CUDA is not available" in err
 
 
 def test_benchmark_script_for_the_crd_pairs(tmp_path, capsys):
