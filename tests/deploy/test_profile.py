@@ -184,6 +184,8 @@ def test_cli_profile_of_a_run_folder(kd_run, capsys):
     # Python: the same numbers
     py = relkd.profile_run(kd_run, latency=False)
     assert py["student"].params == s["params"] and py["teacher"].macs == t["macs"]
+    code, _, err = _cli(["profile", str(kd_run), "--input", "3x32x32"], capsys)
+    assert code == 2 and "brings its own models and input" in err
 
 
 def test_cli_profile_errors_are_one_line(capsys, tmp_path):
