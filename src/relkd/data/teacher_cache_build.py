@@ -51,7 +51,7 @@ def _build_lock(path: Path, log: Callable[[str], None] | None):
     beside a user's cache folder."""
     from filelock import FileLock, Timeout
 
-    from relkd.data.datasets import cache_dir
+    from relkd.data.kit import cache_dir
 
     locks = cache_dir() / "locks"
     locks.mkdir(parents=True, exist_ok=True)
@@ -203,7 +203,7 @@ def _build_into(
             "build_seconds": round(time.perf_counter() - t_start, 3),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        from relkd.engine.checkpoint import atomic_write_bytes
+        from relkd._fs import atomic_write_bytes
 
         atomic_write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
         _fsync_dir(tmp)

@@ -46,16 +46,11 @@ from typing import Any
 import yaml
 
 from relkd import distributed as D
-from relkd.engine.checkpoint import (
-    CKPT,
-    MANIFEST,
-    PREV,
-    CheckpointStore,
-    atomic_write_json,
-    atomic_write_text,
-    remove_temp_files,
-)
+from relkd._fs import atomic_write_json, atomic_write_text, remove_temp_files
+from relkd._version import __version__
+from relkd.engine.checkpoint import CKPT, MANIFEST, PREV, CheckpointStore
 from relkd.engine.logger import METRICS, RunLogger
+from relkd.engine.state import TrainState
 from relkd.registry import RelkdError
 
 RUN_FILE = "run.json"
@@ -148,6 +143,14 @@ def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple
     )]  # fmt: skip
 
 
+def _added_at_default(key: str, old: Any, new: Any) -> bool:
+    """A key a newer relkd added (``relkd.config.ADDED_KEYS``), absent from the recorded config
+    and at the value that keeps the old behaviour: not a change."""
+    from relkd.config import ADDED_KEYS
+
+    return old == _ABSENT and key in ADDED_KEYS and new == ADDED_KEYS[key]
+
+
 def _matches(key: str, patterns: Sequence[str]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in patterns)
 
@@ -180,12 +183,10 @@ def provenance(device: Any = None, world_size: int = 1, global_batch: int | None
     """What produced a run: versions, git commit, command line, host, device, world size."""
     import torch
 
-    import relkd
-
     dev = str(device) if device is not None else None
     info: dict[str, Any] = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "relkd": relkd.__version__,
+        "relkd": __version__,
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "git_commit": _git_commit(),
@@ -379,7 +380,11 @@ class RunFolder:
                     f"--allow-change {pat!r} is not a config key (e.g. train.epochs, "
                     "method.args.temperature)"
                 )
-        changes = [c for c in config_changes(old, new) if not _matches(c[0], _PLACE_KEYS)]
+        changes = [
+            c
+            for c in config_changes(old, new)
+            if not _matches(c[0], _PLACE_KEYS) and not _added_at_default(*c)
+        ]
         refused = [c for c in changes if not _matches(c[0], [*ENV_KEYS, *allow_change])]
         if refused:
             listed = "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, a, b in refused)
@@ -404,11 +409,11 @@ class RunFolder:
         device: Any = None,
         world_size: int = 1,
         extra: Mapping[str, Any] | None = None,
-        into: tuple[Any, Any, Any] | None = None,
+        into: TrainState | None = None,
     ) -> Resumed | None:
         """Take the folder (rank 0: the lock), check it again under the lock, load the
-        checkpoint when resuming (into ``(distiller, optimizer, scaler)`` when given, see
-        :meth:`restore`), and only then write ``config.yaml``, ``run.json`` and a
+        checkpoint when resuming (into the live ``TrainState`` when given, see
+        :meth:`TrainState.load`), and only then write ``config.yaml``, ``run.json`` and a
         ``metrics.jsonl`` equal to the checkpoint's history. Returns what to resume from."""
         from relkd.config import to_yaml
 
@@ -430,7 +435,8 @@ class RunFolder:
             elif resume and self.state().exists:
                 self.log.info(f"no checkpoint in {self.path} yet: starting from the beginning")
             if resumed is not None and into is not None:
-                self.restore(resumed, *into)
+                into.load(resumed.state, resumed.path)
+                self.log.info(f"resumed {self.path} at epoch {resumed.start_epoch}")
             if not self.main:
                 self._opened = True
                 return resumed
@@ -490,54 +496,40 @@ class RunFolder:
             return ""
 
     # ----------------------------------------------------------------------------- training
-    def restore(self, resumed: Resumed, distiller: Any, optimizer: Any, scaler: Any) -> None:
-        """Load a resumed state into the live objects; a checkpoint of another model or class
-        count is one line naming the first mismatches."""
-        st = resumed.state
-        try:
-            distiller.load_state_dict(st["distiller"])
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise RelkdError(
-                f"checkpoint {str(resumed.path)!r} does not fit this run's model (another "
-                f"student, method or class count?): {_first_mismatches(e)}"
-            ) from None
-        try:
-            optimizer.load_state_dict(st["optimizer"])
-            scaler.load_state_dict(st["scaler"])
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise RelkdError(
-                f"checkpoint {str(resumed.path)!r} does not fit this run's optimizer: "
-                f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
-            ) from None
-        self.log.info(f"resumed {self.path} at epoch {resumed.start_epoch}")
-
     def save_best(self, student: Any, metadata: Mapping[str, Any] | None = None) -> None:
         if self.main:
             from relkd.models.checkpoint import save_student
 
             save_student(student, self.path / "student_best.pt", metadata=metadata)
 
-    def end_epoch(self, record: dict[str, Any], state: dict[str, Any]) -> None:
-        """The epoch's checkpoint first, then its metrics line: ``metrics.jsonl`` never runs
-        ahead of the checkpoint (a kill in between is repaired by the resume)."""
+    def end_epoch(self, record: dict[str, Any], state: TrainState) -> None:
+        """The epoch's checkpoint (``state``) first, then its metrics line: ``metrics.jsonl``
+        never runs ahead of the checkpoint (a kill in between is repaired by the resume)."""
         if self.main:
-            self.store.save(state)
+            self.store.save(state.state_dict())
             self.log.metrics(record)
 
     def finish(
         self,
         student: Any,
-        summary: Mapping[str, Any],
+        cfg: Any,
+        state: TrainState,
+        *,
+        t_start: float,
         metadata: Mapping[str, Any] | None = None,
-    ) -> None:
+        extra: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Export the student (``.pt`` and ``.safetensors``, with metadata) and write
-        ``summary.json`` last: its presence means the run finished."""
+        ``summary.json`` (:meth:`TrainState.summary` plus ``extra``) last: its presence means
+        the run finished. Returns the summary."""
+        summary = {**state.summary(cfg, t_start, self.path), **(extra or {})}
         if self.main:
             from relkd.models.checkpoint import save_student
 
             save_student(student, self.path / "student.pt", metadata=metadata)
             save_student(student, self.path / "student.safetensors", metadata=metadata)
             atomic_write_json(self.path / SUMMARY, dict(summary))
+        return summary
 
     def write_json(self, name: str, obj: Any) -> None:
         """Any other file of the run folder (e.g. the pipeline plan), written atomically."""
@@ -558,9 +550,9 @@ class RunFolder:
 
 
 def _is_tmp(name: str) -> bool:
-    from relkd.engine.checkpoint import _TMP_RE
+    from relkd._fs import TMP_RE
 
-    return bool(_TMP_RE.match(name))
+    return bool(TMP_RE.match(name))
 
 
 def _read_json(path: Path) -> Any:
@@ -588,11 +580,3 @@ def _count_lines(path: Path) -> int:
         return sum(1 for line in path.read_text().splitlines() if line.strip())
     except OSError:
         return 0
-
-
-def _first_mismatches(e: BaseException, n: int = 2) -> str:
-    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
-    detail = [x if len(x) <= 240 else x[:237] + "..." for x in lines]
-    detail = [x for x in detail if not x.startswith("Error(s) in loading")]
-    out = "; ".join(detail[:n]) + (f"; ... ({len(detail) - n} more)" if len(detail) > n else "")
-    return out or type(e).__name__
