@@ -77,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         "# `relkd profile` of the CRD pairs (CIFAR-100 input 3x32x32, 100 classes)",
         "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}",
-        f"- machine: {cpu_model()}, {os.cpu_count()} CPUs, {args.threads} torch threads; Python {platform.python_version()}, torch "
-        f"{torch.__version__}; load average before: {load}",
+        f"- machine: {cpu_model()}, {os.cpu_count()} CPUs, {args.threads} torch threads; "
+        f"Python {platform.python_version()}, torch {torch.__version__}; load average "
+        f"before: {load}",
         f"- command: python benchmarks/profile_crd_pairs.py {' '.join(argv or sys.argv[1:])}",
         f"- latency: median of {args.repeats} timed calls after {args.warmup} warm-up calls, "
         "eager, random input",

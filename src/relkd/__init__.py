@@ -10,8 +10,9 @@ from torch import nn
 from relkd import losses
 from relkd._version import __version__ as __version__  # the one place it is set
 from relkd.api import Distillation, DistillationOutput
-from relkd.deploy.export import eval_onnx, export_onnx, export_run
+from relkd.deploy.export import export_onnx
 from relkd.deploy.profile import profile_model, profile_run
+from relkd.deploy.runs import eval_onnx, export_run
 from relkd.methods import list_methods
 from relkd.models import FeatureTap, ModelOutput, create_model, list_models, load_checkpoint
 from relkd.registry import RelkdError

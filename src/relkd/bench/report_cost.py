@@ -28,13 +28,13 @@ _KNOWN_DATA = [
 
 def _input_of(tab: Table) -> tuple[tuple[int, int, int], int] | None:
     """``((C, H, W), classes)`` of a table's models from a run's student metadata or its data."""
-    from relkd.deploy.profile import _run_meta
+    from relkd.deploy.profile import run_metadata
 
     for g in tab.groups:
         for r in g.runs:
             if r.run_dir.is_dir():
                 try:
-                    meta = _run_meta(r.run_dir)
+                    meta = run_metadata(r.run_dir)
                 except Exception:  # an unreadable student file: try the next run
                     meta = None
                 if meta and {"in_chans", "image_size", "num_classes"} <= set(meta):
@@ -191,12 +191,12 @@ def plot_cost(
 ) -> bool:
     """Per pair: top-1 (mean ± std over seeds, best epoch) against MACs (log scale) of the
     teacher, the CE student and every method; the methods share the student's MACs (dotted
-    line) and are spread within +-10 % of it so their error bars stay apart. Returns False when no table has
-    a cost."""
+    line) and are spread within +-10 % of it so their error bars stay apart. Returns False
+    when no table has a cost."""
     from matplotlib.ticker import NullFormatter
 
-    from relkd.bench.report import mean_std
     from relkd.bench.report_plots import _plt
+    from relkd.bench.report_runs import mean_std
 
     shown = [t for t in tables if id(t) in costs and any(g.runs for g in t.groups)]
     if not shown:

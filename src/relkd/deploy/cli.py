@@ -55,7 +55,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from relkd.deploy.export import export_run
+    from relkd.deploy.runs import export_run
 
     rec = export_run(
         args.run_dir, args.out, format=args.format, best=args.best,
@@ -104,7 +104,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_eval_onnx(args: argparse.Namespace) -> int:
     """``relkd eval FILE.onnx --data NAME [--root DIR]``."""
-    from relkd.deploy.export import eval_onnx
+    from relkd.deploy.runs import eval_onnx
 
     if args.data is None:
         raise RelkdError("evaluating an ONNX file needs --data NAME (and --root DIR)")

@@ -20,34 +20,28 @@ uint8 activations, min-max calibration on training images).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import re
-import statistics
 import time
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from relkd.deploy.profile import _logits, cpu_model, on_cpu_eval, parse_input
+from relkd.deploy.int8 import quantize
+from relkd.deploy.ort import (
+    ort_logits,
+    ort_session,
+    ort_version,
+    quiet,
+    require_extra,
+    topk_stats,
+)
+from relkd.deploy.profile import _logits, on_cpu_eval, parse_input
 from relkd.registry import RelkdError
-
-EXTRA_HINT = "pip install 'relkd[export]' (onnx, onnxruntime, onnxscript)"
-
-
-def require_extra(what: str = "ONNX export") -> None:
-    """One line saying what to install when the ``export`` extra is missing."""
-    import importlib.util
-
-    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise RelkdError(f"{what} needs {', '.join(missing)}: {EXTRA_HINT}")
 
 
 class NormalizedModel(nn.Module):
@@ -78,40 +72,6 @@ def _operator(err: BaseException) -> str | None:
     return m.group(1) if m else None
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """The exporters print progress, warnings and (the TorchScript one, from C++) whole graphs;
-    a CLI prints its own lines, so both streams go to a scratch file meanwhile."""
-    import logging
-    import sys
-    import tempfile
-
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    saved: list[tuple[int, int]] = []
-    with tempfile.TemporaryFile() as sink:
-        try:
-            for stream in (sys.stdout, sys.stderr):
-                with contextlib.suppress(AttributeError, OSError, ValueError):
-                    stream.flush()
-                    fd = stream.fileno()
-                    saved.append((fd, os.dup(fd)))
-                    os.dup2(sink.fileno(), fd)
-            with (
-                warnings.catch_warnings(),
-                contextlib.redirect_stdout(io.StringIO()),
-                contextlib.redirect_stderr(io.StringIO()),
-            ):
-                warnings.simplefilter("ignore")
-                yield
-        finally:
-            for fd, copy in saved:
-                os.dup2(copy, fd)
-                os.close(copy)
-            logger.setLevel(level)
-
-
 def _export_file(
     wrapped: nn.Module, example: torch.Tensor, path: Path, dynamic_batch: bool, opset: int | None
 ) -> str:
@@ -119,7 +79,7 @@ def _export_file(
     errors: list[BaseException] = []
     names = {"input_names": ["image"], "output_names": ["logits"]}
     try:
-        with _quiet():
+        with quiet():
             dyn = ({0: torch.export.Dim.DYNAMIC},) if dynamic_batch else None
             torch.onnx.export(
                 wrapped, (example,), str(path), dynamo=True, opset_version=opset,
@@ -129,7 +89,7 @@ def _export_file(
     except Exception as e:  # any exporter failure: try the other exporter
         errors.append(e)
     try:
-        with _quiet():
+        with quiet():
             axes = {"image": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
             torch.onnx.export(
                 wrapped, (example,), str(path), dynamo=False, opset_version=opset,
@@ -166,89 +126,6 @@ def _set_metadata(path: Path, meta: dict[str, Any]) -> int:
     model.doc_string = "relkd student: float [0, 1] NCHW images in, logits out"
     onnx.save(model, str(path))
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
-def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``metadata_props`` of an ONNX file (JSON values decoded)."""
-    require_extra("reading an ONNX file")
-    import onnx
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:
-        raise RelkdError(f"{str(path)!r} is not an ONNX file: {type(e).__name__}") from e
-    out: dict[str, Any] = {}
-    for entry in model.metadata_props:
-        try:
-            out[entry.key] = json.loads(entry.value)
-        except ValueError:
-            out[entry.key] = entry.value
-    return out
-
-
-# ------------------------------------------------------------------------------ running ORT
-def ort_session(path: str | os.PathLike, threads: int | None = None):
-    require_extra("running an ONNX file")
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = int(threads)
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def ort_logits(sess, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
-    """Logits of ``images`` (float [N, C, H, W] in [0, 1]) from an ORT session; a file with a
-    fixed batch of 1 is fed one image at a time."""
-    inp = sess.get_inputs()[0]
-    fixed = inp.shape[0] if isinstance(inp.shape[0], int) else None
-    step = fixed or batch
-    outs = []
-    for i in range(0, len(images), step):
-        chunk = images[i : i + step].float().contiguous().numpy()
-        if fixed and len(chunk) != fixed:  # the last, short chunk of a fixed-batch file
-            outs += [sess.run(None, {inp.name: chunk[j : j + 1]})[0] for j in range(len(chunk))]
-            continue
-        outs.append(sess.run(None, {inp.name: chunk})[0])
-    import numpy as np
-
-    return torch.from_numpy(np.concatenate(outs, axis=0))
-
-
-def ort_latency(sess, shape: Sequence[int], warmup: int = 5, repeats: int = 50) -> dict:
-    """Median and quartiles (ms) of ``repeats`` batch-1 ORT calls after ``warmup``."""
-    import numpy as np
-
-    inp = sess.get_inputs()[0]
-    x = np.random.default_rng(0).random((1, *shape), dtype=np.float32)
-    for _ in range(warmup):
-        sess.run(None, {inp.name: x})
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sess.run(None, {inp.name: x})
-        times.append(1000.0 * (time.perf_counter() - t0))
-    q = statistics.quantiles(times, n=4)
-    n = sess.get_session_options().intra_op_num_threads
-    threads = f"{n} intra-op threads" if n else f"default intra-op threads, {os.cpu_count()} CPUs"
-    return {"batch": 1, "median_ms": statistics.median(times), "q1_ms": q[0], "q3_ms": q[2],
-            "repeats": repeats, "warmup": warmup,
-            "machine": f"{cpu_model()}, ONNX Runtime CPU, {threads}"}  # fmt: skip
-
-
-def _topk_stats(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    k = min(5, logits.shape[1])
-    top = logits.topk(k, dim=1).indices
-    hit = top.eq(labels[:, None])
-    ce = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="mean")
-    n = max(1, len(labels))
-    return {  # counts, not float32 means: 74.37, not 74.37000274658203
-        "top1": 100.0 * int(hit[:, 0].sum()) / n,
-        "top5": 100.0 * int(hit.any(dim=1).sum()) / n,
-        "test_loss": float(ce),
-        "images": len(labels),
-    }
 
 
 # ------------------------------------------------------------------------------- the export
@@ -318,7 +195,7 @@ def _export(
     model, out, shape, mean, std, class_names, images, labels, images_source, dynamic_batch,
     opset, atol, rtol, int8, calibration, metadata, reference,
 ) -> dict[str, Any]:  # fmt: skip
-    from relkd import __version__
+    from relkd._version import __version__
 
     wrapped = NormalizedModel(model, mean, std).eval()
     if images is None:
@@ -358,11 +235,11 @@ def _export(
             "max_abs_logit_diff": diff,
             "top1_agreement": agree,
             "tolerance": limit,
-            "runtime": "onnxruntime " + _ort_version() + " (CPUExecutionProvider)",
+            "runtime": "onnxruntime " + ort_version() + " (CPUExecutionProvider)",
         }
         if labels is not None:
-            check["torch_top1"] = _topk_stats(want, labels)["top1"]
-            check["onnx_top1"] = _topk_stats(got, labels)["top1"]
+            check["torch_top1"] = topk_stats(want, labels)["top1"]
+            check["onnx_top1"] = topk_stats(got, labels)["top1"]
         if not diff <= limit:
             raise RelkdError(
                 f"export check failed: ONNX Runtime's logits differ from the torch model's by "
@@ -385,7 +262,7 @@ def _export(
     }
     if int8:
         try:
-            record["int8"] = _quantize(out, shape, calibration, images, labels, sess)
+            record["int8"] = quantize(out, shape, calibration, images, labels, sess)
         except RelkdError:
             raise
         except Exception as e:  # ORT's quantiser refused the graph: the fp32 file stays
@@ -397,250 +274,3 @@ def _export(
             ) from e
     (out.parent / "export.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
-
-
-def _ort_version() -> str:
-    import onnxruntime
-
-    return onnxruntime.__version__
-
-
-class _Reader:
-    """ORT's calibration data reader over float [M, C, H, W] images in [0, 1]."""
-
-    def __init__(self, name: str, images: torch.Tensor, batch: int) -> None:
-        self.name, self.images, self.batch, self.i = name, images, batch, 0
-
-    def get_next(self):
-        if self.i >= len(self.images):
-            return None
-        x = self.images[self.i : self.i + self.batch].float().contiguous().numpy()
-        self.i += self.batch
-        return {self.name: x}
-
-    def rewind(self) -> None:
-        self.i = 0
-
-
-def _quantize(
-    fp32: Path,
-    shape: tuple[int, int, int],
-    calibration: torch.Tensor,
-    images: torch.Tensor,
-    labels: torch.Tensor | None,
-    fp32_sess,
-) -> dict[str, Any]:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quant_pre_process,
-        quantize_static,
-    )
-
-    class Reader(_Reader, CalibrationDataReader):
-        pass
-
-    dst = fp32.with_name(fp32.stem + ".int8.onnx")
-    pre = fp32.with_name(f".{fp32.stem}.pre.onnx")
-    inp = fp32_sess.get_inputs()[0]
-    fixed = inp.shape[0] if isinstance(inp.shape[0], int) else None
-    try:
-        with _quiet():
-            try:  # shape inference + graph optimisation, as ORT recommends before quantising
-                quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-                src = pre
-            except Exception:
-                src = fp32
-            quantize_static(
-                str(src), str(dst), Reader(inp.name, calibration, fixed or 32),
-                quant_format=QuantFormat.QDQ, per_channel=True,
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.MinMax,
-            )  # fmt: skip
-    finally:
-        pre.unlink(missing_ok=True)
-        for extra in fp32.parent.glob("augmented_model*.onnx"):
-            extra.unlink(missing_ok=True)
-    import onnx
-
-    m = onnx.load(str(dst))
-    del m.metadata_props[:]
-    m.metadata_props.extend(onnx.load(str(fp32), load_external_data=False).metadata_props)
-    entry = m.metadata_props.add()
-    entry.key, entry.value = "quantization", "int8 static QDQ (onnxruntime), per-channel weights"
-    onnx.save(m, str(dst))
-    int8_sess = ort_session(dst)
-    rec: dict[str, Any] = {
-        "file": dst.name,
-        "method": "onnxruntime quantize_static: QDQ, per-channel int8 weights, uint8 "
-        "activations, min-max calibration",
-        "calibration_images": len(calibration),
-        "bytes_fp32": fp32.stat().st_size,
-        "bytes_int8": dst.stat().st_size,
-    }
-    q = ort_logits(int8_sess, images)
-    f = ort_logits(fp32_sess, images)
-    rec["top1_agreement_with_fp32"] = float((q.argmax(1) == f.argmax(1)).float().mean())
-    if labels is not None:
-        rec["fp32_top1"] = _topk_stats(f, labels)["top1"]
-        rec["int8_top1"] = _topk_stats(q, labels)["top1"]
-        rec["eval_images"] = len(labels)
-    rec["fp32_latency"] = ort_latency(fp32_sess, shape)
-    rec["int8_latency"] = ort_latency(int8_sess, shape)
-    return rec
-
-
-# ----------------------------------------------------------------------------- a run folder
-def _eval_images(cfg: Any, meta: dict[str, Any], limit: int | None, calibration: int = 0):
-    """The run's evaluation split as float [N, C, H, W] in [0, 1] with labels, its class names,
-    and ``calibration`` training images (un-augmented, a fixed random choice)."""
-    from relkd.data import build_datasets
-
-    d = cfg.data
-    train, test, info = build_datasets(
-        d.name, d.root, augment=False, image_size=d.image_size, val_split=d.val_split,
-        val_seed=d.val_seed, test_subset=d.test_subset,
-    )  # fmt: skip
-    mean = torch.tensor(info.mean).view(1, -1, 1, 1)
-    std = torch.tensor(info.std).view(1, -1, 1, 1)
-
-    def take(ds, idx) -> tuple[torch.Tensor, torch.Tensor]:
-        xs, ys = zip(*((ds[int(i)][0], int(ds[int(i)][1])) for i in idx))
-        return (torch.stack(xs) * std + mean).clamp(0, 1), torch.tensor(ys)
-
-    n = len(test) if limit is None else min(limit, len(test))
-    x, y = take(test, range(n))
-    cal = None
-    if calibration:
-        g = torch.Generator().manual_seed(0)
-        idx = torch.randperm(len(train), generator=g)[: min(calibration, len(train))]
-        cal = take(train, idx.tolist())[0]
-    split = "validation hold-out" if d.val_split else "test split"
-    return x, y, info, cal, f"{n} images of the {split} of {d.name}"
-
-
-def _effective_norm(student: nn.Module, mean, std) -> tuple[list[float], list[float]]:
-    """The statistics the student really sees (its own, when a hook re-normalises)."""
-    from relkd.models.normalization import _HOOK_ATTR
-
-    hook = getattr(student, _HOOK_ATTR, None)
-    if hook is None:
-        return list(mean), list(std)
-    return list(hook[0].model[0]), list(hook[0].model[1])
-
-
-def export_run(
-    run_dir: str | os.PathLike,
-    out: str | os.PathLike | None = None,
-    *,
-    format: str = "onnx",
-    best: bool = False,
-    dynamic_batch: bool = False,
-    opset: int | None = None,
-    no_data: bool = False,
-    verify_images: int = 512,
-    int8: bool = False,
-    calibration_images: int = 256,
-) -> dict[str, Any]:
-    """Export a run folder's student (``student.pt``; ``student_best.pt`` with ``best``).
-
-    ``format="onnx"``: :func:`export_onnx` checked on ``verify_images`` images of the run's
-    evaluation split (random images with ``no_data``), default file ``RUN/student.onnx``;
-    ``int8`` adds the quantised file, its top-1 on the whole evaluation split next to the fp32
-    file's, and both latencies. ``format="safetensors"``: the weights with the run's metadata,
-    as training writes ``student.safetensors``. Returns the record (``export.json``)."""
-    from relkd.deploy.profile import run_models
-    from relkd.models.normalization import attach_input_norm
-
-    if format not in ("onnx", "safetensors"):
-        raise RelkdError(f"--format {format!r}: choose onnx or safetensors")
-    run = Path(run_dir)
-    student, _, info = run_models(run, weights=True, best=best)
-    meta, cfg = dict(info["meta"]), info["cfg"]
-    stem = "student_best" if best else "student"
-    if format == "safetensors":
-        from relkd.models import save_student
-
-        onnx_only = {"--int8": int8, "--dynamic-batch": dynamic_batch, "--opset": opset,
-                     "--no-data": no_data}  # fmt: skip
-        if any(onnx_only.values()):
-            used = ", ".join(k for k, v in onnx_only.items() if v)
-            raise RelkdError(f"{used}: ONNX options; --format safetensors writes the weights only")
-
-        dst = Path(out) if out is not None else run / f"{stem}.safetensors"
-        if dst.suffix != ".safetensors":
-            raise RelkdError(f"safetensors output {str(dst)!r} must end in .safetensors")
-        save_student(student, dst, metadata=meta)
-        return {"file": str(dst), "format": "safetensors", "metadata": meta}
-    require_extra()
-    if int8 and no_data:
-        raise RelkdError("--int8 calibrates on the run's training images: drop --no-data")
-    import copy
-
-    attach_input_norm(student, meta["mean"], meta["std"], cfg.student.mean, cfg.student.std)
-    # The check's reference: the student exactly as training fed it (data statistics, then its
-    # own re-normalisation hook, if any); the file folds both into one (x - mean) / std.
-    trained = NormalizedModel(copy.deepcopy(student), meta["mean"], meta["std"]).eval()
-    mean, std = _effective_norm(student, meta["mean"], meta["std"])
-    attach_input_norm(student, mean, std, mean, std)  # the wrapper normalises: no hook
-    shape = info["input_shape"]
-    classes, images, labels, cal, source = None, None, None, None, None
-    if not no_data:
-        x, y, dinfo, cal, source = _eval_images(
-            cfg, meta, None if int8 else verify_images, calibration_images if int8 else 0
-        )
-        classes = dinfo.classes
-        if tuple(x.shape[1:]) != tuple(shape):
-            raise RelkdError(
-                f"the run's data gives {tuple(x.shape[1:])} images, its student {shape}"
-            )
-        images, labels = x, y
-    dst = Path(out) if out is not None else run / f"{stem}.onnx"
-    extra = {"dataset": meta.get("dataset"), "run": run.resolve().name, "weights": f"{stem}.pt",
-             "architecture": info["student_name"]}  # fmt: skip
-    return export_onnx(
-        student, dst, input_shape=shape, mean=mean, std=std, class_names=classes,
-        images=images, labels=labels, images_source=source, dynamic_batch=dynamic_batch,
-        opset=opset, int8=int8, calibration=cal, metadata=extra, reference=trained,
-    )  # fmt: skip
-
-
-def eval_onnx(
-    path: str | os.PathLike,
-    data: str,
-    root: str | None = None,
-    *,
-    image_size: int | None = None,
-    batch_size: int = 64,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """Top-1 / top-5 (%) and mean CE of an exported ONNX file on data set ``data``'s test split
-    (images un-normalised to ``[0, 1]``, the file normalises them itself)."""
-    from relkd.data import build_datasets
-
-    p = Path(path)
-    if not p.is_file():
-        raise RelkdError(f"ONNX file {str(p)!r} does not exist")
-    meta = read_metadata(p)
-    size = image_size
-    if size is None and isinstance(meta.get("input_size"), str):
-        size = int(meta["input_size"].split("x")[-1])
-    _, test, info = build_datasets(data, root, augment=False, image_size=size)
-    sess = ort_session(p)
-    want = sess.get_inputs()[0].shape
-    if isinstance(want[1], int) and want[1] != info.in_channels:
-        raise RelkdError(
-            f"{p.name} takes {want[1]}-channel images, data set {data!r} has {info.in_channels}"
-        )
-    mean = torch.tensor(info.mean).view(1, -1, 1, 1)
-    std = torch.tensor(info.std).view(1, -1, 1, 1)
-    loader = torch.utils.data.DataLoader(test, batch_size=batch_size, shuffle=False)
-    logits, labels = [], []
-    for x, y, *_ in loader:
-        logits.append(ort_logits(sess, (x * std + mean).clamp(0, 1), batch_size))
-        labels.append(torch.as_tensor(y))
-    res = _topk_stats(torch.cat(logits), torch.cat(labels))
-    res["file"] = str(p)
-    return res

@@ -300,10 +300,10 @@ def on_cpu_eval(model: nn.Module):
 def build_named(name: str, num_classes: int, input_shape: Sequence[int]) -> nn.Module:
     """A zoo / ``torchvision:`` / ``timm:`` model by name, untrained (the cost is the
     architecture's), for ``input_shape[0]`` channels."""
-    from relkd.engine.trainer import _chans_kwargs
+    from relkd.engine.build import model_kwargs
     from relkd.models import create_model
 
-    kw = _chans_kwargs(name, {}, int(input_shape[0]))
+    kw = model_kwargs(name, {}, int(input_shape[0]))
     return create_model(name, int(num_classes), **kw)
 
 
@@ -409,14 +409,14 @@ def run_models(run_dir: str | os.PathLike, *, weights: bool = False, best: bool 
     it was passed from Python. With ``weights`` the student's trained weights are loaded
     (``student_best.pt`` with ``best``)."""
     from relkd.config import load_config
-    from relkd.engine.trainer import _chans_kwargs
+    from relkd.engine.build import model_kwargs
     from relkd.models import create_model, load_checkpoint
 
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise RelkdError(f"{str(run)!r} is not a run folder (it has no config.yaml)")
     cfg = load_config(run / "config.yaml")
-    meta = _run_meta(run)
+    meta = run_metadata(run)
     if meta is None:  # an unfinished run: the data set says what the model saw
         from relkd.data import build_datasets
 
@@ -430,7 +430,7 @@ def run_models(run_dir: str | os.PathLike, *, weights: bool = False, best: bool 
     # weights named by the config set the input statistics the student was trained on.
     student = create_model(
         cfg.student.name, nc, weights=cfg.student.weights if weights else None,
-        **_chans_kwargs(cfg.student.name, cfg.student.kwargs, shape[0]),
+        **model_kwargs(cfg.student.name, cfg.student.kwargs, shape[0]),
     )  # fmt: skip
     if weights:
         names = ("student_best.pt",) if best else ("student.pt", "checkpoint.pt")
@@ -441,7 +441,7 @@ def run_models(run_dir: str | os.PathLike, *, weights: bool = False, best: bool 
     teacher = None
     if cfg.teacher is not None:
         tc = cfg.teacher
-        teacher = create_model(tc.name, nc, **_chans_kwargs(tc.name, tc.kwargs, shape[0]))
+        teacher = create_model(tc.name, nc, **model_kwargs(tc.name, tc.kwargs, shape[0]))
     info = {
         "input_shape": shape,
         "num_classes": nc,
@@ -453,7 +453,9 @@ def run_models(run_dir: str | os.PathLike, *, weights: bool = False, best: bool 
     return student, teacher, info
 
 
-def _run_meta(run: Path) -> dict[str, Any] | None:
+def run_metadata(run: Path) -> dict[str, Any] | None:
+    """The metadata training wrote with the run's student (``student.safetensors`` header, else
+    ``student.pt``'s ``meta``: num_classes, in_chans, image_size, mean, std, ...), or None."""
     p = run / "student.safetensors"
     if p.is_file():
         from safetensors import safe_open
