@@ -13,8 +13,9 @@ from relkd.api import Distillation, DistillationOutput
 from relkd.deploy.export import export_onnx
 from relkd.deploy.profile import profile_model, profile_run
 from relkd.deploy.runs import eval_onnx, export_run
-from relkd.methods import list_methods
+from relkd.methods import Method, MethodContext, list_methods, register_method
 from relkd.models import FeatureTap, ModelOutput, create_model, list_models, load_checkpoint
+from relkd.models.registry import register_model
 from relkd.registry import RelkdError
 
 
@@ -56,6 +57,8 @@ __all__ = [
     "Distillation",
     "DistillationOutput",
     "FeatureTap",
+    "Method",
+    "MethodContext",
     "ModelOutput",
     "RelkdError",
     "create_model",
@@ -68,5 +71,7 @@ __all__ = [
     "losses",
     "profile_model",
     "profile_run",
+    "register_method",
+    "register_model",
     "train",
 ]

@@ -195,7 +195,7 @@ def plot_cost(
     when no table has a cost."""
     from matplotlib.ticker import NullFormatter
 
-    from relkd.bench.report_plots import _plt
+    from relkd.bench.report_plots import _plt, _save
     from relkd.bench.report_runs import mean_std
 
     shown = [t for t in tables if id(t) in costs and any(g.runs for g in t.groups)]
@@ -229,6 +229,6 @@ def plot_cost(
         ax.set_xlim(lo / 1.5, hi * 1.5)
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _save(fig, path)  # PNG, PDF and SVG, like the report's other figures
     plt.close(fig)
     return True

@@ -26,8 +26,8 @@ def write_report_from_json(
 ) -> Path:
     """Re-render a report from its ``report.json`` alone (the run folders may be gone), with
     the cost of each pair's models measured now: same tables, notes and ``accuracy.png``;
-    ``curves.png`` (per-epoch curves are not in ``report.json``) is copied from beside the JSON
-    when it is there. ``input_shape`` / ``num_classes``: the models' input where neither a run
+    ``curves.png`` / ``.pdf`` / ``.svg`` (per-epoch curves are not in ``report.json``) are
+    copied from beside the JSON when they are there. ``input_shape`` / ``num_classes``: the models' input where neither a run
     folder nor the data set's name tells it (see :mod:`relkd.bench.report_cost`)."""
     import shutil
 
@@ -74,8 +74,9 @@ def write_report_from_json(
         num_classes=num_classes,
     )  # fmt: skip
     runs_rel = str(data.get("runs_dir") or ".")  # where the runs were, as recorded
-    curves = src.parent / "curves.png"
-    if curves.is_file() and curves.resolve() != (out / "curves.png").resolve():
-        shutil.copyfile(curves, out / "curves.png")
+    for ext in ("png", "pdf", "svg"):  # the curves are not in the JSON: keep the drawn ones
+        curves = src.parent / f"curves.{ext}"
+        if curves.is_file() and curves.resolve() != (out / curves.name).resolve():
+            shutil.copyfile(curves, out / curves.name)
     return _write(out, groups, tables, runs_rel, costs, curves=(out / "curves.png").is_file(),
                   source=os.path.relpath(src, out))  # fmt: skip

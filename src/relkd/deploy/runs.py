@@ -167,5 +167,5 @@ def eval_onnx(
         logits.append(ort_logits(sess, (x * std + mean).clamp(0, 1), batch_size))
         labels.append(torch.as_tensor(y))
     res = topk_stats(torch.cat(logits), torch.cat(labels))
-    res["file"] = str(p)
+    res.update(split="test", file=str(p))
     return res
