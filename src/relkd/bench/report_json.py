@@ -43,11 +43,15 @@ def write_report_from_json(
     for g in groups_json:
         times = g.get("train_time_s") or [None] * len(g["best"])
         runs = []
-        for seed, b, la, t, rd in zip(g["seeds"], g["best"], g["last"], times, g["run_dirs"]):
+        images = g.get("eval_images") or [None] * len(g["best"])  # older records lack it
+        for seed, b, la, t, rd, n in zip(
+            g["seeds"], g["best"], g["last"], times, g["run_dirs"], images
+        ):
             r = RunRecord(
                 run_dir=src.parent / rd, method=g["method"], teacher=g["teacher"],
                 student=g["student"], seed=int(seed), dataset=g["dataset"], best=b, last=la,
                 method_name=g.get("method_name") or g["method"], recipe=g["recipe"], time_s=t,
+                eval_images=n,
             )  # fmt: skip
             r.recorded_dir = rd  # type: ignore[attr-defined]
             runs.append(r)
