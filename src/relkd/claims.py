@@ -54,6 +54,8 @@ from typing import Any
 from relkd.registry import RelkdError
 
 STALE_ENV = "RELKD_CLAIM_STALE_S"
+#: The claim file of a run folder (the grid runner and ``relkd.train`` share it).
+RUN_CLAIM = ".relkd.claim"
 #: Seconds without a heartbeat after which a claim may be taken over (:data:`STALE_ENV`).
 DEFAULT_STALE_S = 300.0
 _BEAT_WIDTH = 20
