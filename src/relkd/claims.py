@@ -373,7 +373,7 @@ class Claim:
             return False
         rec = read_record(self.path)
         if rec is None:
-            who = "it was removed"
+            who = "another process took it over (and has released it since)"
         else:
             who = f"it was taken over by pid {rec.get('pid')} on {rec.get('host')}"
         self._lost = (
