@@ -404,7 +404,7 @@ def _cli(suite: Path, out: Path, shim: Path | None, stale: float, *extra: str):
     )  # fmt: skip
 
 
-@pytest.mark.slow  # 2 + 2 + 4 real CLI processes (~3 s of torch import each)
+@pytest.mark.slow  # 2 + 4 real CLI processes (~3 s of torch import each)
 def test_cli_workers_started_together_train_each_run_once(oslock_shim, tmp_path, fmnist_root):
     """Independent ``relkd bench accuracy`` processes on one output folder, started together,
     OS locks useless (the issue's two-node report: each run was trained twice, concurrently):
@@ -412,7 +412,7 @@ def test_cli_workers_started_together_train_each_run_once(oslock_shim, tmp_path,
     line per epoch), and the processes' tallies add up to the grid."""
     teacher = {"train": {"train": {"epochs": 1}}}
     suite = _suite(tmp_path / "s.yaml", fmnist_root, teacher, ["ce", "kd"], [0, 1])
-    for rep, workers in enumerate([2, 2, 4]):
+    for rep, workers in enumerate([2, 4]):
         out = tmp_path / f"out{rep}"
         procs = [_cli(suite, out, oslock_shim, 30) for _ in range(workers)]
         outs = [p.communicate(timeout=300) for p in procs]
@@ -432,6 +432,13 @@ def test_cli_workers_started_together_train_each_run_once(oslock_shim, tmp_path,
                 1 if "teachers" in str(f) else 2
             )
         assert not list(out.rglob(".relkd.claim*"))
+
+
+def _safetensors(path: Path) -> tuple[dict, bytes]:
+    """(parsed header, tensor bytes) of a .safetensors file."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
 
 
 def _wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -471,19 +478,23 @@ def test_cli_a_killed_holder_on_another_node_is_taken_over_and_resumed_exactly(
     rec = json.loads(head)
     rec["host"] = "node-b"  # a dead holder on another node: only staleness can free the run
     claim.write_bytes(json.dumps(rec, sort_keys=True).encode() + b"\n" + rest)
-    t0 = time.monotonic()
     b = _cli(suite, tmp_path / "out", oslock_shim, 2, "--verbose")
     b_out, b_err = b.communicate(timeout=300)
     assert b.returncode == 0, b_err
-    assert time.monotonic() - t0 >= 2
-    assert "is being run by another process (pid" in b_out and "taken over from a stale" in b_out
+    # Judged by the file system's clock at first sight (B's start takes longer than 2 s), or
+    # after watching it unchanged for 2 s: either way not by a pid check (host is node-b).
+    taken = [x for x in b_out.splitlines() if "taken over from a stale claim" in x]
+    assert len(taken) == 1 and "pid" not in taken[0], b_out
     _, ref_err = ref.communicate(timeout=300)
     assert ref.returncode == 0, ref_err
     ref_run = tmp_path / "ref/runs/kd/cnn_small_cnn_tiny/s0"
     sessions = json.loads((run / "run.json").read_text())["sessions"]
     assert [s["kind"] for s in sessions] == ["start", "resume"]
-    for name in ("student.safetensors", "student.pt"):
-        assert (run / name).read_bytes() == (ref_run / name).read_bytes(), name
+    assert (run / "student.pt").read_bytes() == (ref_run / "student.pt").read_bytes()
+    # safetensors: the tensor bytes are identical; its header is a JSON object whose key order
+    # the library leaves to a hash map (it differs between processes), so it is compared parsed.
+    (h1, d1), (h2, d2) = (_safetensors(d / "student.safetensors") for d in (run, ref_run))
+    assert h1 == h2 and d1 == d2
     s, r = (json.loads((d / "summary.json").read_text()) for d in (run, ref_run))
     assert (s["best_top1"], s["last_top1"]) == (r["best_top1"], r["last_top1"])
 

@@ -227,7 +227,7 @@ def _discard(path: Path) -> None:
 
 def _sweep_dead_builds(path: Path, log: Callable[[str], None] | None) -> None:
     """Remove the temporary folders of builds of ``path`` that were killed (called under the
-    build lock: no live build of this cache on this machine owns one)."""
+    build claim: no live build of this cache owns one)."""
     for name in remove_dead_temp_dirs(path.parent, f".{path.name}.tmp-"):
         if log is not None:
             log(f"teacher cache: removed {name}, left by an interrupted build")
