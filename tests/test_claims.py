@@ -506,7 +506,7 @@ def test_cli_a_paused_worker_stops_without_writing(oslock_shim, tmp_path, fmnist
     worker, which finishes it; after SIGCONT the first exits 2 with one line and the run
     folder is as the second left it."""
     suite = _suite(tmp_path / "s.yaml", fmnist_root, {"checkpoint": str(tiny_teacher_ckpt)},
-                   ["kd"], [0], epochs=40)  # fmt: skip
+                   ["kd"], [0], epochs=12)  # fmt: skip
     out = tmp_path / "out"
     a = _cli(suite, out, oslock_shim, 2)
     run = out / "runs/kd/cnn_small_cnn_tiny/s0"
