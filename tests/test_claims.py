@@ -378,7 +378,7 @@ def test_a_paused_worker_loses_its_claim_and_stops_without_writing(oslock_shim, 
 
 
 # ------------------------------------------------------------------ the real CLI (slow)
-def _suite(path: Path, fmnist_root: Path, teacher: dict, methods, seeds, epochs=2) -> Path:
+def _suite(path: Path, fmnist_root: Path, teacher: dict, methods, seeds, epochs=2, **kw) -> Path:
     suite = {
         "name": "tiny",
         "base": {
@@ -391,15 +391,16 @@ def _suite(path: Path, fmnist_root: Path, teacher: dict, methods, seeds, epochs=
         "pairs": [["cnn_small", "cnn_tiny"]],
         "methods": methods,
         "seeds": seeds,
+        **kw,
     }  # fmt: skip
     path.write_text(yaml.safe_dump(suite, sort_keys=False))
     return path
 
 
-def _cli(suite: Path, out: Path, shim: Path | None, stale: float, *extra: str):
+def _cli(suite: Path, out: Path, shim: Path | None, stale: float, *extra: str, **env: str):
     cmd = [sys.executable, "-m", "relkd", "bench", "accuracy", str(suite), "--out", str(out)]
     return subprocess.Popen(
-        [*cmd, "--no-report", *extra], env=_env(shim, stale),
+        [*cmd, "--no-report", *extra], env=_env(shim, stale, **env),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
@@ -409,12 +410,17 @@ def test_cli_workers_started_together_train_each_run_once(oslock_shim, tmp_path,
     """Independent ``relkd bench accuracy`` processes on one output folder, started together,
     OS locks useless (the issue's two-node report: each run was trained twice, concurrently):
     the suite's teacher and each run are trained once (one session in run.json, one metrics
-    line per epoch), and the processes' tallies add up to the grid."""
+    line per epoch), the processes' tallies add up to the grid, and the kd and dkd runs' teacher cache
+    is built once."""
     teacher = {"train": {"train": {"epochs": 1}}}
-    suite = _suite(tmp_path / "s.yaml", fmnist_root, teacher, ["ce", "kd"], [0, 1])
+    suite = _suite(tmp_path / "s.yaml", fmnist_root, teacher, ["ce", "kd", "dkd"], [0],
+                   teacher_cache="auto")  # fmt: skip
     for rep, workers in enumerate([2, 4]):
-        out = tmp_path / f"out{rep}"
-        procs = [_cli(suite, out, oslock_shim, 30) for _ in range(workers)]
+        out, home = tmp_path / f"out{rep}", tmp_path / f"home{rep}"
+        procs = [
+            _cli(suite, out, oslock_shim, 30, "--verbose", RELKD_CACHE_DIR=str(home))
+            for _ in range(workers)
+        ]
         outs = [p.communicate(timeout=300) for p in procs]
         assert all(p.returncode == 0 for p in procs), [e for _, e in outs]
         tallies = [
@@ -422,9 +428,9 @@ def test_cli_workers_started_together_train_each_run_once(oslock_shim, tmp_path,
         ]
         assert all(tallies), outs
         counts = [dict(reversed(x.split(" ")) for x in t.group(1).split(", ")) for t in tallies]
-        assert sum(int(c.get("trained", 0)) for c in counts) == 4, tallies
+        assert sum(int(c.get("trained", 0)) for c in counts) == 3, tallies
         folders = [out / "teachers/cnn_small", *sorted(out.glob("runs/*/*/s*"))]
-        assert len(folders) == 5
+        assert len(folders) == 4
         for f in folders:
             sessions = json.loads((f / "run.json").read_text())["sessions"]
             assert [s["kind"] for s in sessions] == ["start"], f
@@ -432,6 +438,9 @@ def test_cli_workers_started_together_train_each_run_once(oslock_shim, tmp_path,
                 1 if "teachers" in str(f) else 2
             )
         assert not list(out.rglob(".relkd.claim*"))
+        logs = [x for o, e in outs for x in (o + e).splitlines()]  # run logs go to stderr
+        builds = [x for x in logs if "teacher cache: building" in x]
+        assert len(builds) == 1 and len(list((home / "teacher").iterdir())) == 1, builds
 
 
 def _safetensors(path: Path) -> tuple[dict, bytes]:

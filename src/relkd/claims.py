@@ -157,6 +157,7 @@ class Claim:
         """Create the claim, or take over a stale one; False if a live worker holds it."""
         if self._fd is not None:
             raise RuntimeError(f"claim {self.path} is already held by this object")
+        self.took_over = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(3):
             if self._create():
@@ -239,8 +240,8 @@ class Claim:
         return True
 
     def _create_excl(self, data: bytes) -> bool:
-        """Exclusive create of the name itself (readers may see it half written: unparsable
-        records are judged by observation only)."""
+        """Exclusive create of the name itself (readers may see it half written: an unparsable
+        record is never judged by its pid, only by its age and by watching it)."""
         self.token = _parse(data)["token"]  # type: ignore[index]
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
@@ -256,8 +257,11 @@ class Claim:
         """Why the claim with bytes ``data`` may be taken over, or None while it is live."""
         rec = _parse(data)
         key = str(self.path)
-        if rec is not None and rec.get("host") == _host():
-            pid = int(rec.get("pid", -1))
+        try:
+            pid = int(rec["pid"]) if rec is not None and rec.get("host") == _host() else 0
+        except (KeyError, TypeError, ValueError):
+            pid = 0
+        if pid > 0:
             if pid == os.getpid():
                 mine = held(self.path)
                 if mine is None or mine.token != rec["token"]:
