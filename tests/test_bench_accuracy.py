@@ -649,3 +649,22 @@ def test_a_started_cache_group_is_not_waited_for(
     monkeypatch.setattr(acc.time, "sleep", sleep)
     list(acc._work(jobs, "tok", True, lambda m: None))
     assert order == ["dkd", "kd"]
+
+
+def test_resume_check_ignores_keys_added_at_their_default(suite_file, tmp_path):
+    """A run folder written before a config key existed (here ``train.ema_decay``) is not
+    "changed" while the suite leaves that key at its default; a real change still is."""
+    from relkd.bench.accuracy import _config_changed
+    from relkd.bench.suite import build_grid
+    from relkd.config import load_config, to_yaml
+
+    _, runs = build_grid(load_suite(suite_file), tmp_path / "out")
+    job = runs[0]
+    job.run_dir.mkdir(parents=True)
+    cfg = yaml.safe_load(to_yaml(load_config(job.config, job.overrides)))
+    assert cfg["train"].pop("ema_decay") == 0.0  # off; an older relkd wrote no such key
+    (job.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert not _config_changed(job)
+    cfg["optim"]["lr"] = cfg["optim"]["lr"] * 2
+    (job.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert _config_changed(job)

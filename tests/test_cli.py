@@ -358,11 +358,13 @@ def test_missing_tensorboard_warns_once(monkeypatch):
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda n, *a: None if n == "tensorboard" else real(n, *a)
     )
-    monkeypatch.setattr(relkd, "_TB_WARNED", False)
+    from relkd.engine import logger
+
+    monkeypatch.setattr(logger, "_TB_WARNED", False)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        relkd._warn_no_tensorboard()
-        relkd._warn_no_tensorboard()
+        logger.warn_no_tensorboard()
+        logger.warn_no_tensorboard()
     assert len(w) == 1 and "tensorboard" in str(w[0].message)
 
 

@@ -440,6 +440,24 @@ class Claim:
         return f"Claim({str(self.path)!r}, held={self.holds()})"
 
 
+def claim_now(path: str | os.PathLike, what: str, busy: str) -> tuple[Claim, bool]:
+    """``(claim, acquired_here)``: this process's live claim on ``path`` if it holds one (then
+    not this caller's to release), else a new claim acquired without waiting (a stale one is
+    taken over). A live holder elsewhere is a :class:`RelkdError` with the message ``busy``,
+    whose ``{holder}`` becomes `` (pid P on HOST since T)``."""
+    mine = held(path)
+    if mine is not None:
+        return mine, False
+    claim = Claim(path, what=what)
+    try:
+        got = claim.try_acquire()
+    except OSError as e:
+        raise RelkdError(f"cannot claim {what}: {e}") from e
+    if not got:
+        raise RelkdError(busy.format(holder=describe(read_record(claim.path))))
+    return claim, True
+
+
 def describe(rec: dict[str, Any] | None) -> str:
     """`` (pid P on HOST since T)`` for a holder record; empty when unknown."""
     if not rec:

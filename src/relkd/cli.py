@@ -40,7 +40,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _print_config(args: argparse.Namespace) -> int:
     """The resolved config (file + overrides + defaults) and its run folder; trains nothing."""
     from relkd.config import load_config, to_yaml
-    from relkd.engine.trainer import _run_dir
+    from relkd.engine.rundir import run_path
     from relkd.preflight import check_config
     from relkd.resources import resolve
 
@@ -48,7 +48,7 @@ def _print_config(args: argparse.Namespace) -> int:
     cfg = load_config(path, args.overrides)
     print(f"# config: {path}")
     print(to_yaml(cfg), end="")
-    print(f"# run folder: {_run_dir(cfg)}", flush=True)
+    print(f"# run folder: {run_path(cfg)}", flush=True)
     check_config(cfg)  # after printing: the config is shown even when it cannot run yet
     return 0
 
@@ -83,7 +83,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from relkd.config import load_config
     from relkd.data import build_datasets
-    from relkd.engine.trainer import _chans_kwargs, _make_loaders, evaluate, resolve_device
+    from relkd.engine.build import model_kwargs, resolve_device
+    from relkd.engine.evaluation import evaluate
+    from relkd.engine.plan import build_loaders, plan_for_config
     from relkd.methods import MethodContext, build_method
     from relkd.models import create_model, load_checkpoint
     from relkd.models.normalization import attach_input_norm
@@ -117,8 +119,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     cfg = load_config(OmegaConf.merge(OmegaConf.structured(cfg), changes))
     _, test_ds, info = build_datasets(cfg.data.name, cfg.data.root, image_size=cfg.data.image_size)
-    kw = _chans_kwargs(cfg.student.name, cfg.student.kwargs, info.in_channels)
-    # Built as relkd.engine.trainer._build_models builds the student (its weights set the
+    kw = model_kwargs(cfg.student.name, cfg.student.kwargs, info.in_channels)
+    # Built as relkd.engine.build.build_models builds the student (its weights set the
     # statistics a pretrained model declares), then the trained weights replace them.
     model = create_model(cfg.student.name, info.num_classes, weights=cfg.student.weights, **kw)
     load_checkpoint(model, args.checkpoint)
@@ -127,7 +129,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     attach_input_norm(model, info.mean, info.std, cfg.student.mean, cfg.student.std)
     device = resolve_device(args.device)
     method, _ = build_method("ce", MethodContext(num_classes=info.num_classes))
-    _, test = _make_loaders(cfg, method, test_ds, test_ds, info, device)
+    plan = plan_for_config(cfg, method, False, test_ds)
+    _, test = build_loaders(plan, cfg, method, test_ds, test_ds, info, device)
     bar = tqdm(test, total=len(test), desc="eval", unit="batch", leave=False,
                disable=args.no_progress)  # fmt: skip
     with torch.no_grad():
@@ -165,7 +168,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from relkd import __version__
+    from relkd._version import __version__
 
     p = argparse.ArgumentParser(prog="relkd", description="Relational knowledge distillation")
     p.add_argument("--version", action="version", version=f"relkd {__version__}")

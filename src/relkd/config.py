@@ -124,6 +124,18 @@ class TrainConfig:
     # method and seed of a table shares them and the teacher's stored outputs.
     teacher_replay: str = "off"
     replay_seed: int = 0
+    # Exponential moving average of the student's weights (0: off). When on, the averaged
+    # weights are what is evaluated, saved as student_best.pt / student.pt and exported; decay
+    # warms up as min(ema_decay, (1 + t) / (10 + t)) over the first updates t (docs/architecture.md).
+    ema_decay: float = 0.0
+    # Micro-batches (of data.batch_size each) per optimizer step; the lr schedule counts
+    # optimizer steps. 1: every batch is a step (docs/architecture.md: what differs for k > 1).
+    grad_accum_steps: int = 1
+
+
+#: Keys added after runs were recorded, with the value that keeps the old behaviour: a run
+#: folder recorded without the key resumes when the key has this value.
+ADDED_KEYS: dict[str, Any] = {"train.ema_decay": 0.0, "train.grad_accum_steps": 1}
 
 
 @dataclass
@@ -218,6 +230,8 @@ def _validate_values(cfg: Config) -> None:
         ("data.val_seed", d.val_seed, 0 <= d.val_seed <= MAX_SEED, "must be in 0 .. 2**63 - 1"),
         ("data.num_workers", d.num_workers, d.num_workers >= 0, "must be >= 0"),
         ("train.log_every", t.log_every, t.log_every >= 1, "must be >= 1 (steps between reads)"),
+        ("train.ema_decay", t.ema_decay, 0 <= t.ema_decay < 1, "must be in [0, 1) (0: off)"),
+        ("train.grad_accum_steps", t.grad_accum_steps, t.grad_accum_steps >= 1, "must be >= 1"),
     ]
     optional: list[tuple[str, Any, Any, str]] = [
         ("train.grad_clip", t.grad_clip, lambda v: v > 0, "must be > 0 (or null: no clipping)"),
@@ -340,3 +354,19 @@ def load_config(
 def to_yaml(cfg: Config) -> str:
     """The resolved config as YAML (saved in every run folder)."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def load_run_config(config: Any, overrides: Sequence[str] = (), student: Any = None) -> Config:
+    """:func:`load_config` for a run; a student module passed from Python needs no
+    ``student.name`` in the config (its class name is used for the run record and the
+    checkpoint metadata)."""
+    try:
+        return load_config(config, overrides)
+    except RelkdError as e:
+        # Missing name: OmegaConf's "missing mandatory value" or our "student.name is required".
+        if student is None or "student.name" not in str(e):
+            raise
+        try:
+            return load_config(config, [*overrides, f"student.name={type(student).__name__}"])
+        except RelkdError:
+            raise e from None

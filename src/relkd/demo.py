@@ -132,14 +132,13 @@ def run_demo(
     done); ``teacher_quiet``: the same for the teacher, whose progress is shown by default.
     """
     from relkd import train
-    from relkd.methods import METHODS
+    from relkd.methods import MethodSpec
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     methods = methods or list(DEMO_METHODS)
     for m in methods:
-        for part in m.split("+"):
-            METHODS.get(part)  # fail before any training on an unknown name
+        MethodSpec.parse(m)  # fail before any training on an unknown name
     epochs = student_epochs or STUDENT_EPOCHS
     t0 = time.time()
     print(f"relkd demo: Fashion-MNIST, teacher cnn_small, student cnn_tiny, {seeds} seed(s)")

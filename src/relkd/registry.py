@@ -38,6 +38,10 @@ class Registry(Generic[T]):
     def add(self, name: str, obj: T) -> None:
         self.register(name)(obj)
 
+    def remove(self, name: str) -> None:
+        """Forget ``name`` (a throw-away registration in a test or a session); no-op if absent."""
+        self._items.pop(name, None)
+
     def _lookup(self, name: str) -> str | None:
         if name in self._items:
             return name

@@ -23,13 +23,8 @@ from torchvision.transforms import functional as TF
 
 import relkd
 from relkd.data import build_datasets
-from relkd.data.replay import (
-    ReplayCropDataset,
-    ReplayStore,
-    ReplayTeacher,
-    replay_key,
-    replay_unsupported,
-)
+from relkd.data.replay import ReplayCropDataset, ReplayStore, replay_key, replay_unsupported
+from relkd.engine.teacher import ReplayTeacher
 from relkd.models.base import ModelOutput
 from relkd.registry import RelkdError
 
@@ -121,7 +116,7 @@ def test_replayed_crops_follow_torchvision_distribution(tree):
 
 
 def test_unsupported_transforms_are_named(tmp_path):
-    from relkd.data.datasets import FileImageDataset
+    from relkd.data import FileImageDataset
 
     samples = [(str(tmp_path / "x.jpg"), 0)]
     mk = lambda tf: FileImageDataset(samples, transform=tf)  # noqa: E731

@@ -87,10 +87,8 @@ TRAIN_CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "transfe
 
 
 def _folder(cfg) -> Path:
-    try:
-        from relkd.engine.rundir import run_path
-    except ImportError:  # relkd 0.1
-        from relkd.engine.trainer import _run_dir as run_path
+    from relkd.engine.rundir import run_path
+
     return run_path(cfg)
 
 

@@ -93,7 +93,13 @@ def _config_changed(job: Job) -> bool:
     if not saved.is_file():
         return False
     want = to_yaml(load_config(job.config, job.overrides))
-    return _comparable(saved.read_text()) != _comparable(want)
+    try:
+        # The saved config read through today's schema: a key added since, at its default,
+        # is not a change (a run recorded before ``train.ema_decay`` existed still resumes).
+        have = to_yaml(load_config(str(saved)))
+    except Exception:  # unreadable or no longer valid: compare the raw text, which differs
+        have = saved.read_text()
+    return _comparable(have) != _comparable(want)
 
 
 #: The clock that times runs (monkeypatched by tests of the ETA arithmetic).

@@ -50,7 +50,8 @@ def plot_accuracy(
     start at zero: the dots' positions, not bar lengths, carry the numbers."""
     from matplotlib.lines import Line2D
 
-    from relkd.bench.report import _refs, mean_std
+    from relkd.bench.reference import lookup
+    from relkd.bench.report_runs import mean_std
 
     plt = _plt()
     heights = [0.32 * max(2, len([g for g in t.groups if g.runs]) + 1) + 1.0 for t in tables]
@@ -73,7 +74,7 @@ def plot_accuracy(
                 ax.errorbar(lm, y - 0.15, xerr=ls, fmt=marker, color=colour, mfc="white",
                             ms=7, capsize=3)  # fmt: skip
                 xs += [lm - ls, lm + ls]
-            for r in _refs(g):
+            for r in lookup(g.dataset, g.method, g.teacher, g.student, g.recipe):
                 ax.plot(r["value"], y, "x", color="black", ms=8, mew=2)
                 xs.append(r["value"])
         t1 = tab.teacher_top1.get("top1")

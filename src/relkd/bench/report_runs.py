@@ -197,10 +197,10 @@ PYTHON_TEACHER = "teacher passed from Python"
 
 
 def _needs_teacher(method_name: str) -> bool:
-    from relkd.methods import METHODS
+    from relkd.methods import MethodSpec
 
     try:
-        return any(METHODS.get(p.strip()).requires_teacher for p in method_name.split("+"))
+        return MethodSpec.parse(method_name).requires_teacher
     except Exception:  # not a registered method (renamed since, or a foreign run folder)
         return False
 

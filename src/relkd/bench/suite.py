@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import inspect
 import json
 import os
 import re
@@ -305,37 +304,27 @@ def load_suite(path: str | os.PathLike) -> Suite:
 
 # ----------------------------------------------------------------------------- name checks
 def _method_parts(name: str) -> list[str]:
-    return [n.strip() for n in str(name).split("+")]
+    from relkd.methods import MethodSpec
+
+    return list(MethodSpec.split(name))
 
 
 def _requires_teacher(method_name: str) -> bool:
-    from relkd.methods import METHODS
+    from relkd.methods import MethodSpec
 
-    return any(METHODS.get(p).requires_teacher for p in _method_parts(method_name))
+    return MethodSpec.parse(method_name).requires_teacher
 
 
 def _method_arg_errors(section: dict[str, Any]) -> list[str]:
-    """Argument names of a method section checked against the method's signature."""
-    from relkd.methods import METHODS
+    """The method spec's errors (:class:`relkd.methods.MethodSpec`: the messages ``relkd
+    train`` gives for the same mistake), all of them."""
+    from relkd.methods import MethodSpec
 
-    name = str(section.get("name"))
-    parts = _method_parts(name)
-    args = section.get("args") or {}
-    if not isinstance(args, dict):
-        return [f"method {name!r}: args must be a mapping"]
-    if len(parts) > 1 and set(args) - set(parts):
-        bad = ", ".join(sorted(set(args) - set(parts)))
-        return [f"method {name!r}: args must be keyed by part ({', '.join(parts)}); got {bad}"]
-    errors = []
-    for part, a in ({parts[0]: args} if len(parts) == 1 else args).items():
-        params = inspect.signature(METHODS.get(part).__init__).parameters
-        valid = [k for k in params if k not in ("self", "ctx")]
-        errors += [
-            f"method {part!r} has no argument {key!r} (valid: {', '.join(valid) or 'none'})"
-            for key in a or {}
-            if key not in valid
-        ]
-    return errors
+    try:
+        spec = MethodSpec.parse(str(section.get("name")), section.get("args"))
+    except RelkdError as e:
+        return [str(e)]
+    return spec.argument_errors()
 
 
 def _model_known(name: str) -> bool:

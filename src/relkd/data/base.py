@@ -4,8 +4,8 @@
 options every builder receives, :data:`DATASETS` is the registry of builders (``Builder``:
 ``(root, opts) -> (train, test, DataInfo)``); :class:`ArrayImageDataset` (uint8 arrays in
 memory, ``as_tensors()`` for the on-device loader) and :class:`FileImageDataset` (image files
-decoded on every access) are what the built-in builders of :mod:`relkd.data.datasets` make.
-Every name here stays importable from :mod:`relkd.data.datasets` and :mod:`relkd.data`.
+decoded on every access) are what the built-in builders (:mod:`relkd.data.builders`) make.
+Builders are written with the public kit :mod:`relkd.data.kit`.
 """
 
 from __future__ import annotations
@@ -63,6 +63,9 @@ class BuildOptions:
 
 Builder = Callable[[Path | None, BuildOptions], "tuple[Dataset, Dataset, DataInfo]"]
 DATASETS: Registry[Builder] = Registry("dataset")
+#: name -> writer of tiny example files in the data set's real on-disk format,
+#: ``example(folder) -> root to build from`` (set by ``relkd.data.kit.register_dataset``).
+EXAMPLES: dict[str, Callable[[Path], Path]] = {}
 
 
 class ArrayImageDataset(Dataset):

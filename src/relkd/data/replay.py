@@ -25,8 +25,8 @@ instead of running the teacher. relkd's version, switched on by ``train.teacher_
   ~2.4 GiB for ImageNet-1k, ~2 s): same-shape garbage or a truncated file is refused, never
   used. An epoch is written only after a check of the free disk space (one line naming the
   folder and the bytes needed) with its files' blocks reserved.
-- :class:`ReplayTeacher` answers from the store for a stored epoch, checking that the crops drawn
-  now equal the recorded ones (a changed image changes its crops: refused, never silently wrong).
+- The replay teacher (:class:`relkd.engine.teacher.ReplayTeacher`) answers from the store for
+  a stored epoch, checking that the crops drawn now equal the recorded ones (a changed image changes its crops: refused, never silently wrong).
   For an epoch not stored yet it runs the online teacher, rounds its outputs to the storage dtype
   (so the run that writes an epoch and every run that reads it see the same numbers) and writes
   them through to a temporary folder that is renamed into place once every sample of the epoch
@@ -56,7 +56,6 @@ import os
 import shutil
 import socket
 import uuid
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -80,7 +79,7 @@ REPLAY_VERSION = 2  # 2: content-hashed data, per-epoch checksums
 FORMAT = "relkd-teacher-replay"
 MANIFEST = "manifest.json"
 CHECKSUMS = "checksums.json"
-#: Batch extras a :class:`ReplayTeacher` reads (``ReplayCropDataset`` yields them).
+#: Batch extras a :class:`relkd.engine.teacher.ReplayTeacher` reads (``ReplayCropDataset`` yields them).
 REPLAY_EXTRAS = ("index", "aug_params")
 # Steps allowed after the crop: they must not draw random numbers, or replay would not be exact.
 _DETERMINISTIC = (
@@ -188,7 +187,7 @@ class ReplayCropDataset(Dataset):
         return self.tail(out) if self.tail is not None else out
 
     def __getitem__(self, i: int) -> tuple[Any, int, dict[str, Any]]:
-        from relkd.data.datasets import load_image
+        from relkd.data.formats import load_image
 
         path, target = self._sample(i)
         img = load_image(path)
@@ -237,7 +236,7 @@ def replay_key(
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest(), parts
 
 
-class _EpochWriter:
+class EpochWriter:
     """One epoch being written into a temporary sibling folder; rows arrive in any order. The
     writer holds the epoch's claim (``claim``) from creation to commit or abort."""
 
@@ -425,118 +424,15 @@ class ReplayStore:
             raise RelkdError(f"teacher replay store {str(d)!r} is damaged (row counts)")
         return arrays
 
-    def writer(self, epoch: int) -> _EpochWriter | None:
+    def writer(self, epoch: int) -> EpochWriter | None:
         """A writer for ``epoch``, or None while another live process holds its claim."""
         claim = Claim(self.path / f".epoch_{int(epoch)}.claim", what=f"replay epoch {epoch + 1}")
         if not claim.try_acquire():
             return None
-        return _EpochWriter(self, epoch, claim)
+        return EpochWriter(self, epoch, claim)
 
     def __repr__(self) -> str:
         return (
             f"ReplayStore({str(self.path)!r}, n={self.num_samples}, taps={list(self.taps)}, "
             f"dtype={self.dtype}, epochs stored={len(self.stored_epochs())}, key={self.key[:12]})"
         )
-
-
-# ------------------------------------------------------------------------- the teacher
-class ReplayTeacher:
-    """``teacher(images, index=, aug_params=, **other) -> ModelOutput`` from a :class:`ReplayStore`
-    for stored epochs, else from the online ``teacher`` (written through when ``write``).
-
-    Call :meth:`set_epoch` before and :meth:`end_epoch` after each epoch (the engine does).
-    """
-
-    def __init__(
-        self,
-        teacher: Callable[..., ModelOutput],
-        store: ReplayStore,
-        *,
-        write: bool = True,
-        log: Callable[[str], None] | None = None,
-    ) -> None:
-        self.teacher, self.store, self.write = teacher, store, write
-        self.model = getattr(teacher, "model", None)
-        self.log = log or (lambda s: None)
-        self.epoch = -1
-        self._stored: dict[str, np.ndarray] | None = None
-        self._writer: _EpochWriter | None = None
-        self.online_batches = 0  # teacher forward passes run (for logs and tests)
-
-    def to(self, *args: Any, **kwargs: Any) -> ReplayTeacher:
-        return self
-
-    def set_epoch(self, epoch: int) -> None:
-        self.close()
-        self.epoch = int(epoch)
-        if self.store.has_epoch(epoch):
-            self._stored = self.store.read(epoch)
-            self.log(f"teacher replay: epoch {epoch + 1} from the store, no teacher forward pass")
-        else:
-            self._stored = None
-            self._writer = self.store.writer(epoch) if self.write else None
-            what = (
-                "writing it"
-                if self._writer is not None
-                else "not writing it (only one process writes)"
-                if not self.write
-                else "not writing it (another process is writing it)"
-            )
-            self.log(f"teacher replay: epoch {epoch + 1} not stored yet: online teacher, {what}")
-
-    def _round(self, out: ModelOutput) -> ModelOutput:
-        if self.store.dtype == "fp32":
-            return out
-        feats = {k: v.half().float() for k, v in out.feats.items()}
-        return ModelOutput(out.logits.half().float(), feats)
-
-    def __call__(self, images: torch.Tensor, **extras: Any) -> ModelOutput:
-        missing = [k for k in REPLAY_EXTRAS if extras.get(k) is None]
-        if missing:
-            raise RelkdError(
-                f"the replay teacher needs the batch extras {list(REPLAY_EXTRAS)} (missing "
-                f"{missing}): wrap the train set in ReplayCropDataset"
-            )
-        index, params = extras["index"], extras["aug_params"]
-        if self._stored is not None:
-            idx = index.detach().cpu().numpy()
-            rec = self._stored["params"][idx]
-            if not np.array_equal(rec, params.detach().cpu().numpy()):
-                bad = int(idx[np.flatnonzero((rec != params.cpu().numpy()).any(1))[0]])
-                raise RelkdError(
-                    f"teacher replay store {str(self.store.path)!r}, epoch {self.epoch + 1}: "
-                    f"sample {bad} was recorded with another crop than the one drawn now (did "
-                    "its image change?). Delete the store or point train.teacher_replay elsewhere"
-                )
-            dev = images.device
-            logits = torch.from_numpy(self._stored["logits"][idx].astype(np.float32)).to(dev)
-            feats = {
-                t: torch.from_numpy(self._stored[t][idx].astype(np.float32)).to(dev)
-                for t in self.store.taps
-                if t != "logits"
-            }
-            return ModelOutput(logits, feats)
-        out = self._round(self.teacher(images))
-        self.online_batches += 1
-        if self._writer is not None:
-            self._writer.put(index, params, out)
-        return out
-
-    def end_epoch(self) -> None:
-        """Commit the epoch being written (if every sample was seen), else discard it."""
-        if self._writer is None:
-            return
-        w, self._writer = self._writer, None
-        if w.commit():
-            self.log(f"teacher replay: stored epoch {self.epoch + 1} in {self.store.path}")
-        else:
-            self.log(
-                f"teacher replay: epoch {self.epoch + 1} not stored (not every sample was seen, "
-                "e.g. train.max_steps_per_epoch)"
-            )
-
-    def close(self) -> None:
-        """Discard an unfinished epoch (e.g. on an error)."""
-        if self._writer is not None:
-            self._writer.abort()
-            self._writer = None

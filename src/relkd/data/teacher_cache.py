@@ -276,7 +276,7 @@ class TeacherCache:
         k, parts = key
         if path is None:
             if root is None:
-                from relkd.data.datasets import cache_dir
+                from relkd.data.kit import cache_dir
 
                 root = cache_dir() / "teacher"
             path = Path(root) / k[:32]

@@ -202,7 +202,7 @@ def _build_into(
             "build_seconds": round(time.perf_counter() - t_start, 3),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        from relkd.engine.checkpoint import atomic_write_bytes
+        from relkd._fs import atomic_write_bytes
 
         atomic_write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
         _fsync_dir(tmp)

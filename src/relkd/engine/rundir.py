@@ -50,17 +50,12 @@ from typing import Any
 import yaml
 
 from relkd import distributed as D
-from relkd.claims import RUN_CLAIM, Claim, describe, held, read_record
-from relkd.engine.checkpoint import (
-    CKPT,
-    MANIFEST,
-    PREV,
-    CheckpointStore,
-    atomic_write_json,
-    atomic_write_text,
-    remove_temp_files,
-)
+from relkd._fs import atomic_write_json, atomic_write_text, remove_temp_files
+from relkd._version import __version__
+from relkd.claims import RUN_CLAIM, Claim, claim_now
+from relkd.engine.checkpoint import CKPT, MANIFEST, PREV, CheckpointStore
 from relkd.engine.logger import METRICS, RunLogger
+from relkd.engine.state import TrainState
 from relkd.registry import RelkdError
 
 RUN_FILE = "run.json"
@@ -153,6 +148,14 @@ def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple
     )]  # fmt: skip
 
 
+def _added_at_default(key: str, old: Any, new: Any) -> bool:
+    """A key a newer relkd added (``relkd.config.ADDED_KEYS``), absent from the recorded config
+    and at the value that keeps the old behaviour: not a change."""
+    from relkd.config import ADDED_KEYS
+
+    return old == _ABSENT and key in ADDED_KEYS and new == ADDED_KEYS[key]
+
+
 def _matches(key: str, patterns: Sequence[str]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in patterns)
 
@@ -185,12 +188,10 @@ def provenance(device: Any = None, world_size: int = 1, global_batch: int | None
     """What produced a run: versions, git commit, command line, host, device, world size."""
     import torch
 
-    import relkd
-
     dev = str(device) if device is not None else None
     info: dict[str, Any] = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "relkd": relkd.__version__,
+        "relkd": __version__,
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "git_commit": _git_commit(),
@@ -389,7 +390,11 @@ class RunFolder:
                     f"--allow-change {pat!r} is not a config key (e.g. train.epochs, "
                     "method.args.temperature)"
                 )
-        changes = [c for c in config_changes(old, new) if not _matches(c[0], _PLACE_KEYS)]
+        changes = [
+            c
+            for c in config_changes(old, new)
+            if not _matches(c[0], _PLACE_KEYS) and not _added_at_default(*c)
+        ]
         refused = [c for c in changes if not _matches(c[0], [*ENV_KEYS, *allow_change])]
         if refused:
             listed = "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, a, b in refused)
@@ -414,11 +419,11 @@ class RunFolder:
         device: Any = None,
         world_size: int = 1,
         extra: Mapping[str, Any] | None = None,
-        into: tuple[Any, Any, Any] | None = None,
+        into: TrainState | None = None,
     ) -> Resumed | None:
         """Take the folder (rank 0: the lock), check it again under the lock, load the
-        checkpoint when resuming (into ``(distiller, optimizer, scaler)`` when given, see
-        :meth:`restore`), and only then write ``config.yaml``, ``run.json`` and a
+        checkpoint when resuming (into the live ``TrainState`` when given, see
+        :meth:`TrainState.load`), and only then write ``config.yaml``, ``run.json`` and a
         ``metrics.jsonl`` equal to the checkpoint's history. Returns what to resume from."""
         from relkd.config import to_yaml
 
@@ -440,7 +445,8 @@ class RunFolder:
             elif resume and self.state().exists:
                 self.log.info(f"no checkpoint in {self.path} yet: starting from the beginning")
             if resumed is not None and into is not None:
-                self.restore(resumed, *into)
+                into.load(resumed.state, resumed.path)
+                self.log.info(f"resumed {self.path} at epoch {resumed.start_epoch}")
             if not self.main:
                 self._opened = True
                 return resumed
@@ -477,24 +483,14 @@ class RunFolder:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise RelkdError(f"cannot write the run folder {str(self.path)!r}: {e}") from e
-        mine = held(self.path / RUN_CLAIM)
-        if mine is not None:  # relkd bench accuracy claimed the folder in this process
-            self._claim, self._own_claim = mine, False
-            return
-        claim = Claim(self.path / RUN_CLAIM, what=f"run folder {self.path}")
-        try:
-            got = claim.try_acquire()
-        except OSError as e:
-            raise RelkdError(f"cannot claim the run folder {str(self.path)!r}: {e}") from e
-        if not got:
-            raise RelkdError(
-                f"run folder {str(self.path)!r} is in use by another relkd process"
-                f"{describe(read_record(claim.path))}; one process per run folder (wait for it, "
-                "or choose another name)"
-            )
-        if claim.took_over:
-            self.log.info(f"took over the run folder's claim: {claim.took_over}")
-        self._claim, self._own_claim = claim, True
+        self._claim, self._own_claim = claim_now(
+            self.path / RUN_CLAIM,
+            f"run folder {self.path}",
+            f"run folder {str(self.path)!r} is in use by another relkd process{{holder}}; one "
+            "process per run folder (wait for it, or choose another name)",
+        )  # inside relkd bench accuracy: the runner's claim on the folder (not ours to release)
+        if self._own_claim and self._claim.took_over:
+            self.log.info(f"took over the run folder's claim: {self._claim.took_over}")
 
     def _fence(self, action: str) -> None:
         """Stop (:class:`relkd.claims.ClaimLost`) if another process took the folder over."""
@@ -502,27 +498,6 @@ class RunFolder:
             self._claim.check(action)
 
     # ----------------------------------------------------------------------------- training
-    def restore(self, resumed: Resumed, distiller: Any, optimizer: Any, scaler: Any) -> None:
-        """Load a resumed state into the live objects; a checkpoint of another model or class
-        count is one line naming the first mismatches."""
-        st = resumed.state
-        try:
-            distiller.load_state_dict(st["distiller"])
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise RelkdError(
-                f"checkpoint {str(resumed.path)!r} does not fit this run's model (another "
-                f"student, method or class count?): {_first_mismatches(e)}"
-            ) from None
-        try:
-            optimizer.load_state_dict(st["optimizer"])
-            scaler.load_state_dict(st["scaler"])
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise RelkdError(
-                f"checkpoint {str(resumed.path)!r} does not fit this run's optimizer: "
-                f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
-            ) from None
-        self.log.info(f"resumed {self.path} at epoch {resumed.start_epoch}")
-
     def save_best(self, student: Any, metadata: Mapping[str, Any] | None = None) -> None:
         if self.main:
             from relkd.models.checkpoint import save_student
@@ -530,23 +505,29 @@ class RunFolder:
             self._fence("writing student_best.pt")
             save_student(student, self.path / "student_best.pt", metadata=metadata)
 
-    def end_epoch(self, record: dict[str, Any], state: dict[str, Any]) -> None:
-        """The epoch's checkpoint first, then its metrics line: ``metrics.jsonl`` never runs
-        ahead of the checkpoint (a kill in between is repaired by the resume)."""
+    def end_epoch(self, record: dict[str, Any], state: TrainState) -> None:
+        """The epoch's checkpoint (``state``) first, then its metrics line: ``metrics.jsonl``
+        never runs ahead of the checkpoint (a kill in between is repaired by the resume)."""
         if self.main:
             self._fence("writing the checkpoint")
-            self.store.save(state)
+            self.store.save(state.state_dict())
             self._fence("writing the metrics line")
             self.log.metrics(record)
 
     def finish(
         self,
         student: Any,
-        summary: Mapping[str, Any],
+        cfg: Any,
+        state: TrainState,
+        *,
+        t_start: float,
         metadata: Mapping[str, Any] | None = None,
-    ) -> None:
+        extra: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Export the student (``.pt`` and ``.safetensors``, with metadata) and write
-        ``summary.json`` last: its presence means the run finished."""
+        ``summary.json`` (:meth:`TrainState.summary` plus ``extra``) last: its presence means
+        the run finished. Returns the summary."""
+        summary = {**state.summary(cfg, t_start, self.path), **(extra or {})}
         if self.main:
             from relkd.models.checkpoint import save_student
 
@@ -555,6 +536,7 @@ class RunFolder:
             save_student(student, self.path / "student.safetensors", metadata=metadata)
             self._fence("writing summary.json")
             atomic_write_json(self.path / SUMMARY, dict(summary))
+        return summary
 
     def write_json(self, name: str, obj: Any) -> None:
         """Any other file of the run folder (e.g. the pipeline plan), written atomically."""
@@ -581,9 +563,9 @@ def _is_claim(name: str) -> bool:
 
 
 def _is_tmp(name: str) -> bool:
-    from relkd.engine.checkpoint import _TMP_RE
+    from relkd._fs import TMP_RE
 
-    return bool(_TMP_RE.match(name))
+    return bool(TMP_RE.match(name))
 
 
 def _read_json(path: Path) -> Any:
@@ -611,11 +593,3 @@ def _count_lines(path: Path) -> int:
         return sum(1 for line in path.read_text().splitlines() if line.strip())
     except OSError:
         return 0
-
-
-def _first_mismatches(e: BaseException, n: int = 2) -> str:
-    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
-    detail = [x if len(x) <= 240 else x[:237] + "..." for x in lines]
-    detail = [x for x in detail if not x.startswith("Error(s) in loading")]
-    out = "; ".join(detail[:n]) + (f"; ... ({len(detail) - n} more)" if len(detail) > n else "")
-    return out or type(e).__name__

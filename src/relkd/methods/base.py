@@ -40,7 +40,6 @@ class MethodContext:
     teacher_stages: list[FeatureInfo] = field(default_factory=list)
     student_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     teacher_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    epochs: int = 1
     #: size of the (rank-global) training set, for per-sample memories (CRD).
     num_train_samples: int = 0
     #: the run's seed (for data-side draws that must not depend on the rank, e.g. triplets).
@@ -67,6 +66,10 @@ class Method(nn.Module):
     #: whether :meth:`prepare_batch` changes the batch (its size or images), which rules out
     #: teacher outputs looked up per sample (exact cache, replay). Checked like the above.
     changes_batch: ClassVar[bool] = False
+    #: arguments that are lengths in epochs of the method's own schedule, with what they do
+    #: (``relkd.methods.spec.MethodSpec.schedule_notes`` says so when one is longer than the
+    #: run), e.g. DKD's loss warm-up, a pre-training phase.
+    epoch_args: ClassVar[dict[str, str]] = {}
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__()
@@ -154,7 +157,7 @@ def list_methods() -> list[str]:
     return METHODS.names()
 
 
-def _check_type(method: str, key: str, value: Any, annotation: Any) -> None:
+def check_type(method: str, key: str, value: Any, annotation: Any) -> None:
     """Loud failure for obviously wrong argument types (the config is YAML, so be forgiving
     only where YAML is: ints for floats)."""
     if annotation is inspect.Parameter.empty or isinstance(annotation, str):
@@ -180,19 +183,11 @@ def _check_type(method: str, key: str, value: Any, annotation: Any) -> None:
     raise RelkdError(f"method {method!r}: argument {key}={value!r} should be of type {names}")
 
 
-def _build_one(name: str, ctx: MethodContext, args: Mapping[str, Any]) -> Method:
+def build_part(name: str, ctx: MethodContext, args: Mapping[str, Any]) -> Method:
+    """Construct the registered method ``name`` with checked ``args`` (see
+    :meth:`relkd.methods.spec.MethodSpec.check`); a method's own argument check (a
+    ``ValueError`` / ``TypeError`` of its ``__init__``) becomes one :class:`RelkdError` line."""
     cls = METHODS.get(name)
-    sig = inspect.signature(cls.__init__)
-    params = {k: p for k, p in sig.parameters.items() if k not in ("self", "ctx")}
-    hints = typing.get_type_hints(cls.__init__)
-    for key, value in args.items():
-        if key not in params:
-            raise RelkdError(
-                f"method {name!r} has no argument {key!r}. Valid arguments: "
-                f"{', '.join(params) or 'none'}"
-            )
-        _check_type(name, key, value, hints.get(key, inspect.Parameter.empty))
-        _check_value(name, key, value)
     try:
         return cls(ctx, **dict(args))
     except RelkdError:  # already one line that names the method: do not wrap it again
@@ -210,7 +205,8 @@ _NONNEGATIVE_ARGS = ("alpha", "beta", "gamma", "mu", "nu", "margin", "rate", "mo
                      "init_epochs", "warmup")  # fmt: skip
 
 
-def _check_value(method: str, key: str, value: Any) -> None:
+def check_value(method: str, key: str, value: Any) -> None:
+    """The sign rules of numeric method arguments (finite; scales > 0; weights >= 0)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return
     if not math.isfinite(value):
@@ -275,34 +271,3 @@ class Composite(Method):
             for k, v in part(student, teacher, targets, **extras).items():
                 terms[f"{pname}/{k}" if k in terms else k] = v
         return terms
-
-
-def build_method(
-    name: str, ctx: MethodContext, args: Mapping[str, Any] | None = None
-) -> tuple[Method, float]:
-    """Build a method (or a composition ``"a+b"``) and return it with its default CE weight.
-
-    For a composition, ``args`` maps each part's name to its keyword arguments.
-    """
-    args = dict(args or {})
-    names = [n.strip() for n in name.split("+")]
-    if len(names) == 1:
-        method = _build_one(names[0], ctx, args)
-        return method, type(method).default_ce_weight
-    if len(set(names)) != len(names) or not all(names):
-        raise RelkdError(f"bad method composition {name!r}: parts must be distinct and non-empty")
-    unknown = set(args) - set(names)
-    if unknown:
-        raise RelkdError(
-            f"method {name!r}: args must be keyed by part ({', '.join(names)}); got "
-            f"{', '.join(sorted(unknown))}"
-        )
-    parts = {}
-    for n in names:
-        cls = METHODS.get(n)
-        part_args = {**cls.composite_defaults, **dict(args.get(n) or {})}
-        parts[n] = _build_one(n, ctx, part_args)
-    # A composition keeps the CE weight of the relational/first part's protocol, i.e. 1.0 unless
-    # every part defaults lower (e.g. only logit KD parts).
-    ce = max(type(p).default_ce_weight for p in parts.values())
-    return Composite(ctx, parts), ce
