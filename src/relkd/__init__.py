@@ -10,8 +10,9 @@ from torch import nn
 from relkd import losses
 from relkd._version import __version__ as __version__  # the one place it is set
 from relkd.api import Distillation, DistillationOutput
-from relkd.methods import list_methods
+from relkd.methods import Method, MethodContext, list_methods, register_method
 from relkd.models import FeatureTap, ModelOutput, create_model, list_models, load_checkpoint
+from relkd.models.registry import register_model
 from relkd.registry import RelkdError
 
 
@@ -53,6 +54,8 @@ __all__ = [
     "Distillation",
     "DistillationOutput",
     "FeatureTap",
+    "Method",
+    "MethodContext",
     "ModelOutput",
     "RelkdError",
     "create_model",
@@ -60,5 +63,7 @@ __all__ = [
     "list_models",
     "load_checkpoint",
     "losses",
+    "register_method",
+    "register_model",
     "train",
 ]

@@ -25,6 +25,7 @@ as the engine does.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +68,44 @@ def _example(x: torch.Tensor | tuple[int, ...] | list[int]) -> torch.Tensor:
     return torch.zeros(2, *shape)
 
 
+def _input_norm(
+    models: dict[str, tuple[nn.Module | None, Any, Any]], data_mean: Any, data_std: Any
+) -> dict[str, str]:
+    """Attach each model's input re-normalisation as :func:`relkd.train` does (one rule for
+    every entry point: :mod:`relkd.models.normalization`); returns what each model sees."""
+    import warnings
+
+    from relkd.models.normalization import (
+        attach_input_norm,
+        describe_input_norm,
+        input_norm_source,
+    )
+
+    if (data_mean is None) != (data_std is None):
+        raise RelkdError("give both data_mean and data_std (your loader's statistics), or neither")
+    out: dict[str, str] = {}
+    for role, (model, mean, std) in models.items():
+        if model is None:
+            continue
+        if data_mean is not None:
+            attach_input_norm(model, data_mean, data_std, mean, std)
+            out[role] = describe_input_norm(model, data_mean, data_std, mean, std)
+            continue
+        own, source = input_norm_source(model, mean, std)
+        if own is not None:
+            warnings.warn(
+                f"relkd.Distillation: the {role}'s input statistics are {source} (mean "
+                f"{own[0]}, std {own[1]}) but data_mean / data_std were not given, so its inputs "
+                "are fed unchanged; pass the statistics your loader normalises with, as "
+                "relkd.train does with the data set's",
+                stacklevel=3,
+            )
+            out[role] = f"unchanged: data statistics not given (the model's are {source})"
+        else:
+            out[role] = "unchanged: data statistics not given"
+    return out
+
+
 class _WithExtras(torch.utils.data.Dataset):
     """Items ``(x, y)`` as ``(x, y, {})``: one loop shape for every method."""
 
@@ -98,6 +137,14 @@ class Distillation(nn.Module):
             (DKD's loss warm-up, a pre-training phase) is then said once as a warning.
         num_train_samples: size of the training set, for per-sample memories (CRD).
         seed: seed of data-side draws (CORSD's triplets).
+        data_mean, data_std: the statistics your loader normalises images with (one value per
+            channel). With them each model sees inputs normalised as it was trained, by the rule
+            of :func:`relkd.train`: ``teacher_mean`` / ``teacher_std`` (``student_*``) if given,
+            else the statistics the model declares (``input_mean`` / ``input_std``, a
+            torchvision weights enum's, timm's ``pretrained_cfg``), else the data's (nothing
+            changes). :attr:`input_norm` says which each model got. Without them inputs reach
+            the models unchanged, and a model that declares other statistics is warned about.
+        teacher_mean, teacher_std, student_mean, student_std: a model's statistics, given.
         **method_args: the method's keyword arguments (e.g. ``temperature=4.0``); for a
             composition, one dict per part (``rrd={"queue_size": 4096}``).
 
@@ -118,6 +165,12 @@ class Distillation(nn.Module):
         epochs: int | None = None,
         num_train_samples: int = 0,
         seed: int = 0,
+        data_mean: Sequence[float] | None = None,
+        data_std: Sequence[float] | None = None,
+        teacher_mean: Sequence[float] | None = None,
+        teacher_std: Sequence[float] | None = None,
+        student_mean: Sequence[float] | None = None,
+        student_std: Sequence[float] | None = None,
         **method_args: Any,
     ) -> None:
         super().__init__()
@@ -131,6 +184,12 @@ class Distillation(nn.Module):
         for note in spec.schedule_notes(epochs) if epochs is not None else ():
             warnings.warn(note, MethodScheduleWarning, stacklevel=2)
         dummy = _example(example_input)
+        #: model ("teacher" / "student") -> the input statistics it sees, in words.
+        self.input_norm: dict[str, str] = _input_norm(
+            {"student": (student, student_mean, student_std),
+             "teacher": (teacher, teacher_mean, teacher_std)},
+            data_mean, data_std,
+        )  # fmt: skip
         parts = build_method_parts(
             method, student, teacher, dummy, method_args=method_args, ce_weight=ce_weight,
             num_classes=num_classes, num_train_samples=num_train_samples, seed=seed,

@@ -356,17 +356,30 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def load_run_config(config: Any, overrides: Sequence[str] = (), student: Any = None) -> Config:
-    """:func:`load_config` for a run; a student module passed from Python needs no
-    ``student.name`` in the config (its class name is used for the run record and the
-    checkpoint metadata)."""
-    try:
-        return load_config(config, overrides)
-    except RelkdError as e:
-        # Missing name: OmegaConf's "missing mandatory value" or our "student.name is required".
-        if student is None or "student.name" not in str(e):
-            raise
+def load_run_config(
+    config: Any, overrides: Sequence[str] = (), student: Any = None, teacher: Any = None
+) -> Config:
+    """:func:`load_config` for a run; a model passed from Python that the config does not name
+    is recorded by :func:`relkd.plugins.recorded_name` (its import path when that rebuilds it,
+    else ``python-module:<module>.<QualName>``), so ``config.yaml`` says what the run used."""
+    from relkd.plugins import recorded_name
+
+    extra: list[str] = []
+    if student is not None:
         try:
-            return load_config(config, [*overrides, f"student.name={type(student).__name__}"])
+            named = load_config(config, overrides).student.name
+        except RelkdError as e:
+            # Missing name: OmegaConf's "missing mandatory value" or "student.name is required".
+            if "student.name" not in str(e):
+                raise
+            named = None
+        if named is None:
+            extra.append(f"student.name={recorded_name(student)}")
+    if teacher is not None:
+        try:
+            unnamed = load_config(config, [*overrides, *extra]).teacher is None
         except RelkdError:
-            raise e from None
+            unnamed = False  # reported below, as the config's own error
+        if unnamed:
+            extra.append(f"teacher.name={recorded_name(teacher)}")
+    return load_config(config, [*overrides, *extra])

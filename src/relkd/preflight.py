@@ -34,12 +34,31 @@ def _check_method(name: str, args: dict, epochs: int) -> bool:
 
 def _check_model_name(section: str, name: str) -> None:
     from relkd.models.registry import MODELS
+    from relkd.plugins import is_import_path, refuse_python_module
 
-    if ":" not in name:  # torchvision: / timm: names are checked where they are built
+    refuse_python_module(name, section)  # a module passed from Python, recorded by its class
+
+    # torchvision: / timm: names are checked where they are built; import paths are imported
+    # here, once, before any other check
+    if ":" not in name or is_import_path(name):
         try:
             MODELS.get(name)
         except RelkdError as e:
             raise RelkdError(f"{section}.name: {e}") from None
+
+
+def _check_data_name(name: str) -> None:
+    """A data set named by import path is imported (and checked to be a builder) here; registered
+    names are checked where the data is built, as before."""
+    from relkd.plugins import is_import_path
+
+    if is_import_path(name):
+        from relkd.data import DATASETS
+
+        try:
+            DATASETS.get(name)
+        except RelkdError as e:
+            raise RelkdError(f"data.name: {e}") from None
 
 
 def _check_file(key: str, path: str | None) -> None:
@@ -87,6 +106,7 @@ def check_config(
         _check_model_name("student", cfg.student.name)
     if teacher is None and cfg.teacher is not None:
         _check_model_name("teacher", cfg.teacher.name)
+    _check_data_name(cfg.data.name)
     if needs_teacher and teacher is None and cfg.teacher is None:
         raise RelkdError(
             f"method {cfg.method.name!r} needs a teacher: set teacher.name and teacher.checkpoint"

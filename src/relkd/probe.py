@@ -422,7 +422,7 @@ _FIT_OPTIONS = (
 #: set and the ``relkd probe`` flags (``--key-with-dashes``, except where :data:`_FLAGS` says
 #: otherwise) both come from here; the defaults are :func:`run_probe`'s.
 OPTIONS: dict[str, tuple[type, str]] = {
-    "model": (str, "student zoo name, e.g. wrn_16_2"),
+    "model": (str, "student zoo name (e.g. wrn_16_2) or import path (mypkg.models:Net)"),
     "checkpoint": (str, "student weights (student.pt, ...)"),
     "data": (str, "target data set: stl10, tiny_imagenet, ..."),
     "root": (str, "target data root (default: its cache location)"),

@@ -315,8 +315,16 @@ def test_imagefolder(tmp_path: Path) -> None:
     assert x.shape == (3, 16, 16)
     names = [type(t).__name__ for t in test.transform.transforms]
     assert names == ["Resize", "CenterCrop", "ToTensor", "Normalize"]
-    _, _, info224 = build_datasets("imagefolder", tmp_path)
-    assert info224.image_size == 224
+    # Small square images (8 px here) train at their own size by default, and the note says so;
+    # images over 64 px keep the ImageNet recipe at 224.
+    train8, _, info8 = build_datasets("imagefolder", tmp_path)
+    assert (info8.image_size, info8.crop_padding) == (8, 1) and train8[0][0].shape == (3, 8, 8)
+    assert info8.notes and "images are 8x8" in info8.notes[0]
+    big = tmp_path / "big"
+    _write_class_folders(big, "train", 1, classes, size=72)
+    _write_class_folders(big, "val", 1, classes, size=72)
+    _, _, info224 = build_datasets("imagefolder", big)
+    assert info224.image_size == 224 and info224.notes == ()
 
 
 def test_imagefolder_errors(tmp_path: Path) -> None:

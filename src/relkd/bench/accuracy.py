@@ -161,6 +161,7 @@ def _result(job: Job, status: str, **kw: Any) -> dict[str, Any]:
     out = {"id": job.id, "kind": job.kind, "method": job.label, "teacher": job.teacher}
     out.update(student=job.student, seed=job.seed, run_dir=str(job.run_dir), status=status)
     out.update(best_top1=s.get("best_top1"), last_top1=s.get("last_top1"), **kw)
+    out.update(eval_split=s.get("eval_split"), eval_images=s.get("eval_images"))
     return out
 
 
@@ -205,7 +206,11 @@ def _execute(job: Job, token: str, quiet: bool, say, claim: Claim | None = None)
     dt = _clock() - t0
     fence("removing failed.json")
     (job.run_dir / "failed.json").unlink(missing_ok=True)
-    say(f"{_tag(job)} done in {dt:.1f} s: best {res['best_top1']:.2f} last {res['last_top1']:.2f}")
+    on = f" top-1 on {res.get('eval_split', 'test')}, {res.get('eval_images', '?')} images"
+    say(
+        f"{_tag(job)} done in {dt:.1f} s: best {res['best_top1']:.2f} last "
+        f"{res['last_top1']:.2f} ({on.strip()})"
+    )
     return _result(job, "resumed" if resume else "trained", elapsed_s=dt, error=None)
 
 

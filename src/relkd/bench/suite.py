@@ -16,8 +16,12 @@ A suite is a YAML file::
       - {name: dkd, method: {args: {warmup: 1}}}      # label + method-section overrides
       - {name: dkd, method: {args: {beta: 2.0}}, pairs: [[resnet56, resnet20]]}  # per pair
       - {name: clkd_l1, method: {name: clkd, ce_weight: 1.0}, config: {optim: {lr: 0.1}}}
+      - mypkg.methods:MyKD                 # your own method by import path (row label: MyKD)
     seeds: [0, 1, 2]
     overrides: [train.epochs=4]            # key=value on every run (CLI overrides come after)
+
+Models in ``teachers`` and ``pairs`` and methods may be import paths (``mypkg.models:ResNetA``,
+:mod:`relkd.plugins`) or names that packages register through entry points.
 
 The grid is every method entry x its pairs x seeds. Methods that need no teacher (``ce``,
 ``corsd``) run once per *student* (the teacher of the pair is dropped); methods that need one
@@ -216,6 +220,11 @@ def _teacher_spec(name: str, spec: Any, errors: list[str]) -> TeacherSpec | None
 
 
 def _method_entry(i: int, item: Any, pairs: list, errors: list[str]) -> MethodEntry | None:
+    if isinstance(item, str) and ":" in item:
+        # A method of one's own by import path ("mypkg.methods:MyKD", "mypkg.methods:MyKD+kd"):
+        # the row label (and run folder) is its attribute name, the config keeps the path.
+        label = "+".join(p.strip().rsplit(":", 1)[-1].rsplit(".", 1)[-1] for p in item.split("+"))
+        item = {"name": label, "method": {"name": item}}
     item = {"name": item} if isinstance(item, str) else item
     if not isinstance(item, dict) or "name" not in item or set(item) - set(_ENTRY_KEYS):
         errors.append(
@@ -329,7 +338,11 @@ def _method_arg_errors(section: dict[str, Any]) -> list[str]:
 
 def _model_known(name: str) -> bool:
     from relkd.models import MODELS
+    from relkd.plugins import is_import_path
 
+    if is_import_path(name):
+        MODELS.get(name)  # imported once here; a bad path is one line naming it
+        return True
     if name.startswith("torchvision:"):
         import torchvision
 
@@ -345,14 +358,28 @@ def _model_known(name: str) -> bool:
 
 def _check_names(suite: Suite) -> None:
     """Unknown methods and models fail here, all named at once, before anything is built."""
-    from relkd.methods import list_methods
+    from relkd.methods import METHODS, list_methods
+    from relkd.plugins import is_import_path
 
     registered = set(list_methods())
     parts = {p for e in suite.methods for p in _method_parts(e.section["name"])}
-    unknown_methods = sorted(parts - registered)
-    models = {m for pair in suite.pairs for m in pair if m is not None}
-    unknown_models = sorted(m for m in models if not _model_known(m))
     errors = []
+    # Import paths are imported here, once, before anything else is checked; a bad one is its
+    # own line (module not found, attribute not found, not a method / model).
+    for p in sorted(x for x in parts if is_import_path(x)):
+        try:
+            METHODS.get(p)
+        except RelkdError as e:
+            errors.append(str(e))
+    unknown_methods = sorted(x for x in parts - registered if not is_import_path(x))
+    models = {m for pair in suite.pairs for m in pair if m is not None}
+    unknown_models = []
+    for m in sorted(models):
+        try:
+            if not _model_known(m):
+                unknown_models.append(m)
+        except RelkdError as e:
+            errors.append(str(e))
     if unknown_methods:
         errors.append(
             f"unknown method(s): {', '.join(unknown_methods)} (registered: "
@@ -363,7 +390,7 @@ def _check_names(suite: Suite) -> None:
             f"unknown model(s): {', '.join(unknown_models)} (zoo: relkd list models; "
             "torchvision:<name>, timm:<name> with timm installed)"
         )
-    if not unknown_methods:
+    if not unknown_methods and not errors:
         errors += [
             f"{e.label}: {msg}" for e in suite.methods for msg in _method_arg_errors(e.section)
         ]

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from relkd import plugins as _plugins
 from relkd.data.formats import load_image
 from relkd.registry import Registry
 
@@ -38,6 +39,8 @@ class DataInfo:
         crop_padding: zero padding of the train RandomCrop (4 for CIFAR, 2 for Fashion-MNIST,
             size / 8 for STL-10, Tiny-ImageNet and folder_jpg; 0 for the RandomResizedCrop
             recipes), for loaders that redo the augmentation themselves.
+        notes: what the builder chose that the user should hear (said once before training),
+            e.g. imagefolder training small images at their own size.
     """
 
     num_classes: int
@@ -48,6 +51,7 @@ class DataInfo:
     classes: list[str] | None = None
     name: str = ""
     crop_padding: int = 0
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,7 @@ class BuildOptions:
 
 
 Builder = Callable[[Path | None, BuildOptions], "tuple[Dataset, Dataset, DataInfo]"]
-DATASETS: Registry[Builder] = Registry("dataset")
+DATASETS: Registry[Builder] = Registry("dataset", check=_plugins.check_dataset)
 #: name -> writer of tiny example files in the data set's real on-disk format,
 #: ``example(folder) -> root to build from`` (set by ``relkd.data.kit.register_dataset``).
 EXAMPLES: dict[str, Callable[[Path], Path]] = {}

@@ -24,7 +24,7 @@ import os
 import random
 from collections.abc import Callable, Collection, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -39,7 +39,8 @@ from relkd.engine.teacher import Teacher
 from relkd.methods import MethodContext, build_method
 from relkd.methods.base import Method
 from relkd.models import POOLED, FeatureTap, create_model, get_feature_info, load_checkpoint
-from relkd.models.normalization import attach_input_norm
+from relkd.models.input_check import teacher_input
+from relkd.models.normalization import attach_input_norm, describe_input_norm
 from relkd.models.registry import MODELS
 from relkd.registry import RelkdError
 
@@ -143,7 +144,7 @@ def model_kwargs(name: str, kwargs: Any, in_channels: int) -> dict[str, Any]:
     small CNNs default to 1 channel, the CIFAR zoo to 3) or the data is not RGB."""
     kw = dict(kwargs)
     takes = False
-    if ":" not in name and name in MODELS.names():
+    if not name.startswith(("torchvision:", "timm:")) and name in MODELS:  # import paths too
         takes = "in_chans" in inspect.signature(MODELS.get(name)).parameters
     if takes or in_channels != 3:
         kw.setdefault("in_chans", in_channels)
@@ -151,10 +152,18 @@ def model_kwargs(name: str, kwargs: Any, in_channels: int) -> dict[str, Any]:
 
 
 def build_models(
-    cfg: Config, info: Any, teacher: nn.Module | None = None, student: nn.Module | None = None
+    cfg: Config,
+    info: Any,
+    teacher: nn.Module | None = None,
+    student: nn.Module | None = None,
+    report: dict[str, Any] | None = None,
 ) -> tuple[nn.Module | None, nn.Module]:
     """``(teacher or None, student)`` as configured (a model passed from Python is kept), each
-    seeing inputs normalised as it was trained."""
+    seeing inputs normalised as it was trained. With ``report``: ``report["inputs"][role]`` says
+    the statistics each model sees and ``report["notes"]`` gets what relkd noticed about the
+    teacher's input contract (:mod:`relkd.models.input_check`)."""
+    report = report if report is not None else {}
+    inputs, notes = report.setdefault("inputs", {}), report.setdefault("notes", [])
     kw = model_kwargs(cfg.student.name, cfg.student.kwargs, info.in_channels)
     if student is None:
         student = create_model(
@@ -180,10 +189,22 @@ def build_models(
                 "and pass that run's student.pt as teacher.checkpoint"
             )
     # Each model sees inputs normalised as it was trained (a no-op when they match the data's).
-    attach_input_norm(student, info.mean, info.std, cfg.student.mean, cfg.student.std)
+    sc = cfg.student
+    attach_input_norm(student, info.mean, info.std, sc.mean, sc.std)
+    inputs["student"] = describe_input_norm(
+        student, info.mean, info.std, sc.mean, sc.std, "student.mean / student.std"
+    )
     if teacher is not None:
         tc = cfg.teacher
-        attach_input_norm(teacher, info.mean, info.std, tc and tc.mean, tc and tc.std)
+        t_name = tc.name if tc else f"{type(teacher).__name__} (passed from Python)"
+        (t_mean, t_std), t_notes = teacher_input(
+            teacher, t_name, tc.checkpoint if tc else None, tc and tc.mean, tc and tc.std, info
+        )
+        attach_input_norm(teacher, info.mean, info.std, t_mean, t_std)
+        given = tc is not None and tc.mean is not None
+        how = "teacher.mean / teacher.std" if given else "recorded with its checkpoint"
+        inputs["teacher"] = describe_input_norm(teacher, info.mean, info.std, t_mean, t_std, how)
+        notes += t_notes
     return teacher, student
 
 
@@ -281,6 +302,10 @@ class Components:
     teacher: Teacher | None
     train_ds: Any
     test_ds: Any
+    #: the images each model sees, for the plan line (size, channels, statistics per model)
+    inputs: str = ""
+    #: what relkd noticed about the models' inputs, said once before training
+    input_notes: list[str] = field(default_factory=list)
 
 
 def build_components(
@@ -302,7 +327,8 @@ def build_components(
     )  # fmt: skip
     if cfg.data.train_subset:
         train_ds = take_subset(train_ds, cfg.data.train_subset, seed=0)  # same for every seed
-    teacher_model, student_model = build_models(cfg, info, teacher, student)
+    report: dict[str, Any] = {"notes": list(getattr(info, "notes", ()) or ()), "inputs": {}}
+    teacher_model, student_model = build_models(cfg, info, teacher, student, report=report)
     dummy = torch.zeros(2, info.in_channels, info.image_size, info.image_size)
     parts = build_method_parts(
         cfg.method.name, student_model, teacher_model, dummy, method_args=cfg.method.args,
@@ -314,7 +340,16 @@ def build_components(
     if cfg.train.channels_last:
         distiller = distiller.to(memory_format=torch.channels_last)
     tea = parts.teacher.to(device) if parts.teacher is not None else None
-    return Components(cfg, info, distiller, parts.method, tea, train_ds, test_ds)
+    # The plan line's part: image size, channels and the statistics each model sees.
+    size = f"inputs {info.in_channels}x{info.image_size}x{info.image_size}"
+    names = {"teacher": cfg.teacher.name if cfg.teacher else type(teacher_model).__name__,
+             "student": cfg.student.name}  # fmt: skip
+    roles = [r for r in ("teacher", "student") if r in report["inputs"]]
+    roles = [r for r in roles if r == "student" or tea is not None]  # an unused teacher: no
+    inputs = "; ".join([size, *(f"{r} {names[r]} sees {report['inputs'][r]}" for r in roles)])
+    return Components(
+        cfg, info, distiller, parts.method, tea, train_ds, test_ds, inputs, report["notes"]
+    )
 
 
 # -------------------------------------------------------------------------------------- step

@@ -91,7 +91,7 @@ def _safe_part(name: str) -> str:
 def default_name(cfg: Any) -> str:
     """``<method>_<teacher>_<student>_s<seed>``; ``<method>_<student>_s<seed>`` without a
     teacher (``:`` and ``/`` of hub names become ``-``)."""
-    parts = [cfg.method.name]
+    parts = [_safe_part(str(cfg.method.name))]
     if cfg.teacher is not None and cfg.teacher.name:
         parts.append(_safe_part(str(cfg.teacher.name)))
     parts.append(_safe_part(str(cfg.student.name)))

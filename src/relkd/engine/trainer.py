@@ -256,7 +256,7 @@ def fit(
     """
     # 1. Set up: the config (loaded and checked once, in the order of relkd.preflight), the
     # device, the run folder (checked on every rank, so none waits on a failed one).
-    cfg = load_run_config(config, overrides, student)
+    cfg = load_run_config(config, overrides, student, teacher)
     check_config(cfg, teacher=teacher, student=student)
     if cfg.train.tensorboard:
         warn_no_tensorboard()
@@ -293,9 +293,17 @@ def fit(
             say(
                 f"{run.path} is already complete ({n} epoch{'' if n == 1 else 's'}): nothing to train"
             )
-        run.write_json("plan.json", plan.to_dict())
-        say(plan.describe())
+        run.write_json("plan.json", {**plan.to_dict(), "inputs": comp.inputs,
+                                     "input_notes": comp.input_notes})  # fmt: skip
+        for note in comp.input_notes:  # what relkd noticed about the models' inputs, once
+            say(f"note: {note}")
+        say(f"{plan.describe()}; {comp.inputs}")
         meta = student_metadata(cfg, comp.info, student)
+        # The statistics the student itself saw when its own differ from the data's (a
+        # pretrained model's, student.mean / std): a later run using it as a teacher applies them.
+        hook = getattr(comp.distiller.student, "_relkd_input_norm", None)
+        if hook is not None:
+            meta["model_mean"], meta["model_std"] = (list(v) for v in hook[0].model)
         # A teacher passed from Python has no config or summary of its own: measure its top-1
         # once here so the run (and `relkd report`) can show it beside the student's.
         teacher_top1 = _python_teacher_top1(teacher, comp, loop, device, say)
@@ -313,7 +321,9 @@ def fit(
                 torch.distributed.barrier()
 
         # 4. Finish: the student's files and summary.json (last: the run finished).
-        extra = {"teacher_top1": teacher_top1} if teacher_top1 is not None else None
+        extra = eval_set(cfg, comp.test_ds)  # what every top-1 was measured on
+        if teacher_top1 is not None:
+            extra["teacher_top1"] = teacher_top1
         with loop.averaged() as student:
             summary = run.finish(student, cfg, state, t_start=t_start, metadata=meta, extra=extra)
         comp.distiller.tap.remove()
@@ -335,6 +345,17 @@ def _evaluate_epoch(loop: _Loop, run: RunFolder, state: TrainState, record, epoc
             state.best = {"top1": ev["top1"], "epoch": main_epoch + 1}
             run.save_best(student, meta)
     record["best_top1"] = state.best["top1"]
+
+
+def eval_set(cfg: Config, test_ds) -> dict[str, Any]:
+    """``{"eval_split", "test_subset", "eval_images"}``: the split a run's top-1 is measured on
+    (``"validation"`` with ``data.val_split``, else ``"test"``), its ``data.test_subset`` cap and
+    the number of images evaluated."""
+    return {
+        "eval_split": "validation" if cfg.data.val_split else "test",
+        "test_subset": cfg.data.test_subset,
+        "eval_images": len(test_ds),
+    }
 
 
 def _describe_module(m: nn.Module) -> dict[str, Any]:

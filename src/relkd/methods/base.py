@@ -23,7 +23,8 @@ from torch import nn
 from relkd.models.base import FeatureInfo, ModelOutput
 from relkd.registry import Registry, RelkdError
 
-METHODS: Registry[type[Method]] = Registry("method")
+# check: what an import path must name (check_method, below: resolved when called)
+METHODS: Registry[type[Method]] = Registry("method", check=lambda o, p: check_method(o, p))
 
 
 @dataclass
@@ -225,7 +226,8 @@ class Composite(Method):
 
     def __init__(self, ctx: MethodContext, parts: dict[str, Method]) -> None:
         super().__init__(ctx)
-        self.parts = nn.ModuleDict(parts)
+        # nn.ModuleDict keys may not hold "." (an import path part, "mypkg.methods:MyKD")
+        self.parts = nn.ModuleDict({k.replace(".", "_"): v for k, v in parts.items()})
         # Instance attributes shadow the class defaults: a composition needs what any part needs.
         self.requires_teacher = any(p.requires_teacher for p in parts.values())  # type: ignore[misc]
         self.batch_extras = tuple(sorted({e for p in parts.values() for e in p.batch_extras}))  # type: ignore[misc]
@@ -271,3 +273,17 @@ class Composite(Method):
             for k, v in part(student, teacher, targets, **extras).items():
                 terms[f"{pname}/{k}" if k in terms else k] = v
         return terms
+
+
+def check_method(obj: Any, path: str) -> Any:
+    """``obj`` (named by the import path ``path``) if it is a :class:`Method` subclass whose
+    data hooks are declared; else one :class:`RelkdError` line naming the path."""
+    from relkd.plugins import not_a
+
+    if not (isinstance(obj, type) and issubclass(obj, Method)):
+        raise not_a("method", path, obj)
+    try:
+        check_declarations(obj)
+    except TypeError as e:
+        raise RelkdError(f"method {path!r}: {e}") from None
+    return obj
