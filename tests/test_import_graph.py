@@ -15,7 +15,14 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 #: layer (without a cycle) and from lower ones, never from a higher one. A name matches a module
 #: and everything under it; the longest matching name decides.
 LAYERS: list[tuple[str, ...]] = [
-    ("relkd._fs", "relkd._version", "relkd.registry", "relkd.distributed", "relkd.plugins"),
+    (
+        "relkd._fs",
+        "relkd._version",
+        "relkd.registry",
+        "relkd.distributed",
+        "relkd.plugins",
+        "relkd.claims",
+    ),
     ("relkd.config", "relkd.resources"),
     ("relkd.models", "relkd.losses"),
     ("relkd.data",),
