@@ -15,14 +15,21 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 #: layer (without a cycle) and from lower ones, never from a higher one. A name matches a module
 #: and everything under it; the longest matching name decides.
 LAYERS: list[tuple[str, ...]] = [
-    ("relkd._fs", "relkd._version", "relkd.registry", "relkd.distributed", "relkd.plugins"),
+    (
+        "relkd._fs",
+        "relkd._version",
+        "relkd.registry",
+        "relkd.distributed",
+        "relkd.plugins",
+        "relkd.claims",
+    ),
     ("relkd.config", "relkd.resources"),
     ("relkd.models", "relkd.losses"),
     ("relkd.data",),
     ("relkd.methods",),
     ("relkd.preflight",),
     ("relkd.engine",),
-    ("relkd.api", "relkd.probe", "relkd.probe_data", "relkd.probe_model"),
+    ("relkd.api", "relkd.probe", "relkd.probe_data", "relkd.probe_model", "relkd.deploy"),
     ("relkd",),  # the package: relkd.train and the public names
     ("relkd.bench", "relkd.demo", "relkd.cli", "relkd.__main__"),
 ]

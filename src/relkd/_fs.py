@@ -130,6 +130,32 @@ def read_text(path: str | os.PathLike[str], kind: str, what: str = "file") -> st
     return read_bytes(path, kind, what).decode("utf-8")
 
 
+def read_json_or_none(path: str | os.PathLike[str]) -> Any:
+    """A JSON file's value (a bounded read), or None when it is missing or unreadable."""
+    try:
+        return json.loads(read_text(path, "json"))
+    except (OSError, ValueError):
+        return None
+
+
+def read_yaml_or_none(path: str | os.PathLike[str]) -> Any:
+    """A YAML file's value (``yaml.safe_load``, a bounded read), or None when unreadable."""
+    import yaml
+
+    try:
+        return yaml.safe_load(read_text(path, "config"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+
+
+def count_nonblank_lines(path: str | os.PathLike[str]) -> int:
+    """Non-blank lines of a text file such as ``metrics.jsonl``; 0 when unreadable."""
+    try:
+        return sum(1 for line in read_text(path, "metrics").splitlines() if line.strip())
+    except (OSError, ValueError):
+        return 0
+
+
 def first_odd_file(folder: Path, names: list[str]) -> tuple[str, str] | None:
     """``(name, what it is)`` of the first of ``names`` in ``folder`` that exists but is not a
     regular file (a folder, a link to nothing, a FIFO or a device), else None."""

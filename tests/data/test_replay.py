@@ -579,3 +579,30 @@ def test_the_documented_threat_model_holds(tree, tmp_path):
     assert f"the teacher cache compares only {rows} entries with the live teacher" in readme
     assert "the replay store none" in readme and "`RELKD_CACHE_DIR`" in readme
     assert "Keep those folders writable only by users you trust" in readme
+
+
+def test_one_writer_per_epoch_and_its_commit_is_fenced(tmp_path, monkeypatch):
+    """An epoch has one writer at a time (its claim ``.epoch_<e>.claim``, valid across nodes):
+    a second writer is refused while the first holds it; a writer whose claim was taken over
+    discards its epoch at the commit instead of renaming it into place."""
+    from relkd.claims import Claim, ClaimLost
+
+    n = 4
+    key = replay_key("teacher-x", {"data": "d"}, ["logits"], "fp32")
+    store = ReplayStore.open(tmp_path / "s", key, n)
+    w = store.writer(0)
+    assert w is not None and store.writer(0) is None  # claimed by w
+    out = ModelOutput(torch.arange(n * 3, dtype=torch.float32).view(n, 3), {})
+    w.put(torch.arange(n), torch.zeros(n, 5, dtype=torch.long), out)
+    assert w.commit() and store.has_epoch(0)
+    assert sorted(p.name for p in store.path.iterdir()) == ["epoch_0", "manifest.json"]
+
+    w1 = store.writer(1)
+    w1.put(torch.arange(n), torch.zeros(n, 5, dtype=torch.long), out)
+
+    def stolen(self, action="writing"):
+        raise ClaimLost(f"taken over; stopping before {action}")
+
+    monkeypatch.setattr(Claim, "check", stolen)
+    assert w1.commit() is False and not store.has_epoch(1)
+    assert sorted(p.name for p in store.path.iterdir()) == ["epoch_0", "manifest.json"]

@@ -373,7 +373,7 @@ def test_concurrent_builders_build_once(tmp_path, monkeypatch):
     a, b = out
     idx, offs, fl = torch.arange(12), torch.zeros(12, 2, dtype=torch.long), torch.zeros(12).bool()
     assert torch.equal(a.lookup(idx, offs, fl).logits, b.lookup(idx, offs, fl).logits)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "home"]  # no lock file beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # the released claim is gone
 
 
 # ------------------------------------------------------------ trust (issue 14 item 3 / 5)
@@ -454,6 +454,47 @@ def test_full_disk_fails_with_one_line(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # nothing left behind
 
 
+def test_the_build_claim_is_beside_the_cache_and_fences_the_commit(tmp_path, monkeypatch):
+    """The build claim is a relkd.claims claim beside the cache (same file system, so builders
+    on other nodes see it): a second claimant is refused while it is held, and a builder whose
+    claim was taken over before the commit leaves the cache folder untouched."""
+    from relkd.claims import Claim, ClaimLost
+    from relkd.data import teacher_cache as tc
+
+    path = tmp_path / "c"
+    with tc._build_lock(path, None) as claim:
+        assert claim.path == tmp_path / ".c.claim" and claim.holds()
+        assert not Claim(claim.path).try_acquire()
+    assert not claim.path.exists()  # released
+
+    def stolen(self, action="writing"):
+        raise ClaimLost(f"taken over; stopping before {action}")
+
+    monkeypatch.setattr(Claim, "check", stolen)
+    with pytest.raises(ClaimLost, match="before committing the teacher cache"):
+        _build(_teacher(), _images(), path)
+    assert not path.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_killed_builds_temporary_folder_is_swept(tmp_path):
+    """SIGKILL leaves `.NAME.tmp-PID-XXXX` beside the cache; the next build of that cache
+    removes it when PID is gone and leaves a live process's folder alone."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "c"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+    left = tmp_path / f".c.tmp-{dead.pid}-deadbeef"
+    (left / "sub").mkdir(parents=True)
+    (left / "logits.npy").write_bytes(b"\0" * 1000)
+    live = tmp_path / f".c.tmp-{os.getpid()}-0badf00d"
+    live.mkdir()
+    _build(_teacher(), _images(), path)
+    assert not left.exists() and live.exists()
+    assert (path / "logits.npy").is_file()
+
+
 def test_free_space_check_counts_the_manifest(tmp_path, monkeypatch):
     """With exactly the arrays' bytes free the manifest write used to crash (ENOSPC traceback)
     after the whole build: now refused before any teacher forward, naming the bytes needed."""
@@ -519,46 +560,3 @@ def test_a_cache_manifest_of_the_wrong_shape_is_damage(tmp_path, manifest):
     if manifest != "[]":  # the default rebuild='auto' rebuilds a damaged cache
         rebuilt = _build(model, images, path)
         assert rebuilt.key == good.key and "parts" in rebuilt.manifest
-
-
-def test_build_lock_is_filelock(tmp_path, monkeypatch):
-    """The build lock is filelock's (released by the OS when a holder dies)."""
-    import filelock
-
-    from relkd.data import teacher_cache as tc
-
-    monkeypatch.setenv("RELKD_CACHE_DIR", str(tmp_path / "home"))
-    seen = []
-    real = filelock.FileLock
-
-    def spy(*a, **k):
-        seen.append(a[0])
-        return real(*a, **k)
-
-    monkeypatch.setattr(filelock, "FileLock", spy)
-    with tc._build_lock(tmp_path / "c", None):
-        other = real(seen[0])
-        with pytest.raises(filelock.Timeout):
-            other.acquire(timeout=0)
-    other.acquire(timeout=0)
-    other.release()
-    assert Path(seen[0]).parent == tmp_path / "home" / "locks"
-
-
-def test_a_killed_builds_temporary_folder_is_swept(tmp_path):
-    """SIGKILL leaves `.NAME.tmp-PID-XXXX` beside the cache; the next build of that cache
-    removes it when PID is gone and leaves a live process's folder alone."""
-    import subprocess
-    import sys
-
-    path = tmp_path / "c"
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()  # a pid that no longer runs
-    left = tmp_path / f".c.tmp-{dead.pid}-deadbeef"
-    (left / "sub").mkdir(parents=True)
-    (left / "logits.npy").write_bytes(b"\0" * 1000)
-    live = tmp_path / f".c.tmp-{os.getpid()}-0badf00d"
-    live.mkdir()
-    _build(_teacher(), _images(), path)
-    assert not left.exists() and live.exists()
-    assert (path / "logits.npy").is_file()

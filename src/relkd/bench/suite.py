@@ -114,7 +114,7 @@ class Job:
     needs: str | None = None  # id of the teacher job this run waits for
     meta: dict[str, Any] = field(default_factory=dict)  # written to bench.json
     #: Runs that read one teacher cache share a group (a scheduling hint, see ``_work``): the
-    #: lock file a worker holds while it runs the group's first run, None without a cache.
+    #: claim file a worker holds while it runs the group's first run, None without a cache.
     cache_group: Path | None = None
 
     def finished(self) -> bool:
@@ -509,7 +509,7 @@ def _cache_on(cfg: dict[str, Any], overrides: Sequence[str]) -> bool:
 
 
 def _cache_group_lock(out: Path, cfg: dict[str, Any], method_name: str) -> Path:
-    """The group lock of the runs that read one teacher cache: same teacher checkpoint, data
+    """The group claim of the runs that read one teacher cache: same teacher checkpoint, data
     section and teacher taps. Only a scheduling hint -- the cache's own key (teacher weights,
     images, transform, taps, dtype) decides what is shared, so a coarse or wrong group can make
     a worker idle or wait, never change a result."""

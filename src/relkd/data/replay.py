@@ -30,7 +30,10 @@ instead of running the teacher. relkd's version, switched on by ``train.teacher_
   For an epoch not stored yet it runs the online teacher, rounds its outputs to the storage dtype
   (so the run that writes an epoch and every run that reads it see the same numbers) and writes
   them through to a temporary folder that is renamed into place once every sample of the epoch
-  was written. The first run of a table therefore costs what an online run costs; every later
+  was written. One writer per epoch: the writer holds the claim ``.epoch_<e>.claim``
+  (:mod:`relkd.claims`, valid across nodes) and checks it before the rename; a run that finds
+  the epoch claimed by another live writer reads nothing and writes nothing for it (online
+  teacher only), and a writer whose claim was taken over discards its epoch. The first run of a table therefore costs what an online run costs; every later
   method and seed of the table runs no teacher forward pass for the stored epochs.
 
 What changes for the user: under replay the crops depend on ``train.replay_seed`` (default 0),
@@ -65,6 +68,7 @@ from torchvision.transforms import functional as TF
 
 from relkd._fs import fsync_dir as _fsync_dir
 from relkd._fs import read_text
+from relkd.claims import Claim, ClaimLost
 from relkd.data.aug_records import draw_resized_crop_params
 from relkd.data.memory import _mix_seed
 from relkd.data.store_files import (
@@ -241,13 +245,18 @@ def replay_key(
 
 
 class EpochWriter:
-    """One epoch being written into a temporary sibling folder; rows arrive in any order."""
+    """One epoch being written into a temporary sibling folder; rows arrive in any order. The
+    writer holds the epoch's claim (``claim``) from creation to commit or abort."""
 
-    def __init__(self, store: ReplayStore, epoch: int) -> None:
-        self.store, self.epoch = store, epoch
+    def __init__(self, store: ReplayStore, epoch: int, claim: Claim) -> None:
+        self.store, self.epoch, self.claim = store, epoch, claim
         tag = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.tmp = store.path / f".tmp-epoch_{epoch}-{tag}"
-        self.tmp.mkdir(parents=True)
+        try:
+            self.tmp.mkdir(parents=True)
+        except BaseException:
+            claim.release()
+            raise
         n = store.num_samples
         self.filled = np.zeros(n, dtype=bool)
         self.arrays: dict[str, np.ndarray] = {}
@@ -296,16 +305,23 @@ class EpochWriter:
         _fsync_dir(self.tmp)
         final = self.store.epoch_dir(self.epoch)
         try:
+            self.claim.check(f"storing replay epoch {self.epoch + 1}")
+        except ClaimLost:
+            self.abort()  # another writer owns the epoch now; the run itself goes on
+            return self.store.has_epoch(self.epoch)
+        try:
             os.replace(self.tmp, final)  # atomic; refused when another writer got there first
         except OSError:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.abort()
             return self.store.has_epoch(self.epoch)
+        self.claim.release()
         _fsync_dir(self.store.path)
         return True
 
     def abort(self) -> None:
         self.arrays.clear()
         shutil.rmtree(self.tmp, ignore_errors=True)
+        self.claim.release()
 
 
 class ReplayStore:
@@ -337,10 +353,14 @@ class ReplayStore:
                 }  # fmt: skip
                 tmp = path / f".{MANIFEST}.{uuid.uuid4().hex[:8]}"
                 tmp.write_text(json.dumps(manifest, indent=1))
-                if not mpath.exists():  # a concurrent creator wrote the same manifest
-                    os.replace(tmp, mpath)
-                else:
-                    tmp.unlink()
+                try:  # exclusive: a concurrent creator's manifest (maybe another key) is kept
+                    os.link(tmp, mpath)
+                except FileExistsError:
+                    pass
+                except OSError:  # no hard links on this file system
+                    if not mpath.exists():
+                        os.replace(tmp, mpath)
+                tmp.unlink(missing_ok=True)
         try:
             manifest = json.loads(read_text(mpath, "json", "replay manifest"))
         except (OSError, ValueError) as e:
@@ -442,9 +462,15 @@ class ReplayStore:
             raise RelkdError(f"teacher replay store {str(d)!r} is damaged (row counts)")
         return arrays
 
-    def writer(self, epoch: int) -> EpochWriter:
-        with writing(self.path, "teacher replay"):
-            return EpochWriter(self, epoch)
+    def writer(self, epoch: int) -> EpochWriter | None:
+        """A writer for ``epoch``, or None while another live process holds its claim."""
+        with writing(self.path, "teacher replay"):  # a full or read-only disk: one line
+            claim = Claim(
+                self.path / f".epoch_{int(epoch)}.claim", what=f"replay epoch {epoch + 1}"
+            )
+            if not claim.try_acquire():
+                return None
+            return EpochWriter(self, epoch, claim)
 
     def __repr__(self) -> str:
         return (

@@ -18,8 +18,12 @@ Rules (what README's Reliability section promises):
   becomes the config the run continues with. A folder with history but no checkpoint is
   refused (it is never silently restarted); a checkpoint of another model or class count is
   refused in one line.
-- One process per folder: ``.relkd.lock`` is held with ``filelock`` (an OS lock: a crashed
-  holder releases it) for the whole run.
+- One process per folder: rank 0 holds the claim ``.relkd.claim`` (:mod:`relkd.claims`: an
+  exclusive create with a heartbeat, valid across the nodes of a shared file system; a dead
+  holder's claim is taken over) for the whole run, and checks it before every write (config,
+  run.json, checkpoint, metrics line, exported student, summary): a process whose claim was
+  taken over stops with :class:`relkd.claims.ClaimLost` and writes nothing more. Inside
+  ``relkd bench accuracy`` the runner's claim on the folder is used.
 - ``run.json`` records every start and resume: relkd / torch / Python versions, git commit when
   relkd runs from a checkout, command line, host, pid, device, world size, global batch.
 - Every file is written atomically (temp file, fsync, rename); temporary files of killed writes
@@ -49,11 +53,14 @@ from relkd import distributed as D
 from relkd._fs import (
     atomic_write_json,
     atomic_write_text,
+    count_nonblank_lines,
     first_odd_file,
-    read_text,
+    read_json_or_none,
+    read_yaml_or_none,
     remove_temp_files,
 )
 from relkd._version import __version__
+from relkd.claims import RUN_CLAIM, Claim, claim_now
 from relkd.engine.checkpoint import CKPT, MANIFEST, PREV, CheckpointStore
 from relkd.engine.logger import METRICS, RunLogger
 from relkd.engine.state import TrainState
@@ -76,10 +83,10 @@ ENV_KEYS: tuple[str, ...] = (
 #: Keys that locate the folder itself (compared by the path, not by their spelling).
 _PLACE_KEYS = ("name", "output_dir")
 #: Files the grid runner (``relkd bench accuracy``) writes into a run folder before training.
-GRID_FILES = frozenset({"bench.json", "failed.json", ".lock", ".lock.break"})
+GRID_FILES = frozenset({"bench.json", "failed.json", ".lock", ".lock.break", RUN_CLAIM})
 #: What relkd itself writes into a run folder.
 RUN_FILES = frozenset(
-    {RUN_FILE, CONFIG, SUMMARY, METRICS, LOCK, CKPT, PREV, MANIFEST, "tb", "plan.json"}
+    {RUN_FILE, CONFIG, SUMMARY, METRICS, LOCK, RUN_CLAIM, CKPT, PREV, MANIFEST, "tb", "plan.json"}
     | {CKPT + ".sha256", PREV + ".sha256"}
     | {"student.pt", "student.safetensors", "student_best.pt"}
 )
@@ -295,7 +302,8 @@ class RunFolder:
         self.main = D.is_main()
         self.log = log or RunLogger(self.path, tensorboard=False)
         self.store = CheckpointStore(self.path, log=self.log.info)
-        self._lock: Any = None
+        self._claim: Claim | None = None
+        self._own_claim = False
         self._opened = False
 
     # ------------------------------------------------------------------------- inspection
@@ -313,24 +321,25 @@ class RunFolder:
         if not is_run and CONFIG in names and _looks_like_config(p / CONFIG):
             # relkd 0.1 (no run.json): a run with its files, or only relkd's own names
             # (e.g. the config.yaml and tb/ of a failed build)
-            only_ours = all(n in RUN_FILES | GRID_FILES or _is_tmp(n) for n in names)
+            only_ours = all(
+                n in RUN_FILES | GRID_FILES or _is_tmp(n) or _is_claim(n) for n in names
+            )
             is_run = only_ours or bool({CKPT, PREV, METRICS, SUMMARY} & set(names))
         own = GRID_FILES | {LOCK}
-        foreign = [] if is_run else [n for n in names if n not in own and not _is_tmp(n)]
+        foreign = [
+            n for n in names if not is_run and n not in own and not _is_tmp(n) and not _is_claim(n)
+        ]
         st = FolderState(exists=True, is_run=is_run, foreign=foreign)
         if is_run:
             st.has_checkpoint = self.store.exists()
-            st.epochs_recorded = _count_lines(p / METRICS)
+            st.epochs_recorded = count_nonblank_lines(p / METRICS)
             st.finished = (p / SUMMARY).exists()
             st.saved_before = self.store.completed_before()
             st.exported = [n for n in ("student.pt", "student.safetensors") if n in names]
         return st
 
     def _recorded_config(self) -> dict[str, Any] | None:
-        try:
-            cfg = yaml.safe_load(read_text(self.path / CONFIG, "config"))
-        except (OSError, ValueError, yaml.YAMLError):
-            return None
+        cfg = read_yaml_or_none(self.path / CONFIG)
         return cfg if isinstance(cfg, dict) else None
 
     def check(
@@ -456,6 +465,7 @@ class RunFolder:
             if not self.main:
                 self._opened = True
                 return resumed
+            self._fence("writing run.json and config.yaml")
             gone = remove_temp_files(self.path)
             if gone:
                 self.log.info(f"removed temporary files of interrupted writes: {', '.join(gone)}")
@@ -466,7 +476,7 @@ class RunFolder:
                 session["config_changes"] = changes
             if extra:
                 session.update(extra)
-            record = _read_json(self.path / RUN_FILE) if resumed else None
+            record = read_json_or_none(self.path / RUN_FILE) if resumed else None
             if not isinstance(record, dict) or not isinstance(record.get("sessions"), list):
                 record = {"relkd_run": 1, "created": session["time"], "sessions": []}
             record["sessions"].append(session)
@@ -482,47 +492,41 @@ class RunFolder:
             raise
 
     def _acquire(self) -> None:
-        import filelock
-
-        # Checked before the lock file is created: never a lock file in someone else's folder.
+        # Checked before the claim file is created: never a claim in someone else's folder.
         self._refuse_foreign(self.state())
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise RelkdError(f"cannot write the run folder {str(self.path)!r}: {e}") from e
-        lock = filelock.FileLock(str(self.path / LOCK), timeout=0)
-        try:
-            lock.acquire()
-        except filelock.Timeout:
-            raise RelkdError(
-                f"run folder {str(self.path)!r} is in use by another relkd process"
-                f"{self._holder()}; one process per run folder (wait for it, or choose another "
-                "name)"
-            ) from None
-        except OSError as e:
-            raise RelkdError(f"cannot lock the run folder {str(self.path)!r}: {e}") from e
-        self._lock = lock
+        self._claim, self._own_claim = claim_now(
+            self.path / RUN_CLAIM,
+            f"run folder {self.path}",
+            f"run folder {str(self.path)!r} is in use by another relkd process{{holder}}; one "
+            "process per run folder (wait for it, or choose another name)",
+        )  # inside relkd bench accuracy: the runner's claim on the folder (not ours to release)
+        if self._own_claim and self._claim.took_over:
+            self.log.info(f"took over the run folder's claim: {self._claim.took_over}")
 
-    def _holder(self) -> str:
-        rec = _read_json(self.path / RUN_FILE)
-        try:
-            s = rec["sessions"][-1]
-            return f" (pid {s['pid']} on {s['host']}, started {s['time']})"
-        except (TypeError, KeyError, IndexError):
-            return ""
+    def _fence(self, action: str) -> None:
+        """Stop (:class:`relkd.claims.ClaimLost`) if another process took the folder over."""
+        if self._claim is not None:
+            self._claim.check(action)
 
     # ----------------------------------------------------------------------------- training
     def save_best(self, student: Any, metadata: Mapping[str, Any] | None = None) -> None:
         if self.main:
             from relkd.models.checkpoint import save_student
 
+            self._fence("writing student_best.pt")
             save_student(student, self.path / "student_best.pt", metadata=metadata)
 
     def end_epoch(self, record: dict[str, Any], state: TrainState) -> None:
         """The epoch's checkpoint (``state``) first, then its metrics line: ``metrics.jsonl``
         never runs ahead of the checkpoint (a kill in between is repaired by the resume)."""
         if self.main:
+            self._fence("writing the checkpoint")
             self.store.save(state.state_dict())
+            self._fence("writing the metrics line")
             self.log.metrics(record)
 
     def finish(
@@ -542,21 +546,24 @@ class RunFolder:
         if self.main:
             from relkd.models.checkpoint import save_student
 
+            self._fence("exporting the student")
             save_student(student, self.path / "student.pt", metadata=metadata)
             save_student(student, self.path / "student.safetensors", metadata=metadata)
+            self._fence("writing summary.json")
             atomic_write_json(self.path / SUMMARY, dict(summary))
         return summary
 
     def write_json(self, name: str, obj: Any) -> None:
         """Any other file of the run folder (e.g. the pipeline plan), written atomically."""
         if self.main:
+            self._fence(f"writing {name}")
             atomic_write_json(self.path / name, obj)
 
     def close(self) -> None:
         self.log.close()
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        if self._claim is not None and self._own_claim:
+            self._claim.release()
+        self._claim, self._own_claim = None, False
 
     def __enter__(self) -> RunFolder:
         return self
@@ -565,34 +572,22 @@ class RunFolder:
         self.close()
 
 
+def _is_claim(name: str) -> bool:
+    """The run claim or one of its transient siblings (``.relkd.claim.new-...`` etc.)."""
+    return name == RUN_CLAIM or name.startswith(RUN_CLAIM + ".")
+
+
 def _is_tmp(name: str) -> bool:
     from relkd._fs import TMP_RE
 
     return bool(TMP_RE.match(name))
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(read_text(path, "json"))
-    except (OSError, ValueError):
-        return None
-
-
 def _is_run_json(path: Path) -> bool:
-    rec = _read_json(path)
+    rec = read_json_or_none(path)
     return isinstance(rec, dict) and rec.get("relkd_run") is not None
 
 
 def _looks_like_config(path: Path) -> bool:
-    try:
-        cfg = yaml.safe_load(read_text(path, "config"))
-    except (OSError, ValueError, yaml.YAMLError):
-        return False
+    cfg = read_yaml_or_none(path)
     return isinstance(cfg, dict) and {"student", "method", "train"} <= set(cfg)
-
-
-def _count_lines(path: Path) -> int:
-    try:
-        return sum(1 for line in read_text(path, "metrics").splitlines() if line.strip())
-    except (OSError, ValueError):
-        return 0

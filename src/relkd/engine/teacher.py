@@ -149,7 +149,13 @@ class ReplayTeacher(TeacherSource):
         else:
             self._stored = None
             self._writer = self.store.writer(epoch) if self.write else None
-            what = "writing it" if self.write else "not writing it (only one process writes)"
+            what = (
+                "writing it"
+                if self._writer is not None
+                else "not writing it (only one process writes)"
+                if not self.write
+                else "not writing it (another process is writing it)"
+            )
             self.log(f"teacher replay: epoch {epoch + 1} not stored yet: online teacher, {what}")
 
     def _round(self, out: ModelOutput) -> ModelOutput:

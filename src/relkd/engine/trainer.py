@@ -15,7 +15,7 @@ a summary dict. Layout of a run folder::
     student_best.pt      the student's weights at the best top-1 epoch
     summary.json         best / last top-1, run time (written last: the run finished)
 
-Every file is written atomically; the rules (names, locks, resume) are in
+Every file is written atomically; the rules (names, claims, resume) are in
 :mod:`relkd.engine.rundir`.
 """
 
