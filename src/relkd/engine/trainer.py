@@ -36,6 +36,7 @@ from torch import nn
 
 from relkd import distributed as D
 from relkd.config import CHOICES, Config, load_config
+from relkd.engine import preempt
 from relkd.engine.distiller import Distiller
 from relkd.engine.logger import RunLogger
 from relkd.engine.plan import (
@@ -55,6 +56,7 @@ from relkd.methods import MethodContext, build_method
 from relkd.methods.base import Method
 from relkd.models import POOLED, FeatureTap, create_model, get_feature_info, load_checkpoint
 from relkd.models.normalization import attach_input_norm
+from relkd.progress import format_eta
 from relkd.registry import RelkdError
 
 __all__ = ["BlockSampler", "Components", "build_components", "evaluate", "fit"]
@@ -69,7 +71,7 @@ def seed_everything(seed: int) -> None:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            return torch.device("cuda", _local_gpu())
         return torch.device("cpu")
     try:
         dev = torch.device(name)
@@ -78,12 +80,19 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RelkdError(f"train.device={name!r} but CUDA is not available; use cpu or auto")
     if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        dev = torch.device("cuda", _local_gpu())
     return dev
 
 
+def _local_gpu() -> int:
+    """This process's GPU: its local rank, modulo the GPUs it sees (``srun --gpus-per-task``
+    shows each task only its own GPU)."""
+    return int(os.environ.get("LOCAL_RANK", 0)) % max(1, torch.cuda.device_count())
+
+
 def init_distributed(device: torch.device) -> None:
-    """Join the process group torchrun describes in the environment (no-op otherwise)."""
+    """Join the process group torchrun (or ``srun``, see :func:`relkd.distributed.adopt_launcher_env`)
+    describes in the environment (no-op otherwise)."""
     if D.is_dist() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -441,10 +450,10 @@ def _train_epoch(loop: _Loop, epoch: int, step: int) -> tuple[dict[str, Any], in
     loop.step.start_epoch(epoch, step)
     t0, bar = time.time(), None
     if loop.progress:
-        from tqdm.auto import tqdm
+        from relkd.progress import progress
 
         desc = f"{phase} {epoch + 1}/{pre}" if phase != "main" else f"epoch {main_epoch + 1}"
-        bar = tqdm(total=n, desc=f"{desc}/{cfg.train.epochs}", leave=False)
+        bar = progress(total=n, desc=f"{desc}/{cfg.train.epochs}", unit="step", leave=False)
     for i, batch in enumerate(loop.train_loader):
         if i >= n:
             break
@@ -456,6 +465,9 @@ def _train_epoch(loop: _Loop, epoch: int, step: int) -> tuple[dict[str, Any], in
                 g["lr"] = loop.lr
         loop.step(x, y, extras)
         step += 1
+        if D.world_size() == 1 and preempt.stop_mid_epoch(i + 1, n, time.time() - t0):
+            # The last epoch's checkpoint is whole: the run resumes from it, exactly.
+            raise preempt.Preempted(f"stopped in epoch slot {epoch + 1} at step {i + 1}/{n}")
         if (i + 1) % cfg.train.log_every == 0 and i + 1 < n:
             stats = loop.step.read()  # the read point: progress and the non-finite check
             if bar is not None:
@@ -525,6 +537,7 @@ def fit(
     """
     cfg = load_with_module_name(config, overrides, student)
     _check_train(cfg)
+    D.adopt_launcher_env()  # an `srun` task of a multi-task step: Slurm describes the group
     device = resolve_device(cfg.train.device)
     init_distributed(device)
     run_dir = run_path(cfg)
@@ -583,7 +596,14 @@ def _fit(cfg, device, run: RunFolder, teacher, student, resume, allow_change, qu
                 run.save_best(distiller.student, meta)
             record["best_top1"] = best["top1"]
         history.append(record)
-        say(_epoch_line(record, epoch, pre, cfg.train.epochs, best))
+        here = time.time() - t_start  # this session's epochs: the rate of what is left
+        left = here / (epoch - start_epoch + 1) * (loop.total_epochs - epoch - 1)
+        dt = record["epoch_time_s"]
+        rate = f"{loop.steps_per_epoch / dt:.1f} step/s" if dt > 0 else "-"
+        say(
+            _epoch_line(record, epoch, pre, cfg.train.epochs, best)
+            + f" ({dt:.1f} s, {rate}, {format_eta(left)})"
+        )
         state = {
             "distiller": distiller.state_dict(), "optimizer": loop.opt.state_dict(),
             "scaler": loop.scaler.state_dict(), "epoch": epoch, "step": step,
@@ -592,6 +612,8 @@ def _fit(cfg, device, run: RunFolder, teacher, student, resume, allow_change, qu
         run.end_epoch(record, state)  # the checkpoint first, then the metrics line
         if D.is_dist():
             torch.distributed.barrier()
+        if epoch + 1 < loop.total_epochs and _stop_requested(device):
+            raise preempt.Preempted(f"stopped after epoch slot {epoch + 1} (checkpoint written)")
 
     last = next((r for r in reversed(history) if "top1" in r), {})
     summary = {
@@ -615,6 +637,14 @@ def _fit(cfg, device, run: RunFolder, teacher, student, resume, allow_change, qu
     run.finish(distiller.student, summary, meta)
     distiller.tap.remove()
     return summary
+
+
+def _stop_requested(device: torch.device) -> bool:
+    """A preemption request (:mod:`relkd.engine.preempt`) seen by any rank, agreed by all."""
+    if not D.is_dist():
+        return preempt.requested()
+    flag = torch.tensor([float(preempt.requested())], device=device)
+    return bool(D.all_reduce_sum(flag).item() > 0)
 
 
 def _describe_module(m: nn.Module) -> dict[str, Any]:
