@@ -676,3 +676,16 @@ def _epoch_line(record: dict[str, Any], epoch: int, pre: int, epochs: int, best)
     if "top1" in record:
         line += f" top1 {record['top1']:.2f} best {best['top1']:.2f}"
     return line
+
+
+def build_teacher_cache(config: Any, overrides=(), quiet: bool = False) -> None:
+    """Build (or find) the teacher-output cache the run ``config`` would read, and stop: nothing
+    is trained and the run folder is not written. The Slurm launcher runs this once per cache
+    group before the group's runs (:mod:`relkd.bench.slurm`)."""
+    cfg = load_config(config, overrides)
+    _check_train(cfg)
+    device = resolve_device(cfg.train.device)
+    seed_everything(cfg.train.seed)
+    comp = build_components(cfg, device, None, None)
+    plan = _plan(cfg, comp.method, comp.teacher is not None, comp.train_ds)
+    _build_loop(cfg, comp, plan, device, _say(quiet), cfg.train.progress and not quiet)
