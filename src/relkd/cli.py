@@ -24,6 +24,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if args.print_config:
         return _print_config(args)
+    from relkd.engine import preempt
+
+    # SIGUSR1 (a scheduler's warning before a time limit): stop at a safe point, exit 75
+    preempt.install()
     summary = train(
         args.config, overrides=args.overrides, resume=args.resume, quiet=args.quiet,
         allow_change=args.allow_change,

@@ -1,0 +1,404 @@
+"""relkd on Slurm: the launcher, preemption / requeue, resubmission, srun-native DDP.
+
+The tests marked ``slurm`` run against a real one-node Slurm cluster (``scripts/slurm-local.sh``,
+started by ``.ci/run``; the fixture starts it when it can). Where it cannot be started (not
+root, no slurm-wlm / munge packages) they skip with the reason, except in CI (``CI=true``) as
+root, where they fail: there the cluster must run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from relkd import distributed as D
+from relkd.progress import LineProgress
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+# ----------------------------------------------------------------------- without a scheduler
+def test_expand_nodelist_matches_scontrols_forms():
+    assert D.expand_nodelist("node[01-03,07],gpu-a") == [
+        "node01",
+        "node02",
+        "node03",
+        "node07",
+        "gpu-a",
+    ]
+    assert D.expand_nodelist("r[1-2]n[08-09]") == ["r1n08", "r1n09", "r2n08", "r2n09"]
+    assert D.expand_nodelist("vm") == ["vm"]
+    assert D.expand_nodelist("a[9-11]") == ["a9", "a10", "a11"]
+    with pytest.raises(ValueError):
+        D.expand_nodelist("n[3-1]")
+
+
+def _srun_env(**kw) -> dict:
+    env = {"SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
+           "SLURM_STEP_NODELIST": "gpu[12-13]", "SLURM_JOB_NODELIST": "gpu[12-13]",
+           "SLURM_JOB_ID": "4321", "SLURM_STEP_ID": "2"}  # fmt: skip
+    env.update(kw)
+    return env
+
+
+def test_slurm_process_group_from_an_srun_task():
+    g = D.slurm_process_group(_srun_env())
+    assert g == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu12",
+                 "MASTER_PORT": str(20000 + (4321 % 4000) * 10 + 2)}  # fmt: skip
+    # torchrun's environment wins; the batch script itself (no step) is one process
+    assert D.slurm_process_group(_srun_env(RANK="0")) is None
+    env = _srun_env()
+    del env["SLURM_STEP_NUM_TASKS"]
+    assert D.slurm_process_group(env) is None
+    assert D.slurm_process_group(_srun_env(SLURM_STEP_NUM_TASKS="1")) is None
+    assert D.slurm_process_group(_srun_env(MASTER_PORT="29555"))["MASTER_PORT"] == "29555"
+
+
+def test_scheduler_info_of_an_array_task():
+    env = {"SLURM_JOB_ID": "17", "SLURM_ARRAY_JOB_ID": "12", "SLURM_ARRAY_TASK_ID": "5",
+           "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_RESTART_COUNT": "1"}  # fmt: skip
+    info = D.scheduler_info(env)
+    assert info == {"name": "slurm", "job_id": "17", "array_job_id": "12", "array_task_id": "5",
+                    "node_list": "n[1-2]", "restart_count": "1"}  # fmt: skip
+    assert D.scheduler_info({}) is None
+
+
+class _Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_line_progress_prints_quarters_of_long_loops_only(capsys):
+    clock = _Clock()
+    bar = LineProgress(total=100, desc="epoch 1/3", unit="step", min_s=10, clock=clock)
+    for _ in range(100):
+        clock.t += 0.5  # 50 s in all: a long epoch
+        bar.update(1)
+    lines = capsys.readouterr().err.splitlines()
+    assert [ln.split(":")[1].split(",")[0].strip() for ln in lines] == [
+        "25/100 (25%)", "50/100 (50%)", "75/100 (75%)"
+    ]  # fmt: skip
+    assert lines[0] == "epoch 1/3: 25/100 (25%), 2.0 step/s, ETA 38 s"
+    short = LineProgress(total=100, desc="e", min_s=10, clock=clock)
+    for _ in range(100):
+        clock.t += 0.01  # 1 s: nothing printed
+        short.update(1)
+    assert capsys.readouterr().err == ""
+
+
+def _tiny_config(root: Path, out: Path, name: str, **train) -> Path:
+    cfg = {
+        "student": {"name": "cnn_tiny"},
+        "method": {"name": "ce"},
+        "data": {"name": "fashion_mnist", "root": str(root), "batch_size": 16, "augment": False},
+        "schedule": {"name": "constant"},
+        "train": {
+            "epochs": 2,
+            "max_steps_per_epoch": 4,
+            "tensorboard": False,
+            "seed": 3,
+            "device": "cpu",
+            **train,
+        },
+        "output_dir": str(out),
+        "name": name,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_train_progress_in_a_log_file_is_plain_lines(tmp_path, fmnist_root):
+    """`relkd train ... 2> log`: no carriage-return redraws; per-epoch lines with rate and ETA,
+    and (RELKD_PROGRESS_MIN_S=0: every epoch counts as long) lines within each epoch."""
+    cfg = _tiny_config(fmnist_root, tmp_path / "runs", "p")
+    env = {**os.environ, "RELKD_PROGRESS_MIN_S": "0", "OMP_NUM_THREADS": "1"}
+    env.pop("RELKD_PROGRESS", None)
+    with open(tmp_path / "log", "w") as log:
+        p = subprocess.run([PY, "-m", "relkd", "train", str(cfg)], stdout=log, stderr=log, env=env)
+    assert p.returncode == 0
+    text = (tmp_path / "log").read_text()
+    assert "\r" not in text
+    epoch_lines = [x for x in text.splitlines() if x.startswith("main epoch")]
+    assert len(epoch_lines) == 2
+    assert all(re.search(r"\(\d+\.\d s, [\d.]+ step/s, ETA \d+ s\)$", x) for x in epoch_lines)
+    inner = [x for x in text.splitlines() if x.startswith("epoch 1/2:")]
+    assert [x.split(",")[0] for x in inner] == [
+        "epoch 1/2: 1/4 (25%)", "epoch 1/2: 2/4 (50%)", "epoch 1/2: 3/4 (75%)"
+    ]  # fmt: skip
+    assert all("step/s, ETA" in x for x in inner)
+
+
+# ------------------------------------------------------------------------------ the cluster
+def _cluster_reason() -> str | None:
+    """None when a Slurm cluster answers (started here if possible), else why not."""
+    if (
+        shutil.which("sinfo")
+        and subprocess.run(
+            ["bash", str(REPO / "scripts/slurm-local.sh"), "status"], capture_output=True
+        ).returncode
+        == 0
+    ):
+        return None
+    if os.geteuid() != 0:
+        return "no Slurm cluster, and starting one (scripts/slurm-local.sh) needs root"
+    if not (shutil.which("slurmctld") and shutil.which("munged")):
+        return "no Slurm packages: apt-get install -y slurm-wlm munge"
+    p = subprocess.run(["bash", str(REPO / "scripts/slurm-local.sh"), "start"],
+                       capture_output=True, text=True)  # fmt: skip
+    return None if p.returncode == 0 else f"scripts/slurm-local.sh start failed: {p.stderr[-500:]}"
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    reason = _cluster_reason()
+    if reason is not None:
+        if os.environ.get("CI") == "true" and os.geteuid() == 0:
+            pytest.fail(f"CI runs as root, so the Slurm tests must run: {reason}")
+        pytest.skip(reason)
+
+
+def _suite(path: Path, root: Path, methods=("ce", "kd", "dkd"), seeds=(0, 1), **kw) -> Path:
+    suite = {
+        "name": "tiny",
+        "base": {
+            "data": {"name": "fashion_mnist", "root": str(root), "batch_size": 32},
+            "schedule": {"name": "constant"},
+            "train": {"epochs": 2, "max_steps_per_epoch": 3, "tensorboard": False, "device": "cpu"},
+        },
+        "teachers": {"cnn_small": {"train": {"train": {"epochs": 1}}}},
+        "pairs": [["cnn_small", "cnn_tiny"]],
+        "methods": list(methods),
+        "seeds": list(seeds),
+    }
+    suite.update(kw)
+    path.write_text(yaml.safe_dump(suite, sort_keys=False))
+    return path
+
+
+def _relkd(*args, check=True, timeout=600, **env) -> subprocess.CompletedProcess:
+    e = {**os.environ, "OMP_NUM_THREADS": "1", "RELKD_SLURM_POLL_S": "1", **env}
+    p = subprocess.run([PY, "-m", "relkd", *map(str, args)], capture_output=True, text=True,
+                       env=e, timeout=timeout)  # fmt: skip
+    if check and p.returncode != 0:
+        raise AssertionError(
+            f"relkd {' '.join(map(str, args))} -> {p.returncode}\n{p.stdout}\n{p.stderr}"
+        )
+    return p
+
+
+def _summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def _sessions(run_dir: Path) -> list[dict]:
+    return json.loads((run_dir / "run.json").read_text())["sessions"]
+
+
+@pytest.mark.slow
+def test_slurm_suite_equals_local_workers(tmp_path, fmnist_root, slurm_cluster):
+    """Teacher + 3 methods x 2 seeds with a teacher cache: --launcher slurm --wait gives the
+    same top-1 and student bytes per run as --workers 2 here; run.json names the Slurm job."""
+    suite = _suite(tmp_path / "s.yaml", fmnist_root, teacher_cache="auto")
+    local, remote = tmp_path / "local", tmp_path / "slurm"
+    _relkd("bench", "accuracy", suite, "--out", local, "--workers", "2", "--no-report")
+    p = _relkd("bench", "accuracy", suite, "--out", remote, "--launcher", "slurm", "--wait",
+               "--max-parallel", "2", "--runs-per-task", "2")  # fmt: skip
+    assert "7 done" in p.stdout and (remote / "report.md").is_file()
+    scripts = sorted(x.name for x in (remote / "slurm").glob("*.sh"))
+    assert scripts == ["01-cache-" + scripts[0][9:], "01-runs.sh", "01-teacher-cnn_small.sh"]
+    runs_sh = (remote / "slurm/01-runs.sh").read_text()
+    assert "#SBATCH --array=0-2%2" in runs_sh and "#SBATCH --requeue" in runs_sh
+    state = json.loads((remote / "slurm/state.json").read_text())
+    rids = [
+        str(p.parent.relative_to(local / "runs")) for p in (local / "runs").rglob("summary.json")
+    ]
+    assert len(rids) == 6
+    for rid in rids:
+        a, b = local / "runs" / rid, remote / "runs" / rid
+        assert _summary(a)["last_top1"] == _summary(b)["last_top1"], rid
+        assert (a / "student.pt").read_bytes() == (b / "student.pt").read_bytes(), rid
+        sched = _sessions(b)[0]["scheduler"]
+        assert state["jobs"][rid]["job_id"] == f"{sched['array_job_id']}_{sched['array_task_id']}"
+        assert sched["node_list"] and sched["job_id"]
+    t = remote / "teachers/cnn_small"
+    assert (local / "teachers/cnn_small/student.pt").read_bytes() == (t / "student.pt").read_bytes()
+    # the cache job built the cache; every kd/dkd run read it
+    assert list((remote / "slurm").glob("cache-*.built"))
+    for rid in [r for r in rids if not r.startswith("ce/")]:
+        plan = json.loads((remote / "runs" / rid / "plan.json").read_text())
+        assert "cache" in json.dumps(plan).lower(), rid
+    # status: every run done with its job id and last epoch
+    st = json.loads(_relkd("bench", "status", remote, "--json").stdout)
+    assert {r["state"] for r in st} == {"done"} and all(r["last_epoch"] for r in st)
+
+
+def _wait_until(cond, timeout=120.0, step=0.2, what="condition"):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if cond():
+            return
+        time.sleep(step)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _epochs_done(run_dir: Path) -> int:
+    try:
+        return sum(1 for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip())
+    except OSError:
+        return 0
+
+
+def _long_run_suite(tmp_path, fmnist_root) -> Path:
+    """One teacher-free run long enough (6 epochs of 40 steps) to be stopped in the middle."""
+    return _suite(tmp_path / "long.yaml", fmnist_root, methods=["ce"], seeds=[0],
+                  overrides=["train.epochs=6", "train.max_steps_per_epoch=40",
+                             "data.batch_size=64"])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, fmnist_root):
+    """The long run trained here, without interruption: the bytes to compare with."""
+    tmp = tmp_path_factory.mktemp("ref")
+    suite = _long_run_suite(tmp, fmnist_root)
+    _relkd("bench", "accuracy", suite, "--out", tmp / "out", "--no-report")
+    return (tmp / "out/runs/ce/cnn_tiny/s0/student.pt").read_bytes()
+
+
+def _submit_and_interrupt(tmp_path, fmnist_root, interrupt) -> tuple[Path, str]:
+    suite = _long_run_suite(tmp_path, fmnist_root)
+    out = tmp_path / "out"
+    _relkd("bench", "accuracy", suite, "--out", out, "--launcher", "slurm", "--no-report")
+    run = out / "runs/ce/cnn_tiny/s0"
+    jid = json.loads((out / "slurm/state.json").read_text())["jobs"]["ce/cnn_tiny/s0"]["job_id"]
+    _wait_until(lambda: _epochs_done(run) >= 1, what="the first epoch")
+    interrupt(jid)
+    p = _relkd("bench", "accuracy", suite, "--out", out, "--launcher", "slurm", "--wait",
+               "--no-report")  # fmt: skip
+    assert "left alone: ce/cnn_tiny/s0" in p.stdout  # the requeued task, not a second one
+    return run, jid
+
+
+@pytest.mark.slow
+def test_scontrol_requeue_resumes_byte_identical(
+    tmp_path, fmnist_root, slurm_cluster, uninterrupted
+):
+    """A running task preempted with `scontrol requeue` (SIGTERM, then requeued by Slurm)
+    resumes from its checkpoint and ends with the uninterrupted run's bytes."""
+    run, _ = _submit_and_interrupt(
+        tmp_path, fmnist_root, lambda j: subprocess.run(["scontrol", "requeue", j], check=True)
+    )
+    assert (run / "student.pt").read_bytes() == uninterrupted
+    kinds = [s["kind"] for s in _sessions(run)]
+    assert kinds[0] == "start" and "resume" in kinds
+    assert _sessions(run)[-1]["scheduler"].get("restart_count") == "1"
+    assert _epochs_done(run) == 6  # every epoch recorded once
+
+
+@pytest.mark.slow
+def test_time_limit_signal_checkpoints_and_requeues(
+    tmp_path, fmnist_root, slurm_cluster, uninterrupted
+):
+    """The pre-time-limit signal (`--signal=B:USR1@90`; simulated with `scancel --signal=USR1
+    --batch`, which delivers the same signal to the same shell, since Slurm's own sends it at
+    least 60 s into a job): relkd stops at a safe point and exits 75, the job requeues itself
+    and the resumed run ends with the uninterrupted run's bytes."""
+
+    def usr1(jid: str) -> None:
+        subprocess.run(["scancel", "--signal=USR1", "--batch", jid], check=True)
+
+    run, _ = _submit_and_interrupt(tmp_path, fmnist_root, usr1)
+    assert (run / "student.pt").read_bytes() == uninterrupted
+    assert [s["kind"] for s in _sessions(run)][:1] == ["start"] and len(_sessions(run)) == 2
+    log = Path(
+        json.loads((run.parents[3] / "slurm/state.json").read_text())["jobs"]["ce/cnn_tiny/s0"][
+            "log"
+        ]
+    )
+    text = log.read_text()
+    assert "relkd: stopped for requeueing" in text and "requeueing job" in text
+    assert "\r" not in text
+
+
+@pytest.mark.slow
+def test_resubmission_trains_only_the_rest(tmp_path, fmnist_root, slurm_cluster):
+    """After a partial local run, --launcher slurm submits only what is missing; queued jobs
+    are left alone; a failed run is resubmitted with its failure shown."""
+    suite = _suite(tmp_path / "s.yaml", fmnist_root, methods=["ce", "kd"], seeds=[0, 1])
+    out = tmp_path / "out"
+    _relkd("bench", "accuracy", suite, "--out", out, "--only", "kd/*/s0", "--no-report")
+    done = out / "runs/kd/cnn_small_cnn_tiny/s0"
+    before = (done / "summary.json").stat().st_mtime_ns
+    failed = out / "runs/ce/cnn_tiny/s1"
+    failed.mkdir(parents=True)
+    (failed / "failed.json").write_text(json.dumps({"token": "x", "error": "RuntimeError: boom"}))
+    # held jobs stay pending: a second submission must leave them alone
+    p = _relkd("bench", "accuracy", suite, "--out", out, "--launcher", "slurm", "--slurm", "hold=")
+    assert "resubmitting ce/cnn_tiny/s1: RuntimeError: boom" in p.stdout
+    assert "submitted teacher" not in p.stdout  # the teacher was trained by the local run
+    tasks = re.search(r"TASKS=\(\n(.*?)\n\)", (out / "slurm/01-runs.sh").read_text(), re.S)
+    assert tasks.group(1).split() == [
+        "ce/cnn_tiny/s0",
+        "ce/cnn_tiny/s1",
+        "kd/cnn_small_cnn_tiny/s1",
+    ]
+    again = _relkd("bench", "accuracy", suite, "--out", out, "--launcher", "slurm")
+    assert "0 job(s) submitted" in again.stdout and again.stdout.count("left alone:") == 3
+    st = _relkd("bench", "status", out).stdout
+    assert re.search(r"kd/cnn_small_cnn_tiny/s0\s+done", st)
+    assert re.search(r"ce/cnn_tiny/s0\s+pending\s+\d+_0", st)
+    jobs = json.loads((out / "slurm/state.json").read_text())["jobs"]
+    for key in ("runs", "report"):
+        subprocess.run(["scontrol", "release", jobs[key]["job_id"]], check=True)
+    p = _relkd("bench", "accuracy", suite, "--out", out, "--launcher", "slurm", "--wait")
+    assert "0 job(s) submitted" in p.stdout and "5 done" in p.stdout
+    assert (done / "summary.json").stat().st_mtime_ns == before  # not trained again
+    assert len(_sessions(done)) == 1
+
+
+def _docs_example() -> str:
+    text = (REPO / "docs/distributed.md").read_text()
+    m = re.search(r"<!-- srun-example -->\n```bash\n(.*?)```", text, re.S)
+    assert m, "docs/distributed.md lost its srun example"
+    return m.group(1)
+
+
+@pytest.mark.slow
+def test_srun_ddp_equals_torchrun(tmp_path, fmnist_root, slurm_cluster):
+    """The sbatch example of docs/distributed.md (`srun relkd train CONFIG`), on one node with
+    2 tasks and gloo, ends with the same student bytes as torchrun with 2 processes."""
+    cfg_t = _tiny_config(fmnist_root, tmp_path / "torchrun", "ddp", sync_bn=True, progress=False)
+    cfg_s = _tiny_config(fmnist_root, tmp_path / "srun", "ddp", sync_bn=True, progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    "-m", "relkd", "train", str(cfg_t)], check=True, env=env,
+                   capture_output=True, timeout=300)  # fmt: skip
+    script = _docs_example()
+    script = re.sub(r"--nodes=\d+", "--nodes=1", script)
+    script = re.sub(r"--ntasks-per-node=\d+", "--ntasks-per-node=2", script)
+    script = re.sub(r"#SBATCH --(gpus-per-node|cpus-per-task|time|partition)=.*\n", "", script)
+    script = script.replace("relkd train CONFIG", f"{PY} -m relkd train {cfg_s}")
+    script = script.replace("#SBATCH --output=", f"#SBATCH --output={tmp_path}/")
+    (tmp_path / "ddp.sh").write_text(script)
+    jid = subprocess.run(["sbatch", "--parsable", "--wait", str(tmp_path / "ddp.sh")],
+                         capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert jid.returncode == 0, (jid.stdout, jid.stderr)
+    a = (tmp_path / "torchrun/ddp/student.pt").read_bytes()
+    b = (tmp_path / "srun/ddp/student.pt").read_bytes()
+    assert a == b
+    s = _sessions(tmp_path / "srun/ddp")[0]
+    assert s["world_size"] == 2 and s["scheduler"]["job_id"] == jid.stdout.strip().split(";")[0]
