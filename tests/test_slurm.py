@@ -287,10 +287,20 @@ def _submit_and_interrupt(tmp_path, fmnist_root, interrupt) -> tuple[Path, str]:
     jid = json.loads((out / "slurm/state.json").read_text())["jobs"]["ce/cnn_tiny/s0"]["job_id"]
     _wait_until(lambda: _epochs_done(run) >= 1, what="the first epoch")
     interrupt(jid)
+    again = _relkd("bench", "accuracy", suite, "--out", out, "--launcher", "slurm", "--no-report")
+    assert "left alone: ce/cnn_tiny/s0" in again.stdout  # the requeued task, not a second one
+    # Slurm makes a requeued job eligible 2 minutes later (its begin time); start it now
+    _wait_until(lambda: _squeue(jid) == "PENDING BeginTime", what="the requeued job")
+    subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], check=True)
     p = _relkd("bench", "accuracy", suite, "--out", out, "--launcher", "slurm", "--wait",
                "--no-report")  # fmt: skip
-    assert "left alone: ce/cnn_tiny/s0" in p.stdout  # the requeued task, not a second one
+    assert "0 job(s) submitted" in p.stdout and "1 done" in p.stdout
     return run, jid
+
+
+def _squeue(jid: str) -> str:
+    p = subprocess.run(["squeue", "-h", "-j", jid, "-o", "%T %r"], capture_output=True, text=True)
+    return p.stdout.strip()
 
 
 @pytest.mark.slow
@@ -310,13 +320,17 @@ def test_scontrol_requeue_resumes_byte_identical(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("finish_s", ["45", "0"])
 def test_time_limit_signal_checkpoints_and_requeues(
-    tmp_path, fmnist_root, slurm_cluster, uninterrupted
+    tmp_path, fmnist_root, slurm_cluster, uninterrupted, finish_s, monkeypatch
 ):
     """The pre-time-limit signal (`--signal=B:USR1@90`; simulated with `scancel --signal=USR1
     --batch`, which delivers the same signal to the same shell, since Slurm's own sends it at
     least 60 s into a job): relkd stops at a safe point and exits 75, the job requeues itself
-    and the resumed run ends with the uninterrupted run's bytes."""
+    and the resumed run ends with the uninterrupted run's bytes. finish_s=45 (the scripts'
+    default): the epoch under way is finished and checkpointed; 0: the run stops after the
+    current step and the partial epoch is trained again after the requeue."""
+    monkeypatch.setenv("RELKD_PREEMPT_FINISH_S", finish_s)  # sbatch passes it to the job
 
     def usr1(jid: str) -> None:
         subprocess.run(["scancel", "--signal=USR1", "--batch", jid], check=True)
@@ -330,7 +344,8 @@ def test_time_limit_signal_checkpoints_and_requeues(
         ]
     )
     text = log.read_text()
-    assert "relkd: stopped for requeueing" in text and "requeueing job" in text
+    how = "stopped after epoch slot" if finish_s == "45" else "stopped in epoch slot"
+    assert f"relkd: stopped for requeueing: {how}" in text and "requeueing job" in text
     assert "\r" not in text
 
 

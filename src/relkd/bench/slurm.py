@@ -132,7 +132,7 @@ _BODY = """\
 # USR1 (sent by Slurm {signal_s} s before the time limit, or by `scancel --signal=USR1 --batch`)
 # is passed on to relkd, which stops at its next safe point and exits 75 ("requeue me"); the
 # job then requeues itself and the next start resumes from the run's checkpoint.
-export RELKD_PREEMPT_FINISH_S={finish_s}
+export RELKD_PREEMPT_FINISH_S=${{RELKD_PREEMPT_FINISH_S:-{finish_s}}}
 # torch threads: the CPUs Slurm gave the task (torch would otherwise start one per core)
 export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-${{SLURM_CPUS_PER_TASK:-1}}}}
 trap 'kill -USR1 "$pid" 2>/dev/null' USR1
