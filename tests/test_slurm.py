@@ -143,6 +143,55 @@ def test_train_progress_in_a_log_file_is_plain_lines(tmp_path, fmnist_root):
     assert all("step/s, ETA" in x for x in inner)
 
 
+def test_dry_run_prints_the_scripts_and_submits_nothing(tmp_path, fmnist_root):
+    """--dry-run: the batch scripts with the suite's and the command line's sbatch options, the
+    array throttle and the dependency chain, printed; nothing written or submitted."""
+    suite = _suite(tmp_path / "s.yaml", fmnist_root, teacher_cache="auto",
+                   slurm={"partition": "gpu", "time": "01:00:00"})  # fmt: skip
+    out = tmp_path / "out"
+    p = _relkd("bench", "accuracy", suite, "--out", out, "--launcher", "slurm", "--dry-run",
+               "--slurm", "time=08:00:00", "--slurm", "gres=gpu:1", "--slurm", "exclusive=",
+               "--max-parallel", "3", "--runs-per-task", "4")  # fmt: skip
+    assert not out.exists()
+    text = p.stdout
+    assert "dry run: 4 job(s) would be submitted; 0 finished before" in text
+    heads = re.findall(r"^# ---- (\S+) \(would run: (.*)\)$", text, re.M)
+    names = [Path(h[0]).name for h in heads]
+    assert names[0] == "01-teacher-cnn_small.sh" and names[1].startswith("01-cache-")
+    assert names[2:] == ["01-runs.sh", "01-report.sh"]
+    assert heads[1][1].startswith("sbatch --parsable --dependency=afterok:<teacher-cnn_small> ")
+    assert "--dependency=afterok:<teacher-cnn_small>:<cache-" in heads[2][1]
+    assert "--dependency=afterany:<runs>" in heads[3][1]
+    runs = text.split("# ---- ")[3]
+    for line in ("#SBATCH --array=0-1%3", "#SBATCH --partition=gpu", "#SBATCH --time=08:00:00",
+                 "#SBATCH --gres=gpu:1", "#SBATCH --exclusive\n", "#SBATCH --requeue",
+                 "#SBATCH --signal=B:USR1@90"):  # fmt: skip
+        assert line in runs, line
+    assert runs.count("#SBATCH --time=") == 1  # the command line replaced the suite's
+    # 6 runs, 4 per task: two tasks
+    assert re.search(r"TASKS=\(\n  ce/cnn_tiny/s0,ce/cnn_tiny/s1,kd/[^\n]+\n  dkd/[^\n]+\n\)", runs)
+    for s in text.split("# ---- ")[1:]:
+        script = s.split("\n", 1)[1].split("\ndry run:")[0]
+        assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+
+
+def test_launcher_option_errors(tmp_path, fmnist_root, capsys):
+    from relkd.cli import main
+
+    suite = _suite(tmp_path / "s.yaml", fmnist_root)
+    base = ["bench", "accuracy", str(suite), "--out", str(tmp_path / "o"), "--launcher", "slurm"]
+    for extra, words in (
+        (["--slurm", "array=0-3"], "--slurm array: set by relkd itself"),
+        (["--slurm", "partition"], "--slurm 'partition' is not key=value"),
+        (["--workers", "2"], "--workers applies to the local launcher"),
+        (["--max-parallel", "0"], "--max-parallel must be >= 1, got 0"),
+    ):
+        assert main([*base, "--dry-run", *extra]) == 2
+        assert words in capsys.readouterr().err, extra
+    assert main(["bench", "accuracy", str(suite), "--out", str(tmp_path / "o"), "--wait"]) == 2
+    assert "--wait applies to --launcher slurm only" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------ the cluster
 def _cluster_reason() -> str | None:
     """None when a Slurm cluster answers (started here if possible), else why not."""
@@ -285,7 +334,7 @@ def _submit_and_interrupt(tmp_path, fmnist_root, interrupt) -> tuple[Path, str]:
     _relkd("bench", "accuracy", suite, "--out", out, "--launcher", "slurm", "--no-report")
     run = out / "runs/ce/cnn_tiny/s0"
     jid = json.loads((out / "slurm/state.json").read_text())["jobs"]["ce/cnn_tiny/s0"]["job_id"]
-    _wait_until(lambda: _epochs_done(run) >= 1, what="the first epoch")
+    _wait_until(lambda: _epochs_done(run) >= 1, timeout=300, what="the first epoch")
     interrupt(jid)
     again = _relkd("bench", "accuracy", suite, "--out", out, "--launcher", "slurm", "--no-report")
     assert "left alone: ce/cnn_tiny/s0" in again.stdout  # the requeued task, not a second one

@@ -282,7 +282,13 @@ def submit(
     sdir = out / "slurm"
     state = (_read_json(sdir / "state.json") or {}) if sdir.is_dir() else {}
     records: dict[str, dict[str, Any]] = dict(state.get("jobs") or {})
-    active = {} if dry_run and not _have_slurm() else queue()
+    try:
+        active = queue()
+    except RelkdError:
+        if not dry_run:
+            raise
+        active = {}  # a dry run on a machine without Slurm: nothing is queued
+
     seq = int(state.get("submissions", 0)) + 1
     prefix = f"{seq:02d}"
     sub = Submission()
