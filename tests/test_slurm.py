@@ -175,6 +175,30 @@ def test_dry_run_prints_the_scripts_and_submits_nothing(tmp_path, fmnist_root):
         assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
 
 
+@pytest.mark.slow  # the CRD suite's configs are all loaded and checked (~40 s on 2 cores)
+def test_readme_dry_run_command(tmp_path, capsys, monkeypatch):
+    """The README's first Slurm command (--dry-run on the packaged CRD suite) runs as printed."""
+    from relkd.cli import main
+
+    text = (REPO / "README.md").read_text()
+    block = text.split("### Run a table on a Slurm cluster", 1)[1].split("```bash\n", 1)[1]
+    cmd = block.split("# print the batch scripts")[0].replace("\\\n", " ").split()
+    assert cmd[0] == "relkd" and "--dry-run" in cmd
+    cmd = [str(tmp_path / "crd") if a == "/shared/runs/crd" else a for a in cmd[1:]]
+    monkeypatch.chdir(REPO)
+    assert main(cmd) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --gres=gpu:1" in out and "#SBATCH --partition=gpu" in out
+    from relkd.bench.suite import build_grid, load_suite
+
+    _, runs = build_grid(load_suite(REPO / "benchmarks/suites/cifar100-crd.yaml"), tmp_path)
+    groups = {r.cache_group for r in runs if r.cache_group is not None}
+    n = int(re.search(r"dry run: (\d+) job\(s\)", out).group(1))
+    assert n == len(groups) + 2  # a cache job per group, the runs' array, the report
+    assert f"#SBATCH --array=0-{len(runs) - 1}%16" in out
+    assert not (tmp_path / "crd").exists()
+
+
 def test_launcher_option_errors(tmp_path, fmnist_root, capsys):
     from relkd.cli import main
 
@@ -431,6 +455,7 @@ def test_resubmission_trains_only_the_rest(tmp_path, fmnist_root, slurm_cluster)
     p = _relkd("bench", "accuracy", suite, "--out", out, "--launcher", "slurm", "--wait")
     assert "0 job(s) submitted" in p.stdout and "5 done" in p.stdout
     assert (done / "summary.json").stat().st_mtime_ns == before  # not trained again
+    assert (out / "report.md").is_file()  # written by the report job (afterany on the array)
     assert len(_sessions(done)) == 1
 
 

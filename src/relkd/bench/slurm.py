@@ -268,11 +268,22 @@ def submit(
         raise RelkdError(f"no run of suite {suite.name} matches --only {only!r}")
     teachers = [t for t in teachers if t.id in {j.needs for j in runs}]
     missing = _validate_configs(teachers, runs)
-    if missing and not dry_run:
-        raise RelkdError(
-            "data root(s) not found: " + ", ".join(sorted(missing))
-            + " (the jobs read the same paths: use a file system the nodes share)"
-        )  # fmt: skip
+    ckpts = sorted(
+        {
+            str(j.config["teacher"]["checkpoint"])
+            for j in runs
+            if j.needs is None and j.teacher
+            and not Path(j.config["teacher"]["checkpoint"]).expanduser().is_file()
+        }
+    )  # fmt: skip
+    for what, items in (("data root(s)", sorted(missing)), ("teacher checkpoint(s)", ckpts)):
+        if items and not dry_run:
+            raise RelkdError(
+                f"{what} not found: {', '.join(items)} (the jobs read the same paths: use a "
+                "file system the nodes share)"
+            )
+        for item in items:
+            say(f"warning: {what} not found: {item} (a real submission would stop here)")
     opts = {**_suite_options(getattr(suite, "slurm", None)), **parse_options(slurm)}
     if bad := sorted(set(opts) & _OWN):
         raise RelkdError(

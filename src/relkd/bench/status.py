@@ -119,6 +119,15 @@ def wait_for(out_dir: str | Path, poll_s: float = 10.0, say=print) -> list[dict[
         if line != last:
             say(f"{time.strftime('%H:%M:%S')} {line}")
             last = line
-        if not active:
+        if not active and not _report_queued(Path(out_dir)):
             return rows
         time.sleep(poll_s)
+
+
+def _report_queued(out: Path) -> bool:
+    """The report job of an earlier submission is still queued or running (``--wait`` must
+    not write the report beside it)."""
+    from relkd.bench.slurm import queue
+
+    rec = ((_read_json(out / "slurm" / "state.json") or {}).get("jobs") or {}).get("report")
+    return bool(rec and rec.get("job_id") in queue())
