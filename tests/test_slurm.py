@@ -423,9 +423,12 @@ def test_time_limit_signal_checkpoints_and_requeues(
 
 
 @pytest.mark.slow
-def test_resubmission_trains_only_the_rest(tmp_path, fmnist_root, slurm_cluster):
+def test_resubmission_trains_only_the_rest(tmp_path, fmnist_root, slurm_cluster, capsys):
     """After a partial local run, --launcher slurm submits only what is missing; queued jobs
-    are left alone; a failed run is resubmitted with its failure shown."""
+    are left alone; a failed run is resubmitted with its failure shown; --wait exits 1 naming
+    the run that failed again."""
+    from relkd.cli import main
+
     suite = _suite(tmp_path / "s.yaml", fmnist_root, methods=["ce", "kd"], seeds=[0, 1])
     out = tmp_path / "out"
     _relkd("bench", "accuracy", suite, "--out", out, "--only", "kd/*/s0", "--no-report")
@@ -434,6 +437,11 @@ def test_resubmission_trains_only_the_rest(tmp_path, fmnist_root, slurm_cluster)
     failed = out / "runs/ce/cnn_tiny/s1"
     failed.mkdir(parents=True)
     (failed / "failed.json").write_text(json.dumps({"token": "x", "error": "RuntimeError: boom"}))
+    (failed / "checkpoint.pt").write_bytes(b"not a checkpoint")  # it fails again on the cluster
+    assert main(["bench", "status", str(out)]) == 0  # a folder without Slurm state: the folders
+    st = capsys.readouterr().out
+    assert re.search(r"kd/cnn_small_cnn_tiny/s0\s+done\s+-\s+2", st)
+    assert re.search(r"ce/cnn_tiny/s1\s+failed\s+-\s+RuntimeError: boom", st)
     # held jobs stay pending: a second submission must leave them alone
     p = _relkd("bench", "accuracy", suite, "--out", out, "--launcher", "slurm", "--slurm", "hold=")
     assert "resubmitting ce/cnn_tiny/s1: RuntimeError: boom" in p.stdout
@@ -452,8 +460,11 @@ def test_resubmission_trains_only_the_rest(tmp_path, fmnist_root, slurm_cluster)
     jobs = json.loads((out / "slurm/state.json").read_text())["jobs"]
     for key in ("runs", "report"):
         subprocess.run(["scontrol", "release", jobs[key]["job_id"]], check=True)
-    p = _relkd("bench", "accuracy", suite, "--out", out, "--launcher", "slurm", "--wait")
-    assert "0 job(s) submitted" in p.stdout and "5 done" in p.stdout
+    p = _relkd("bench", "accuracy", suite, "--out", out, "--launcher", "slurm", "--wait",
+               check=False)  # fmt: skip
+    assert p.returncode == 1 and "0 job(s) submitted" in p.stdout
+    assert "4 done, 1 failed" in p.stdout and "1 run(s) not finished: ce/cnn_tiny/s1" in p.stdout
+    assert "RuntimeError: boom" not in p.stdout  # the new failure is shown, not the old one
     assert (done / "summary.json").stat().st_mtime_ns == before  # not trained again
     assert (out / "report.md").is_file()  # written by the report job (afterany on the array)
     assert len(_sessions(done)) == 1

@@ -65,8 +65,10 @@ def suite_status(out_dir: str | Path, scheduler: bool = True) -> list[dict[str, 
     state = _read_json(out / "slurm" / "state.json") or {}
     records = state.get("jobs") or {}
     q = queue() if scheduler and records and _have_slurm() else {}
-    items = [(j.id, j.run_dir) for j in _grid(out, state)] if state.get("suite") else _scan(out)
-    rows = []
+    grid = _grid(out, state) if state.get("suite") else None
+    items = [(j.id, j.run_dir) for j in grid] if grid is not None else _scan(out)
+    needs = {j.id: j.needs for j in grid} if grid is not None else {}
+    rows: list[dict[str, Any]] = []
     for rid, run_dir in items:
         rec = records.get(rid) or {}
         jid = rec.get("job_id")
@@ -82,6 +84,9 @@ def suite_status(out_dir: str | Path, scheduler: bool = True) -> list[dict[str, 
         elif jid:
             row["state"] = "failed"
             row["detail"] = f"job left the queue without finishing the run (log: {rec.get('log')})"
+            teacher = next((r for r in rows if r["id"] == needs.get(rid)), None)
+            if teacher is not None and teacher["state"] == "failed":
+                row["detail"] = f"cancelled: its teacher failed ({teacher['detail']})"
         elif any((run_dir / n).is_file() for n in ("checkpoint.pt", "checkpoint.prev.pt")):
             row["state"] = "interrupted"
         else:
