@@ -81,8 +81,11 @@ start() {
   if [ -f "$CONF" ] && ! head -n1 "$CONF" | grep -qF "$MARK"; then
     die "$CONF exists and was not written by this script; not replacing a real configuration"
   fi
-  if node_idle; then echo "slurm-local: already running"; return 0; fi
   mkdir -p "$DIR"
+  # one start at a time (two test workers may call it together)
+  exec 9>"$DIR/start.lock"
+  flock 9
+  if node_idle; then echo "slurm-local: already running"; return 0; fi
   write_conf
   # munge: a key (the package usually made one) and the daemon, running as the munge user
   if [ ! -s /etc/munge/munge.key ]; then
@@ -93,10 +96,10 @@ start() {
   mkdir -p /run/munge /var/log/munge /var/lib/munge
   chown munge:munge /run/munge /var/log/munge /var/lib/munge 2>/dev/null || true
   if ! munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
-    runuser -u munge -- munged --force
+    runuser -u munge -- munged --force </dev/null >/dev/null 2>&1 9>&-
   fi
-  pgrep -F "$DIR/slurmctld.pid" >/dev/null 2>&1 || slurmctld
-  pgrep -F "$DIR/slurmd.pid" >/dev/null 2>&1 || slurmd
+  pgrep -F "$DIR/slurmctld.pid" >/dev/null 2>&1 || slurmctld </dev/null >/dev/null 2>&1 9>&-
+  pgrep -F "$DIR/slurmd.pid" >/dev/null 2>&1 || slurmd </dev/null >/dev/null 2>&1 9>&-
   for _ in $(seq 1 120); do
     if node_idle; then echo "slurm-local: node $(hostname -s) up (partition local)"; return 0; fi
     # a node left down / drained by an earlier session is resumed once it registered
