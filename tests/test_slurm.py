@@ -336,29 +336,49 @@ def _epochs_done(run_dir: Path) -> int:
         return 0
 
 
-def _long_run_suite(tmp_path, fmnist_root) -> Path:
+@pytest.fixture(scope="module")
+def long_root(tmp_path_factory) -> Path:
+    """2560 training images: 40 steps of 64 per epoch (the session's set has 4)."""
+    from tests.conftest import make_fmnist
+
+    return make_fmnist(tmp_path_factory.mktemp("fmnist-long"), n_train=2560, n_test=128)
+
+
+def _long_run_suite(tmp_path, root) -> Path:
     """One teacher-free run long enough (6 epochs of 40 steps) to be stopped in the middle."""
-    return _suite(tmp_path / "long.yaml", fmnist_root, methods=["ce"], seeds=[0],
+    return _suite(tmp_path / "long.yaml", root, methods=["ce"], seeds=[0],
                   overrides=["train.epochs=6", "train.max_steps_per_epoch=40",
                              "data.batch_size=64"])  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, fmnist_root):
+def uninterrupted(tmp_path_factory, long_root):
     """The long run trained here, without interruption: the bytes to compare with."""
     tmp = tmp_path_factory.mktemp("ref")
-    suite = _long_run_suite(tmp, fmnist_root)
+    suite = _long_run_suite(tmp, long_root)
     _relkd("bench", "accuracy", suite, "--out", tmp / "out", "--no-report")
     return (tmp / "out/runs/ce/cnn_tiny/s0/student.pt").read_bytes()
 
 
-def _submit_and_interrupt(tmp_path, fmnist_root, interrupt) -> tuple[Path, str]:
-    suite = _long_run_suite(tmp_path, fmnist_root)
+def _log_text(out: Path) -> str:
+    rec = json.loads((out / "slurm/state.json").read_text())["jobs"]["ce/cnn_tiny/s0"]
+    try:
+        return Path(rec["log"]).read_text()
+    except OSError:
+        return ""
+
+
+def _submit_and_interrupt(tmp_path, root, interrupt, mid_epoch=False) -> tuple[Path, str]:
+    suite = _long_run_suite(tmp_path, root)
     out = tmp_path / "out"
     _relkd("bench", "accuracy", suite, "--out", out, "--launcher", "slurm", "--no-report")
     run = out / "runs/ce/cnn_tiny/s0"
     jid = json.loads((out / "slurm/state.json").read_text())["jobs"]["ce/cnn_tiny/s0"]["job_id"]
-    _wait_until(lambda: _epochs_done(run) >= 1, timeout=300, what="the first epoch")
+    if mid_epoch:  # a quarter into epoch 2 (the progress line in the job's log)
+        _wait_until(lambda: "epoch 2/6: 10/40 (25%)" in _log_text(out), timeout=300,
+                    step=0.05, what="a quarter of epoch 2")  # fmt: skip
+    else:
+        _wait_until(lambda: _epochs_done(run) >= 1, timeout=300, what="the first epoch")
     interrupt(jid)
     again = _relkd("bench", "accuracy", suite, "--out", out, "--launcher", "slurm", "--no-report")
     assert "left alone: ce/cnn_tiny/s0" in again.stdout  # the requeued task, not a second one
@@ -377,13 +397,11 @@ def _squeue(jid: str) -> str:
 
 
 @pytest.mark.slow
-def test_scontrol_requeue_resumes_byte_identical(
-    tmp_path, fmnist_root, slurm_cluster, uninterrupted
-):
+def test_scontrol_requeue_resumes_byte_identical(tmp_path, long_root, slurm_cluster, uninterrupted):
     """A running task preempted with `scontrol requeue` (SIGTERM, then requeued by Slurm)
     resumes from its checkpoint and ends with the uninterrupted run's bytes."""
     run, _ = _submit_and_interrupt(
-        tmp_path, fmnist_root, lambda j: subprocess.run(["scontrol", "requeue", j], check=True)
+        tmp_path, long_root, lambda j: subprocess.run(["scontrol", "requeue", j], check=True)
     )
     assert (run / "student.pt").read_bytes() == uninterrupted
     kinds = [s["kind"] for s in _sessions(run)]
@@ -395,7 +413,7 @@ def test_scontrol_requeue_resumes_byte_identical(
 @pytest.mark.slow
 @pytest.mark.parametrize("finish_s", ["45", "0"])
 def test_time_limit_signal_checkpoints_and_requeues(
-    tmp_path, fmnist_root, slurm_cluster, uninterrupted, finish_s, monkeypatch
+    tmp_path, long_root, slurm_cluster, uninterrupted, finish_s, monkeypatch
 ):
     """The pre-time-limit signal (`--signal=B:USR1@90`; simulated with `scancel --signal=USR1
     --batch`, which delivers the same signal to the same shell, since Slurm's own sends it at
@@ -404,11 +422,12 @@ def test_time_limit_signal_checkpoints_and_requeues(
     default): the epoch under way is finished and checkpointed; 0: the run stops after the
     current step and the partial epoch is trained again after the requeue."""
     monkeypatch.setenv("RELKD_PREEMPT_FINISH_S", finish_s)  # sbatch passes it to the job
+    monkeypatch.setenv("RELKD_PROGRESS_MIN_S", "0")  # quarter lines in every epoch
 
     def usr1(jid: str) -> None:
         subprocess.run(["scancel", "--signal=USR1", "--batch", jid], check=True)
 
-    run, _ = _submit_and_interrupt(tmp_path, fmnist_root, usr1)
+    run, _ = _submit_and_interrupt(tmp_path, long_root, usr1, mid_epoch=finish_s == "0")
     assert (run / "student.pt").read_bytes() == uninterrupted
     assert [s["kind"] for s in _sessions(run)][:1] == ["start"] and len(_sessions(run)) == 2
     log = Path(
@@ -417,7 +436,7 @@ def test_time_limit_signal_checkpoints_and_requeues(
         ]
     )
     text = log.read_text()
-    how = "stopped after epoch slot" if finish_s == "45" else "stopped in epoch slot"
+    how = "stopped after epoch slot 2" if finish_s == "45" else "stopped in epoch slot 2 at"
     assert f"relkd: stopped for requeueing: {how}" in text and "requeueing job" in text
     assert "\r" not in text
 

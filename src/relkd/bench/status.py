@@ -49,9 +49,10 @@ def _scan(out: Path) -> list[tuple[str, Path]]:
     for d in sorted((out / "teachers").glob("*")):
         if d.is_dir():
             found.append((f"teacher/{d.name}", d))
-    for b in sorted((out / "runs").rglob("bench.json")):
-        meta = _read_json(b) or {}
-        found.append((str(meta.get("id") or b.parent.relative_to(out / "runs")), b.parent))
+    dirs = {p.parent for name in ("bench.json", "failed.json") for p in (out / "runs").rglob(name)}
+    for d in sorted(dirs):
+        meta = _read_json(d / "bench.json") or {}
+        found.append((str(meta.get("id") or d.relative_to(out / "runs")), d))
     return found
 
 
