@@ -1,4 +1,4 @@
-"""Accuracy suites: grid, validation before training, resume without redoing finished runs, locks."""
+"""Accuracy suites: grid, validation before training, resume without redoing finished runs, claims."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from filelock import FileLock, Timeout
 
 import relkd
 from relkd.bench import accuracy as acc
 from relkd.bench import load_suite, run_suite
+from relkd.claims import Claim
 from relkd.registry import RelkdError
 
 
@@ -62,13 +62,12 @@ class Counter:
         return self.real(config, **kw)
 
 
-def lock_is_free(run_dir: Path) -> bool:
-    lock = acc.run_lock(run_dir)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
+def claim_is_free(run_dir: Path) -> bool:
+    """Nobody holds the run's claim (and its file is gone: released, not left behind)."""
+    claim = acc.run_claim(run_dir)
+    if claim.path.exists() or not claim.try_acquire():
         return False
-    lock.release()
+    claim.release()
     return True
 
 
@@ -92,7 +91,7 @@ def test_grid_runs_then_resume_redoes_nothing_finished(suite_file, tmp_path, mon
         summary = json.loads((run / "summary.json").read_text())
         assert r["best_top1"] == summary["best_top1"]
         assert json.loads((run / "bench.json").read_text())["method"] == r["method"]
-        assert lock_is_free(run)
+        assert claim_is_free(run)
     cfg = yaml.safe_load((out / "runs/kd/cnn_small_cnn_tiny/s1/config.yaml").read_text())
     assert cfg["train"]["seed"] == 1 and cfg["teacher"]["name"] == "cnn_small"
 
@@ -124,7 +123,7 @@ def test_interrupted_suite_continues_where_it_stopped(suite_file, tmp_path, monk
         run_suite(suite_file, out, progress=False)
     done = summaries(out)
     assert list(done) == ["runs/ce/cnn_tiny/s0"]
-    assert all(map(lock_is_free, out.glob("runs/*/*/s*"))), "an interrupted run releases its lock"
+    assert all(map(claim_is_free, out.glob("runs/*/*/s*"))), "an interrupted run releases its claim"
     counter = Counter()
     monkeypatch.setattr(relkd, "train", counter)
     res = run_suite(suite_file, out, progress=False)
@@ -240,16 +239,15 @@ def test_resume_refuses_a_changed_config(suite_file, tmp_path, monkeypatch):
 
 HOLD = """
 import sys, time
-from relkd.bench.accuracy import run_lock
-lock = run_lock(sys.argv[1])
-lock.acquire(timeout=0)
+from relkd.bench.accuracy import run_claim
+assert run_claim(sys.argv[1]).try_acquire()
 print("held", flush=True)
 time.sleep(600)
 """
 
 
-def hold_lock(run_dir: Path) -> subprocess.Popen:
-    """A separate process that holds the run's lock until it is killed."""
+def hold_claim(run_dir: Path) -> subprocess.Popen:
+    """A separate process that holds the run's claim until it is killed."""
     env = {**os.environ, "PYTHONPATH": str(Path(acc.__file__).parents[2])}
     p = subprocess.Popen(
         [sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True, env=env
@@ -258,29 +256,27 @@ def hold_lock(run_dir: Path) -> subprocess.Popen:
     return p
 
 
-def test_lock_is_exclusive_and_freed_when_its_holder_is_killed(tmp_path):
-    a, b = acc.run_lock(tmp_path), acc.run_lock(tmp_path)
-    a.acquire(timeout=0)
-    with pytest.raises(Timeout):
-        b.acquire(timeout=0)  # a live holder keeps the run, also within one process
+def test_claim_is_exclusive_and_taken_over_when_its_holder_is_killed(tmp_path):
+    a, b = acc.run_claim(tmp_path), acc.run_claim(tmp_path)
+    assert a.try_acquire()
+    assert not b.try_acquire()  # a live holder keeps the run, also within one process
     a.release()
-    b.acquire(timeout=0)
+    assert b.try_acquire()
     b.release()
-    holder = hold_lock(tmp_path)
-    with pytest.raises(Timeout):
-        a.acquire(timeout=0)
-    holder.send_signal(signal.SIGKILL)  # no cleanup code runs: the OS drops the lock
+    holder = hold_claim(tmp_path)
+    assert not a.try_acquire()
+    holder.send_signal(signal.SIGKILL)  # no cleanup code runs: the claim file stays
     holder.wait()
-    a.acquire(timeout=5)
+    assert a.try_acquire() and "is gone" in a.took_over  # its pid is gone on this host
     a.release()
 
 
 def test_a_run_held_elsewhere_is_waited_for_then_run(suite_file, tmp_path, monkeypatch):
     """A second runner does not train a run another process holds; it waits, and a holder that
-    dies (SIGKILL) does not block the grid: the run is trained once the lock is gone."""
+    dies (SIGKILL) does not block the grid: its claim is taken over and the run trained."""
     out = tmp_path / "out"
     run_dir = out / "runs/ce/cnn_tiny/s0"
-    holder = hold_lock(run_dir)
+    holder = hold_claim(run_dir)
     counter = Counter()
     monkeypatch.setattr(relkd, "train", counter)
     lines: list[str] = []
@@ -318,7 +314,7 @@ def test_two_worker_processes_share_the_grid(suite_file, tmp_path):
     for r in res:
         lines = (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()
         assert len(lines) == 2, "each run trained exactly once (2 epochs)"
-    assert all(lock_is_free(Path(r["run_dir"])) for r in res)
+    assert all(claim_is_free(Path(r["run_dir"])) for r in res)
 
 
 SUITES = Path(__file__).resolve().parents[1] / "benchmarks" / "suites"
@@ -547,22 +543,23 @@ def test_progress_lines_show_the_eta_from_this_invocations_runs(tmp_path, fmnist
 
 HOLD_FILES = """
 import sys, time
-from filelock import FileLock
-locks = [FileLock(p) for p in sys.argv[1:]]
-for lock in locks:
-    lock.acquire(timeout=0)
+from relkd.claims import Claim
+claims = [Claim(p) for p in sys.argv[1:]]
+assert all(c.try_acquire() for c in claims)
 print("held", flush=True)
 time.sleep(600)
 """
 
 
 def hold_files(*paths: Path) -> subprocess.Popen:
-    """A separate process that holds file locks on ``paths`` until it is killed."""
+    """A separate process that holds claims on ``paths`` until it is killed."""
     for p in paths:
         p.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(Path(acc.__file__).parents[2])}
     p = subprocess.Popen(
-        [sys.executable, "-c", HOLD_FILES, *map(str, paths)], stdout=subprocess.PIPE, text=True
-    )
+        [sys.executable, "-c", HOLD_FILES, *map(str, paths)], stdout=subprocess.PIPE, text=True,
+        env=env,
+    )  # fmt: skip
     assert p.stdout.readline().strip() == "held"
     return p
 
@@ -592,12 +589,12 @@ def test_cache_groups_follow_the_teacher_taps(tmp_path, fmnist_root, tiny_teache
 
 
 def _fake_execute(order, held_by_us):
-    def execute(job, token, quiet, say):
+    def execute(job, token, quiet, say, claim=None):
         order.append(job.label)
+        assert claim is not None and claim.holds()  # the run's own claim
         if job.cache_group is not None and not any(held_by_us):
-            held_by_us.append(job.label)  # the group's first run holds the group lock
-            with pytest.raises(Timeout):
-                FileLock(job.cache_group).acquire(timeout=0)
+            held_by_us.append(job.label)  # the group's first run holds the group claim
+            assert not Claim(job.cache_group).try_acquire()
         (job.run_dir / "metrics.jsonl").write_text('{"epoch": 1}\n')
         (job.run_dir / "summary.json").write_text('{"best_top1": 1.0, "last_top1": 1.0}')
         return acc._result(job, "trained", elapsed_s=0.0, error=None)
@@ -609,9 +606,9 @@ def test_runs_of_a_cache_being_built_elsewhere_wait_behind_other_work(
     tmp_path, fmnist_root, tiny_teacher_ckpt, monkeypatch
 ):
     """With the first run of a cache group held by another worker (which builds the cache), a
-    worker runs the other jobs first instead of blocking in the cache's build lock, polls when
+    worker runs the other jobs first instead of blocking in the cache's build claim, polls when
     only those runs are left, and runs them once the holder is gone; the first run it then
-    claims holds the group lock itself."""
+    claims holds the group claim itself."""
     jobs = _cached_grid(tmp_path, fmnist_root, tiny_teacher_ckpt, ["kd", "dkd", "ce"])
     holder = hold_files(jobs[0].cache_group)
     order: list[str] = []
@@ -638,7 +635,7 @@ def test_a_started_cache_group_is_not_waited_for(
     group go ahead although the group's first run is still held elsewhere."""
     jobs = _cached_grid(tmp_path, fmnist_root, tiny_teacher_ckpt, ["kd", "dkd"])
     kd = jobs[0]
-    holder = hold_files(kd.cache_group, kd.run_dir / ".lock")
+    holder = hold_files(kd.cache_group, kd.run_dir / ".relkd.claim")
     (kd.run_dir / "metrics.jsonl").write_text('{"epoch": 1}\n')
     order: list[str] = []
     monkeypatch.setattr(acc, "_execute", _fake_execute(order, ["kd"]))
@@ -652,3 +649,22 @@ def test_a_started_cache_group_is_not_waited_for(
     monkeypatch.setattr(acc.time, "sleep", sleep)
     list(acc._work(jobs, "tok", True, lambda m: None))
     assert order == ["dkd", "kd"]
+
+
+def test_resume_check_ignores_keys_added_at_their_default(suite_file, tmp_path):
+    """A run folder written before a config key existed (here ``train.ema_decay``) is not
+    "changed" while the suite leaves that key at its default; a real change still is."""
+    from relkd.bench.accuracy import _config_changed
+    from relkd.bench.suite import build_grid
+    from relkd.config import load_config, to_yaml
+
+    _, runs = build_grid(load_suite(suite_file), tmp_path / "out")
+    job = runs[0]
+    job.run_dir.mkdir(parents=True)
+    cfg = yaml.safe_load(to_yaml(load_config(job.config, job.overrides)))
+    assert cfg["train"].pop("ema_decay") == 0.0  # off; an older relkd wrote no such key
+    (job.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert not _config_changed(job)
+    cfg["optim"]["lr"] = cfg["optim"]["lr"] * 2
+    (job.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert _config_changed(job)

@@ -317,6 +317,46 @@ def test_eval_a_pretrained_torchvision_student_uses_its_weights_statistics(tmp_p
     assert json.loads(out)["test_loss"] != last["test_loss"]
 
 
+def test_eval_reproduces_a_runs_own_number_on_its_subset_and_split(fmnist_root, tmp_path):
+    """A run evaluated on data.test_subset (or its validation hold-out) records the split and
+    the number of images; `relkd eval` says both and, with --test-subset / --split val,
+    reproduces the run's own top-1 exactly; without them it scores the whole test split and
+    says how to reproduce the run's number."""
+    base = {
+        "student": {"name": "cnn_tiny"},
+        "method": {"name": "ce"},
+        "schedule": {"name": "constant"},
+        "train": {"epochs": 1, "max_steps_per_epoch": 3, "progress": False,
+                  "tensorboard": False, "device": "cpu"},
+        "output_dir": str(tmp_path),
+    }  # fmt: skip
+    data = {"name": "fashion_mnist", "root": str(fmnist_root), "batch_size": 32}
+    res = relkd.train({**base, "data": {**data, "test_subset": 50}, "name": "sub"}, quiet=True)
+    assert (res["eval_split"], res["test_subset"], res["eval_images"]) == ("test", 50, 50)
+    run = res["run_dir"]
+    code, out, err = _cli(["eval", run, "--test-subset", "50", "--no-progress"])
+    assert code == 0, err
+    got = json.loads(out)
+    assert got["top1"] == res["last_top1"]  # exactly: the same images, the same computation
+    assert (got["split"], got["test_subset"], got["images"]) == ("test", 50, 50)
+    assert "note" not in err
+    code, out, err = _cli(["eval", run, "--no-progress"])
+    assert code == 0 and json.loads(out)["images"] == 128  # the whole test split of the fixture
+    assert (
+        "measured on a 50-image subset of the test split; use --split test --test-subset 50" in err
+    )
+
+    res = relkd.train({**base, "data": {**data, "val_split": 0.25}, "name": "val"}, quiet=True)
+    assert (res["eval_split"], res["eval_images"]) == ("validation", 64)  # 25 % of 256
+    code, out, err = _cli(["eval", res["run_dir"], "--split", "val", "--no-progress"])
+    assert code == 0, err
+    got = json.loads(out)
+    assert got["top1"] == res["last_top1"] and (got["split"], got["images"]) == ("validation", 64)
+    # no hold-out in the run: --split val has nothing to evaluate on
+    code, _, err = _cli(["eval", run, "--split", "val", "--no-progress"])
+    assert code == 2 and "data.val_split" in err and err.count("\n") == 1
+
+
 def test_eval_an_interrupted_run_reads_checkpoint_pt(run_dir, tmp_path):
     import shutil
 
@@ -363,11 +403,13 @@ def test_missing_tensorboard_warns_once(monkeypatch):
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda n, *a: None if n == "tensorboard" else real(n, *a)
     )
-    monkeypatch.setattr(relkd, "_TB_WARNED", False)
+    from relkd.engine import logger
+
+    monkeypatch.setattr(logger, "_TB_WARNED", False)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        relkd._warn_no_tensorboard()
-        relkd._warn_no_tensorboard()
+        logger.warn_no_tensorboard()
+        logger.warn_no_tensorboard()
     assert len(w) == 1 and "tensorboard" in str(w[0].message)
 
 
@@ -393,6 +435,10 @@ def test_demo_shows_the_teachers_progress_and_reuses_it(fmnist_root, tmp_path, c
     assert "training the teacher" in o
     assert "main epoch 3/3" in e  # the teacher's per-epoch lines
     assert "ce         seed 0: last" in o
+    # every number says what it was measured on
+    assert "on the test split (" in o.split("teacher cnn_small: top-1")[1].splitlines()[0]
+    assert "top-1 % on the test split (128 images)" in o
+    assert json.loads((out / "results.json").read_text())["eval_images"] == 128
     # a second demo reuses the teacher, also one trained without progress output
     cfg = out / "teacher" / "config.yaml"
     cfg.write_text(cfg.read_text().replace("progress: true", "progress: false"))

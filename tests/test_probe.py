@@ -240,7 +240,7 @@ def test_head_training_equals_plain_sgd_on_cross_entropy(stl_root, student_ckpt,
 
     import torch.nn.functional as F
 
-    from relkd.probe import _eval_loader, extract_features
+    from relkd.probe import eval_loader, extract_features
 
     train, test, _ = build_datasets("stl10", stl_root, image_size=32, augment=False)
     probe = build_probe("resnet8", student_ckpt, num_source_classes=100, num_classes=10)
@@ -249,7 +249,7 @@ def test_head_training_equals_plain_sgd_on_cross_entropy(stl_root, student_ckpt,
         probe, train, test, run_dir=tmp_path, epochs=3, lr=0.2, milestones=(2,), batch_size=48,
         augment=False, seed=5, quiet=True,
     )  # fmt: skip
-    loader = _eval_loader(train, batch_size=256, device=torch.device("cpu"), num_workers=0,
+    loader = eval_loader(train, batch_size=256, device=torch.device("cpu"), num_workers=0,
                           in_memory="auto")  # fmt: skip
     feats, y = extract_features(probe, loader, torch.device("cpu"))
     opt = torch.optim.SGD(ref.parameters(), lr=0.2, momentum=0.9, weight_decay=5e-4)

@@ -141,7 +141,7 @@ def test_defaults_follow_the_recorded_validation_study():
     """relkd's defaults are what the committed study chose: for each studied method, building it
     with the studied switches left out gives the settings (and CE weight) of the chosen group."""
     from relkd.bench.suite import load_suite
-    from relkd.methods.base import MethodContext, build_method
+    from relkd.methods import MethodContext, build_method
 
     dv = _benchmark_module("decide_variants")
     report = RESULTS / "cifar10jpg-val-study" / "report.json"

@@ -489,3 +489,85 @@ def test_report_html_renders_in_a_real_browser(suite_out, tmp_path):
         capture_output=True, timeout=120,
     )  # fmt: skip
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _svg_texts(path: Path) -> list[tuple[float, str]]:
+    """(y, text) of every text element of a Matplotlib SVG (svg.fonttype none keeps text)."""
+    import re
+    import xml.etree.ElementTree as ET
+
+    out = []
+    for el in ET.parse(path).iter():
+        if el.tag.endswith("text") and (el.text or "").strip():
+            m = re.search(r"translate\(([-\d.]+) ([-\d.]+)\)", el.get("transform", ""))
+            y = float(m.group(2)) if m else float(el.get("y", "nan"))
+            out.append((y, el.text.strip()))
+    return out
+
+
+def test_report_formats_for_a_paper(suite_out, tmp_path):
+    """PNG + PDF + SVG figures, a booktabs LaTeX table (best per column bold) and a CSV, each
+    holding the report's own numbers."""
+    import csv
+    import re
+
+    write_report(suite_out / "runs", tmp_path)
+    rep = json.loads((tmp_path / "report.json").read_text())
+    groups = {g["method"]: g for g in rep["groups"]}
+    for stem in ("accuracy", "curves"):
+        assert (tmp_path / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (tmp_path / f"{stem}.pdf").read_bytes()[:5] == b"%PDF-"
+    # SVG: methods ordered by accuracy (best on top), CE drawn as a reference line, not a row;
+    # no legend entry for what is not drawn (no published number at 2 epochs).
+    texts = _svg_texts(tmp_path / "accuracy.svg")
+    words = [t for _, t in texts]
+    assert "published (same recipe)" not in words and "teacher" in words
+    assert "CE student (mean)" in words and "one seed" in words
+    ticks = sorted((y, t) for y, t in texts if t in groups)
+    assert "ce" not in [t for _, t in ticks]
+    by_acc = sorted((m for m in groups if m != "ce"), key=lambda m: -groups[m]["best_mean"])
+    assert [t for _, t in ticks] == by_acc  # SVG y grows downwards: first = top row
+    assert "kd_t2" in [t for _, t in _svg_texts(tmp_path / "curves.svg")]
+    # LaTeX: booktabs rules, mean ± std as in report.json, the column's best in bold.
+    tex = (tmp_path / "report.tex").read_text()
+    assert all(r in tex for r in (r"\toprule", r"\midrule", r"\bottomrule"))
+    assert r"\begin{tabular}" in tex and r"\usepackage{booktabs}" in tex
+    assert "test split (128 images)" in tex and r"kd\_t2" in tex
+    best_col = max(round(g["best_mean"], 2) for g in groups.values())
+    for m, g in groups.items():
+        row = next(ln for ln in tex.splitlines() if ln.startswith(m.replace("_", r"\_") + " &"))
+        cell = f"{g['best_mean']:.2f} \\pm {g['best_std']:.2f}"
+        bold = round(g["best_mean"], 2) == best_col
+        assert (f"$\\mathbf{{{cell}}}$" if bold else f"${cell}$") in row, (m, row)
+    assert len(re.findall(r"\\mathbf\{[\d.]+ \\pm", tex)) >= 1
+    # CSV: one row per method plus the teacher, numbers equal to report.json.
+    rows = list(csv.DictReader((tmp_path / "report.csv").open()))
+    assert {r["method"] for r in rows} == set(groups) | {"teacher"}
+    for r in rows:
+        if r["method"] == "teacher":
+            assert float(r["best_mean"]) == pytest.approx(rep["tables"][0]["teacher_top1"])
+            continue
+        g = groups[r["method"]]
+        assert float(r["best_mean"]) == pytest.approx(g["best_mean"])
+        assert [float(x) for x in r["best_per_seed"].split(";")] == g["best"]
+        assert r["eval_split"] == "test" and r["eval_images"] == "128"
+
+
+def test_report_says_what_the_numbers_were_measured_on(tmp_path):
+    """A test-subset run: the header, the table and report.json name the subset and its size;
+    a run without a step cap beside one with it reads 'every step', never 'at most None'."""
+    sub = {"data": {"name": "cifar10", "test_subset": 2000},
+           "train": {"max_steps_per_epoch": 5}}  # fmt: skip
+    fake_run(tmp_path / "r", "ce", None, "resnet8", 0, [40.0], sub, {"eval_images": 2000})
+    fake_run(tmp_path / "r", "kd", "resnet20", "resnet8", 0, [42.0], sub, {"eval_images": 2000})
+    full = {"data": {"name": "cifar10", "test_subset": 2000}}
+    fake_run(tmp_path / "r", "dkd", "resnet20", "resnet8", 0, [43.0], full, {"eval_images": 2000})
+    md = write_report(tmp_path / "r", tmp_path / "rep").read_text()
+    assert "Top-1 (%) on a stratified 2000-image subset of the test split (2000 images)" in md
+    assert "Top-1 on a stratified 2000-image subset of the test split (2000 images)." in md
+    assert "None" not in md and "every step of each epoch" in md
+    rep = json.loads((tmp_path / "rep/report.json").read_text())
+    assert rep["tables"][0]["recipe"]["test_subset"] == 2000
+    assert {g["eval_images"][0] for g in rep["groups"]} == {2000}
+    axis = [t for _, t in _svg_texts(tmp_path / "rep/accuracy.svg") if "top-1 (%)" in t]
+    assert axis and all(t.startswith("test subset top-1") for t in axis)

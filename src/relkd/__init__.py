@@ -2,37 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import warnings
 from typing import Any
 
 from torch import nn
 
 from relkd import losses
+from relkd._version import __version__ as __version__  # the one place it is set
 from relkd.api import Distillation, DistillationOutput
-from relkd.methods import list_methods
+from relkd.methods import Method, MethodContext, list_methods, register_method
 from relkd.models import FeatureTap, ModelOutput, create_model, list_models, load_checkpoint
+from relkd.models.registry import register_model
 from relkd.registry import RelkdError
-
-__version__ = "0.1.0"
-
-_TB_WARNED = False
-
-
-def _warn_no_tensorboard() -> None:
-    """TensorBoard curves are on by default (``train.tensorboard``): say so once when the
-    package is missing instead of silently writing no ``tb/`` folder."""
-    global _TB_WARNED
-    if _TB_WARNED or importlib.util.find_spec("tensorboard") is not None:
-        return
-    _TB_WARNED = True
-    warnings.warn(
-        "train.tensorboard is on but the tensorboard package is not installed: no TensorBoard "
-        "curves (tb/) will be written; metrics.jsonl is. `pip install tensorboard`, or set "
-        "train.tensorboard=false to silence this",
-        stacklevel=3,
-    )
 
 
 def train(
@@ -57,17 +38,12 @@ def train(
             names, the teacher a method needs, checkpoint files; then data and models).
     """
     from relkd.engine import fit
-    from relkd.engine.trainer import load_with_module_name
-    from relkd.preflight import check_config
 
     if isinstance(config, (str, os.PathLike)):
         from relkd.resources import resolve
 
         config = resolve(config)
-    cfg = load_with_module_name(config, overrides, student)
-    check_config(cfg, teacher=teacher, student=student)
-    if cfg.train.tensorboard:
-        _warn_no_tensorboard()
+    # fit loads the config once and runs every check once (relkd.preflight, in its order).
     return fit(
         config, teacher=teacher, student=student, resume=resume, overrides=overrides, quiet=quiet,
         allow_change=allow_change,
@@ -78,6 +54,8 @@ __all__ = [
     "Distillation",
     "DistillationOutput",
     "FeatureTap",
+    "Method",
+    "MethodContext",
     "ModelOutput",
     "RelkdError",
     "create_model",
@@ -85,5 +63,7 @@ __all__ = [
     "list_models",
     "load_checkpoint",
     "losses",
+    "register_method",
+    "register_model",
     "train",
 ]

@@ -25,6 +25,7 @@ as the engine does.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,13 +53,6 @@ class DistillationOutput:
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    if p is None:
-        p = next(model.buffers(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 def _example(x: torch.Tensor | tuple[int, ...] | list[int]) -> torch.Tensor:
     """A zero batch of 2 with the example's per-sample shape (2: BatchNorm and relation methods
     need more than one row; zeros: nothing of the user's data leaks into the probe)."""
@@ -72,6 +66,44 @@ def _example(x: torch.Tensor | tuple[int, ...] | list[int]) -> torch.Tensor:
             f"{tuple(x.shape) if torch.is_tensor(x) else x!r}"
         )
     return torch.zeros(2, *shape)
+
+
+def _input_norm(
+    models: dict[str, tuple[nn.Module | None, Any, Any]], data_mean: Any, data_std: Any
+) -> dict[str, str]:
+    """Attach each model's input re-normalisation as :func:`relkd.train` does (one rule for
+    every entry point: :mod:`relkd.models.normalization`); returns what each model sees."""
+    import warnings
+
+    from relkd.models.normalization import (
+        attach_input_norm,
+        describe_input_norm,
+        input_norm_source,
+    )
+
+    if (data_mean is None) != (data_std is None):
+        raise RelkdError("give both data_mean and data_std (your loader's statistics), or neither")
+    out: dict[str, str] = {}
+    for role, (model, mean, std) in models.items():
+        if model is None:
+            continue
+        if data_mean is not None:
+            attach_input_norm(model, data_mean, data_std, mean, std)
+            out[role] = describe_input_norm(model, data_mean, data_std, mean, std)
+            continue
+        own, source = input_norm_source(model, mean, std)
+        if own is not None:
+            warnings.warn(
+                f"relkd.Distillation: the {role}'s input statistics are {source} (mean "
+                f"{own[0]}, std {own[1]}) but data_mean / data_std were not given, so its inputs "
+                "are fed unchanged; pass the statistics your loader normalises with, as "
+                "relkd.train does with the data set's",
+                stacklevel=3,
+            )
+            out[role] = f"unchanged: data statistics not given (the model's are {source})"
+        else:
+            out[role] = "unchanged: data statistics not given"
+    return out
 
 
 class _WithExtras(torch.utils.data.Dataset):
@@ -101,9 +133,18 @@ class Distillation(nn.Module):
             per-sample shape ``(C, H, W)``; the models see a zero batch of that shape once.
         num_classes: checked against the student's logits (default: measured from them).
         ce_weight: weight of the cross-entropy term (default: the method's, e.g. 0.1 for KD).
-        epochs: length of the main schedule, for methods that schedule their weights (DKD).
+        epochs: the length of your run in epochs, if known: a method schedule longer than it
+            (DKD's loss warm-up, a pre-training phase) is then said once as a warning.
         num_train_samples: size of the training set, for per-sample memories (CRD).
         seed: seed of data-side draws (CORSD's triplets).
+        data_mean, data_std: the statistics your loader normalises images with (one value per
+            channel). With them each model sees inputs normalised as it was trained, by the rule
+            of :func:`relkd.train`: ``teacher_mean`` / ``teacher_std`` (``student_*``) if given,
+            else the statistics the model declares (``input_mean`` / ``input_std``, a
+            torchvision weights enum's, timm's ``pretrained_cfg``), else the data's (nothing
+            changes). :attr:`input_norm` says which each model got. Without them inputs reach
+            the models unchanged, and a model that declares other statistics is warned about.
+        teacher_mean, teacher_std, student_mean, student_std: a model's statistics, given.
         **method_args: the method's keyword arguments (e.g. ``temperature=4.0``); for a
             composition, one dict per part (``rrd={"queue_size": 4096}``).
 
@@ -121,59 +162,44 @@ class Distillation(nn.Module):
         example_input: torch.Tensor | tuple[int, ...],
         num_classes: int | None = None,
         ce_weight: float | None = None,
-        epochs: int = 1,
+        epochs: int | None = None,
         num_train_samples: int = 0,
         seed: int = 0,
+        data_mean: Sequence[float] | None = None,
+        data_std: Sequence[float] | None = None,
+        teacher_mean: Sequence[float] | None = None,
+        teacher_std: Sequence[float] | None = None,
+        student_mean: Sequence[float] | None = None,
+        student_std: Sequence[float] | None = None,
         **method_args: Any,
     ) -> None:
         super().__init__()
-        from relkd.engine.distiller import Distiller
-        from relkd.engine.teacher import Teacher
-        from relkd.engine.trainer import _tappable, probe_shapes
-        from relkd.methods import MethodContext, build_method
-        from relkd.models import get_feature_info
+        import warnings
 
+        from relkd.engine.build import build_method_parts
+        from relkd.methods.spec import MethodScheduleWarning, MethodSpec
+
+        spec = MethodSpec.parse(method, method_args)
+        spec.check()
+        for note in spec.schedule_notes(epochs) if epochs is not None else ():
+            warnings.warn(note, MethodScheduleWarning, stacklevel=2)
         dummy = _example(example_input)
-        s_dev = _device_of(student)
-        s_shapes = probe_shapes(student, _tappable(student), dummy.to(s_dev))
-        if len(s_shapes["logits"]) != 1:
-            raise RelkdError(
-                f"the student must return logits [B, C]; got a per-sample shape {s_shapes['logits']}"
-            )
-        measured = int(s_shapes["logits"][0])
-        if num_classes is not None and num_classes != measured:
-            raise RelkdError(f"num_classes={num_classes} but the student predicts {measured}")
-        ctx = MethodContext(
-            num_classes=measured,
-            student_stages=get_feature_info(student),
-            student_shapes=s_shapes,
-            epochs=epochs,
-            num_train_samples=num_train_samples,
-            seed=seed,
-        )
-        if teacher is not None:
-            ctx.teacher_stages = get_feature_info(teacher)
-            ctx.teacher_shapes = probe_shapes(
-                teacher, _tappable(teacher), dummy.to(_device_of(teacher))
-            )
-            if ctx.teacher_shapes["logits"] != s_shapes["logits"]:
-                raise RelkdError(
-                    f"the teacher predicts {ctx.teacher_shapes['logits'][0]} classes, the student "
-                    f"{measured}"
-                )
-        built, default_ce = build_method(method, ctx, method_args)
-        if built.requires_teacher and teacher is None:
-            raise RelkdError(f"method {method!r} needs a teacher: pass teacher=<trained model>")
+        #: model ("teacher" / "student") -> the input statistics it sees, in words.
+        self.input_norm: dict[str, str] = _input_norm(
+            {"student": (student, student_mean, student_std),
+             "teacher": (teacher, teacher_mean, teacher_std)},
+            data_mean, data_std,
+        )  # fmt: skip
+        parts = build_method_parts(
+            method, student, teacher, dummy, method_args=method_args, ce_weight=ce_weight,
+            num_classes=num_classes, num_train_samples=num_train_samples, seed=seed,
+            teacher_hint="pass teacher=<trained model>",
+        )  # fmt: skip
         self.method_name = method
-        self.ce_weight = float(default_ce if ce_weight is None else ce_weight)
-        self.distiller = Distiller(student, built, self.ce_weight)
-        built.to(s_dev)  # the method's extras live where the student does
+        self.ce_weight = parts.ce_weight
+        self.distiller = parts.distiller
         # Not a submodule (Teacher is no nn.Module): never in parameters(), state_dict(), DDP.
-        self._teacher = (
-            Teacher(teacher, built.teacher_taps())
-            if teacher is not None and built.requires_teacher
-            else None
-        )
+        self._teacher = parts.teacher
 
     # ------------------------------------------------------------------ what a loop needs
     @property
@@ -229,11 +255,15 @@ class Distillation(nn.Module):
         The teacher runs without gradients on the same images; returns a
         :class:`DistillationOutput` whose ``loss`` is the sum of the weighted terms.
         """
-        x, y, extras = self.method.prepare_batch(images, targets, dict(extras))
-        t_out = self._teacher(x) if self._teacher is not None else None
-        logits, terms = self.distiller(x, y, t_out, **extras)
-        loss = sum((t.float() for t in terms.values()), torch.zeros((), device=logits.device))
-        return DistillationOutput(loss=loss, logits=logits, targets=y, terms=terms)
+        from relkd.engine.step import forward_loss
+
+        out = forward_loss(
+            self.distiller, images, targets, extras, teacher=self._teacher,
+            prepare_batch=self.method.prepare_batch, method_name=self.method_name,
+        )  # fmt: skip
+        return DistillationOutput(
+            loss=out.loss, logits=out.logits, targets=out.targets, terms=out.terms
+        )
 
     def _apply(self, fn, recurse: bool = True):
         # .to() / .cuda() / .half() move the frozen teacher along with the student.

@@ -44,7 +44,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _print_config(args: argparse.Namespace) -> int:
     """The resolved config (file + overrides + defaults) and its run folder; trains nothing."""
     from relkd.config import load_config, to_yaml
-    from relkd.engine.trainer import _run_dir
+    from relkd.engine.rundir import run_path
     from relkd.preflight import check_config
     from relkd.resources import resolve
 
@@ -52,7 +52,7 @@ def _print_config(args: argparse.Namespace) -> int:
     cfg = load_config(path, args.overrides)
     print(f"# config: {path}")
     print(to_yaml(cfg), end="")
-    print(f"# run folder: {_run_dir(cfg)}", flush=True)
+    print(f"# run folder: {run_path(cfg)}", flush=True)
     check_config(cfg)  # after printing: the config is shown even when it cannot run yet
     return 0
 
@@ -86,17 +86,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from relkd.config import load_config
     from relkd.data import build_datasets
-    from relkd.engine.trainer import _chans_kwargs, _make_loaders, evaluate, resolve_device
+    from relkd.engine.build import model_kwargs, resolve_device
+    from relkd.engine.evaluation import evaluate
+    from relkd.engine.plan import build_loaders, plan_for_config
     from relkd.methods import MethodContext, build_method
     from relkd.models import create_model, load_checkpoint
     from relkd.models.normalization import attach_input_norm
     from relkd.progress import progress
 
+    run_cfg = None
     if args.run_dir is not None:
         run = Path(args.run_dir)
         if not (run / "config.yaml").is_file():
             raise RelkdError(f"{str(run)!r} is not a run folder (it has no config.yaml)")
-        cfg = load_config(run / "config.yaml")
+        cfg = run_cfg = load_config(run / "config.yaml")
         if args.checkpoint is None:
             names = ("student_best.pt",) if args.best else ("student.pt", "checkpoint.pt")
             found = [run / n for n in names if (run / n).is_file()]
@@ -120,26 +123,82 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
     cfg = load_config(OmegaConf.merge(OmegaConf.structured(cfg), changes))
-    _, test_ds, info = build_datasets(cfg.data.name, cfg.data.root, image_size=cfg.data.image_size)
-    kw = _chans_kwargs(cfg.student.name, cfg.student.kwargs, info.in_channels)
-    # Built as relkd.engine.trainer._build_models builds the student (its weights set the
+    val_split = _eval_split(args, cfg)
+    _, test_ds, info = build_datasets(
+        cfg.data.name, cfg.data.root, image_size=cfg.data.image_size, val_split=val_split,
+        val_seed=cfg.data.val_seed, test_subset=args.test_subset,
+    )  # fmt: skip
+    kw = model_kwargs(cfg.student.name, cfg.student.kwargs, info.in_channels)
+    # Built as relkd.engine.build.build_models builds the student (its weights set the
     # statistics a pretrained model declares), then the trained weights replace them.
     model = create_model(cfg.student.name, info.num_classes, weights=cfg.student.weights, **kw)
     load_checkpoint(model, args.checkpoint)
-    # The student sees inputs normalised as in training: student.mean / student.std of the
-    # run's config, else the model's own (pretrained) statistics, else the data set's (no hook).
-    attach_input_norm(model, info.mean, info.std, cfg.student.mean, cfg.student.std)
+    # The model sees inputs normalised as in training, by the rule training uses for a teacher:
+    # student.mean / student.std of the run's config, else the model's own (pretrained)
+    # statistics, else those recorded with the checkpoint, else the data set's (no hook).
+    from relkd.models.input_check import teacher_input
+
+    (m_mean, m_std), notes = teacher_input(
+        model, cfg.student.name, args.checkpoint, cfg.student.mean, cfg.student.std, info,
+        role="model",
+    )  # fmt: skip
+    attach_input_norm(model, info.mean, info.std, m_mean, m_std)
+    for note in notes:
+        print(f"relkd eval: note: {note}", file=sys.stderr)
     device = resolve_device(args.device)
     method, _ = build_method("ce", MethodContext(num_classes=info.num_classes))
-    _, test = _make_loaders(cfg, method, test_ds, test_ds, info, device)
+    plan = plan_for_config(cfg, method, False, test_ds)
+    _, test = build_loaders(plan, cfg, method, test_ds, test_ds, info, device)
     bar = progress(test, total=len(test), desc="eval", unit="batch", leave=False,
                    disable=args.no_progress)  # fmt: skip
     with torch.no_grad():
         res = evaluate(model.to(device), bar, device)
     bar.close()
     res["checkpoint"] = str(args.checkpoint)
+    # What the numbers were measured on, beside them (a run's own top-1 may be on a subset).
+    res["split"] = "validation" if val_split else "test"
+    res["test_subset"] = args.test_subset
+    res["images"] = len(test_ds)
     print(json.dumps(res, indent=2))
+    if run_cfg is not None and _differs_from_run(args, run_cfg):
+        print(
+            f"relkd eval: note: the run's own top-1 was measured on {_run_eval_text(run_cfg)}; "
+            f"use {_run_eval_flags(run_cfg)} to reproduce it",
+            file=sys.stderr,
+        )
     return 0
+
+
+def _eval_split(args: argparse.Namespace, cfg) -> float | None:
+    """The validation fraction ``relkd eval --split val`` evaluates on (the run's own
+    ``data.val_split`` / ``val_seed``), or None for the test split."""
+    if args.split == "test":
+        return None
+    if not cfg.data.val_split:
+        raise RelkdError(
+            "--split val needs a run folder whose config sets data.val_split (the validation "
+            "hold-out is part of the run's recipe); this one has none: use --split test"
+        )
+    return cfg.data.val_split
+
+
+def _differs_from_run(args: argparse.Namespace, run_cfg) -> bool:
+    """Whether this evaluation set differs from the one the run measured its own top-1 on."""
+    want_val = bool(run_cfg.data.val_split)
+    return (args.split == "val") != want_val or args.test_subset != run_cfg.data.test_subset
+
+
+def _run_eval_text(cfg) -> str:
+    split = "validation hold-out" if cfg.data.val_split else "test split"
+    n = cfg.data.test_subset
+    return f"a {n}-image subset of the {split}" if n else f"the whole {split}"
+
+
+def _run_eval_flags(cfg) -> str:
+    flags = ["--split val" if cfg.data.val_split else "--split test"]
+    if cfg.data.test_subset:
+        flags.append(f"--test-subset {cfg.data.test_subset}")
+    return " ".join(flags)
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -169,7 +228,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from relkd import __version__
+    from relkd._version import __version__
 
     p = argparse.ArgumentParser(prog="relkd", description="Relational knowledge distillation")
     p.add_argument("--version", action="version", version=f"relkd {__version__}")
@@ -221,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a run folder (its config.yaml names the model and data; its "
         "student.pt, else checkpoint.pt, holds the weights; its student.mean / student.std or "
         "the model's pretrained statistics normalise the inputs as in training) or any "
-        "checkpoint with --model and --data. Prints JSON: top1, top5 (%), test_loss, checkpoint.",
+        "checkpoint with --model and --data. Prints JSON: top1, top5 (%), test_loss, checkpoint, "
+        "split, test_subset and images (what the numbers were measured on).",
     )
     e.add_argument("run_dir", nargs="?", default=None, help="a run folder written by relkd train")
     e.add_argument("--model", default=None, help="model name (default: the run's student)")
@@ -234,6 +294,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", default=None, help="data set name (default: the run's)")
     e.add_argument("--root", default=None, help="data folder (default: the run's / auto-detect)")
     e.add_argument("--image-size", type=int, default=None, help="input size (default: the run's)")
+    e.add_argument(
+        "--split", choices=["test", "val"], default="test",
+        help="test: the data set's test split (default); val: the run's validation hold-out "
+        "(its data.val_split and val_seed), where a run with data.val_split measured its top-1",
+    )  # fmt: skip
+    e.add_argument(
+        "--test-subset", type=int, default=None, metavar="N",
+        help="evaluate the same stratified N-image subset a run with data.test_subset=N used "
+        "(default: every image of the split)",
+    )  # fmt: skip
     e.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -124,6 +124,18 @@ class TrainConfig:
     # method and seed of a table shares them and the teacher's stored outputs.
     teacher_replay: str = "off"
     replay_seed: int = 0
+    # Exponential moving average of the student's weights (0: off). When on, the averaged
+    # weights are what is evaluated, saved as student_best.pt / student.pt and exported; decay
+    # warms up as min(ema_decay, (1 + t) / (10 + t)) over the first updates t (docs/architecture.md).
+    ema_decay: float = 0.0
+    # Micro-batches (of data.batch_size each) per optimizer step; the lr schedule counts
+    # optimizer steps. 1: every batch is a step (docs/architecture.md: what differs for k > 1).
+    grad_accum_steps: int = 1
+
+
+#: Keys added after runs were recorded, with the value that keeps the old behaviour: a run
+#: folder recorded without the key resumes when the key has this value.
+ADDED_KEYS: dict[str, Any] = {"train.ema_decay": 0.0, "train.grad_accum_steps": 1}
 
 
 @dataclass
@@ -218,6 +230,8 @@ def _validate_values(cfg: Config) -> None:
         ("data.val_seed", d.val_seed, 0 <= d.val_seed <= MAX_SEED, "must be in 0 .. 2**63 - 1"),
         ("data.num_workers", d.num_workers, d.num_workers >= 0, "must be >= 0"),
         ("train.log_every", t.log_every, t.log_every >= 1, "must be >= 1 (steps between reads)"),
+        ("train.ema_decay", t.ema_decay, 0 <= t.ema_decay < 1, "must be in [0, 1) (0: off)"),
+        ("train.grad_accum_steps", t.grad_accum_steps, t.grad_accum_steps >= 1, "must be >= 1"),
     ]
     optional: list[tuple[str, Any, Any, str]] = [
         ("train.grad_clip", t.grad_clip, lambda v: v > 0, "must be > 0 (or null: no clipping)"),
@@ -340,3 +354,32 @@ def load_config(
 def to_yaml(cfg: Config) -> str:
     """The resolved config as YAML (saved in every run folder)."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def load_run_config(
+    config: Any, overrides: Sequence[str] = (), student: Any = None, teacher: Any = None
+) -> Config:
+    """:func:`load_config` for a run; a model passed from Python that the config does not name
+    is recorded by :func:`relkd.plugins.recorded_name` (its import path when that rebuilds it,
+    else ``python-module:<module>.<QualName>``), so ``config.yaml`` says what the run used."""
+    from relkd.plugins import recorded_name
+
+    extra: list[str] = []
+    if student is not None:
+        try:
+            named = load_config(config, overrides).student.name
+        except RelkdError as e:
+            # Missing name: OmegaConf's "missing mandatory value" or "student.name is required".
+            if "student.name" not in str(e):
+                raise
+            named = None
+        if named is None:
+            extra.append(f"student.name={recorded_name(student)}")
+    if teacher is not None:
+        try:
+            unnamed = load_config(config, [*overrides, *extra]).teacher is None
+        except RelkdError:
+            unnamed = False  # reported below, as the config's own error
+        if unnamed:
+            extra.append(f"teacher.name={recorded_name(teacher)}")
+    return load_config(config, [*overrides, *extra])

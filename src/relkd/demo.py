@@ -132,20 +132,22 @@ def run_demo(
     done); ``teacher_quiet``: the same for the teacher, whose progress is shown by default.
     """
     from relkd import train
-    from relkd.methods import METHODS
+    from relkd.methods import MethodSpec
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     methods = methods or list(DEMO_METHODS)
     for m in methods:
-        for part in m.split("+"):
-            METHODS.get(part)  # fail before any training on an unknown name
+        MethodSpec.parse(m)  # fail before any training on an unknown name
     epochs = student_epochs or STUDENT_EPOCHS
     t0 = time.time()
     print(f"relkd demo: Fashion-MNIST, teacher cnn_small, student cnn_tiny, {seeds} seed(s)")
     ckpt, t_top1 = ensure_teacher(out, root, quiet=quiet and teacher_quiet)
-    print(f"  teacher cnn_small: top-1 {t_top1:.2f} ({time.time() - t0:.0f} s so far)")
+    print(
+        f"  teacher cnn_small: top-1 {t_top1:.2f} on the test split ({time.time() - t0:.0f} s so far)"
+    )
     rows: dict[str, dict[str, list[float]]] = {}
+    n_test: set[int] = set()
     for seed in range(seeds):
         for m in methods:
             run = out / f"{m}_s{seed}"
@@ -157,6 +159,7 @@ def run_demo(
             r = rows.setdefault(m, {"last": [], "best": []})
             r["last"].append(res["last_top1"])
             r["best"].append(res["best_top1"])
+            n_test.add(res["eval_images"])
             print(
                 ("" if quiet else f"  {m:<10} seed {seed}: ")
                 + f"last {res['last_top1']:.2f} best {res['best_top1']:.2f}"
@@ -164,7 +167,8 @@ def run_demo(
             )
     lines = [
         f"Fashion-MNIST, teacher cnn_small ({t_top1:.2f}), student cnn_tiny, {epochs} epochs on "
-        f"{STUDENT_SUBSET} training images, {seeds} seed(s); test top-1 %",
+        f"{STUDENT_SUBSET} training images, {seeds} seed(s); top-1 % on the test split "
+        f"({'/'.join(str(n) for n in sorted(n_test))} images)",
         "",
         "| method | last top-1 | best top-1 |",
         "|---|---|---|",
@@ -174,6 +178,7 @@ def run_demo(
     print()
     print(table)
     result = {"teacher_top1": t_top1, "epochs": epochs, "seeds": seeds, "rows": rows}
+    result.update(eval_split="test", eval_images=sorted(n_test)[0] if len(n_test) == 1 else None)
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(result, indent=2))
     _plot(rows, out / "results.png", t_top1)

@@ -1,54 +1,64 @@
 """Checks of a run config that need no data and no model weights, in the order a user fixes
-them: method name and arguments, model names, whether the method has the teacher it needs, then
-the checkpoint files. :func:`relkd.train` runs them before :func:`relkd.engine.fit`, so a method
-typo is reported before a missing teacher checkpoint or a missing data folder.
+them: method name and arguments, model names, whether the method has the teacher it needs, the
+checkpoint files, then the engine's own options (``train.compile_mode``, ``train.log_every``).
+:func:`relkd.engine.fit` (and so :func:`relkd.train`) runs them once, right after loading the
+config and before the run folder or any data, so a method typo is reported before a missing
+teacher checkpoint or a missing data folder.
 """
 
 from __future__ import annotations
 
-import inspect
-import typing
+import warnings
 from pathlib import Path
 
 from torch import nn
 
-from relkd.config import Config
+from relkd import distributed as D
+from relkd.config import CHOICES, Config
 from relkd.registry import RelkdError
 
 
-def _check_method(name: str, args: dict) -> bool:
-    """Method parts exist and their argument names / types are valid; returns whether any part
+def _check_method(name: str, args: dict, epochs: int) -> bool:
+    """Method parts exist and their arguments are valid (:class:`MethodSpec`); a method schedule
+    longer than the run is said once (a warning on the main process). Returns whether any part
     needs a teacher."""
-    from relkd.methods import METHODS
-    from relkd.methods.base import _check_type
+    from relkd.methods.spec import MethodScheduleWarning, MethodSpec
 
-    parts = [p.strip() for p in str(name).split("+")]
-    classes = {p: METHODS.get(p) for p in parts}  # unknown name: close matches, all choices
-    per_part = {parts[0]: args} if len(parts) == 1 else {p: args.get(p) or {} for p in parts}
-    if len(parts) > 1 and set(args) - set(parts):
-        return any(c.requires_teacher for c in classes.values())  # build_method words this
-    for part, a in per_part.items():
-        init = classes[part].__init__
-        params = {k for k in inspect.signature(init).parameters if k not in ("self", "ctx")}
-        hints = typing.get_type_hints(init)
-        for key, value in dict(a).items():
-            if key not in params:
-                raise RelkdError(
-                    f"method {part!r} has no argument {key!r}. Valid arguments: "
-                    f"{', '.join(sorted(params)) or 'none'}"
-                )
-            _check_type(part, key, value, hints.get(key, inspect.Parameter.empty))
-    return any(c.requires_teacher for c in classes.values())
+    spec = MethodSpec.parse(name, args)
+    spec.check()
+    if D.is_main():
+        for note in spec.schedule_notes(epochs):
+            warnings.warn(note, MethodScheduleWarning, stacklevel=2)
+    return spec.requires_teacher
 
 
 def _check_model_name(section: str, name: str) -> None:
     from relkd.models.registry import MODELS
+    from relkd.plugins import is_import_path, refuse_python_module
 
-    if ":" not in name:  # torchvision: / timm: names are checked where they are built
+    refuse_python_module(name, section)  # a module passed from Python, recorded by its class
+
+    # torchvision: / timm: names are checked where they are built; import paths are imported
+    # here, once, before any other check
+    if ":" not in name or is_import_path(name):
         try:
             MODELS.get(name)
         except RelkdError as e:
             raise RelkdError(f"{section}.name: {e}") from None
+
+
+def _check_data_name(name: str) -> None:
+    """A data set named by import path is imported (and checked to be a builder) here; registered
+    names are checked where the data is built, as before."""
+    from relkd.plugins import is_import_path
+
+    if is_import_path(name):
+        from relkd.data import DATASETS
+
+        try:
+            DATASETS.get(name)
+        except RelkdError as e:
+            raise RelkdError(f"data.name: {e}") from None
 
 
 def _check_file(key: str, path: str | None) -> None:
@@ -91,11 +101,12 @@ def check_config(
 
     ``teacher`` / ``student``: the user's own modules (their config names are then not checked).
     """
-    needs_teacher = _check_method(cfg.method.name, dict(cfg.method.args or {}))
+    needs_teacher = _check_method(cfg.method.name, dict(cfg.method.args or {}), cfg.train.epochs)
     if student is None:
         _check_model_name("student", cfg.student.name)
     if teacher is None and cfg.teacher is not None:
         _check_model_name("teacher", cfg.teacher.name)
+    _check_data_name(cfg.data.name)
     if needs_teacher and teacher is None and cfg.teacher is None:
         raise RelkdError(
             f"method {cfg.method.name!r} needs a teacher: set teacher.name and teacher.checkpoint"
@@ -111,3 +122,15 @@ def check_config(
                 f"teacher {cfg.teacher.name!r} has no checkpoint: set teacher.checkpoint=PATH "
                 "(a trained teacher; an untrained one teaches nothing)"
             )
+    _check_engine_options(cfg)
+
+
+def _check_engine_options(cfg: Config) -> None:
+    """The engine's own options that the config schema does not pin down."""
+    modes = CHOICES["train.compile_mode"]
+    if cfg.train.compile_mode not in modes:
+        raise RelkdError(
+            f"train.compile_mode={cfg.train.compile_mode!r} is unknown; valid: {', '.join(modes)}"
+        )
+    if not isinstance(cfg.train.log_every, int) or cfg.train.log_every < 1:
+        raise RelkdError(f"train.log_every={cfg.train.log_every!r} must be a positive integer")

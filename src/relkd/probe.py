@@ -56,13 +56,13 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-# Kept importable from here: the public names, and _eval_loader (tests import it from here).
+# Kept importable from here: the public names (tests import eval_loader from here).
 from relkd.probe_data import (  # noqa: F401
-    _eval_loader,
-    _train_loader,
+    eval_loader,
     extract_features,
     file_pipeline,
     materialize_file_split,
+    train_loader_for,
 )
 from relkd.probe_model import (  # noqa: F401  (public names kept importable from here)
     LinearProbe,
@@ -110,7 +110,7 @@ def head_schedule(
     from relkd.engine.schedule import Schedule
 
     return Schedule(
-        "multistep", base_lr=lr, steps_per_epoch=steps_per_epoch, epochs=epochs,
+        name="multistep", base_lr=lr, steps_per_epoch=steps_per_epoch, epochs=epochs,
         milestones=tuple(int(m) for m in milestones), gamma=gamma,
     )  # fmt: skip
 
@@ -149,10 +149,10 @@ def fit_probe(
     the head is trained on them (``train_ds`` should then be built without augmentation). Test
     features are always extracted once (exact: no augmentation, fixed backbone).
     """
+    from relkd.engine.build import build_step, seed_everything
     from relkd.engine.distiller import Distiller
+    from relkd.engine.evaluation import evaluate
     from relkd.engine.plan import unpack
-    from relkd.engine.step import TrainStep
-    from relkd.engine.trainer import evaluate, seed_everything
     from relkd.methods import MethodContext, build_method
     from relkd.models.checkpoint import save_student
 
@@ -164,7 +164,7 @@ def fit_probe(
 
     def features_of(ds: Dataset, what: str) -> tuple[torch.Tensor, torch.Tensor]:
         t0 = time.time()
-        loader = _eval_loader(ds, batch_size=eval_batch_size, device=device,
+        loader = eval_loader(ds, batch_size=eval_batch_size, device=device,
                               num_workers=num_workers, in_memory=in_memory)  # fmt: skip
         out = extract_features(probe, loader, device, progress=not quiet, desc=what)
         log(f"{what} {tuple(out[0].shape)} in {time.time() - t0:.1f}s")
@@ -175,7 +175,7 @@ def fit_probe(
     test_feats, test_y = features_of(test_ds, "test features")
     test_batches = list(zip(test_feats.split(4096), test_y.split(4096)))
     if augment:
-        train_loader, loader_kind = _train_loader(
+        train_loader, loader_kind = train_loader_for(
             train_ds, batch_size=batch_size, seed=seed, device=device, num_workers=num_workers,
             in_memory=in_memory, log=log,
         )  # fmt: skip
@@ -201,7 +201,7 @@ def fit_probe(
         correct.add_((logits.detach().argmax(1) == y).sum())
         return logits, terms
 
-    train_step = TrainStep(model, opt, state_module=distiller, method_name="linear probe (ce)")
+    train_step = build_step(model, distiller, opt, device=device, method_name="linear probe (ce)")
 
     (run_dir / "metrics.jsonl").write_text("")
     history: list[dict[str, Any]] = []
@@ -322,7 +322,7 @@ def run_probe(
     for k in ("model_name", "quiet", "overwrite"):
         del options[k]
     from relkd.data import build_datasets
-    from relkd.engine.trainer import resolve_device, seed_everything
+    from relkd.engine.build import resolve_device, seed_everything
 
     milestones = [int(m) for m in milestones]
     for ok, msg in (
@@ -422,7 +422,7 @@ _FIT_OPTIONS = (
 #: set and the ``relkd probe`` flags (``--key-with-dashes``, except where :data:`_FLAGS` says
 #: otherwise) both come from here; the defaults are :func:`run_probe`'s.
 OPTIONS: dict[str, tuple[type, str]] = {
-    "model": (str, "student zoo name, e.g. wrn_16_2"),
+    "model": (str, "student zoo name (e.g. wrn_16_2) or import path (mypkg.models:Net)"),
     "checkpoint": (str, "student weights (student.pt, ...)"),
     "data": (str, "target data set: stl10, tiny_imagenet, ..."),
     "root": (str, "target data root (default: its cache location)"),

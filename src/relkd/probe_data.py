@@ -106,7 +106,7 @@ def materialize_file_split(
     return x, y
 
 
-def _train_loader(
+def train_loader_for(
     ds: Dataset, *, batch_size: int, seed: int, device: torch.device, num_workers: int,
     in_memory: str, log: Any,
 ) -> tuple[Any, str]:  # fmt: skip
@@ -141,7 +141,7 @@ def _train_loader(
     return EpochLoader(ds, batch_size, num_workers, seed, None, device), "dataloader"
 
 
-def _eval_loader(
+def eval_loader(
     ds: Dataset, *, batch_size: int, device: torch.device, num_workers: int, in_memory: str
 ) -> Any:
     """Unshuffled, unaugmented batches over ``ds`` (one pass, for feature extraction)."""

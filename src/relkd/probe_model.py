@@ -93,7 +93,7 @@ def build_probe(
     The checkpoint is loaded strictly (the official code uses ``strict=False``, which silently
     probes a partly random network when the names do not match); a mismatch is a RelkdError.
     """
-    from relkd.engine.trainer import probe_shapes
+    from relkd.engine.build import probe_shapes
     from relkd.models import POOLED, create_model, load_checkpoint
 
     kw = dict(model_kwargs or {})

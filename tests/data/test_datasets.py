@@ -24,8 +24,10 @@ from relkd.data import (
     read_idx,
     take_subset,
 )
-from relkd.data import datasets as dsm
 from relkd.data import formats as fmt
+from relkd.data.builders import fashion_mnist as fm_builder
+from relkd.data.builders import stl10 as stl_builder
+from relkd.data.kit import cache_dir
 from relkd.registry import RelkdError
 
 
@@ -271,7 +273,7 @@ def test_read_idx_rejects_truncated(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(
-    not (dsm.FASHION_MNIST_SYSTEM_DIR / "train-images-idx3-ubyte.gz").is_file(),
+    not (fm_builder.FASHION_MNIST_SYSTEM_DIR / "train-images-idx3-ubyte.gz").is_file(),
     reason="real Fashion-MNIST absent (apt-get install -y dataset-fashion-mnist)",
 )
 def test_real_fashion_mnist() -> None:
@@ -313,8 +315,16 @@ def test_imagefolder(tmp_path: Path) -> None:
     assert x.shape == (3, 16, 16)
     names = [type(t).__name__ for t in test.transform.transforms]
     assert names == ["Resize", "CenterCrop", "ToTensor", "Normalize"]
-    _, _, info224 = build_datasets("imagefolder", tmp_path)
-    assert info224.image_size == 224
+    # Small square images (8 px here) train at their own size by default, and the note says so;
+    # images over 64 px keep the ImageNet recipe at 224.
+    train8, _, info8 = build_datasets("imagefolder", tmp_path)
+    assert (info8.image_size, info8.crop_padding) == (8, 1) and train8[0][0].shape == (3, 8, 8)
+    assert info8.notes and "images are 8x8" in info8.notes[0]
+    big = tmp_path / "big"
+    _write_class_folders(big, "train", 1, classes, size=72)
+    _write_class_folders(big, "val", 1, classes, size=72)
+    _, _, info224 = build_datasets("imagefolder", big)
+    assert info224.image_size == 224 and info224.notes == ()
 
 
 def test_imagefolder_errors(tmp_path: Path) -> None:
@@ -466,7 +476,7 @@ def _write_stl(root: Path, n_train: int = 4, n_test: int = 2) -> dict[str, np.nd
         y = np.arange(n, dtype=np.uint8) % 10 + 1  # 1-based
         (folder / f"{split}_y.bin").write_bytes(y.tobytes())
         out[split] = imgs
-    (folder / "class_names.txt").write_text("\n".join(dsm.STL10_CLASSES) + "\n")
+    (folder / "class_names.txt").write_text("\n".join(stl_builder.STL10_CLASSES) + "\n")
     return out
 
 
@@ -474,7 +484,7 @@ def test_stl10_orientation_and_labels(tmp_path: Path) -> None:
     ref = _write_stl(tmp_path)
     train, test, info = build_datasets("stl10", tmp_path, augment=False)
     assert (info.num_classes, info.image_size) == (10, 96)
-    assert info.classes == dsm.STL10_CLASSES
+    assert info.classes == stl_builder.STL10_CLASSES
     assert train.targets.tolist() == [0, 1, 2, 3] and test.targets.tolist() == [0, 1]
     images, _ = train.as_tensors()
     assert torch.equal(images, torch.from_numpy(ref["train"]))
@@ -526,7 +536,7 @@ def test_folder_jpg_decodes_and_caches(tmp_path: Path, monkeypatch: pytest.Monke
     images, _ = train.as_tensors()
     decoded = np.asarray(Image.open(root / "train" / "bird" / "0001.jpg").convert("RGB"))
     assert np.array_equal(images[7].permute(1, 2, 0).numpy(), decoded)
-    cache_files = list(dsm.cache_dir().glob("folder_jpg-*.npz"))
+    cache_files = list(cache_dir().glob("folder_jpg-*.npz"))
     assert len(cache_files) == 1
 
     # second build: served from the cache, no decoding
@@ -542,7 +552,7 @@ def test_folder_jpg_decodes_and_caches(tmp_path: Path, monkeypatch: pytest.Monke
     _save_jpg(root / "train" / "bird" / "0001.jpg", np.zeros((32, 32, 3), np.uint8))
     train3, _, _ = build_datasets("folder_jpg", root)
     assert train3.as_tensors()[0][7].max() < 10
-    new_files = list(dsm.cache_dir().glob("folder_jpg-*.npz"))
+    new_files = list(cache_dir().glob("folder_jpg-*.npz"))
     assert len(new_files) == 1 and new_files != cache_files  # the stale one was removed
 
 

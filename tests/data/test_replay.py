@@ -23,13 +23,8 @@ from torchvision.transforms import functional as TF
 
 import relkd
 from relkd.data import build_datasets
-from relkd.data.replay import (
-    ReplayCropDataset,
-    ReplayStore,
-    ReplayTeacher,
-    replay_key,
-    replay_unsupported,
-)
+from relkd.data.replay import ReplayCropDataset, ReplayStore, replay_key, replay_unsupported
+from relkd.engine.teacher import ReplayTeacher
 from relkd.models.base import ModelOutput
 from relkd.registry import RelkdError
 
@@ -121,7 +116,7 @@ def test_replayed_crops_follow_torchvision_distribution(tree):
 
 
 def test_unsupported_transforms_are_named(tmp_path):
-    from relkd.data.datasets import FileImageDataset
+    from relkd.data import FileImageDataset
 
     samples = [(str(tmp_path / "x.jpg"), 0)]
     mk = lambda tf: FileImageDataset(samples, transform=tf)  # noqa: E731
@@ -514,3 +509,30 @@ def test_full_disk_epoch_write_fails_with_one_line(tree, tmp_path, monkeypatch):
     msg = str(e.value)
     assert f"needs {24 * 5 * 8} bytes" in msg and str(tmp_path / "s") in msg and "\n" not in msg
     assert not list((tmp_path / "s").glob(".tmp-*"))
+
+
+def test_one_writer_per_epoch_and_its_commit_is_fenced(tmp_path, monkeypatch):
+    """An epoch has one writer at a time (its claim ``.epoch_<e>.claim``, valid across nodes):
+    a second writer is refused while the first holds it; a writer whose claim was taken over
+    discards its epoch at the commit instead of renaming it into place."""
+    from relkd.claims import Claim, ClaimLost
+
+    n = 4
+    key = replay_key("teacher-x", {"data": "d"}, ["logits"], "fp32")
+    store = ReplayStore.open(tmp_path / "s", key, n)
+    w = store.writer(0)
+    assert w is not None and store.writer(0) is None  # claimed by w
+    out = ModelOutput(torch.arange(n * 3, dtype=torch.float32).view(n, 3), {})
+    w.put(torch.arange(n), torch.zeros(n, 5, dtype=torch.long), out)
+    assert w.commit() and store.has_epoch(0)
+    assert sorted(p.name for p in store.path.iterdir()) == ["epoch_0", "manifest.json"]
+
+    w1 = store.writer(1)
+    w1.put(torch.arange(n), torch.zeros(n, 5, dtype=torch.long), out)
+
+    def stolen(self, action="writing"):
+        raise ClaimLost(f"taken over; stopping before {action}")
+
+    monkeypatch.setattr(Claim, "check", stolen)
+    assert w1.commit() is False and not store.has_epoch(1)
+    assert sorted(p.name for p in store.path.iterdir()) == ["epoch_0", "manifest.json"]

@@ -372,7 +372,7 @@ def test_concurrent_builders_build_once(tmp_path, monkeypatch):
     a, b = out
     idx, offs, fl = torch.arange(12), torch.zeros(12, 2, dtype=torch.long), torch.zeros(12).bool()
     assert torch.equal(a.lookup(idx, offs, fl).logits, b.lookup(idx, offs, fl).logits)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "home"]  # no lock file beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # the released claim is gone
 
 
 # ------------------------------------------------------------ trust (issue 14 item 3 / 5)
@@ -453,28 +453,26 @@ def test_full_disk_fails_with_one_line(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # nothing left behind
 
 
-def test_build_lock_is_filelock(tmp_path, monkeypatch):
-    """The build lock is filelock's (released by the OS when a holder dies)."""
-    import filelock
-
+def test_the_build_claim_is_beside_the_cache_and_fences_the_commit(tmp_path, monkeypatch):
+    """The build claim is a relkd.claims claim beside the cache (same file system, so builders
+    on other nodes see it): a second claimant is refused while it is held, and a builder whose
+    claim was taken over before the commit leaves the cache folder untouched."""
+    from relkd.claims import Claim, ClaimLost
     from relkd.data import teacher_cache as tc
 
-    monkeypatch.setenv("RELKD_CACHE_DIR", str(tmp_path / "home"))
-    seen = []
-    real = filelock.FileLock
+    path = tmp_path / "c"
+    with tc._build_lock(path, None) as claim:
+        assert claim.path == tmp_path / ".c.claim" and claim.holds()
+        assert not Claim(claim.path).try_acquire()
+    assert not claim.path.exists()  # released
 
-    def spy(*a, **k):
-        seen.append(a[0])
-        return real(*a, **k)
+    def stolen(self, action="writing"):
+        raise ClaimLost(f"taken over; stopping before {action}")
 
-    monkeypatch.setattr(filelock, "FileLock", spy)
-    with tc._build_lock(tmp_path / "c", None):
-        other = real(seen[0])
-        with pytest.raises(filelock.Timeout):
-            other.acquire(timeout=0)
-    other.acquire(timeout=0)
-    other.release()
-    assert Path(seen[0]).parent == tmp_path / "home" / "locks"
+    monkeypatch.setattr(Claim, "check", stolen)
+    with pytest.raises(ClaimLost, match="before committing the teacher cache"):
+        _build(_teacher(), _images(), path)
+    assert not path.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_a_killed_builds_temporary_folder_is_swept(tmp_path):

@@ -64,6 +64,18 @@ def _cfg(root: str, ckpt: str, method: str, batch: int) -> dict:
     }
 
 
+#: An extra run: KD with gradient accumulation (k = 2, the first micro-batch under no_sync) and
+#: an EMA of the weights (exported); the single process runs the same micro-batches (2 * B / 2).
+ACCUM = "kd_accum_ema"
+
+
+def _accum_cfg(root: str, ckpt: str, batch: int) -> dict:
+    cfg = _cfg(root, ckpt, "kd", batch)
+    cfg["name"] = ACCUM
+    cfg["train"].update(grad_accum_steps=2, ema_decay=0.5, max_steps_per_epoch=4)
+    return cfg
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -84,6 +96,10 @@ def _worker(rank: int, port: int, root: str, ckpt: str, dirs: list[str], errors)
             relkd.train(_cfg(root, ckpt, m, B), quiet=True)
         except Exception as e:  # report, keep the other methods going
             errors[f"{m}/{rank}"] = repr(e)
+    try:
+        relkd.train(_accum_cfg(root, ckpt, B // 2), quiet=True)
+    except Exception as e:
+        errors[f"{ACCUM}/{rank}"] = repr(e)
     torch.distributed.destroy_process_group()
 
 
@@ -113,12 +129,13 @@ def ddp_runs(fmnist_root, tiny_teacher_ckpt, tmp_path_factory):
         os.chdir(dirs[2])
         for m in METHODS:
             relkd.train(_cfg(str(fmnist_root), str(tiny_teacher_ckpt), m, 2 * B), quiet=True)
+        relkd.train(_accum_cfg(str(fmnist_root), str(tiny_teacher_ckpt), B), quiet=True)
     finally:
         os.chdir(cwd)
     return dirs, dict(errors)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [*METHODS, ACCUM])
 def test_ddp_equals_single_process(method, ddp_runs):
     (rank0, rank1, single), errors = ddp_runs
     assert not {k: v for k, v in errors.items() if k.startswith(f"{method}/")}
@@ -126,7 +143,7 @@ def test_ddp_equals_single_process(method, ddp_runs):
     w_one = torch.load(single / "runs" / method / "student.pt", weights_only=True)["model"]
     assert w_ddp.keys() == w_one.keys()
     # the initial weights: the engine seeds, then builds the student (the same on every rank)
-    from relkd.engine.trainer import seed_everything
+    from relkd.engine.build import seed_everything
     from relkd.models import create_model
 
     seed_everything(SEED)

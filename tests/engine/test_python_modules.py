@@ -71,10 +71,12 @@ def test_python_teacher_is_measured_and_recorded(fmnist_root, tmp_path):
         opt.step()
     want = _reference_top1(teacher, fmnist_root)
 
-    # No student.name in the config: the student module's class names the run.
+    # No student.name in the config: the modules are recorded by their import paths (their
+    # classes rebuild them), so config.yaml names what the run used.
     res = relkd.train(_cfg(fmnist_root, tmp_path), teacher=teacher, student=student, quiet=True)
     assert abs(res["teacher_top1"] - want) < 1e-9
-    assert res["student"] == "MyStudent"
+    here = "tests.engine.test_python_modules"
+    assert res["student"] == f"{here}:MyStudent" and res["teacher"] == f"{here}:MyTeacher"
     run = Path(res["run_dir"])
     given = json.loads((run / "run.json").read_text())["sessions"][-1]["modules_from_python"]
     assert given["teacher"]["class"].endswith("test_python_modules.MyTeacher")
@@ -83,8 +85,8 @@ def test_python_teacher_is_measured_and_recorded(fmnist_root, tmp_path):
 
     # The report shows that number beside the student's, labelled with the module's class.
     md = write_report(tmp_path, tmp_path / "rep").read_text()
-    assert "## teacher passed from Python (MyTeacher) → MyStudent (Fashion-MNIST)" in md
-    assert f"Teacher teacher passed from Python (MyTeacher): {want:.2f} (recorded by the run)" in md
+    assert f"## {here}:MyTeacher → {here}:MyStudent (Fashion-MNIST)" in md
+    assert f"Teacher {here}:MyTeacher: {want:.2f} (recorded by the run)" in md
 
 
 def test_a_finished_run_resumed_says_it_is_complete(fmnist_root, tmp_path, capsys):

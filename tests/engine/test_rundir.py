@@ -87,10 +87,8 @@ TRAIN_CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "transfe
 
 
 def _folder(cfg) -> Path:
-    try:
-        from relkd.engine.rundir import run_path
-    except ImportError:  # relkd 0.1
-        from relkd.engine.trainer import _run_dir as run_path
+    from relkd.engine.rundir import run_path
+
     return run_path(cfg)
 
 
@@ -166,7 +164,8 @@ def test_the_grid_runners_files_do_not_make_a_folder_foreign(fmnist_root, tmp_pa
     folder = tmp_path / "runs" / "r"
     folder.mkdir(parents=True)
     (folder / "bench.json").write_text("{}")
-    (folder / ".lock").write_text("{}")
+    (folder / ".lock").write_text("{}")  # relkd <= 0.2's OS lock file
+    (folder / ".relkd.claim.new-0123456789abcdef").write_text("{}")  # a crashed claim create
     res = relkd.train(_cfg(fmnist_root, tmp_path / "runs"), quiet=True)
     assert Path(res["run_dir"]) == folder and (folder / "summary.json").exists()
 
@@ -387,7 +386,10 @@ def test_what_counts_as_a_run_folder(tmp_path):
         "relkd01_failed_build": ({"config.yaml": cfg_text, "tb/e": "x"}, True),
         "user_with_a_relkd_config": ({"config.yaml": cfg_text, "notes.txt": "x"}, False),
         "user": ({"config.yaml": "lr: 1\n", "metrics.jsonl": "{}\n"}, False),
-        "grid_only": ({"bench.json": "{}", "failed.json": "{}", ".lock": "{}"}, False),
+        "grid_only": (
+            {"bench.json": "{}", "failed.json": "{}", ".lock": "{}", ".relkd.claim": "{}"},
+            False,
+        ),
     }
     for name, (files, is_run) in cases.items():
         d = tmp_path / name

@@ -65,7 +65,11 @@ def test_onecycle_equals_torch_including_momentum(pct: float, adam: bool) -> Non
         n,
         adam=adam,
     )
-    ours = _ours(Schedule("onecycle", LR, SPE, EPOCHS, pct_start=pct), n, adam=adam)
+    ours = _ours(
+        Schedule(name="onecycle", base_lr=LR, steps_per_epoch=SPE, epochs=EPOCHS, pct_start=pct),
+        n,
+        adam=adam,
+    )
     _close(ours, ref)
     # The cycle is real: momentum goes 0.95 -> 0.85 -> 0.95, and the warm-up is a cosine.
     moms = [m for _, m in ours]
@@ -75,7 +79,12 @@ def test_onecycle_equals_torch_including_momentum(pct: float, adam: bool) -> Non
 
 def test_onecycle_without_momentum_cycle_keeps_optimizer_momentum() -> None:
     n = SPE * EPOCHS
-    ours = _ours(Schedule("onecycle", LR, SPE, EPOCHS, cycle_momentum=False), n)
+    ours = _ours(
+        Schedule(
+            name="onecycle", base_lr=LR, steps_per_epoch=SPE, epochs=EPOCHS, cycle_momentum=False
+        ),
+        n,
+    )
     assert {m for _, m in ours} == {0.9}
 
 
@@ -86,7 +95,9 @@ def test_cosine_equals_torch() -> None:
             lambda o, eta=eta: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=n, eta_min=eta),
             n,
         )
-        ours = _ours(Schedule("cosine", LR, SPE, EPOCHS, min_lr=eta), n)
+        ours = _ours(
+            Schedule(name="cosine", base_lr=LR, steps_per_epoch=SPE, epochs=EPOCHS, min_lr=eta), n
+        )
         _close([(lr, 0.9) for lr, _ in ours], [(lr, 0.9) for lr, _ in ref], rel=1e-7)
 
 
@@ -97,7 +108,17 @@ def test_multistep_equals_torch_per_epoch() -> None:
         n,
         per_epoch=True,
     )
-    ours = _ours(Schedule("multistep", LR, SPE, EPOCHS, milestones=(3, 7, 9), gamma=0.1), n)
+    ours = _ours(
+        Schedule(
+            name="multistep",
+            base_lr=LR,
+            steps_per_epoch=SPE,
+            epochs=EPOCHS,
+            milestones=(3, 7, 9),
+            gamma=0.1,
+        ),
+        n,
+    )
     _close(ours, ref, rel=1e-12)
 
 
@@ -114,13 +135,24 @@ def test_warmup_equals_linearlr_chained_with_multistep() -> None:
         ),
         n,
     )
-    ours = _ours(Schedule("multistep", LR, SPE, EPOCHS, (5, 8), 0.2, warmup_epochs=warm_epochs), n)
+    ours = _ours(
+        Schedule(
+            name="multistep",
+            base_lr=LR,
+            steps_per_epoch=SPE,
+            epochs=EPOCHS,
+            milestones=(5, 8),
+            gamma=0.2,
+            warmup_epochs=warm_epochs,
+        ),
+        n,
+    )
     _close(ours, ref, rel=1e-9)
     assert ours[0][0] == pytest.approx(LR / w) and ours[w][0] == pytest.approx(LR)
 
 
 def test_constant_and_lr_factor_compat() -> None:
-    s = Schedule("constant", LR, SPE, EPOCHS)
+    s = Schedule(name="constant", base_lr=LR, steps_per_epoch=SPE, epochs=EPOCHS)
     assert {s.lr(i) for i in range(0, 400, 7)} == {LR}
     assert lr_factor(10, SPE, EPOCHS, name="cosine") == pytest.approx(
         0.5 * (1 + math.cos(math.pi * 10 / (SPE * EPOCHS)))
@@ -128,7 +160,7 @@ def test_constant_and_lr_factor_compat() -> None:
 
 
 def test_resume_is_exact_schedule_is_a_function_of_the_step() -> None:
-    s = Schedule("onecycle", LR, SPE, EPOCHS)
+    s = Schedule(name="onecycle", base_lr=LR, steps_per_epoch=SPE, epochs=EPOCHS)
     full = _ours(s, SPE * EPOCHS)
     # A "resumed" optimizer whose groups hold other values gets the same lr / momentum.
     p = torch.nn.Parameter(torch.zeros(1))
@@ -140,6 +172,6 @@ def test_resume_is_exact_schedule_is_a_function_of_the_step() -> None:
 
 def test_bad_schedule_values_fail_loudly() -> None:
     with pytest.raises(RelkdError, match="warm"):
-        Schedule("warm", LR, SPE, EPOCHS)
+        Schedule(name="warm", base_lr=LR, steps_per_epoch=SPE, epochs=EPOCHS)
     with pytest.raises(RelkdError, match="min_lr"):
-        Schedule("onecycle", LR, SPE, EPOCHS, min_lr=1e-4)
+        Schedule(name="onecycle", base_lr=LR, steps_per_epoch=SPE, epochs=EPOCHS, min_lr=1e-4)

@@ -1,4 +1,5 @@
-"""Every registered method, automatically: one real step on CPU with tiny models."""
+"""Every registered method, automatically: one real step on CPU with tiny models, through the
+engine's own assembly (``build_components``) and forward half (``forward_loss``)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import pytest
 import torch
 
 from relkd.config import load_config
-from relkd.engine.trainer import _make_loaders, _unpack, build_components
+from relkd.engine.build import build_components
+from relkd.engine.plan import build_loaders, plan_for_config, unpack
+from relkd.engine.step import forward_loss
 from relkd.methods import list_methods
 from relkd.models import create_model
 from relkd.models.checkpoint import save_student
@@ -24,7 +27,8 @@ def _components(method: str, fmnist_root, ckpt):
     )
     device = torch.device("cpu")
     comp = build_components(cfg, device)
-    train, _ = _make_loaders(cfg, comp.method, comp.train_ds, comp.test_ds, comp.info, device)
+    plan = plan_for_config(cfg, comp.method, False, comp.train_ds)
+    train, _ = build_loaders(plan, cfg, comp.method, comp.train_ds, comp.test_ds, comp.info, device)
     return comp, train
 
 
@@ -35,15 +39,17 @@ def test_one_step(name, fmnist_root, tiny_teacher_ckpt, tmp_path):
     d, method, tea = comp.distiller, comp.method, comp.teacher
     loader.set_epoch(0)
     batch = next(iter(loader))
-    x, y, extras = _unpack(batch, torch.device("cpu"))
-    x, y, extras = method.prepare_batch(x, y, extras)
-    t_out = tea(x) if tea is not None else None
-    logits, terms = d(x, y, t_out, **extras)
-    assert logits.shape == (x.shape[0], 10)
+    x, y, extras = unpack(batch, torch.device("cpu"))
+    out = forward_loss(
+        d, x, y, extras, teacher=tea, prepare_batch=method.prepare_batch, method_name=name
+    )
+    logits, terms = out.logits, out.terms
+    assert logits.shape == (out.targets.shape[0], 10)
     assert terms, "a method must contribute at least one term (CE counts)"
     for k, v in terms.items():
         assert v.ndim == 0 and torch.isfinite(v), (k, v)
-    sum(terms.values()).backward()
+    torch.testing.assert_close(out.loss, sum(t.float() for t in terms.values()), rtol=0, atol=0)
+    out.loss.backward()
     # gradients reach the student ...
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in d.student.parameters())
     # ... and every trainable extra of the method that took part in this step
@@ -67,14 +73,14 @@ def _terms_and_grads(name, fmnist_root, ckpt, batch, channels_last: bool):
     d, method, tea = comp.distiller, comp.method, comp.teacher
     if channels_last:  # what the engine does with train.channels_last
         d = d.to(memory_format=torch.channels_last)
-    x, y, extras = _unpack(batch, torch.device("cpu"))
-    x, y, extras = method.prepare_batch(x, y, extras)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x, y, extras = unpack(batch, torch.device("cpu"))
     torch.manual_seed(1)  # the same draws (CRD negatives, ...) in both layouts
-    t_out = tea(x) if tea is not None else None
-    _, terms = d(x, y, t_out, **extras)
-    sum(terms.values()).backward()
+    out = forward_loss(
+        d, x, y, extras, teacher=tea, prepare_batch=method.prepare_batch,
+        channels_last=channels_last, method_name=name,
+    )  # fmt: skip
+    terms = out.terms
+    out.loss.backward()
     grads = {n: p.grad.clone() for n, p in d.named_parameters() if p.grad is not None}
     return {k: v.detach() for k, v in terms.items()}, grads
 

@@ -7,7 +7,7 @@ import pytest
 
 from relkd.config import load_config
 from relkd.methods import MethodContext, build_method
-from relkd.methods.base import _check_value
+from relkd.methods.base import check_value
 from relkd.registry import RelkdError
 
 
@@ -26,7 +26,7 @@ from relkd.registry import RelkdError
 )
 def test_bad_method_values_are_one_line(method, key, value, words) -> None:
     with pytest.raises(RelkdError, match=words) as e:
-        _check_value(method, key, value)
+        check_value(method, key, value)
     assert "\n" not in str(e.value) and key in str(e.value)
 
 
@@ -35,7 +35,7 @@ def test_build_method_refuses_before_training_and_keeps_good_values() -> None:
     with pytest.raises(RelkdError, match="temperature=-4"):
         build_method("kd", ctx, {"temperature": -4.0})
     build_method("kd", ctx, {"temperature": 2.0, "weight": 0.0})  # a zero weight is allowed
-    _check_value("ft", "stage", -1)  # stage indices count from the end
+    check_value("ft", "stage", -1)  # stage indices count from the end
 
 
 def test_infinite_lr_is_refused() -> None:

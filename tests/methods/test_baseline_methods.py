@@ -51,7 +51,6 @@ def _ctx(teacher, student, classes=10):
         teacher_stages=_stages(teacher),
         student_shapes=s_shapes,
         teacher_shapes=t_shapes,
-        epochs=2,
         num_train_samples=100,
     )
 

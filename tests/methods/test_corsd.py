@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import relkd
+from relkd.engine.build import probe_shapes
 from relkd.engine.distiller import Distiller
-from relkd.engine.trainer import evaluate, probe_shapes
+from relkd.engine.evaluation import evaluate
 from relkd.methods import Composite, MethodContext, build_method
 from relkd.methods.corsd import CORSD
 from relkd.models import POOLED, FeatureTap, ModelOutput, create_model, get_feature_info

@@ -196,10 +196,10 @@ def test_fit_trains_a_pretrained_torchvision_student_on_grey_data(tmp_path) -> N
 
     sd = _fake_torchvision_cache("resnet18", "IMAGENET1K_V1")
     root = make_fmnist(tmp_path / "fm", n_train=64, n_test=32)
-    import relkd.engine.trainer as trainer_mod
+    import relkd.engine.build as build_mod
 
     seen = {}
-    real_build = trainer_mod._build_models
+    real_build = build_mod.build_models
 
     def spy(*a, **k):
         t, s = real_build(*a, **k)
@@ -212,7 +212,7 @@ def test_fit_trains_a_pretrained_torchvision_student_on_grey_data(tmp_path) -> N
     )  # fmt: skip
     import unittest.mock
 
-    with unittest.mock.patch.object(trainer_mod, "_build_models", spy):
+    with unittest.mock.patch.object(build_mod, "build_models", spy):
         summary = relkd.train(cfg, quiet=True)
     s = seen["student"]
     assert summary["last_top1"] >= 0

@@ -5,12 +5,16 @@ expands it into jobs (its names are re-exported here).
 
 Resuming and sharing: a run folder with ``summary.json`` is finished and never redone; one with a
 checkpoint but no summary is resumed (``relkd.train(..., resume=True)``); otherwise the run starts
-fresh. A run is claimed with an OS-level lock on ``<run>/.lock`` (:mod:`filelock`), so several
-``relkd bench accuracy`` processes (``workers=N`` starts N of them) can work through one grid: a
-run held by another process is waited for, never trained twice. The operating system releases
-the lock when its holder exits, however it exits (a SIGKILLed or crashed worker does not
-block the run). A run that fails is recorded in ``<run>/failed.json`` and not retried by the same
-invocation; the next invocation retries it.
+fresh. A run is claimed with a :mod:`relkd.claims` claim on ``<run>/.relkd.claim`` (an exclusive
+create refreshed by a heartbeat; no OS lock, which would not exclude across the nodes of a
+shared file system), so several ``relkd bench accuracy`` processes (``workers=N`` starts N of
+them, or invocations on other machines sharing the folder) can work through one grid: a run held
+by another live process is waited for, never trained twice. A claim whose holder is gone (a
+SIGKILLed worker on this host at once; elsewhere after ``RELKD_CLAIM_STALE_S`` seconds without a
+heartbeat) is taken over and the run resumed from its checkpoint; a worker whose claim was taken
+over stops before its next write (:class:`relkd.claims.ClaimLost`). ``relkd.train`` in the same
+process uses the runner's claim for the run folder. A run that fails is recorded in
+``<run>/failed.json`` and not retried by the same invocation; the next invocation retries it.
 
 Progress: after every job it finishes, a runner prints ``[ 7/66] finished; ETA 12 min (...)``:
 runs of the selected grid done (finished by anyone, or failed in this invocation) out of all, and
@@ -21,13 +25,13 @@ from a checkpoint (shorter) are not modelled, so the estimate is rough early on.
 Teacher reuse: a teacher is trained once per suite output folder and read by every run. With
 ``teacher_cache: auto`` in the suite, every distillation run also sets ``train.teacher_cache=auto``:
 the exact teacher-output cache (:mod:`relkd.data.teacher_cache`) is keyed by teacher, data,
-transform and taps, so the first run that needs it builds it (under a file lock: concurrent
-workers wait instead of building twice) and every later method and seed of that teacher reads
+transform and taps, so the first run that needs it builds it (under a claim beside the cache:
+concurrent workers wait instead of building twice) and every later method and seed of that teacher reads
 it. It pays when the grid's online teacher passes outnumber the K augmentation outcomes per
 image (162 on CIFAR): yes for 240-epoch tables, not for 3-epoch CPU mini-suites. Runs that read
 one cache form a group; while another process runs a group's first run (and so probably builds
 its cache) and no run of the group is through an epoch yet, a worker runs other jobs of the grid
-first and comes back to the group's runs, instead of idling in the build lock; with nothing else
+first and comes back to the group's runs, instead of idling in the build claim; with nothing else
 left it polls until the cache is there.
 """
 
@@ -41,8 +45,6 @@ import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
-
-from filelock import FileLock, Timeout
 
 from relkd.bench.suite import (  # noqa: F401  (public names and those tests use stay importable here)
     _ENV_KEYS,
@@ -61,15 +63,16 @@ from relkd.bench.suite import (  # noqa: F401  (public names and those tests use
     load_suite,
     parse_suite,
 )
+from relkd.claims import RUN_CLAIM, Claim, ClaimLost, describe, read_record
 from relkd.registry import RelkdError
 
 
 # ------------------------------------------------------------------------------------ running
-def run_lock(run_dir: Path) -> FileLock:
-    """The lock that claims a run folder: an OS-level lock on ``<run>/.lock``, held while the run
-    trains; the OS drops it when the holder exits, however it exits."""
+def run_claim(run_dir: Path) -> Claim:
+    """The claim on a run folder (``<run>/.relkd.claim``), held while the run trains; the
+    run folder's own one-writer rule (``relkd.train``) uses the same claim."""
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    return FileLock(Path(run_dir) / ".lock")
+    return Claim(Path(run_dir) / RUN_CLAIM, what=f"run folder {run_dir}")
 
 
 def _comparable(yaml_text: str) -> Any:
@@ -90,7 +93,13 @@ def _config_changed(job: Job) -> bool:
     if not saved.is_file():
         return False
     want = to_yaml(load_config(job.config, job.overrides))
-    return _comparable(saved.read_text()) != _comparable(want)
+    try:
+        # The saved config read through today's schema: a key added since, at its default,
+        # is not a change (a run recorded before ``train.ema_decay`` existed still resumes).
+        have = to_yaml(load_config(str(saved)))
+    except Exception:  # unreadable or no longer valid: compare the raw text, which differs
+        have = saved.read_text()
+    return _comparable(have) != _comparable(want)
 
 
 #: The clock that times runs (monkeypatched by tests of the ETA arithmetic).
@@ -152,12 +161,19 @@ def _result(job: Job, status: str, **kw: Any) -> dict[str, Any]:
     out = {"id": job.id, "kind": job.kind, "method": job.label, "teacher": job.teacher}
     out.update(student=job.student, seed=job.seed, run_dir=str(job.run_dir), status=status)
     out.update(best_top1=s.get("best_top1"), last_top1=s.get("last_top1"), **kw)
+    out.update(eval_split=s.get("eval_split"), eval_images=s.get("eval_images"))
     return out
 
 
-def _execute(job: Job, token: str, quiet: bool, say) -> dict[str, Any]:
-    """Train (or resume) one claimed job; failures are recorded, not raised."""
+def _execute(job: Job, token: str, quiet: bool, say, claim: Claim | None = None) -> dict[str, Any]:
+    """Train (or resume) one claimed job; failures are recorded, not raised. ``claim`` (the
+    run folder's) is checked before every write; a lost claim (:class:`ClaimLost`) is raised:
+    this process must stop, not record anything."""
     import relkd
+
+    def fence(action: str) -> None:
+        if claim is not None:
+            claim.check(action)
 
     resume = job.state() == "resume"
     t0 = _clock()
@@ -169,8 +185,11 @@ def _execute(job: Job, token: str, quiet: bool, say) -> dict[str, Any]:
                 "restore the suite or delete the run folder to start it again"
             )
         if job.kind == "run":
+            fence("writing bench.json")
             _write_json(job.run_dir / "bench.json", job.meta)
         res = relkd.train(job.config, overrides=job.overrides, resume=resume, quiet=quiet)
+    except ClaimLost:
+        raise
     except Exception as e:  # one failed run must not stop the grid
         msg = f"{type(e).__name__}: {e}".splitlines()[0]
         rec = {
@@ -179,31 +198,32 @@ def _execute(job: Job, token: str, quiet: bool, say) -> dict[str, Any]:
             "traceback": traceback.format_exc(),
             "time": time.time(),
         }
+        fence("writing failed.json")
         _write_json(job.run_dir / "failed.json", rec)
         dt = _clock() - t0
         say(f"{_tag(job)} FAILED after {dt:.1f} s: {msg}")
         return _result(job, "failed", elapsed_s=dt, error=msg)
     dt = _clock() - t0
+    fence("removing failed.json")
     (job.run_dir / "failed.json").unlink(missing_ok=True)
-    say(f"{_tag(job)} done in {dt:.1f} s: best {res['best_top1']:.2f} last {res['last_top1']:.2f}")
+    on = f" top-1 on {res.get('eval_split', 'test')}, {res.get('eval_images', '?')} images"
+    say(
+        f"{_tag(job)} done in {dt:.1f} s: best {res['best_top1']:.2f} last "
+        f"{res['last_top1']:.2f} ({on.strip()})"
+    )
     return _result(job, "resumed" if resume else "trained", elapsed_s=dt, error=None)
 
 
-def _claim_group(job: Job, groups: dict[Path, list[Job]]) -> FileLock | bool | None:
-    """Before ``job`` is claimed: ``None`` if it needs no group lock (no cache, or a run of its
-    group is through an epoch, so the cache exists), the acquired group lock if ``job`` may be
-    the run that builds the cache, ``False`` if another process holds that lock. Workers thus
-    never sit in the cache's build lock while other runs of the grid are waiting; a worker with
-    nothing else left polls until the cache is built, as it would have waited in the lock."""
+def _claim_group(job: Job, groups: dict[Path, list[Job]]) -> Claim | bool | None:
+    """Before ``job`` is claimed: ``None`` if it needs no group claim (no cache, or a run of its
+    group is through an epoch, so the cache exists), the acquired group claim if ``job`` may be
+    the run that builds the cache, ``False`` if another process holds that claim. Workers thus
+    never sit in the cache's build claim while other runs of the grid are waiting; a worker with
+    nothing else left polls until the cache is built, as it would have waited for the build."""
     if job.cache_group is None or any(j.started() for j in groups.get(job.cache_group, [job])):
         return None
-    job.cache_group.parent.mkdir(parents=True, exist_ok=True)
-    glock = FileLock(job.cache_group)
-    try:
-        glock.acquire(timeout=0)
-    except Timeout:
-        return False
-    return glock
+    glock = Claim(job.cache_group, what=f"teacher-cache group {job.cache_group.stem}")
+    return glock if glock.try_acquire() else False
 
 
 def _work(
@@ -235,6 +255,7 @@ def _work(
             if dep is not None and (failed := dep.failed_in(token)):
                 msg = f"teacher {dep.student} failed: {failed.get('error')}"
                 job.run_dir.mkdir(parents=True, exist_ok=True)
+                # Same content from whichever worker writes it (atomic replace): no claim.
                 _write_json(job.run_dir / "failed.json", {"token": token, "error": msg})
                 handled.add(job.id)
                 say(f"{_tag(job)} skipped: {msg}")
@@ -255,21 +276,22 @@ def _work(
                 noted.add(str(job.cache_group))
                 waiting = True
                 continue
-            lock = run_lock(job.run_dir)
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
+            claim = run_claim(job.run_dir)
+            if not claim.try_acquire():
                 if glock is not None:
                     glock.release()
                 if job.id not in noted:
-                    say(f"{_tag(job)} is being run by another process; waiting")
+                    who = describe(read_record(claim.path))
+                    say(f"{_tag(job)} is being run by another process{who}; waiting")
                 noted.add(job.id)
                 waiting = True
                 continue
+            if claim.took_over:
+                say(f"{_tag(job)} taken over from a stale claim: {claim.took_over}")
             try:
-                res = None if job.finished() else _execute(job, token, quiet, say)
+                res = None if job.finished() else _execute(job, token, quiet, say, claim)
             finally:
-                lock.release()
+                claim.release()
                 if glock is not None:
                     glock.release()
             handled.add(job.id)
@@ -317,7 +339,7 @@ def _run_pool(
     suite_path, out: Path, todo: list[Job], token: str, workers: int, opts: dict[str, Any]
 ) -> dict[str, dict[str, Any]]:
     """``workers`` independent ``relkd bench accuracy`` processes on the same grid: they share it
-    through the run locks, as separate invocations do. CPU: ``cpu_count // workers`` torch
+    through the run claims, as separate invocations do. CPU: ``cpu_count // workers`` torch
     threads each; GPUs: CUDA_VISIBLE_DEVICES round-robin."""
     import subprocess
 
@@ -367,7 +389,8 @@ def run_suite(
         out_dir: where ``teachers/`` and ``runs/`` go; a second call with the same folder
             continues: finished runs are kept, interrupted ones resumed.
         workers: processes to spread the runs over (1: this process). Independent invocations
-            on the same ``out_dir`` also share the work (run folders are claimed with locks).
+            on the same ``out_dir``, on this machine or others sharing it, also share the work
+            (run folders are claimed, see :mod:`relkd.claims`).
         only: glob(s) on run ids ``<method>/<teacher>_<student>/s<seed>`` (comma separated or a
             list), e.g. ``"kd/*"`` or ``"*/s0"``; teachers are trained only if a selected run
             needs them.

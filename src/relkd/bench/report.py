@@ -19,9 +19,13 @@ set) holds, like a paper's table:
 
 The recipe (data, subset, epochs, batch, optimiser and lr, schedule) heads the report, or each
 table when tables differ. Outputs in ``out_dir``: ``report.md``, ``report.json`` (the same numbers,
-machine-readable, run folders relative to the report), ``accuracy.png`` (dot plot with error bars
-per pair), ``curves.png`` (top-1 per epoch, mean over seeds) and ``report.html`` (self-contained:
-tables and both images embedded). Reading the run folders and grouping them:
+machine-readable, run folders relative to the report), ``report.csv`` and ``report.tex`` (LaTeX,
+booktabs, best per column bold: :mod:`relkd.bench.report_export`), ``accuracy.png`` (dot plot per
+pair, best method on top, every seed drawn, CE student and teacher as reference lines),
+``curves.png`` (top-1 per epoch, mean over seeds), each figure also as PDF and SVG, and
+``report.html`` (self-contained: tables and both images embedded). Every number says what it was
+measured on: the header and each table name the split (test or validation), a
+``data.test_subset`` cap and the number of images. Reading the run folders and grouping them:
 :mod:`relkd.bench.report_runs`; the plots and the HTML page: ``report_plots`` / ``report_html``.
 """
 
@@ -45,6 +49,7 @@ from relkd.bench.report_runs import (  # noqa: F401  (data_label, mean_std: used
     _recipe_part,
     collect_runs,
     data_label,
+    eval_set_text,
     eval_split,
     group_runs,
     mean_std,
@@ -199,7 +204,9 @@ def _table_view(tab: Table) -> dict[str, Any]:
         row = [g.method, n, _fmt(g.best), *([] if one else [_fmt(g.last)]), d, _fmt_time(g.times)]
         row += ref_cells(refs[id(g)], best, last)
         cells.append(row + ([diffs[id(g)]] if any(diffs.values()) else []))
-    notes = []
+    # What every number of the table was measured on (split, subset, images), stated per table.
+    images = [n for g in rows for n in g.eval_images]
+    notes = [f"Top-1 on {eval_set_text([tab.recipe], images)}."]
     if tab.teacher is not None:
         how = tab.teacher_top1.get("how", "not recorded")
         notes.append(
@@ -262,6 +269,9 @@ def _group_json(g: Group, tab: Table | None, base: Path) -> dict[str, Any]:
         "best_std": num(bs),
         "last_mean": num(lm),
         "last_std": num(ls),
+        "eval_split": "validation" if g.recipe.get("val_split") else "test",
+        "test_subset": g.recipe.get("test_subset"),
+        "eval_images": g.eval_images,
         "delta_vs_ce_best": num(bm - ce_b) if ce_b is not None else None,
         "delta_vs_ce_last": num(lm - ce_l) if ce_l is not None else None,
         "train_time_s": [r.time_s for r in g.runs],
@@ -273,13 +283,13 @@ def _group_json(g: Group, tab: Table | None, base: Path) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------ writers
 def _intro(groups: list[Group], runs_rel: str, common: dict[str, Any] | None) -> list[str]:
-    split = eval_split([g.recipe for g in groups])
+    split = eval_set_text([g.recipe for g in groups], [n for g in groups for n in g.eval_images])
     n = sum(len(g.runs) for g in groups)
     n_unfinished = sum(g.unfinished for g in groups)
     lines = [
         f"Runs: {runs_rel} ({n} finished"
         + (f", {n_unfinished} unfinished" if n_unfinished else "")
-        + f"); generated {time.strftime('%Y-%m-%d %H:%M')}. Top-1 (%) on the {split}: mean ± "
+        + f"); generated {time.strftime('%Y-%m-%d %H:%M')}. Top-1 (%) on {split}: mean ± "
         "sample std over seeds (best epoch and last epoch; one column where they are equal).",
     ]
     if common:
@@ -316,8 +326,9 @@ def _markdown(views, intro: list[str], sources, images: dict[str, Path]) -> str:
 def write_report(
     runs_dir: str | Path, out_dir: str | Path | None = None, *, evaluate_teachers: bool = True
 ) -> Path:
-    """Write ``report.md`` / ``report.json`` / ``accuracy.png`` / ``curves.png`` /
-    ``report.html`` for the runs under ``runs_dir``; returns the path of ``report.md``.
+    """Write ``report.md`` / ``report.json`` / ``report.csv`` / ``report.tex`` (LaTeX,
+    booktabs) / ``accuracy.{png,pdf,svg}`` / ``curves.{png,pdf,svg}`` / ``report.html`` for the
+    runs under ``runs_dir``; returns the path of ``report.md``.
 
     ``runs_dir`` may be a suite's output folder (its ``runs/`` is used and its ``teachers/``
     give the teachers' accuracy) or any folder of relkd runs. ``out_dir`` defaults to the suite
@@ -325,6 +336,7 @@ def write_report(
     accuracy is recorded nowhere is evaluated once on the test split (``evaluate_teachers``; the
     result is kept in ``teacher_eval.json`` in ``out_dir``).
     """
+    from relkd.bench.report_export import write_csv, write_latex
     from relkd.bench.report_html import render_html
     from relkd.bench.report_plots import method_styles, plot_accuracy, plot_curves
 
@@ -380,12 +392,16 @@ def write_report(
         styles = method_styles([g.method for t in plotted for g in t.groups])
         split = eval_split([t.recipe for t in plotted])
         short = {"test split": "test", "validation split": "validation"}.get(split, "test/val")
+        if any(t.recipe.get("test_subset") for t in plotted):
+            short += " subset"
         plot_accuracy(plotted, out / "accuracy.png", styles, split=short)
         plot_curves(plotted, out / "curves.png", styles, split=short)
         images = {
             "Top-1 per method": out / "accuracy.png",
             f"{short.capitalize()} top-1 per epoch": out / "curves.png",
         }
+    write_csv(tables, out / "report.csv")
+    write_latex(tables, out / "report.tex")
     intro = _intro(groups, runs_rel, common)
     sources = _used_sources(tables)
     (out / "report.md").write_text(_markdown(views, intro, sources, images))

@@ -34,7 +34,7 @@ _ROOT_NAMES = [
 _JPEG = re.compile(r"jpe?g", re.I)
 #: Recipe fields listed when a row's recipe differs from its table's, in this order.
 _DIFF_KEYS = ("subset", "epochs", "batch", "optimizer", "lr", "weight_decay", "schedule")
-_DIFF_KEYS += ("steps_per_epoch", "val_split")
+_DIFF_KEYS += ("steps_per_epoch", "val_split", "test_subset")
 
 
 def data_label(name: str, root: str | None = None, label: str | None = None) -> str:
@@ -83,6 +83,8 @@ def recipe_of(cfg: dict[str, Any], student: str, label: str | None = None) -> di
         # A run with data.val_split is evaluated on that hold-out of the training set, not on
         # the test set: the report must say which (issue 17: choices are made on validation).
         "val_split": _val_text(data) if data.get("val_split") else None,
+        # A capped evaluation set (data.test_subset) is not the split: the report says so.
+        "test_subset": data.get("test_subset"),
     }
 
 
@@ -102,6 +104,21 @@ def eval_split(recipes: list[dict[str, Any]]) -> str:
     return "test or validation split (see each table's recipe)"
 
 
+def eval_set_text(recipes: list[dict[str, Any]], images: list[int | None] = ()) -> str:
+    """The evaluation set in words, e.g. ``"the test split (10000 images)"`` or ``"a stratified
+    2000-image subset of the test split"``; ``images``: the runs' recorded evaluation-set sizes
+    (``summary.json`` ``eval_images``; None for runs written before it was recorded)."""
+    split = eval_split(recipes)
+    subsets = {r.get("test_subset") for r in recipes}
+    sizes = sorted({n for n in images if n is not None})
+    n = f" ({sizes[0]} images)" if len(sizes) == 1 else ""
+    if subsets == {None} or not subsets:
+        return f"the {split}{n}"
+    if len(subsets) == 1:
+        return f"a stratified {subsets.pop()}-image subset of the {split}{n}"
+    return f"subsets of the {split} (data.test_subset differs: see each table's recipe)"
+
+
 def _recipe_part(key: str, v: Any) -> str:
     return {
         "subset": f"{v}-image training subset" if v else "full training set",
@@ -111,8 +128,11 @@ def _recipe_part(key: str, v: Any) -> str:
         "lr": f"lr {v:g}" if isinstance(v, (int, float)) else f"lr {v}",
         "weight_decay": f"wd {v:g}" if isinstance(v, (int, float)) else f"wd {v}",
         "schedule": f"{v} schedule",
-        "steps_per_epoch": f"at most {v} steps per epoch",
-        "val_split": f"top-1 on a {v}",
+        "steps_per_epoch": f"at most {v} steps per epoch" if v else "every step of each epoch",
+        "val_split": f"top-1 on a {v}" if v else "top-1 on the test split",
+        "test_subset": f"top-1 on a {v}-image evaluation subset"
+        if v
+        else "the whole evaluation split",
     }[key]
 
 
@@ -137,6 +157,7 @@ class RunRecord:
     method_name: str = ""
     recipe: dict[str, Any] = field(default_factory=dict)
     time_s: float | None = None  # train time of the run (summary.json)
+    eval_images: int | None = None  # size of the evaluation set (summary.json; newer runs)
     cfg: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
 
@@ -176,6 +197,10 @@ class Group:
     def times(self) -> list[float]:
         return [r.time_s for r in self.runs if r.time_s is not None]
 
+    @property
+    def eval_images(self) -> list[int | None]:
+        return [r.eval_images for r in self.runs]
+
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (n - 1; 0.0 for a single value)."""
@@ -197,10 +222,10 @@ PYTHON_TEACHER = "teacher passed from Python"
 
 
 def _needs_teacher(method_name: str) -> bool:
-    from relkd.methods import METHODS
+    from relkd.methods import MethodSpec
 
     try:
-        return any(METHODS.get(p.strip()).requires_teacher for p in method_name.split("+"))
+        return MethodSpec.parse(method_name).requires_teacher
     except Exception:  # not a registered method (renamed since, or a foreign run folder)
         return False
 
@@ -227,7 +252,12 @@ def _read_run(run_dir: Path) -> RunRecord | None:
         recipe=recipe_of(cfg, student, meta.get("data_label")),
         cfg=cfg,
     )
-    if rec.teacher is None and _needs_teacher(rec.method_name):
+    from relkd.plugins import PYTHON_MODULE
+
+    if isinstance(rec.teacher, str) and rec.teacher.startswith(PYTHON_MODULE):
+        # a teacher module passed from Python that relkd cannot import (config.yaml says so)
+        rec.teacher = f"{PYTHON_TEACHER} ({rec.teacher.rsplit('.', 1)[-1]})"
+    elif rec.teacher is None and _needs_teacher(rec.method_name):
         rec.teacher = PYTHON_TEACHER
         # The engine records the module's class in run.json (modules_from_python).
         sessions = (_read_json(run_dir / "run.json") or {}).get("sessions") or [{}]
@@ -242,6 +272,8 @@ def _read_run(run_dir: Path) -> RunRecord | None:
         rec.last = float(summary["last_top1"])
         if summary.get("train_time_s") is not None:
             rec.time_s = float(summary["train_time_s"])
+        if summary.get("eval_images") is not None:
+            rec.eval_images = int(summary["eval_images"])
     try:
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     except OSError:

@@ -34,7 +34,7 @@ recorded run):
     ToTensor + Normalize, default collate, ``.to(device)``), per worker count.
 
 The step timed is the engine's own (:mod:`relkd.engine.step`, the one ``fit`` runs), on parts
-built as :func:`relkd.engine.trainer.build_components` builds them (zoo models, random init,
+built as :func:`relkd.engine.build.build_method_parts` builds them (zoo models, random init,
 :class:`MethodContext`, method, :class:`Distiller`, teacher, channels-last, ``torch.compile``,
 autocast, ``GradScaler``, SGD with the config defaults); as in ``fit`` the step reads its
 on-device loss sums to the host only every ``train.log_every`` steps. Only the data differ: a
@@ -161,11 +161,10 @@ def _as_flags(value: bool | Sequence[bool], what: str) -> list[bool]:
 
 def _validate(spec: _Spec, methods: list[str]) -> None:
     """Every name and number checked before anything is measured."""
-    from relkd.methods.base import METHODS
+    from relkd.methods import MethodSpec
 
     for m in methods:
-        for part in m.split("+"):
-            METHODS.get(part.strip())  # RelkdError naming the unknown method
+        MethodSpec.parse(m)  # a RelkdError naming an unknown method or a bad composition
     for name in (spec.student, spec.teacher):
         spec.create(name)  # a RelkdError naming an unknown model
     for p in spec.precisions:
@@ -234,7 +233,7 @@ def run_speed(
         rounds: interleaved rounds per option set (1: one configuration after the other).
         on_record: called with each record as soon as it is measured.
     """
-    from relkd.engine.trainer import resolve_device
+    from relkd.engine.build import resolve_device
 
     methods = _as_list(methods, "methods")
     spec = _Spec(
@@ -330,9 +329,9 @@ def _cached(
 ) -> list[tuple[dict[str, Any], Callable[[], Any] | None, str | None]]:
     """``(record fields, cache opener, skip reason)`` of each cached step of method ``m`` (none
     for a method without a teacher)."""
-    from relkd.methods.base import METHODS
+    from relkd.methods import MethodSpec
 
-    if not any(METHODS.get(p.strip()).requires_teacher for p in m.split("+")):
+    if not MethodSpec.parse(m).requires_teacher:
         return []
     why, taps, dims, nbytes = _cache_plan(spec, m, files, budget_mb)
     what = f"TeacherCache {files.dtype} {'+'.join(taps)} {nbytes / MIB:.0f} MiB"
@@ -385,7 +384,8 @@ def _cache_plan(
     ``train.teacher_cache`` on) keeps the online teacher, with its reason."""
     from relkd.engine.plan import make_plan
 
-    _, _, ctx, method, _ = _parts(spec, method_name, with_teacher=True)
+    parts = _parts(spec, method_name, with_teacher=True)
+    ctx, method = parts.context, parts.method
     taps = tuple(dict.fromkeys(["logits", *method.teacher_taps()]))
     plan = make_plan(
         method=method, method_name=method_name, has_teacher=True, teacher_cache="auto",

@@ -34,12 +34,12 @@ class _Spec:
         self.__dict__.update(kw)
 
     def create(self, name: str) -> nn.Module:
-        """The model as the engine creates it (``in_chans`` as its ``_chans_kwargs`` decides)."""
-        from relkd.engine.trainer import _chans_kwargs
+        """The model as the engine creates it (``in_chans`` as its ``model_kwargs`` decides)."""
+        from relkd.engine.build import model_kwargs
         from relkd.models import create_model
 
         torch.manual_seed(self.seed)
-        return create_model(name, self.num_classes, **_chans_kwargs(name, {}, self.in_chans))
+        return create_model(name, self.num_classes, **model_kwargs(name, {}, self.in_chans))
 
     def shape(self, b: int) -> tuple[int, int, int, int]:
         return (b, self.in_chans, self.image_size, self.image_size)
@@ -62,40 +62,17 @@ class _SyntheticSet(Dataset):
         return self.images, torch.from_numpy(self.targets)
 
 
-def _parts(spec: _Spec, method_name: str, with_teacher: bool) -> tuple[Any, ...]:
-    """``(student, teacher model or None, MethodContext, method, ce weight)``, random init, the
-    context exactly as build_components makes it (on a CPU dummy batch)."""
-    from relkd.config import TrainConfig
-    from relkd.engine.trainer import _tappable, probe_shapes
-    from relkd.methods import MethodContext, build_method
-    from relkd.models import get_feature_info
+def _parts(spec: _Spec, method_name: str, with_teacher: bool) -> Any:
+    """The engine's :class:`~relkd.engine.build.MethodParts` (context, method, Distiller, online
+    teacher) for the spec's models, random init, measured on a CPU dummy batch."""
+    from relkd.engine.build import build_method_parts
 
     student = spec.create(spec.student)
     teacher = spec.create(spec.teacher) if with_teacher else None
-    dummy = torch.zeros(spec.shape(2))
-    s_shapes = probe_shapes(student, _tappable(student), dummy)
-    if s_shapes["logits"] != (spec.num_classes,):
-        raise RelkdError(
-            f"student {spec.student!r} predicts {s_shapes['logits'][0]} classes, not "
-            f"num_classes={spec.num_classes}"
-        )
-    ctx = MethodContext(
-        num_classes=spec.num_classes,
-        student_stages=get_feature_info(student),
-        student_shapes=s_shapes,
-        epochs=TrainConfig.epochs,
-        num_train_samples=spec.num_train_samples,
-        seed=spec.seed,
-    )
-    if teacher is not None:
-        ctx.teacher_stages = get_feature_info(teacher)
-        ctx.teacher_shapes = probe_shapes(teacher, _tappable(teacher), dummy)
-        if ctx.teacher_shapes["logits"] != s_shapes["logits"]:
-            raise RelkdError(
-                f"teacher {spec.teacher!r} predicts {ctx.teacher_shapes['logits'][0]} classes "
-                f"but the student {s_shapes['logits'][0]}"
-            )
-    return (student, teacher, ctx, *build_method(method_name, ctx))
+    return build_method_parts(
+        method_name, student, teacher, torch.zeros(spec.shape(2)), num_classes=spec.num_classes,
+        num_train_samples=spec.num_train_samples, seed=spec.seed,
+    )  # fmt: skip
 
 
 def _synthetic_batch(spec: _Spec, method) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
@@ -259,41 +236,33 @@ def _train_step(
 
     def build() -> Callable[[int], Any]:
         from relkd.config import OptimConfig, TrainConfig
-        from relkd.engine.distiller import Distiller
-        from relkd.engine.step import TrainStep
-        from relkd.engine.teacher import CachedTeacher, Teacher
-        from relkd.engine.trainer import _amp
+        from relkd.engine.build import build_optimizer, build_step
+        from relkd.engine.teacher import CachedTeacher
 
         device = spec.device
-        student, teacher_model, _, method, ce_weight = _parts(spec, method_name, teacher != "none")
-        distiller = Distiller(student, method, ce_weight).to(device)
+        parts = _parts(spec, method_name, teacher != "none")
+        method, distiller = parts.method, parts.distiller.to(device)
         if channels_last:
             distiller = distiller.to(memory_format=torch.channels_last)
         tea: Any = None
         drop: tuple[str, ...] = ()
-        if teacher == "online" and method.requires_teacher:
-            tea = Teacher(teacher_model, method.teacher_taps()).to(device)
+        if teacher == "online" and parts.teacher is not None:
+            tea = parts.teacher.to(device)
         elif teacher == "cached":
             # As the engine: the cached teacher reads index + the drawn augmentation, which are
             # dropped before the method (index kept when the method wants it).
             tea = CachedTeacher(cache())
             drop = ("aug_offsets", "aug_flips")
             drop += () if "index" in method.batch_extras else ("index",)
-        del teacher_model
+        del parts
         oc = OptimConfig()
         params = [p for p in distiller.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(
-            params, lr=oc.lr, momentum=oc.momentum, weight_decay=oc.weight_decay,
-            nesterov=oc.nesterov,
-        )  # fmt: skip
+        opt = build_optimizer(oc, params, oc.lr)
         tc = TrainConfig  # the defaults of train.*
-        model = torch.compile(distiller, mode=tc.compile_mode) if compile_ else distiller
-        train_step = TrainStep(
-            model, opt, params=params, state_module=distiller,
-            scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
-            amp=_amp(precision, device), teacher=tea, drop_extras=drop,
-            prepare_batch=method.prepare_batch, channels_last=channels_last,
-            method_name=method_name,
+        train_step = build_step(
+            distiller, distiller, opt, device=device, precision=precision, compile=compile_,
+            compile_mode=tc.compile_mode, teacher=tea, drop_extras=drop,
+            channels_last=channels_last, method_name=method_name, params=params,
         )  # fmt: skip
         method.set_phase("main")
         method.set_epoch(0)

@@ -16,8 +16,12 @@ A suite is a YAML file::
       - {name: dkd, method: {args: {warmup: 1}}}      # label + method-section overrides
       - {name: dkd, method: {args: {beta: 2.0}}, pairs: [[resnet56, resnet20]]}  # per pair
       - {name: clkd_l1, method: {name: clkd, ce_weight: 1.0}, config: {optim: {lr: 0.1}}}
+      - mypkg.methods:MyKD                 # your own method by import path (row label: MyKD)
     seeds: [0, 1, 2]
     overrides: [train.epochs=4]            # key=value on every run (CLI overrides come after)
+
+Models in ``teachers`` and ``pairs`` and methods may be import paths (``mypkg.models:ResNetA``,
+:mod:`relkd.plugins`) or names that packages register through entry points.
 
 The grid is every method entry x its pairs x seeds. Methods that need no teacher (``ce``,
 ``corsd``) run once per *student* (the teacher of the pair is dropped); methods that need one
@@ -38,7 +42,6 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import inspect
 import json
 import os
 import re
@@ -112,7 +115,7 @@ class Job:
     needs: str | None = None  # id of the teacher job this run waits for
     meta: dict[str, Any] = field(default_factory=dict)  # written to bench.json
     #: Runs that read one teacher cache share a group (a scheduling hint, see ``_work``): the
-    #: lock file a worker holds while it runs the group's first run, None without a cache.
+    #: claim file a worker holds while it runs the group's first run, None without a cache.
     cache_group: Path | None = None
 
     def finished(self) -> bool:
@@ -218,6 +221,11 @@ def _teacher_spec(name: str, spec: Any, errors: list[str]) -> TeacherSpec | None
 
 
 def _method_entry(i: int, item: Any, pairs: list, errors: list[str]) -> MethodEntry | None:
+    if isinstance(item, str) and ":" in item:
+        # A method of one's own by import path ("mypkg.methods:MyKD", "mypkg.methods:MyKD+kd"):
+        # the row label (and run folder) is its attribute name, the config keeps the path.
+        label = "+".join(p.strip().rsplit(":", 1)[-1].rsplit(".", 1)[-1] for p in item.split("+"))
+        item = {"name": label, "method": {"name": item}}
     item = {"name": item} if isinstance(item, str) else item
     if not isinstance(item, dict) or "name" not in item or set(item) - set(_ENTRY_KEYS):
         errors.append(
@@ -307,42 +315,36 @@ def load_suite(path: str | os.PathLike) -> Suite:
 
 # ----------------------------------------------------------------------------- name checks
 def _method_parts(name: str) -> list[str]:
-    return [n.strip() for n in str(name).split("+")]
+    from relkd.methods import MethodSpec
+
+    return list(MethodSpec.split(name))
 
 
 def _requires_teacher(method_name: str) -> bool:
-    from relkd.methods import METHODS
+    from relkd.methods import MethodSpec
 
-    return any(METHODS.get(p).requires_teacher for p in _method_parts(method_name))
+    return MethodSpec.parse(method_name).requires_teacher
 
 
 def _method_arg_errors(section: dict[str, Any]) -> list[str]:
-    """Argument names of a method section checked against the method's signature."""
-    from relkd.methods import METHODS
+    """The method spec's errors (:class:`relkd.methods.MethodSpec`: the messages ``relkd
+    train`` gives for the same mistake), all of them."""
+    from relkd.methods import MethodSpec
 
-    name = str(section.get("name"))
-    parts = _method_parts(name)
-    args = section.get("args") or {}
-    if not isinstance(args, dict):
-        return [f"method {name!r}: args must be a mapping"]
-    if len(parts) > 1 and set(args) - set(parts):
-        bad = ", ".join(sorted(set(args) - set(parts)))
-        return [f"method {name!r}: args must be keyed by part ({', '.join(parts)}); got {bad}"]
-    errors = []
-    for part, a in ({parts[0]: args} if len(parts) == 1 else args).items():
-        params = inspect.signature(METHODS.get(part).__init__).parameters
-        valid = [k for k in params if k not in ("self", "ctx")]
-        errors += [
-            f"method {part!r} has no argument {key!r} (valid: {', '.join(valid) or 'none'})"
-            for key in a or {}
-            if key not in valid
-        ]
-    return errors
+    try:
+        spec = MethodSpec.parse(str(section.get("name")), section.get("args"))
+    except RelkdError as e:
+        return [str(e)]
+    return spec.argument_errors()
 
 
 def _model_known(name: str) -> bool:
     from relkd.models import MODELS
+    from relkd.plugins import is_import_path
 
+    if is_import_path(name):
+        MODELS.get(name)  # imported once here; a bad path is one line naming it
+        return True
     if name.startswith("torchvision:"):
         import torchvision
 
@@ -358,14 +360,28 @@ def _model_known(name: str) -> bool:
 
 def _check_names(suite: Suite) -> None:
     """Unknown methods and models fail here, all named at once, before anything is built."""
-    from relkd.methods import list_methods
+    from relkd.methods import METHODS, list_methods
+    from relkd.plugins import is_import_path
 
     registered = set(list_methods())
     parts = {p for e in suite.methods for p in _method_parts(e.section["name"])}
-    unknown_methods = sorted(parts - registered)
-    models = {m for pair in suite.pairs for m in pair if m is not None}
-    unknown_models = sorted(m for m in models if not _model_known(m))
     errors = []
+    # Import paths are imported here, once, before anything else is checked; a bad one is its
+    # own line (module not found, attribute not found, not a method / model).
+    for p in sorted(x for x in parts if is_import_path(x)):
+        try:
+            METHODS.get(p)
+        except RelkdError as e:
+            errors.append(str(e))
+    unknown_methods = sorted(x for x in parts - registered if not is_import_path(x))
+    models = {m for pair in suite.pairs for m in pair if m is not None}
+    unknown_models = []
+    for m in sorted(models):
+        try:
+            if not _model_known(m):
+                unknown_models.append(m)
+        except RelkdError as e:
+            errors.append(str(e))
     if unknown_methods:
         errors.append(
             f"unknown method(s): {', '.join(unknown_methods)} (registered: "
@@ -376,7 +392,7 @@ def _check_names(suite: Suite) -> None:
             f"unknown model(s): {', '.join(unknown_models)} (zoo: relkd list models; "
             "torchvision:<name>, timm:<name> with timm installed)"
         )
-    if not unknown_methods:
+    if not unknown_methods and not errors:
         errors += [
             f"{e.label}: {msg}" for e in suite.methods for msg in _method_arg_errors(e.section)
         ]
@@ -483,7 +499,7 @@ def _cache_on(cfg: dict[str, Any], overrides: Sequence[str]) -> bool:
 
 
 def _cache_group_lock(out: Path, cfg: dict[str, Any], method_name: str) -> Path:
-    """The group lock of the runs that read one teacher cache: same teacher checkpoint, data
+    """The group claim of the runs that read one teacher cache: same teacher checkpoint, data
     section and teacher taps. Only a scheduling hint -- the cache's own key (teacher weights,
     images, transform, taps, dtype) decides what is shared, so a coarse or wrong group can make
     a worker idle or wait, never change a result."""

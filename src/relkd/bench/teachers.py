@@ -57,29 +57,35 @@ def _from_run_folder(ckpt: Path, data_name: str) -> dict[str, Any] | None:
 
 
 def evaluate_checkpoint(
-    model_name: str, kwargs: dict[str, Any], ckpt: Path, data: dict[str, Any]
+    model_name: str,
+    kwargs: dict[str, Any],
+    ckpt: Path,
+    data: dict[str, Any],
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
 ) -> float:
     """Top-1 (%) of the checkpoint ``ckpt`` of ``model_name`` on the test split of ``data`` (a
-    config's ``data`` section: name, root, image_size, eval_batch_size)."""
-    import inspect
-
+    config's ``data`` section: name, root, image_size, eval_batch_size), its inputs normalised as
+    training normalises a teacher (``mean`` / ``std``: the config's ``teacher.mean`` / ``.std``;
+    else declared by the model, else recorded with the checkpoint, else the data's)."""
     import torch
 
     from relkd.data import build_datasets
+    from relkd.engine.build import model_kwargs
     from relkd.models import create_model, load_checkpoint
-    from relkd.models.registry import MODELS
+    from relkd.models.input_check import teacher_input
+    from relkd.models.normalization import attach_input_norm
 
     _, test_ds, info = build_datasets(
         data["name"], data.get("root"), augment=False, image_size=data.get("image_size")
     )
-    kw = dict(kwargs or {})
-    takes = (
-        ":" not in model_name and "in_chans" in inspect.signature(MODELS.get(model_name)).parameters
-    )
-    if takes or info.in_channels != 3:
-        kw.setdefault("in_chans", info.in_channels)
+    # in_chans as training passes it (zoo names, import paths: where the factory takes it)
+    kw = model_kwargs(model_name, kwargs or {}, info.in_channels)
     model = create_model(model_name, info.num_classes, **kw)
     load_checkpoint(model, ckpt)
+    # One normalisation rule for every entry point (relkd.models.input_check / normalization).
+    (t_mean, t_std), _ = teacher_input(model, model_name, str(ckpt), mean, std, info)
+    attach_input_norm(model, info.mean, info.std, t_mean, t_std)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     loader = torch.utils.data.DataLoader(
@@ -136,7 +142,10 @@ def teacher_top1(
         return {"top1": None, "how": "not evaluated (teacher evaluation switched off)"}
     if data.get("root") and not Path(str(data["root"])).expanduser().exists():
         return {"top1": None, "how": f"not evaluated (data root {data['root']} not found)"}
-    top1 = evaluate_checkpoint(str(tcfg.get("name") or name), tcfg.get("kwargs") or {}, ckpt, data)
+    top1 = evaluate_checkpoint(
+        str(tcfg.get("name") or name), tcfg.get("kwargs") or {}, ckpt, data,
+        tcfg.get("mean"), tcfg.get("std"),
+    )  # fmt: skip
     if cache is not None:
         known[key] = top1
         tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")

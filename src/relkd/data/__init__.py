@@ -7,17 +7,17 @@ carry per-sample extras (the sample index for memory banks) through a ``DataLoad
 :func:`split_train_val` holds out a stratified validation split (``data.val_split``).
 """
 
-from relkd.data.datasets import (
+from relkd.data.base import (
     DATASETS,
+    EXAMPLES,
     ArrayImageDataset,
     BuildOptions,
     DataInfo,
     FileImageDataset,
-    build_datasets,
-    cache_dir,
-    load_image,
-    read_idx,
 )
+from relkd.data.datasets import build_datasets
+from relkd.data.formats import load_image, read_idx
+from relkd.data.kit import cache_dir, register_dataset
 from relkd.data.memory import InMemoryLoader, supports_in_memory, to_tensors
 from relkd.data.wrappers import (
     IndexedDataset,
@@ -30,6 +30,7 @@ from relkd.data.wrappers import (
 
 __all__ = [
     "DATASETS",
+    "EXAMPLES",
     "ArrayImageDataset",
     "BuildOptions",
     "DataInfo",
@@ -43,6 +44,7 @@ __all__ = [
     "get_targets",
     "load_image",
     "read_idx",
+    "register_dataset",
     "split_train_val",
     "supports_in_memory",
     "take_subset",

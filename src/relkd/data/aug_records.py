@@ -83,7 +83,7 @@ def draw_resized_crop_params(
 
 def save_aug_record(folder: str | os.PathLike, epoch: int, params: torch.Tensor) -> Path:
     """Write one epoch's drawn parameters [N, P] atomically to ``folder/aug_epoch{epoch}.npy``."""
-    from relkd.engine.checkpoint import atomic_write_bytes
+    from relkd._fs import atomic_write_bytes
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -4,8 +4,8 @@
 options every builder receives, :data:`DATASETS` is the registry of builders (``Builder``:
 ``(root, opts) -> (train, test, DataInfo)``); :class:`ArrayImageDataset` (uint8 arrays in
 memory, ``as_tensors()`` for the on-device loader) and :class:`FileImageDataset` (image files
-decoded on every access) are what the built-in builders of :mod:`relkd.data.datasets` make.
-Every name here stays importable from :mod:`relkd.data.datasets` and :mod:`relkd.data`.
+decoded on every access) are what the built-in builders (:mod:`relkd.data.builders`) make.
+Builders are written with the public kit :mod:`relkd.data.kit`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from relkd import plugins as _plugins
 from relkd.data.formats import load_image
 from relkd.registry import Registry
 
@@ -38,6 +39,8 @@ class DataInfo:
         crop_padding: zero padding of the train RandomCrop (4 for CIFAR, 2 for Fashion-MNIST,
             size / 8 for STL-10, Tiny-ImageNet and folder_jpg; 0 for the RandomResizedCrop
             recipes), for loaders that redo the augmentation themselves.
+        notes: what the builder chose that the user should hear (said once before training),
+            e.g. imagefolder training small images at their own size.
     """
 
     num_classes: int
@@ -48,6 +51,7 @@ class DataInfo:
     classes: list[str] | None = None
     name: str = ""
     crop_padding: int = 0
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,10 @@ class BuildOptions:
 
 
 Builder = Callable[[Path | None, BuildOptions], "tuple[Dataset, Dataset, DataInfo]"]
-DATASETS: Registry[Builder] = Registry("dataset")
+DATASETS: Registry[Builder] = Registry("dataset", check=_plugins.check_dataset)
+#: name -> writer of tiny example files in the data set's real on-disk format,
+#: ``example(folder) -> root to build from`` (set by ``relkd.data.kit.register_dataset``).
+EXAMPLES: dict[str, Callable[[Path], Path]] = {}
 
 
 class ArrayImageDataset(Dataset):

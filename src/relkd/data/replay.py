@@ -25,12 +25,15 @@ instead of running the teacher. relkd's version, switched on by ``train.teacher_
   ~2.4 GiB for ImageNet-1k, ~2 s): same-shape garbage or a truncated file is refused, never
   used. An epoch is written only after a check of the free disk space (one line naming the
   folder and the bytes needed) with its files' blocks reserved.
-- :class:`ReplayTeacher` answers from the store for a stored epoch, checking that the crops drawn
-  now equal the recorded ones (a changed image changes its crops: refused, never silently wrong).
+- The replay teacher (:class:`relkd.engine.teacher.ReplayTeacher`) answers from the store for
+  a stored epoch, checking that the crops drawn now equal the recorded ones (a changed image changes its crops: refused, never silently wrong).
   For an epoch not stored yet it runs the online teacher, rounds its outputs to the storage dtype
   (so the run that writes an epoch and every run that reads it see the same numbers) and writes
   them through to a temporary folder that is renamed into place once every sample of the epoch
-  was written. The first run of a table therefore costs what an online run costs; every later
+  was written. One writer per epoch: the writer holds the claim ``.epoch_<e>.claim``
+  (:mod:`relkd.claims`, valid across nodes) and checks it before the rename; a run that finds
+  the epoch claimed by another live writer reads nothing and writes nothing for it (online
+  teacher only), and a writer whose claim was taken over discards its epoch. The first run of a table therefore costs what an online run costs; every later
   method and seed of the table runs no teacher forward pass for the stored epochs.
 
 What changes for the user: under replay the crops depend on ``train.replay_seed`` (default 0),
@@ -53,7 +56,6 @@ import os
 import shutil
 import socket
 import uuid
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,7 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 from relkd._fs import fsync_dir as _fsync_dir
+from relkd.claims import Claim, ClaimLost
 from relkd.data.aug_records import draw_resized_crop_params
 from relkd.data.memory import _mix_seed
 from relkd.data.store_files import check_free_space, file_sha256, reserve_file, verify_files
@@ -76,7 +79,7 @@ REPLAY_VERSION = 2  # 2: content-hashed data, per-epoch checksums
 FORMAT = "relkd-teacher-replay"
 MANIFEST = "manifest.json"
 CHECKSUMS = "checksums.json"
-#: Batch extras a :class:`ReplayTeacher` reads (``ReplayCropDataset`` yields them).
+#: Batch extras a :class:`relkd.engine.teacher.ReplayTeacher` reads (``ReplayCropDataset`` yields them).
 REPLAY_EXTRAS = ("index", "aug_params")
 # Steps allowed after the crop: they must not draw random numbers, or replay would not be exact.
 _DETERMINISTIC = (
@@ -184,7 +187,7 @@ class ReplayCropDataset(Dataset):
         return self.tail(out) if self.tail is not None else out
 
     def __getitem__(self, i: int) -> tuple[Any, int, dict[str, Any]]:
-        from relkd.data.datasets import load_image
+        from relkd.data.formats import load_image
 
         path, target = self._sample(i)
         img = load_image(path)
@@ -233,14 +236,19 @@ def replay_key(
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest(), parts
 
 
-class _EpochWriter:
-    """One epoch being written into a temporary sibling folder; rows arrive in any order."""
+class EpochWriter:
+    """One epoch being written into a temporary sibling folder; rows arrive in any order. The
+    writer holds the epoch's claim (``claim``) from creation to commit or abort."""
 
-    def __init__(self, store: ReplayStore, epoch: int) -> None:
-        self.store, self.epoch = store, epoch
+    def __init__(self, store: ReplayStore, epoch: int, claim: Claim) -> None:
+        self.store, self.epoch, self.claim = store, epoch, claim
         tag = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.tmp = store.path / f".tmp-epoch_{epoch}-{tag}"
-        self.tmp.mkdir(parents=True)
+        try:
+            self.tmp.mkdir(parents=True)
+        except BaseException:
+            claim.release()
+            raise
         n = store.num_samples
         self.filled = np.zeros(n, dtype=bool)
         self.arrays: dict[str, np.ndarray] = {}
@@ -284,16 +292,23 @@ class _EpochWriter:
         _fsync_dir(self.tmp)
         final = self.store.epoch_dir(self.epoch)
         try:
+            self.claim.check(f"storing replay epoch {self.epoch + 1}")
+        except ClaimLost:
+            self.abort()  # another writer owns the epoch now; the run itself goes on
+            return self.store.has_epoch(self.epoch)
+        try:
             os.replace(self.tmp, final)  # atomic; refused when another writer got there first
         except OSError:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.abort()
             return self.store.has_epoch(self.epoch)
+        self.claim.release()
         _fsync_dir(self.store.path)
         return True
 
     def abort(self) -> None:
         self.arrays.clear()
         shutil.rmtree(self.tmp, ignore_errors=True)
+        self.claim.release()
 
 
 class ReplayStore:
@@ -324,10 +339,14 @@ class ReplayStore:
             }  # fmt: skip
             tmp = path / f".{MANIFEST}.{uuid.uuid4().hex[:8]}"
             tmp.write_text(json.dumps(manifest, indent=1))
-            if not mpath.exists():  # a concurrent creator wrote the same manifest
-                os.replace(tmp, mpath)
-            else:
-                tmp.unlink()
+            try:  # exclusive: a concurrent creator's manifest (maybe another key) is kept
+                os.link(tmp, mpath)
+            except FileExistsError:
+                pass
+            except OSError:  # no hard links on this file system
+                if not mpath.exists():
+                    os.replace(tmp, mpath)
+            tmp.unlink(missing_ok=True)
         try:
             manifest = json.loads(mpath.read_text())
         except (OSError, ValueError) as e:
@@ -405,108 +424,15 @@ class ReplayStore:
             raise RelkdError(f"teacher replay store {str(d)!r} is damaged (row counts)")
         return arrays
 
-    def writer(self, epoch: int) -> _EpochWriter:
-        return _EpochWriter(self, epoch)
+    def writer(self, epoch: int) -> EpochWriter | None:
+        """A writer for ``epoch``, or None while another live process holds its claim."""
+        claim = Claim(self.path / f".epoch_{int(epoch)}.claim", what=f"replay epoch {epoch + 1}")
+        if not claim.try_acquire():
+            return None
+        return EpochWriter(self, epoch, claim)
 
     def __repr__(self) -> str:
         return (
             f"ReplayStore({str(self.path)!r}, n={self.num_samples}, taps={list(self.taps)}, "
             f"dtype={self.dtype}, epochs stored={len(self.stored_epochs())}, key={self.key[:12]})"
         )
-
-
-# ------------------------------------------------------------------------- the teacher
-class ReplayTeacher:
-    """``teacher(images, index=, aug_params=, **other) -> ModelOutput`` from a :class:`ReplayStore`
-    for stored epochs, else from the online ``teacher`` (written through when ``write``).
-
-    Call :meth:`set_epoch` before and :meth:`end_epoch` after each epoch (the engine does).
-    """
-
-    def __init__(
-        self,
-        teacher: Callable[..., ModelOutput],
-        store: ReplayStore,
-        *,
-        write: bool = True,
-        log: Callable[[str], None] | None = None,
-    ) -> None:
-        self.teacher, self.store, self.write = teacher, store, write
-        self.model = getattr(teacher, "model", None)
-        self.log = log or (lambda s: None)
-        self.epoch = -1
-        self._stored: dict[str, np.ndarray] | None = None
-        self._writer: _EpochWriter | None = None
-        self.online_batches = 0  # teacher forward passes run (for logs and tests)
-
-    def to(self, *args: Any, **kwargs: Any) -> ReplayTeacher:
-        return self
-
-    def set_epoch(self, epoch: int) -> None:
-        self.close()
-        self.epoch = int(epoch)
-        if self.store.has_epoch(epoch):
-            self._stored = self.store.read(epoch)
-            self.log(f"teacher replay: epoch {epoch + 1} from the store, no teacher forward pass")
-        else:
-            self._stored = None
-            self._writer = self.store.writer(epoch) if self.write else None
-            what = "writing it" if self.write else "not writing it (only one process writes)"
-            self.log(f"teacher replay: epoch {epoch + 1} not stored yet: online teacher, {what}")
-
-    def _round(self, out: ModelOutput) -> ModelOutput:
-        if self.store.dtype == "fp32":
-            return out
-        feats = {k: v.half().float() for k, v in out.feats.items()}
-        return ModelOutput(out.logits.half().float(), feats)
-
-    def __call__(self, images: torch.Tensor, **extras: Any) -> ModelOutput:
-        missing = [k for k in REPLAY_EXTRAS if extras.get(k) is None]
-        if missing:
-            raise RelkdError(
-                f"the replay teacher needs the batch extras {list(REPLAY_EXTRAS)} (missing "
-                f"{missing}): wrap the train set in ReplayCropDataset"
-            )
-        index, params = extras["index"], extras["aug_params"]
-        if self._stored is not None:
-            idx = index.detach().cpu().numpy()
-            rec = self._stored["params"][idx]
-            if not np.array_equal(rec, params.detach().cpu().numpy()):
-                bad = int(idx[np.flatnonzero((rec != params.cpu().numpy()).any(1))[0]])
-                raise RelkdError(
-                    f"teacher replay store {str(self.store.path)!r}, epoch {self.epoch + 1}: "
-                    f"sample {bad} was recorded with another crop than the one drawn now (did "
-                    "its image change?). Delete the store or point train.teacher_replay elsewhere"
-                )
-            dev = images.device
-            logits = torch.from_numpy(self._stored["logits"][idx].astype(np.float32)).to(dev)
-            feats = {
-                t: torch.from_numpy(self._stored[t][idx].astype(np.float32)).to(dev)
-                for t in self.store.taps
-                if t != "logits"
-            }
-            return ModelOutput(logits, feats)
-        out = self._round(self.teacher(images))
-        self.online_batches += 1
-        if self._writer is not None:
-            self._writer.put(index, params, out)
-        return out
-
-    def end_epoch(self) -> None:
-        """Commit the epoch being written (if every sample was seen), else discard it."""
-        if self._writer is None:
-            return
-        w, self._writer = self._writer, None
-        if w.commit():
-            self.log(f"teacher replay: stored epoch {self.epoch + 1} in {self.store.path}")
-        else:
-            self.log(
-                f"teacher replay: epoch {self.epoch + 1} not stored (not every sample was seen, "
-                "e.g. train.max_steps_per_epoch)"
-            )
-
-    def close(self) -> None:
-        """Discard an unfinished epoch (e.g. on an error)."""
-        if self._writer is not None:
-            self._writer.abort()
-            self._writer = None

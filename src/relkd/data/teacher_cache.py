@@ -51,7 +51,7 @@ augmentation records of :mod:`relkd.data.aug_records`.
 
 Code layout: this module holds :class:`TeacherCache` (open, build, spot check, lookup);
 :mod:`relkd.data.teacher_cache_format` the constants, the outcome rows and the key;
-:mod:`relkd.data.teacher_cache_build` the build (lock, temporary folder, rename into place);
+:mod:`relkd.data.teacher_cache_build` the build (claim, temporary folder, rename into place);
 :mod:`relkd.data.store_files` the checksum / disk-space / memory-map helpers it shares with the
 replay store; :mod:`relkd.data.aug_records` the FKD-style records
 (:func:`~relkd.data.aug_records.draw_resized_crop_params`, ``save_aug_record``,
@@ -276,7 +276,7 @@ class TeacherCache:
         k, parts = key
         if path is None:
             if root is None:
-                from relkd.data.datasets import cache_dir
+                from relkd.data.kit import cache_dir
 
                 root = cache_dir() / "teacher"
             path = Path(root) / k[:32]
@@ -300,9 +300,9 @@ class TeacherCache:
                 if rebuild != "auto" or "damaged" not in str(e):
                     raise
         if rebuild != "never":
-            # Concurrent builders of one cache (workers of a benchmark grid) queue on a lock
-            # file instead of computing it twice; the first builds, the others then open it.
-            with _build_lock(path, log):
+            # Concurrent builders of one cache (workers of a benchmark grid, on any node) queue
+            # on a claim instead of computing it twice; the first builds, the others open it.
+            with _build_lock(path, log) as claim:
                 manifest = _read_manifest(path)
                 if manifest is not None and manifest.get("key") == k:
                     try:
@@ -318,14 +318,14 @@ class TeacherCache:
                     model, images_u8, path, manifest, padding=padding, flip=flip, mean=mean,
                     std=std, taps=taps, dname=dname, k=k, parts=parts, rebuild=rebuild,
                     batch_size=batch_size, device=device, preload=preload, progress=progress,
-                    log=log,
+                    log=log, claim=claim,
                 )  # fmt: skip
         raise RelkdError(f"no teacher cache at {str(path)!r} and rebuild='never'; build it first")
 
     @classmethod
     def _build_locked(
         cls, model, images_u8, path, manifest, *, padding, flip, mean, std, taps, dname, k, parts,
-        rebuild, batch_size, device, preload, progress, log,
+        rebuild, batch_size, device, preload, progress, log, claim=None,
     ) -> TeacherCache:  # fmt: skip
         if manifest is None and path.exists() and any(path.iterdir()):
             raise RelkdError(
@@ -337,7 +337,7 @@ class TeacherCache:
         _build_into(
             path, model, images_u8, padding=padding, flip=flip, mean=mean, std=std, taps=taps,
             dtype=dname, key=k, parts=parts, batch_size=batch_size, device=device,
-            progress=progress, log=log,
+            progress=progress, log=log, claim=claim,
         )  # fmt: skip
         return cls.open(path, key=k, device=device, preload=preload)
 

@@ -1,6 +1,7 @@
 """Building a teacher cache (:meth:`relkd.data.teacher_cache.TeacherCache.build` calls this).
 
-:func:`_build_lock` makes concurrent builders of one cache queue instead of computing it twice;
+:func:`_build_lock` makes concurrent builders of one cache (on this machine or on others sharing
+the file system) queue instead of computing it twice;
 :func:`_build_into` runs the frozen teacher on every (image, outcome) pair into a temporary
 sibling folder, writes the checksums and the manifest and renames the folder into place
 (:func:`_move_into_place`), so a crash never leaves a half-written cache under the final name;
@@ -11,14 +12,13 @@ damaged cache. The guarantees are described in the docstring of :mod:`relkd.data
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from torch import nn
 
 from relkd._fs import fsync_dir as _fsync_dir
 from relkd._fs import remove_dead_temp_dirs
+from relkd.claims import Claim, describe
 from relkd.data.memory import crop_flip
 from relkd.data.store_files import check_free_space, file_sha256, reserve_file
 from relkd.data.teacher_cache_format import (
@@ -44,29 +45,25 @@ from relkd.registry import RelkdError
 
 
 @contextlib.contextmanager
-def _build_lock(path: Path, log: Callable[[str], None] | None):
-    """An exclusive lock (``filelock``: an OS lock the kernel releases when the holder exits,
-    even if it crashes) for building the cache at ``path``. The lock file lives under
-    ``cache_dir()/locks``, named by a hash of the cache's absolute path, so no file appears
-    beside a user's cache folder."""
-    from filelock import FileLock, Timeout
+def _build_lock(path: Path, log: Callable[[str], None] | None) -> Iterator[Claim]:
+    """The claim (:mod:`relkd.claims`) for building the cache at ``path``: the file
+    ``.<name>.claim`` beside the cache folder (on the same file system, so builders on other
+    nodes see it). A builder waits while a live one holds it and takes over the claim of one
+    that died; the build checks the claim before it moves the finished cache into place."""
+    claim = Claim(path.parent / f".{path.name}.claim", what=f"teacher cache {path}")
 
-    from relkd.data.datasets import cache_dir
-
-    locks = cache_dir() / "locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    name = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
-    lock = FileLock(locks / f"{name}.lock")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
+    def waiting(rec: dict[str, Any] | None) -> None:
         if log is not None:
-            log(f"teacher cache: {path} is being built by another process; waiting")
-        lock.acquire()
+            log(f"teacher cache: {path} is being built by another process{describe(rec)}; waiting")
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    claim.acquire(on_wait=waiting)
+    if claim.took_over and log is not None:
+        log(f"teacher cache: took over the build of {path}: {claim.took_over}")
     try:
-        yield
+        yield claim
     finally:
-        lock.release()
+        claim.release()
 
 
 def _build_into(
@@ -86,9 +83,11 @@ def _build_into(
     device: torch.device,
     progress: bool,
     log: Callable[[str], None] | None,
+    claim: Claim | None = None,
 ) -> None:
     """Compute every (image, outcome) entry into a temporary sibling folder, then rename it to
-    ``path`` (replacing a stale cache there)."""
+    ``path`` (replacing a stale cache there). With ``claim`` (the build claim), the commit is
+    fenced: a builder whose claim was taken over stops without touching ``path``."""
     n, c = images_u8.shape[:2]
     kk = num_outcomes(padding, flip)
     offs, fls = outcome_table(padding, flip)
@@ -203,10 +202,12 @@ def _build_into(
             "build_seconds": round(time.perf_counter() - t_start, 3),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        from relkd.engine.checkpoint import atomic_write_bytes
+        from relkd._fs import atomic_write_bytes
 
         atomic_write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
         _fsync_dir(tmp)
+        if claim is not None:
+            claim.check(f"committing the teacher cache {path}")
         _move_into_place(tmp, path, key)
         if log is not None:
             log(f"teacher cache: built {path} in {_fmt_s(manifest['build_seconds'])}")
@@ -226,7 +227,7 @@ def _discard(path: Path) -> None:
 
 def _sweep_dead_builds(path: Path, log: Callable[[str], None] | None) -> None:
     """Remove the temporary folders of builds of ``path`` that were killed (called under the
-    build lock: no live build of this cache on this machine owns one)."""
+    build claim: no live build of this cache owns one)."""
     for name in remove_dead_temp_dirs(path.parent, f".{path.name}.tmp-"):
         if log is not None:
             log(f"teacher cache: removed {name}, left by an interrupted build")

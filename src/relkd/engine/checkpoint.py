@@ -30,72 +30,24 @@ from typing import Any
 
 import torch
 
-from relkd._fs import fsync_dir as _fsync_dir
+from relkd._fs import (
+    atomic_write_json,
+    tmp_name,
+    write_fsync,
+)
+from relkd._fs import (
+    fsync_dir as _fsync_dir,
+)
 from relkd.registry import RelkdError
 
 CKPT = "checkpoint.pt"
 PREV = "checkpoint.prev.pt"
 MANIFEST = "checkpoint.json"
 _LEGACY_SIDECARS = (CKPT + ".sha256", PREV + ".sha256")
-# Temporary names: ours (``.<name>.<pid>.tmp``), relkd 0.1's (``.<name>.tmp<pid>``) and
-# save_student's old ``<name>.tmp``; only ever removed by the process holding the run's lock.
-_TMP_RE = re.compile(r"^(\..+\.\d+\.tmp|\..+\.tmp\d+|.+\.tmp)$")
 
 
 def _sha256(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _write_fsync(path: Path, data: bytes | memoryview) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def tmp_name(path: Path) -> Path:
-    """The temporary file an atomic write of ``path`` goes through (same folder, hidden)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` holds either the old or the new bytes, never
-    a part: a temporary file in the same folder, fsync, rename over ``path``, fsync the folder.
-    The file mode follows the umask, like ``open(path, "w")``. A temporary file is removed when
-    the write fails or is interrupted (a SIGKILL leaves it for :func:`remove_temp_files`)."""
-    path = Path(path)
-    tmp = tmp_name(path)
-    try:
-        _write_fsync(tmp, data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
-def remove_temp_files(folder: Path) -> list[str]:
-    """Delete temporary files that killed atomic writes left in ``folder``; their names."""
-    gone = []
-    if not folder.is_dir():
-        return gone
-    for p in folder.iterdir():
-        if p.is_file() and _TMP_RE.match(p.name):
-            p.unlink(missing_ok=True)
-            gone.append(p.name)
-    return sorted(gone)
 
 
 class CheckpointStore:
@@ -218,7 +170,7 @@ class CheckpointStore:
         self._write_manifest(list(dict.fromkeys([*old, *self._good.values(), h])), completed)
         tmp = tmp_name(ckpt)
         try:  # (2) complete and fsynced under a temporary name
-            _write_fsync(tmp, data)
+            write_fsync(tmp, data)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

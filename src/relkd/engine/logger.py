@@ -7,15 +7,35 @@ whole history on every record, so it never holds a torn line or an epoch twice.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 from relkd import distributed as D
-from relkd.engine.checkpoint import atomic_write_text
+from relkd._fs import atomic_write_text
 
 METRICS = "metrics.jsonl"
+
+
+_TB_WARNED = False
+
+
+def warn_no_tensorboard() -> None:
+    """TensorBoard curves are on by default (``train.tensorboard``): say so once when the
+    package is missing instead of silently writing no ``tb/`` folder."""
+    global _TB_WARNED
+    if _TB_WARNED or importlib.util.find_spec("tensorboard") is not None:
+        return
+    _TB_WARNED = True
+    warnings.warn(
+        "train.tensorboard is on but the tensorboard package is not installed: no TensorBoard "
+        "curves (tb/) will be written; metrics.jsonl is. `pip install tensorboard`, or set "
+        "train.tensorboard=false to silence this",
+        stacklevel=2,
+    )
 
 
 class RunLogger:

@@ -20,13 +20,12 @@ parts for a composition):
   ``train.teacher_cache``, in-memory pipeline only), ``replay``, else ``online``.
 
 Every fallback from what the config asked for has a reason in :attr:`Plan.notes`. The engine
-prints the plan once and saves it as ``plan.json`` in the run folder (:func:`write_plan`).
+prints the plan once and saves it as ``plan.json`` in the run folder.
 No engine code looks at which hooks a method class overrides.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -166,14 +165,14 @@ def make_plan(
     )
 
 
-def write_plan(run_dir: Path, plan: Plan) -> None:
-    """Save the plan as ``run_dir/plan.json`` (rank 0 only; atomic rename)."""
-    if not D.is_main():
-        return
-    path = Path(run_dir) / "plan.json"
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
-    os.replace(tmp, path)
+def plan_for_config(cfg: Any, method: Any, has_teacher: bool, train_ds: Any) -> Plan:
+    """:func:`make_plan` with the choices a config makes (``data.in_memory``,
+    ``train.teacher_cache``, ``train.teacher_replay``)."""
+    return make_plan(
+        method=method, method_name=cfg.method.name, has_teacher=has_teacher, train_ds=train_ds,
+        in_memory=cfg.data.in_memory, teacher_cache=cfg.train.teacher_cache,
+        teacher_replay=cfg.train.teacher_replay, data_name=cfg.data.name,
+    )  # fmt: skip
 
 
 # -- building what the plan says ----------------------------------------------------------------
@@ -342,10 +341,11 @@ def _cached_teacher(cfg, method, tea, train_loader, device, log, progress: bool)
 
 
 def _replay_teacher(cfg, method, tea, train_loader, log):
-    """The :class:`~relkd.data.replay.ReplayTeacher` for a replay loader."""
+    """The :class:`~relkd.engine.teacher.ReplayTeacher` for a replay loader."""
     from relkd.data import cache_dir
-    from relkd.data.replay import ReplayStore, ReplayTeacher, replay_key
+    from relkd.data.replay import ReplayStore, replay_key
     from relkd.data.teacher_cache import teacher_fingerprint
+    from relkd.engine.teacher import ReplayTeacher
 
     ds = train_loader.ds
     taps = list(dict.fromkeys(["logits", *method.teacher_taps()]))

@@ -18,8 +18,12 @@ Rules (what README's Reliability section promises):
   becomes the config the run continues with. A folder with history but no checkpoint is
   refused (it is never silently restarted); a checkpoint of another model or class count is
   refused in one line.
-- One process per folder: ``.relkd.lock`` is held with ``filelock`` (an OS lock: a crashed
-  holder releases it) for the whole run.
+- One process per folder: rank 0 holds the claim ``.relkd.claim`` (:mod:`relkd.claims`: an
+  exclusive create with a heartbeat, valid across the nodes of a shared file system; a dead
+  holder's claim is taken over) for the whole run, and checks it before every write (config,
+  run.json, checkpoint, metrics line, exported student, summary): a process whose claim was
+  taken over stops with :class:`relkd.claims.ClaimLost` and writes nothing more. Inside
+  ``relkd bench accuracy`` the runner's claim on the folder is used.
 - ``run.json`` records every start and resume: relkd / torch / Python versions, git commit when
   relkd runs from a checkout, command line, host, pid, device, world size, global batch.
 - Every file is written atomically (temp file, fsync, rename); temporary files of killed writes
@@ -46,16 +50,12 @@ from typing import Any
 import yaml
 
 from relkd import distributed as D
-from relkd.engine.checkpoint import (
-    CKPT,
-    MANIFEST,
-    PREV,
-    CheckpointStore,
-    atomic_write_json,
-    atomic_write_text,
-    remove_temp_files,
-)
+from relkd._fs import atomic_write_json, atomic_write_text, remove_temp_files
+from relkd._version import __version__
+from relkd.claims import RUN_CLAIM, Claim, claim_now
+from relkd.engine.checkpoint import CKPT, MANIFEST, PREV, CheckpointStore
 from relkd.engine.logger import METRICS, RunLogger
+from relkd.engine.state import TrainState
 from relkd.registry import RelkdError
 
 RUN_FILE = "run.json"
@@ -75,10 +75,10 @@ ENV_KEYS: tuple[str, ...] = (
 #: Keys that locate the folder itself (compared by the path, not by their spelling).
 _PLACE_KEYS = ("name", "output_dir")
 #: Files the grid runner (``relkd bench accuracy``) writes into a run folder before training.
-GRID_FILES = frozenset({"bench.json", "failed.json", ".lock", ".lock.break"})
+GRID_FILES = frozenset({"bench.json", "failed.json", ".lock", ".lock.break", RUN_CLAIM})
 #: What relkd itself writes into a run folder.
 RUN_FILES = frozenset(
-    {RUN_FILE, CONFIG, SUMMARY, METRICS, LOCK, CKPT, PREV, MANIFEST, "tb", "plan.json"}
+    {RUN_FILE, CONFIG, SUMMARY, METRICS, LOCK, RUN_CLAIM, CKPT, PREV, MANIFEST, "tb", "plan.json"}
     | {CKPT + ".sha256", PREV + ".sha256"}
     | {"student.pt", "student.safetensors", "student_best.pt"}
 )
@@ -91,7 +91,7 @@ def _safe_part(name: str) -> str:
 def default_name(cfg: Any) -> str:
     """``<method>_<teacher>_<student>_s<seed>``; ``<method>_<student>_s<seed>`` without a
     teacher (``:`` and ``/`` of hub names become ``-``)."""
-    parts = [cfg.method.name]
+    parts = [_safe_part(str(cfg.method.name))]
     if cfg.teacher is not None and cfg.teacher.name:
         parts.append(_safe_part(str(cfg.teacher.name)))
     parts.append(_safe_part(str(cfg.student.name)))
@@ -148,6 +148,14 @@ def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple
     )]  # fmt: skip
 
 
+def _added_at_default(key: str, old: Any, new: Any) -> bool:
+    """A key a newer relkd added (``relkd.config.ADDED_KEYS``), absent from the recorded config
+    and at the value that keeps the old behaviour: not a change."""
+    from relkd.config import ADDED_KEYS
+
+    return old == _ABSENT and key in ADDED_KEYS and new == ADDED_KEYS[key]
+
+
 def _matches(key: str, patterns: Sequence[str]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in patterns)
 
@@ -180,12 +188,10 @@ def provenance(device: Any = None, world_size: int = 1, global_batch: int | None
     """What produced a run: versions, git commit, command line, host, device, world size."""
     import torch
 
-    import relkd
-
     dev = str(device) if device is not None else None
     info: dict[str, Any] = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "relkd": relkd.__version__,
+        "relkd": __version__,
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "git_commit": _git_commit(),
@@ -288,7 +294,8 @@ class RunFolder:
         self.main = D.is_main()
         self.log = log or RunLogger(self.path, tensorboard=False)
         self.store = CheckpointStore(self.path, log=self.log.info)
-        self._lock: Any = None
+        self._claim: Claim | None = None
+        self._own_claim = False
         self._opened = False
 
     # ------------------------------------------------------------------------- inspection
@@ -306,10 +313,14 @@ class RunFolder:
         if not is_run and CONFIG in names and _looks_like_config(p / CONFIG):
             # relkd 0.1 (no run.json): a run with its files, or only relkd's own names
             # (e.g. the config.yaml and tb/ of a failed build)
-            only_ours = all(n in RUN_FILES | GRID_FILES or _is_tmp(n) for n in names)
+            only_ours = all(
+                n in RUN_FILES | GRID_FILES or _is_tmp(n) or _is_claim(n) for n in names
+            )
             is_run = only_ours or bool({CKPT, PREV, METRICS, SUMMARY} & set(names))
         own = GRID_FILES | {LOCK}
-        foreign = [] if is_run else [n for n in names if n not in own and not _is_tmp(n)]
+        foreign = [
+            n for n in names if not is_run and n not in own and not _is_tmp(n) and not _is_claim(n)
+        ]
         st = FolderState(exists=True, is_run=is_run, foreign=foreign)
         if is_run:
             st.has_checkpoint = self.store.exists()
@@ -381,7 +392,11 @@ class RunFolder:
                     f"--allow-change {pat!r} is not a config key (e.g. train.epochs, "
                     "method.args.temperature)"
                 )
-        changes = [c for c in config_changes(old, new) if not _matches(c[0], _PLACE_KEYS)]
+        changes = [
+            c
+            for c in config_changes(old, new)
+            if not _matches(c[0], _PLACE_KEYS) and not _added_at_default(*c)
+        ]
         refused = [c for c in changes if not _matches(c[0], [*ENV_KEYS, *allow_change])]
         if refused:
             listed = "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, a, b in refused)
@@ -406,11 +421,11 @@ class RunFolder:
         device: Any = None,
         world_size: int = 1,
         extra: Mapping[str, Any] | None = None,
-        into: tuple[Any, Any, Any] | None = None,
+        into: TrainState | None = None,
     ) -> Resumed | None:
         """Take the folder (rank 0: the lock), check it again under the lock, load the
-        checkpoint when resuming (into ``(distiller, optimizer, scaler)`` when given, see
-        :meth:`restore`), and only then write ``config.yaml``, ``run.json`` and a
+        checkpoint when resuming (into the live ``TrainState`` when given, see
+        :meth:`TrainState.load`), and only then write ``config.yaml``, ``run.json`` and a
         ``metrics.jsonl`` equal to the checkpoint's history. Returns what to resume from."""
         from relkd.config import to_yaml
 
@@ -432,10 +447,12 @@ class RunFolder:
             elif resume and self.state().exists:
                 self.log.info(f"no checkpoint in {self.path} yet: starting from the beginning")
             if resumed is not None and into is not None:
-                self.restore(resumed, *into)
+                into.load(resumed.state, resumed.path)
+                self.log.info(f"resumed {self.path} at epoch {resumed.start_epoch}")
             if not self.main:
                 self._opened = True
                 return resumed
+            self._fence("writing run.json and config.yaml")
             gone = remove_temp_files(self.path)
             if gone:
                 self.log.info(f"removed temporary files of interrupted writes: {', '.join(gone)}")
@@ -462,95 +479,78 @@ class RunFolder:
             raise
 
     def _acquire(self) -> None:
-        import filelock
-
-        # Checked before the lock file is created: never a lock file in someone else's folder.
+        # Checked before the claim file is created: never a claim in someone else's folder.
         self._refuse_foreign(self.state())
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise RelkdError(f"cannot write the run folder {str(self.path)!r}: {e}") from e
-        lock = filelock.FileLock(str(self.path / LOCK), timeout=0)
-        try:
-            lock.acquire()
-        except filelock.Timeout:
-            raise RelkdError(
-                f"run folder {str(self.path)!r} is in use by another relkd process"
-                f"{self._holder()}; one process per run folder (wait for it, or choose another "
-                "name)"
-            ) from None
-        except OSError as e:
-            raise RelkdError(f"cannot lock the run folder {str(self.path)!r}: {e}") from e
-        self._lock = lock
+        self._claim, self._own_claim = claim_now(
+            self.path / RUN_CLAIM,
+            f"run folder {self.path}",
+            f"run folder {str(self.path)!r} is in use by another relkd process{{holder}}; one "
+            "process per run folder (wait for it, or choose another name)",
+        )  # inside relkd bench accuracy: the runner's claim on the folder (not ours to release)
+        if self._own_claim and self._claim.took_over:
+            self.log.info(f"took over the run folder's claim: {self._claim.took_over}")
 
-    def _holder(self) -> str:
-        rec = _read_json(self.path / RUN_FILE)
-        try:
-            s = rec["sessions"][-1]
-            return f" (pid {s['pid']} on {s['host']}, started {s['time']})"
-        except (TypeError, KeyError, IndexError):
-            return ""
+    def _fence(self, action: str) -> None:
+        """Stop (:class:`relkd.claims.ClaimLost`) if another process took the folder over."""
+        if self._claim is not None:
+            self._claim.check(action)
 
     # ----------------------------------------------------------------------------- training
-    def restore(self, resumed: Resumed, distiller: Any, optimizer: Any, scaler: Any) -> None:
-        """Load a resumed state into the live objects; a checkpoint of another model or class
-        count is one line naming the first mismatches."""
-        st = resumed.state
-        try:
-            distiller.load_state_dict(st["distiller"])
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise RelkdError(
-                f"checkpoint {str(resumed.path)!r} does not fit this run's model (another "
-                f"student, method or class count?): {_first_mismatches(e)}"
-            ) from None
-        try:
-            optimizer.load_state_dict(st["optimizer"])
-            scaler.load_state_dict(st["scaler"])
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise RelkdError(
-                f"checkpoint {str(resumed.path)!r} does not fit this run's optimizer: "
-                f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
-            ) from None
-        self.log.info(f"resumed {self.path} at epoch {resumed.start_epoch}")
-
     def save_best(self, student: Any, metadata: Mapping[str, Any] | None = None) -> None:
         if self.main:
             from relkd.models.checkpoint import save_student
 
+            self._fence("writing student_best.pt")
             save_student(student, self.path / "student_best.pt", metadata=metadata)
 
-    def end_epoch(self, record: dict[str, Any], state: dict[str, Any]) -> None:
-        """The epoch's checkpoint first, then its metrics line: ``metrics.jsonl`` never runs
-        ahead of the checkpoint (a kill in between is repaired by the resume)."""
+    def end_epoch(self, record: dict[str, Any], state: TrainState) -> None:
+        """The epoch's checkpoint (``state``) first, then its metrics line: ``metrics.jsonl``
+        never runs ahead of the checkpoint (a kill in between is repaired by the resume)."""
         if self.main:
-            self.store.save(state)
+            self._fence("writing the checkpoint")
+            self.store.save(state.state_dict())
+            self._fence("writing the metrics line")
             self.log.metrics(record)
 
     def finish(
         self,
         student: Any,
-        summary: Mapping[str, Any],
+        cfg: Any,
+        state: TrainState,
+        *,
+        t_start: float,
         metadata: Mapping[str, Any] | None = None,
-    ) -> None:
+        extra: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Export the student (``.pt`` and ``.safetensors``, with metadata) and write
-        ``summary.json`` last: its presence means the run finished."""
+        ``summary.json`` (:meth:`TrainState.summary` plus ``extra``) last: its presence means
+        the run finished. Returns the summary."""
+        summary = {**state.summary(cfg, t_start, self.path), **(extra or {})}
         if self.main:
             from relkd.models.checkpoint import save_student
 
+            self._fence("exporting the student")
             save_student(student, self.path / "student.pt", metadata=metadata)
             save_student(student, self.path / "student.safetensors", metadata=metadata)
+            self._fence("writing summary.json")
             atomic_write_json(self.path / SUMMARY, dict(summary))
+        return summary
 
     def write_json(self, name: str, obj: Any) -> None:
         """Any other file of the run folder (e.g. the pipeline plan), written atomically."""
         if self.main:
+            self._fence(f"writing {name}")
             atomic_write_json(self.path / name, obj)
 
     def close(self) -> None:
         self.log.close()
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        if self._claim is not None and self._own_claim:
+            self._claim.release()
+        self._claim, self._own_claim = None, False
 
     def __enter__(self) -> RunFolder:
         return self
@@ -559,10 +559,15 @@ class RunFolder:
         self.close()
 
 
-def _is_tmp(name: str) -> bool:
-    from relkd.engine.checkpoint import _TMP_RE
+def _is_claim(name: str) -> bool:
+    """The run claim or one of its transient siblings (``.relkd.claim.new-...`` etc.)."""
+    return name == RUN_CLAIM or name.startswith(RUN_CLAIM + ".")
 
-    return bool(_TMP_RE.match(name))
+
+def _is_tmp(name: str) -> bool:
+    from relkd._fs import TMP_RE
+
+    return bool(TMP_RE.match(name))
 
 
 def _read_json(path: Path) -> Any:
@@ -590,11 +595,3 @@ def _count_lines(path: Path) -> int:
         return sum(1 for line in path.read_text().splitlines() if line.strip())
     except OSError:
         return 0
-
-
-def _first_mismatches(e: BaseException, n: int = 2) -> str:
-    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
-    detail = [x if len(x) <= 240 else x[:237] + "..." for x in lines]
-    detail = [x for x in detail if not x.startswith("Error(s) in loading")]
-    out = "; ".join(detail[:n]) + (f"; ... ({len(detail) - n} more)" if len(detail) > n else "")
-    return out or type(e).__name__

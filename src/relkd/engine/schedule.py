@@ -32,9 +32,10 @@ def _cos(start: float, end: float, pct: float) -> float:
     return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1.0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Schedule:
-    """The lr (and, for onecycle, momentum) of every optimizer step of a run.
+    """The lr (and, for onecycle, momentum) of every optimizer step of a run. Built by keyword
+    (``Schedule(name="cosine", base_lr=0.1, steps_per_epoch=390, epochs=240)``).
 
     Args:
         name: ``multistep | cosine | onecycle | constant``.
@@ -146,6 +147,7 @@ def lr_factor(
 ) -> float:
     """Multiplier of the base lr after ``step`` optimizer steps: :meth:`Schedule.lr` at lr 1."""
     return Schedule(
-        name, 1.0, steps_per_epoch, epochs, tuple(milestones), gamma, warmup_epochs,
-        0.0 if name == "onecycle" else min_lr_ratio, pct_start,
+        name=name, base_lr=1.0, steps_per_epoch=steps_per_epoch, epochs=epochs,
+        milestones=tuple(milestones), gamma=gamma, warmup_epochs=warmup_epochs,
+        min_lr=0.0 if name == "onecycle" else min_lr_ratio, pct_start=pct_start,
     ).lr(step)  # fmt: skip

@@ -3,14 +3,23 @@ speed`` and the linear probe.
 
 One call of a :class:`TrainStep` does, in this order::
 
-    prepare_batch(x, y, extras)          the method's batch hook (e.g. CORSD's triplets -> 3B)
-    x -> channels_last                   if asked
-    t_out = teacher(x, **extras)         online teacher, exact cache or replay (no autocast)
-    drop the teacher-only extras         (index / aug_offsets / aug_flips of a cached teacher)
-    with amp(): _, terms = model(x, y, t_out, **extras)
-    loss = sum(terms)                    fp32
-    non-finite handling                  on the device (see below)
-    zero_grad; scaler.scale(loss).backward(); [unscale_; clip_grad_norm_]; scaler.step; update
+    [skip mode: snapshot the state]
+    forward half (forward_loss, also relkd.Distillation's and the registry tests'):
+      prepare_batch(x, y, extras)        the method's batch hook (e.g. CORSD's triplets -> 3B)
+      x -> channels_last                 if asked
+      t_out = teacher(x, **extras)       online teacher, exact cache or replay (no autocast)
+      drop the teacher-only extras       (index / aug_offsets / aug_flips of a cached teacher)
+      with amp(): _, terms = model(x, y, t_out, **extras)
+      loss = sum(terms)                  fp32
+    update half (TrainStep.update):
+      non-finite handling                on the device (see below)
+      zero_grad; backward: scaler.scale(loss).backward()
+      optimizer_step: [unscale_; clip_grad_norm_]; scaler.step; scaler.update
+      after_update hooks                 (e.g. the EMA of the weights)
+
+With ``accum_steps`` k (``train.grad_accum_steps``) the calls form groups of k micro-batches:
+the gradient is zeroed at a group's first, each loss divided by the group's size, the optimizer
+steps at its last (``TrainStep.stepped``), and under DDP the others run under ``no_sync``.
 
 No host-device synchronisation happens in the step (fp32 / bf16): the loss terms are summed on
 the device into one float64 vector and only :meth:`TrainStep.read` copies them to the host (one
@@ -44,7 +53,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -54,6 +63,65 @@ from relkd.registry import RelkdError
 
 #: ``on_nonfinite`` values.
 NONFINITE = ("stop", "skip")
+
+
+class ForwardOutput(NamedTuple):
+    """What the forward half of a step returns.
+
+    Attributes:
+        logits: the student's logits [B', C] (B' = the batch after ``prepare_batch``: 3B for
+            CORSD's triplets, B otherwise).
+        targets: the labels [B'] matching ``logits``.
+        terms: name -> already-weighted scalar loss (``"ce"``: cross-entropy with the labels).
+        loss: fp32 scalar, the sum of ``terms`` in their order.
+    """
+
+    logits: torch.Tensor
+    targets: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    loss: torch.Tensor
+
+
+def forward_loss(
+    model: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    extras: dict[str, Any] | None = None,
+    *,
+    teacher: Callable[..., Any] | None = None,
+    prepare_batch: Callable[..., tuple[torch.Tensor, torch.Tensor, dict[str, Any]]] | None = None,
+    channels_last: bool = False,
+    drop_extras: Collection[str] = (),
+    amp: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    method_name: str = "",
+) -> ForwardOutput:
+    """The forward half of the engine's step, shared by :class:`TrainStep`,
+    :class:`relkd.Distillation` and the method registry's tests::
+
+        x, y, extras = prepare_batch(x, y, extras)      the method's batch hook
+        x -> channels_last                              if asked
+        t_out = teacher(x, **extras)                    no autocast (a teacher source)
+        drop the teacher-only extras
+        with amp(): logits, terms = model(x, y, t_out, **extras)
+        loss = sum of the terms in fp32
+
+    ``model``: the :class:`~relkd.engine.distiller.Distiller` (or its DDP / compiled wrapper).
+    Raises :class:`~relkd.registry.RelkdError` when the method returned no terms.
+    """
+    extras = dict(extras or {})
+    if prepare_batch is not None:
+        x, y, extras = prepare_batch(x, y, extras)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    t_out = teacher(x, **extras) if teacher is not None else None
+    if drop_extras:
+        extras = {k: v for k, v in extras.items() if k not in drop_extras}
+    with amp():
+        logits, terms = model(x, y, t_out, **extras)
+    loss = sum(t.float() for t in terms.values())
+    if not torch.is_tensor(loss):  # no terms at all
+        raise RelkdError(f"method {method_name!r} returned no loss terms")
+    return ForwardOutput(logits, y, terms, loss)
 
 
 @dataclass
@@ -121,6 +189,8 @@ class TrainStep:
         grad_clip: float | None = None,
         on_nonfinite: str = "stop",
         method_name: str = "",
+        accum_steps: int = 1,
+        ddp: Any = None,
     ) -> None:
         if on_nonfinite not in NONFINITE:
             raise RelkdError(
@@ -128,6 +198,13 @@ class TrainStep:
             )
         if grad_clip is not None and grad_clip < 0:
             raise RelkdError(f"train.grad_clip={grad_clip} must be positive (or unset)")
+        if accum_steps < 1:
+            raise RelkdError(f"train.grad_accum_steps={accum_steps} must be >= 1")
+        if accum_steps > 1 and on_nonfinite == "skip":
+            raise RelkdError(
+                f"train.grad_accum_steps={accum_steps} with train.on_nonfinite=skip is not "
+                "supported (a skipped micro-batch would leave a partial gradient): use stop"
+            )
         self.model = model
         self.optimizer = optimizer
         self.params = (
@@ -151,14 +228,23 @@ class TrainStep:
         if on_nonfinite == "skip" and not self._host_check and state_module is None:
             raise RelkdError("on_nonfinite='skip' needs the state_module to restore")
         self._snap: list[torch.Tensor] | None = None
+        #: micro-batches per optimizer step (gradient accumulation); ``ddp``: the
+        #: DistributedDataParallel wrapper whose gradient all-reduce the first k-1 skip.
+        self.accum_steps, self.ddp = int(accum_steps), ddp
+        #: named seam: called after every optimizer step (e.g. an EMA of the weights).
+        self.after_update: list[Callable[[], None]] = []
+        #: whether the last call ended an accumulation group (took an optimizer step).
+        self.stepped = False
         self.start_epoch(0, 0)
 
     # -- window bookkeeping -------------------------------------------------------------------
 
-    def start_epoch(self, epoch: int, global_step: int) -> None:
+    def start_epoch(self, epoch: int, global_step: int, batches: int | None = None) -> None:
         """Reset the sums; ``epoch`` (0-based) and ``global_step`` (of the next call) label a
-        non-finite error."""
+        non-finite error. ``batches``: the calls this epoch will make, so that with gradient
+        accumulation the last group of the epoch is sized right (default: full groups)."""
         self.epoch, self.global_step0 = int(epoch), int(global_step)
+        self.batches = batches
         self.calls = 0  # steps since start_epoch (a host counter, no sync)
         self._keys: list[str] = []
         self._acc: torch.Tensor | None = None  # float64 [len(keys) + 1]: sums..., good steps
@@ -246,23 +332,56 @@ class TrainStep:
     def _step(
         self, x: torch.Tensor, y: torch.Tensor, extras: dict[str, Any] | None
     ) -> torch.Tensor:
-        extras = dict(extras or {})
-        if self.prepare_batch is not None:
-            x, y, extras = self.prepare_batch(x, y, extras)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        t_out = self.teacher(x, **extras) if self.teacher is not None else None
-        if self.drop_extras:
-            extras = {k: v for k, v in extras.items() if k not in self.drop_extras}
         skip = self.on_nonfinite == "skip"
+        # Skip mode: the state before this step (nothing of the forward half writes the student,
+        # the method or the optimizer before the model's own forward pass).
         before = self._snapshot() if skip else None
-        with self.amp():
-            _, terms = self.model(x, y, t_out, **extras)
-        loss = sum(t.float() for t in terms.values())
-        if not torch.is_tensor(loss):  # no terms at all
-            raise RelkdError(f"method {self.method_name!r} returned no loss terms")
+        first, last, size = self._group(self.calls)
+        # Gradient accumulation under DDP: no all-reduce until the group's last micro-batch.
+        sync = nullcontext() if last or self.ddp is None else self.ddp.no_sync()
+        with sync:
+            out = self.forward(x, y, extras)
+            return self.update(out.terms, out.loss, before, first=first, last=last, size=size)
+
+    def _group(self, call: int) -> tuple[bool, bool, int]:
+        """``(first, last, size)`` of the accumulation group of call ``call`` of the epoch."""
+        k = self.accum_steps
+        if k == 1:
+            return True, True, 1
+        start = call - call % k
+        size = k if self.batches is None else max(1, min(k, self.batches - start))
+        return call % k == 0, call % k == size - 1, size
+
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor, extras: dict[str, Any] | None = None
+    ) -> ForwardOutput:
+        """The forward half of the step (no gradient step): see :func:`forward_loss`."""
+        return forward_loss(
+            self.model, x, y, extras, teacher=self.teacher, prepare_batch=self.prepare_batch,
+            channels_last=self.channels_last, drop_extras=self.drop_extras, amp=self.amp,
+            method_name=self.method_name,
+        )  # fmt: skip
+
+    def update(
+        self,
+        terms: dict[str, torch.Tensor],
+        loss: torch.Tensor,
+        before: list[torch.Tensor] | None = None,
+        *,
+        first: bool = True,
+        last: bool = True,
+        size: int = 1,
+    ) -> torch.Tensor:
+        """The update half: the non-finite policy, ``zero_grad``, backward (scaled), clipping,
+        the optimizer step, the ``after_update`` hooks and the on-device bookkeeping of
+        ``terms`` / ``loss``. ``before``: the skip-mode snapshot taken before the forward half.
+        Gradient accumulation: ``first`` / ``last`` micro-batch of a group of ``size`` (the
+        gradient is zeroed at the first, each loss divided by ``size``, the optimizer steps at
+        the last). Returns the detached loss."""
+        skip = before is not None
         call = self.calls
         self.calls += 1
+        self.stepped = last
         if self._host_check and not torch.isfinite(loss):  # fp16: the scaler syncs anyway
             if skip:
                 self._host_skipped += 1
@@ -273,12 +392,29 @@ class TrainStep:
             if self._host_bad is None:
                 self._host_bad = (call, {k: float(v.detach()) for k, v in terms.items()})
             self._raise(*self._host_bad)
-        self.optimizer.zero_grad(set_to_none=True)
-        scaler = self.scaler
-        if scaler is not None:
-            scaler.scale(loss).backward()
+        if first:
+            self.optimizer.zero_grad(set_to_none=True)
+        self.backward(loss if size == 1 else loss / size)
+        if last:
+            self.optimizer_step()
+        self._account(call, terms, loss, before)
+        if last:
+            for hook in self.after_update:
+                hook()
+        return loss.detach()
+
+    # Named seams of the update half (what loops add: accumulation, EMA) ------------------------
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Back-propagate ``loss`` (scaled by the ``GradScaler`` when there is one)."""
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
         else:
             loss.backward()
+
+    def optimizer_step(self) -> None:
+        """Unscale and clip (``grad_clip``), step the optimizer, update the scaler."""
+        scaler = self.scaler
         if self.grad_clip:
             if scaler is not None:
                 scaler.unscale_(self.optimizer)
@@ -288,8 +424,6 @@ class TrainStep:
             scaler.update()
         else:
             self.optimizer.step()
-        self._account(call, terms, loss, before)
-        return loss.detach()
 
     def _account(
         self,

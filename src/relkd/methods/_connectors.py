@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -167,6 +168,9 @@ class InitPhaseMixin:
     weight ``init_weight`` before the main phase (weight ``weight``); ``self.connectors`` are
     trainable exactly in the phases whose weight is non-zero. Mix into a :class:`Method`."""
 
+    epoch_args: ClassVar[dict[str, str]] = {
+        "init_epochs": "a pre-training phase of that many epochs runs before the run's own epochs"
+    }
     init_epochs: int
     init_weight: float
     weight: float

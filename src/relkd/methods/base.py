@@ -23,7 +23,8 @@ from torch import nn
 from relkd.models.base import FeatureInfo, ModelOutput
 from relkd.registry import Registry, RelkdError
 
-METHODS: Registry[type[Method]] = Registry("method")
+# check: what an import path must name (check_method, below: resolved when called)
+METHODS: Registry[type[Method]] = Registry("method", check=lambda o, p: check_method(o, p))
 
 
 @dataclass
@@ -40,7 +41,6 @@ class MethodContext:
     teacher_stages: list[FeatureInfo] = field(default_factory=list)
     student_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     teacher_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    epochs: int = 1
     #: size of the (rank-global) training set, for per-sample memories (CRD).
     num_train_samples: int = 0
     #: the run's seed (for data-side draws that must not depend on the rank, e.g. triplets).
@@ -67,6 +67,10 @@ class Method(nn.Module):
     #: whether :meth:`prepare_batch` changes the batch (its size or images), which rules out
     #: teacher outputs looked up per sample (exact cache, replay). Checked like the above.
     changes_batch: ClassVar[bool] = False
+    #: arguments that are lengths in epochs of the method's own schedule, with what they do
+    #: (``relkd.methods.spec.MethodSpec.schedule_notes`` says so when one is longer than the
+    #: run), e.g. DKD's loss warm-up, a pre-training phase.
+    epoch_args: ClassVar[dict[str, str]] = {}
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__()
@@ -154,7 +158,7 @@ def list_methods() -> list[str]:
     return METHODS.names()
 
 
-def _check_type(method: str, key: str, value: Any, annotation: Any) -> None:
+def check_type(method: str, key: str, value: Any, annotation: Any) -> None:
     """Loud failure for obviously wrong argument types (the config is YAML, so be forgiving
     only where YAML is: ints for floats)."""
     if annotation is inspect.Parameter.empty or isinstance(annotation, str):
@@ -180,19 +184,11 @@ def _check_type(method: str, key: str, value: Any, annotation: Any) -> None:
     raise RelkdError(f"method {method!r}: argument {key}={value!r} should be of type {names}")
 
 
-def _build_one(name: str, ctx: MethodContext, args: Mapping[str, Any]) -> Method:
+def build_part(name: str, ctx: MethodContext, args: Mapping[str, Any]) -> Method:
+    """Construct the registered method ``name`` with checked ``args`` (see
+    :meth:`relkd.methods.spec.MethodSpec.check`); a method's own argument check (a
+    ``ValueError`` / ``TypeError`` of its ``__init__``) becomes one :class:`RelkdError` line."""
     cls = METHODS.get(name)
-    sig = inspect.signature(cls.__init__)
-    params = {k: p for k, p in sig.parameters.items() if k not in ("self", "ctx")}
-    hints = typing.get_type_hints(cls.__init__)
-    for key, value in args.items():
-        if key not in params:
-            raise RelkdError(
-                f"method {name!r} has no argument {key!r}. Valid arguments: "
-                f"{', '.join(params) or 'none'}"
-            )
-        _check_type(name, key, value, hints.get(key, inspect.Parameter.empty))
-        _check_value(name, key, value)
     try:
         return cls(ctx, **dict(args))
     except RelkdError:  # already one line that names the method: do not wrap it again
@@ -210,7 +206,8 @@ _NONNEGATIVE_ARGS = ("alpha", "beta", "gamma", "mu", "nu", "margin", "rate", "mo
                      "init_epochs", "warmup")  # fmt: skip
 
 
-def _check_value(method: str, key: str, value: Any) -> None:
+def check_value(method: str, key: str, value: Any) -> None:
+    """The sign rules of numeric method arguments (finite; scales > 0; weights >= 0)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return
     if not math.isfinite(value):
@@ -229,7 +226,8 @@ class Composite(Method):
 
     def __init__(self, ctx: MethodContext, parts: dict[str, Method]) -> None:
         super().__init__(ctx)
-        self.parts = nn.ModuleDict(parts)
+        # nn.ModuleDict keys may not hold "." (an import path part, "mypkg.methods:MyKD")
+        self.parts = nn.ModuleDict({k.replace(".", "_"): v for k, v in parts.items()})
         # Instance attributes shadow the class defaults: a composition needs what any part needs.
         self.requires_teacher = any(p.requires_teacher for p in parts.values())  # type: ignore[misc]
         self.batch_extras = tuple(sorted({e for p in parts.values() for e in p.batch_extras}))  # type: ignore[misc]
@@ -277,32 +275,15 @@ class Composite(Method):
         return terms
 
 
-def build_method(
-    name: str, ctx: MethodContext, args: Mapping[str, Any] | None = None
-) -> tuple[Method, float]:
-    """Build a method (or a composition ``"a+b"``) and return it with its default CE weight.
+def check_method(obj: Any, path: str) -> Any:
+    """``obj`` (named by the import path ``path``) if it is a :class:`Method` subclass whose
+    data hooks are declared; else one :class:`RelkdError` line naming the path."""
+    from relkd.plugins import not_a
 
-    For a composition, ``args`` maps each part's name to its keyword arguments.
-    """
-    args = dict(args or {})
-    names = [n.strip() for n in name.split("+")]
-    if len(names) == 1:
-        method = _build_one(names[0], ctx, args)
-        return method, type(method).default_ce_weight
-    if len(set(names)) != len(names) or not all(names):
-        raise RelkdError(f"bad method composition {name!r}: parts must be distinct and non-empty")
-    unknown = set(args) - set(names)
-    if unknown:
-        raise RelkdError(
-            f"method {name!r}: args must be keyed by part ({', '.join(names)}); got "
-            f"{', '.join(sorted(unknown))}"
-        )
-    parts = {}
-    for n in names:
-        cls = METHODS.get(n)
-        part_args = {**cls.composite_defaults, **dict(args.get(n) or {})}
-        parts[n] = _build_one(n, ctx, part_args)
-    # A composition keeps the CE weight of the relational/first part's protocol, i.e. 1.0 unless
-    # every part defaults lower (e.g. only logit KD parts).
-    ce = max(type(p).default_ce_weight for p in parts.values())
-    return Composite(ctx, parts), ce
+    if not (isinstance(obj, type) and issubclass(obj, Method)):
+        raise not_a("method", path, obj)
+    try:
+        check_declarations(obj)
+    except TypeError as e:
+        raise RelkdError(f"method {path!r}: {e}") from None
+    return obj

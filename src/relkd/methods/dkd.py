@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from relkd.losses.dkd import dkd_terms
 from relkd.losses.logit_std import maybe_standardize
 from relkd.methods.base import Method, MethodContext, register_method
@@ -16,6 +18,11 @@ class DKD(Method):
     beta 0.5, T 1 (set them in the config). ``logit_std`` z-scores the logits and uses
     ``logit_std_temperature`` (Sun et al., arXiv 2403.01427; see :mod:`relkd.losses.logit_std`).
     """
+
+    epoch_args: ClassVar[dict[str, str]] = {
+        "warmup": "the KD terms' weight ramps up linearly over that many epochs, so the run "
+        "ends below their full weight"
+    }
 
     def __init__(
         self,

@@ -3,6 +3,8 @@ arXiv 1412.6550)."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from relkd.losses.feature import hint_loss
 from relkd.methods._connectors import (
     ConvReg,
@@ -31,6 +33,10 @@ class FitNet(Method):
             for a 1-stage model).
         teacher_hint_stage: index into the teacher's stages or a name (default: ``hint_stage``).
     """
+
+    epoch_args: ClassVar[dict[str, str]] = {
+        "init_epochs": "a pre-training phase of that many epochs runs before the run's own epochs"
+    }
 
     default_ce_weight = 1.0
 

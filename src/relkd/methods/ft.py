@@ -3,6 +3,8 @@ via Factor Transfer", NeurIPS 2018, arXiv 1802.04977)."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 
@@ -46,6 +48,10 @@ class FT(Method):
     matter for FT: the student and translator get no gradient in the init phase (no momentum
     state), and the paraphraser is frozen afterwards.
     """
+
+    epoch_args: ClassVar[dict[str, str]] = {
+        "init_epochs": "a pre-training phase of that many epochs runs before the run's own epochs"
+    }
 
     default_ce_weight = 1.0
 

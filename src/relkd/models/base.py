@@ -9,31 +9,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from relkd.models.info import FeatureInfo
 from relkd.registry import RelkdError
 
 #: Tap name that captures the *input* of the model's final classifier (the pooled penultimate
 #: feature, [B, D]) instead of a module's output.
 POOLED = "pooled"
-
-
-@dataclass(frozen=True)
-class FeatureInfo:
-    """One tappable stage of a model (timm's convention).
-
-    Attributes:
-        name: dotted module name whose forward output is the stage feature map.
-        channels: channels of that output ([B, channels, H, W]).
-        reduction: input size / feature size (stride of the stage).
-        layout: the module's output layout: ``"NCHW"``, ``"NHWC"`` (Swin) or ``"NLC"`` (tokens
-            [B, L, C], ViT). :class:`FeatureTap` hands every stage over as [B, C, H, W].
-        prefix_tokens: ``"NLC"`` only: leading non-patch tokens (class / register tokens).
-    """
-
-    name: str
-    channels: int
-    reduction: int
-    layout: str = "NCHW"
-    prefix_tokens: int = 0
 
 
 @dataclass

@@ -115,7 +115,7 @@ def save_student(
     import io
     import json
 
-    from relkd.engine.checkpoint import atomic_write_bytes
+    from relkd._fs import atomic_write_bytes
 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)

@@ -203,3 +203,46 @@ def input_norm_fingerprint(model: nn.Module) -> str:
     """The fingerprint :func:`attach_input_norm` returned for ``model`` (``""``: no hook)."""
     entry = getattr(model, _HOOK_ATTR, None)
     return entry[0].fingerprint if entry is not None else ""
+
+
+def input_norm_source(
+    model: nn.Module, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+) -> tuple[tuple[tuple[float, ...], tuple[float, ...]] | None, str]:
+    """The statistics :func:`attach_input_norm` gives ``model`` and where they come from:
+    ``(stats or None, "given" | "declared by the model" | "timm pretrained_cfg" | "data")``
+    (the order of :func:`find_input_norm`; ``"data"``: the data set's, no re-normalisation)."""
+    if mean is not None and std is not None:
+        return (_floats("mean", mean), _floats("std", std)), "given"
+    own = find_input_norm(model)
+    if own is None:
+        return None, "data"
+    declared = hasattr(model, "input_mean") or hasattr(model, "input_std")
+    return own, "declared by the model" if declared else "timm pretrained_cfg"
+
+
+def _short(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
+def describe_input_norm(
+    model: nn.Module,
+    data_mean: Sequence[float],
+    data_std: Sequence[float],
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    source: str | None = None,
+) -> str:
+    """In words, the statistics ``model`` sees (for the ``plan:`` line and
+    :attr:`relkd.Distillation.input_norm`): ``"mean (0.485, 0.456, 0.406) std (...) declared by
+    the model, re-normalised from the data's"`` or ``"the data's mean (...) std (...)"``."""
+    own, found = input_norm_source(model, mean, std)
+    # ``source``: where given statistics came from, in words (unused when none are given)
+    source = source if mean is not None and source else found
+    d = f"mean {_short(data_mean)} std {_short(data_std)}"
+    if own is None:
+        return f"the data's {d}"
+    channels = len(tuple(data_mean))
+    m, s = _fit_channels(own[0], channels), _fit_channels(own[1], channels)
+    if m == tuple(float(v) for v in data_mean) and s == tuple(float(v) for v in data_std):
+        return f"the data's {d} ({source}: the same)"
+    return f"mean {_short(m)} std {_short(s)} {source}, re-normalised from the data's"

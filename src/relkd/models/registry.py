@@ -7,9 +7,10 @@ from typing import Any
 
 from torch import nn
 
+from relkd import plugins as _plugins
 from relkd.registry import Registry, RelkdError
 
-MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model", check=_plugins.model_factory)
 
 
 def register_model(name: str | None = None):
@@ -21,7 +22,8 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     """Build a model by name.
 
     Args:
-        name: a zoo name (``relkd.list_models()``), ``torchvision:<name>`` or ``timm:<name>``.
+        name: a zoo name (``relkd.list_models()``), ``torchvision:<name>``, ``timm:<name>`` or
+            an import path ``package.module:ClassOrFunction`` (:mod:`relkd.plugins`).
         num_classes: width of the classifier.
         **kwargs: passed to the factory (e.g. ``in_chans`` for the small CNNs). ``weights``
             (torchvision / timm only): pretrained weights from the local cache, see
@@ -29,12 +31,14 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     """
     if not isinstance(num_classes, int) or num_classes < 1:
         raise RelkdError(f"num_classes must be a positive int, got {num_classes!r}")
-    if ":" not in name and kwargs.get("weights") is not None:
+    _plugins.refuse_python_module(name, "model")
+    adapter = name.startswith(("torchvision:", "timm:"))
+    if not adapter and kwargs.get("weights") is not None:
         raise RelkdError(
             f"weights={kwargs['weights']!r} applies to torchvision:<name> / timm:<name> models; "
             f"load {name!r} weights with its `checkpoint` instead"
         )
-    kwargs.pop("weights", None) if ":" not in name else None
+    kwargs.pop("weights", None) if not adapter else None
     if name.startswith("torchvision:"):
         from relkd.models.adapters import torchvision_model
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from relkd.models.base import FeatureInfo
+from relkd.models.info import FeatureInfo
 from relkd.registry import RelkdError
 
 _MAX_PREFIX = 8
