@@ -315,14 +315,14 @@ def fit(
         teacher_top1 = _python_teacher_top1(teacher, comp, loop, device, say)
 
         # 3. The loop: train an epoch slot, evaluate, checkpoint.
-        t_start = time.time()
-        for epoch in range(state.start_epoch, loop.total_epochs):
+        t_start, first = time.time(), state.start_epoch
+        for epoch in range(first, loop.total_epochs):
             record, state.step = _train_epoch(loop, epoch, state.step)
             _evaluate_epoch(loop, run, state, record, epoch, meta)
             state.epoch = epoch
             state.history.append(record)
             here = time.time() - t_start  # this session's epochs: the rate of what is left
-            left = here / (epoch - state.start_epoch + 1) * (loop.total_epochs - epoch - 1)
+            left = here / (epoch - first + 1) * (loop.total_epochs - epoch - 1)
             dt = record["epoch_time_s"]
             rate = f"{loop.steps_per_epoch / dt:.1f} step/s" if dt > 0 else "-"
             say(
