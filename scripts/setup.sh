@@ -15,7 +15,7 @@ if [ ! -f "$stamp" ]; then
   # instead of the release this project is tested with (see DEVELOPERS.md).
   .venv/bin/pip install --disable-pip-version-check -q "torch==2.14.1" "torchvision==0.29.1" 2>&1 | grep -v "is ignored" || true
   if [ "$extra" = "test" ]; then
-    .venv/bin/pip install --disable-pip-version-check -q -e ".[test]" 2>&1 | grep -v "is ignored" || true
+    .venv/bin/pip install --disable-pip-version-check -q -e ".[test,export]" 2>&1 | grep -v "is ignored" || true
   else
     .venv/bin/pip install --disable-pip-version-check -q -e ".[tensorboard]" 2>&1 | grep -v "is ignored" || true
   fi

@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("relkd.methods",),
     ("relkd.preflight",),
     ("relkd.engine",),
-    ("relkd.api", "relkd.probe", "relkd.probe_data", "relkd.probe_model"),
+    ("relkd.api", "relkd.probe", "relkd.probe_data", "relkd.probe_model", "relkd.deploy"),
     ("relkd",),  # the package: relkd.train and the public names
     ("relkd.bench", "relkd.demo", "relkd.cli", "relkd.__main__"),
 ]

@@ -133,11 +133,11 @@ def test_report_numbers_equal_the_runs(suite_out, tmp_path, tiny_teacher_ckpt):
 def test_report_files_plots_and_html(suite_out):
     path = write_report(suite_out)  # the suite's output folder works too; report goes there
     assert path == suite_out / "report.md"
-    for name in ("accuracy.png", "curves.png"):
+    for name in ("accuracy.png", "curves.png", "cost.png"):
         data = (suite_out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     page = (suite_out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 2
+    assert page.count("data:image/png;base64,") == 3
     assert "<table>" in page and "<td>kd_t2</td>" in page
     assert "unfinished" not in path.read_text()
 

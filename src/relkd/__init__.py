@@ -10,6 +10,9 @@ from torch import nn
 from relkd import losses
 from relkd._version import __version__ as __version__  # the one place it is set
 from relkd.api import Distillation, DistillationOutput
+from relkd.deploy.export import export_onnx
+from relkd.deploy.profile import profile_model, profile_run
+from relkd.deploy.runs import eval_onnx, export_run
 from relkd.methods import Method, MethodContext, list_methods, register_method
 from relkd.models import FeatureTap, ModelOutput, create_model, list_models, load_checkpoint
 from relkd.models.registry import register_model
@@ -59,10 +62,15 @@ __all__ = [
     "ModelOutput",
     "RelkdError",
     "create_model",
+    "eval_onnx",
+    "export_onnx",
+    "export_run",
     "list_methods",
     "list_models",
     "load_checkpoint",
     "losses",
+    "profile_model",
+    "profile_run",
     "register_method",
     "register_model",
     "train",

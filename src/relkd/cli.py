@@ -1,4 +1,4 @@
-"""Command line: ``relkd train|configs|eval|probe|list|demo|bench|report``.
+"""Command line: ``relkd train|configs|eval|probe|list|demo|bench|report|profile|export``.
 
 User errors (:class:`relkd.registry.RelkdError`, bad configs, missing data) print one line and
 exit with code 2; anything else is a bug and keeps its traceback.
@@ -94,6 +94,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from relkd.models.normalization import attach_input_norm
     from relkd.progress import progress
 
+    if args.run_dir is not None and str(args.run_dir).endswith(".onnx"):
+        from relkd.deploy.cli import cmd_eval_onnx
+
+        return cmd_eval_onnx(args)
     run_cfg = None
     if args.run_dir is not None:
         run = Path(args.run_dir)
@@ -283,7 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint with --model and --data. Prints JSON: top1, top5 (%), test_loss, checkpoint, "
         "split, test_subset and images (what the numbers were measured on).",
     )
-    e.add_argument("run_dir", nargs="?", default=None, help="a run folder written by relkd train")
+    e.add_argument(
+        "run_dir", nargs="?", default=None,
+        help="a run folder written by relkd train, or an exported FILE.onnx (with --data)",
+    )  # fmt: skip
     e.add_argument("--model", default=None, help="model name (default: the run's student)")
     e.add_argument(
         "--checkpoint", default=None,
@@ -329,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     from relkd.bench.cli import add_bench_parsers
 
     add_bench_parsers(sub)
+    from relkd.deploy.cli import add_deploy_parsers
+
+    add_deploy_parsers(sub)
     _no_abbreviations(p)
     return p
 

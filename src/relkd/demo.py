@@ -183,7 +183,35 @@ def run_demo(
     (out / "results.json").write_text(json.dumps(result, indent=2))
     _plot(rows, out / "results.png", t_top1)
     print(f"\nwrote {out / 'results.md'} and {out / 'results.png'} in {time.time() - t0:.0f} s")
+    result["verdict"] = verdict(rows, t_top1)
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    print(result["verdict"])  # last: the line a person reads first
     return result
+
+
+def verdict(rows: dict[str, dict[str, list[float]]], teacher_top1: float) -> str:
+    """One line: what the student saves against its teacher (parameters, batch-1 CPU latency
+    measured now, :mod:`relkd.deploy.profile`) and what the best distillation method gains over
+    plain training and loses to the teacher (mean last-epoch test top-1)."""
+    from relkd.deploy.profile import machine_label, profile_model, ratios
+
+    kw = {"num_classes": 10, "batches": (1,), "devices": ["cpu"], "repeats": 50, "warmup": 10}
+    s = profile_model("cnn_tiny", (1, 28, 28), **kw)
+    t = profile_model("cnn_small", (1, 28, 28), **kw)
+    r = ratios(s, t)
+    line = (
+        f"student cnn_tiny: {r['params_x']:.0f}x fewer parameters and {r['speedup'][0]['x']:.1f}x "
+        f"faster than its teacher on this CPU at batch 1 ({machine_label('cpu')})"
+    )
+    means = {m: statistics.mean(v["last"]) for m, v in rows.items()}
+    kd = {m: v for m, v in means.items() if m != "ce"}
+    if kd:
+        best = max(kd, key=kd.get)
+        gain = f"{kd[best] - means['ce']:+.1f} over plain training, " if "ce" in means else ""
+        line += f"; {best} {gain}{kd[best] - teacher_top1:+.1f} vs the teacher"
+    elif "ce" in means:
+        line += f"; plain training {means['ce'] - teacher_top1:+.1f} vs the teacher"
+    return line + " (test top-1, last epoch)"
 
 
 def _plot(rows: dict[str, dict[str, list[float]]], path: Path, teacher_top1: float) -> None:

@@ -111,11 +111,25 @@ def _cmd_task(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from relkd.bench.report import write_report
+    from relkd.bench.report_json import write_report_from_json
 
-    path = write_report(args.runs_dir, args.out, evaluate_teachers=not args.no_teacher_eval)
+    cost = {"cost": not args.no_cost, "latency": not args.no_latency, "threads": args.threads}
+    if args.from_json:
+        if args.runs_dir is not None or args.out is None:
+            raise RelkdError("--from-json REPORT.json takes no runs folder and needs --out DIR")
+        path = write_report_from_json(
+            args.from_json, args.out, input_shape=args.input, num_classes=args.num_classes, **cost
+        )
+    elif args.runs_dir is None:
+        raise RelkdError("give a runs folder (relkd report RUNS_DIR) or --from-json REPORT.json")
+    else:
+        path = write_report(
+            args.runs_dir, args.out, evaluate_teachers=not args.no_teacher_eval, **cost
+        )
+    pngs = [p for p in ("accuracy.png", "curves.png", "cost.png") if (path.parent / p).is_file()]
     print(
-        f"wrote {path}, {path.with_suffix('.html')}, {path.parent / 'accuracy.png'}, "
-        f"{path.parent / 'curves.png'}"
+        f"wrote {path}, {path.with_suffix('.html')}, "
+        + ", ".join(str(path.parent / p) for p in pngs)
     )
     return 0
 
@@ -286,11 +300,25 @@ def add_bench_parsers(subparsers) -> argparse._SubParsersAction:
     r = subparsers.add_parser(
         "report", help="tables (markdown, HTML) and plots from a folder of runs"
     )
-    r.add_argument("runs_dir", help="a suite output folder, its runs/ folder, or any runs folder")
+    r.add_argument(
+        "runs_dir", nargs="?", default=None,
+        help="a suite output folder, its runs/ folder, or any runs folder",
+    )  # fmt: skip
     r.add_argument("--out", default=None, help="output folder (default: next to the runs)")
     r.add_argument(
         "--no-teacher-eval", action="store_true",
         help="do not evaluate teacher checkpoints whose top-1 is recorded nowhere",
     )  # fmt: skip
+    r.add_argument(
+        "--from-json", default=None, metavar="REPORT_JSON",
+        help="re-render a report from its report.json alone (run folders not needed), with "
+        "the models' cost measured now; needs --out",
+    )  # fmt: skip
+    r.add_argument("--no-cost", action="store_true", help="no cost table / plot (accuracy only)")
+    r.add_argument("--no-latency", action="store_true", help="cost without timing the models")
+    r.add_argument("--threads", type=int, default=None, help="torch CPU threads for the timing")
+    r.add_argument("--input", default=None, help="with --from-json: the models' CxHxW where "
+                   "the data set's name does not tell it")  # fmt: skip
+    r.add_argument("--num-classes", type=int, default=None, help="with --from-json: classes")
     r.set_defaults(fn=_cmd_report)
     return group

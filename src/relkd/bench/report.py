@@ -277,7 +277,10 @@ def _group_json(g: Group, tab: Table | None, base: Path) -> dict[str, Any]:
         "train_time_s": [r.time_s for r in g.runs],
         "recipe": g.recipe,
         "reference": _refs(g),
-        "run_dirs": [os.path.relpath(r.run_dir, base) for r in g.runs],
+        # a report re-rendered from its JSON keeps the recorded paths (the runs may be gone)
+        "run_dirs": [
+            getattr(r, "recorded_dir", None) or os.path.relpath(r.run_dir, base) for r in g.runs
+        ],
     }
 
 
@@ -324,22 +327,26 @@ def _markdown(views, intro: list[str], sources, images: dict[str, Path]) -> str:
 
 
 def write_report(
-    runs_dir: str | Path, out_dir: str | Path | None = None, *, evaluate_teachers: bool = True
+    runs_dir: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    evaluate_teachers: bool = True,
+    cost: bool = True,
+    latency: bool = True,
+    threads: int | None = None,
 ) -> Path:
     """Write ``report.md`` / ``report.json`` / ``report.csv`` / ``report.tex`` (LaTeX,
-    booktabs) / ``accuracy.{png,pdf,svg}`` / ``curves.{png,pdf,svg}`` / ``report.html`` for the
-    runs under ``runs_dir``; returns the path of ``report.md``.
+    booktabs) / ``accuracy.{png,pdf,svg}`` / ``curves.{png,pdf,svg}`` / ``cost.{png,pdf,svg}``
+    / ``report.html`` for the runs under ``runs_dir``; returns the path of ``report.md``.
 
     ``runs_dir`` may be a suite's output folder (its ``runs/`` is used and its ``teachers/``
     give the teachers' accuracy) or any folder of relkd runs. ``out_dir`` defaults to the suite
     output folder (the parent of ``runs/``) or to ``runs_dir`` itself. A teacher checkpoint whose
     accuracy is recorded nowhere is evaluated once on the test split (``evaluate_teachers``; the
-    result is kept in ``teacher_eval.json`` in ``out_dir``).
+    result is kept in ``teacher_eval.json`` in ``out_dir``). ``cost``: each pair's teacher and
+    student profiled (:mod:`relkd.bench.report_cost`), timed on this CPU with ``threads`` torch
+    threads unless ``latency`` is off.
     """
-    from relkd.bench.report_export import write_csv, write_latex
-    from relkd.bench.report_html import render_html
-    from relkd.bench.report_plots import method_styles, plot_accuracy, plot_curves
-
     root = Path(runs_dir)
     if not root.is_dir():
         raise RelkdError(f"runs folder {str(root)!r} does not exist")
@@ -360,13 +367,46 @@ def write_report(
     groups = group_runs(records)
     tables = _tables(groups)
     _find_teachers(tables, teachers_dir, out, evaluate_teachers)
+    costs = _costs(tables, cost, latency=latency, threads=threads)
+    return _write(out, groups, tables, os.path.relpath(root, out), costs)
+
+
+def _costs(tables: list[Table], enabled: bool, **kwargs: Any) -> dict[int, dict[str, Any]]:
+    if not enabled:
+        return {}
+    from relkd.bench.report_cost import table_costs
+
+    return table_costs(tables, **kwargs)
+
+
+def _write(
+    out: Path,
+    groups: list[Group],
+    tables: list[Table],
+    runs_rel: str,
+    costs: dict[int, dict[str, Any]],
+    *,
+    curves: bool | None = None,
+    source: str | None = None,
+) -> Path:
+    """The report files from grouped runs; ``curves``: None draws ``curves.png``, True keeps
+    the one already in ``out``, False has none."""
+    from relkd.bench.report_export import write_csv, write_latex
+    from relkd.bench.report_html import render_html
+    from relkd.bench.report_plots import method_styles, plot_accuracy, plot_curves
+
     recipes = {json.dumps(t.recipe, sort_keys=True) for t in tables}
     common = tables[0].recipe if len(recipes) == 1 else None
-    views = [_table_view(t) for t in tables]
-    for v in views:
-        v["recipe"] = None if common else recipe_text(v["tab"].recipe)
+    views = []
+    for t in tables:
+        v = _table_view(t)
+        v["recipe"] = None if common else recipe_text(t.recipe)
+        views.append(v)
+        if id(t) in costs:
+            from relkd.bench.report_cost import cost_view
+
+            views.append(cost_view(t, costs[id(t)]))
     table_of = {id(g): t for t in tables for g in t.groups}
-    runs_rel = os.path.relpath(root, out)
     report = {
         "runs_dir": runs_rel,
         "recipe": common,
@@ -380,6 +420,7 @@ def write_report(
                 "teacher_top1": t.teacher_top1.get("top1"),
                 "teacher_top1_source": t.teacher_top1.get("how"),
                 "ce": t.ce.method if t.ce else None,
+                **({"cost": costs[id(t)]} if id(t) in costs else {}),
             }
             for t in tables
         ],
@@ -395,14 +436,20 @@ def write_report(
         if any(t.recipe.get("test_subset") for t in plotted):
             short += " subset"
         plot_accuracy(plotted, out / "accuracy.png", styles, split=short)
-        plot_curves(plotted, out / "curves.png", styles, split=short)
-        images = {
-            "Top-1 per method": out / "accuracy.png",
-            f"{short.capitalize()} top-1 per epoch": out / "curves.png",
-        }
+        images["Top-1 per method"] = out / "accuracy.png"
+        if curves is None:
+            plot_curves(plotted, out / "curves.png", styles, split=short)
+        if curves is not False:
+            images[f"{short.capitalize()} top-1 per epoch"] = out / "curves.png"
+        from relkd.bench.report_cost import plot_cost
+
+        if plot_cost(plotted, costs, out / "cost.png", styles, split=short):
+            images[f"{short.capitalize()} top-1 against MACs"] = out / "cost.png"
     write_csv(tables, out / "report.csv")
     write_latex(tables, out / "report.tex")
     intro = _intro(groups, runs_rel, common)
+    if source:
+        intro.insert(1, f"Re-rendered from {source} (no run folder read); cost measured now.")
     sources = _used_sources(tables)
     (out / "report.md").write_text(_markdown(views, intro, sources, images))
     (out / "report.html").write_text(render_html(views, intro, sources, images))
