@@ -224,14 +224,19 @@ def run_dir(fmnist_root, tmp_path_factory) -> Path:
     return Path(res["run_dir"])
 
 
-def test_eval_a_run_folder(run_dir):
+def test_eval_a_run_folder(run_dir, monkeypatch):
     summary = json.loads((run_dir / "summary.json").read_text())
+    monkeypatch.setenv("RELKD_PROGRESS", "bar")  # the bar a terminal shows
     code, out, err = _cli(["eval", str(run_dir), "--device", "cpu"])
     assert code == 0, err
     res = json.loads(out)
     assert res["top1"] == pytest.approx(summary["last_top1"])
     assert res["checkpoint"].endswith("student.pt")
     assert "eval" in err  # the progress bar
+    # stderr is no terminal: a short evaluation prints no progress lines at all
+    monkeypatch.delenv("RELKD_PROGRESS")
+    code, out, err = _cli(["eval", str(run_dir), "--device", "cpu"])
+    assert code == 0 and "eval" not in err and "\r" not in err
     # relkd's own checkpoint.pt (the last epoch) gives the same numbers
     code, out, _ = _cli(["eval", str(run_dir), "--checkpoint", str(run_dir / "checkpoint.pt"),
                          "--no-progress"])  # fmt: skip

@@ -22,6 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
         "relkd.distributed",
         "relkd.plugins",
         "relkd.claims",
+        "relkd.progress",
     ),
     ("relkd.config", "relkd.resources"),
     ("relkd.models", "relkd.losses"),

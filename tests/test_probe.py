@@ -278,16 +278,28 @@ def test_non_finite_head_loss_stops_naming_the_step(stl_root, student_ckpt, tmp_
     assert _metrics(tmp_path) == []  # no epoch of a diverged head is recorded
 
 
-def test_feature_extraction_progress_bars_and_quiet(stl_root, student_ckpt, tmp_path, capsys):
+def test_feature_extraction_progress_bars_and_quiet(
+    stl_root, student_ckpt, tmp_path, capsys, monkeypatch
+):
     kw = dict(
         num_source_classes=100, epochs=1, max_steps_per_epoch=1, augment=False, device="cpu",
         out_dir=str(tmp_path), eval_batch_size=16,
     )  # fmt: skip
+    monkeypatch.setenv("RELKD_PROGRESS", "bar")  # as on a terminal
     run_probe("resnet8", str(student_ckpt), "stl10", str(stl_root), name="loud", **kw)
     err = capsys.readouterr().err
     # tqdm bars over the test (100 images) and train (160) feature batches of 16
     assert re.search(r"test features: .*\d/7 \[", err), err
     assert re.search(r"train features \(no augment\): .*\d/10 \[", err), err
+    # stderr is no terminal here: plain lines (every loop counts as long with MIN_S=0)
+    monkeypatch.delenv("RELKD_PROGRESS")
+    monkeypatch.setenv("RELKD_PROGRESS_MIN_S", "0")
+    run_probe("resnet8", str(student_ckpt), "stl10", str(stl_root), name="lines", **kw)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert re.findall(r"^test features: (\d/7) \(\d+%\), [\d.]+ batch/s", err, re.M) == [
+        "2/7", "4/7", "6/7"
+    ]  # fmt: skip
     run_probe("resnet8", str(student_ckpt), "stl10", str(stl_root), name="q", quiet=True, **kw)
     assert capsys.readouterr().err == ""
 

@@ -26,6 +26,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if args.print_config:
         return _print_config(args)
+    from relkd.engine import preempt
+
+    # SIGUSR1 (a scheduler's warning before a time limit): stop at a safe point, exit 75
+    preempt.install()
     summary = train(
         args.config, overrides=args.overrides, resume=args.resume, quiet=args.quiet,
         allow_change=args.allow_change,
@@ -81,7 +85,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import torch
-    from tqdm.auto import tqdm
 
     from relkd.config import load_config
     from relkd.data import build_datasets
@@ -91,6 +94,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from relkd.methods import MethodContext, build_method
     from relkd.models import create_model, load_checkpoint
     from relkd.models.normalization import attach_input_norm
+    from relkd.progress import progress
 
     if args.run_dir is not None and str(args.run_dir).endswith(".onnx"):
         from relkd.deploy.cli import cmd_eval_onnx
@@ -151,8 +155,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     method, _ = build_method("ce", MethodContext(num_classes=info.num_classes))
     plan = plan_for_config(cfg, method, False, test_ds)
     _, test = build_loaders(plan, cfg, method, test_ds, test_ds, info, device)
-    bar = tqdm(test, total=len(test), desc="eval", unit="batch", leave=False,
-               disable=args.no_progress)  # fmt: skip
+    bar = progress(test, total=len(test), desc="eval", unit="batch", leave=False,
+                   disable=args.no_progress)  # fmt: skip
     with torch.no_grad():
         res = evaluate(model.to(device), bar, device)
     bar.close()
@@ -414,6 +418,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"relkd: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM during training (engine.rundir)
+        if code := getattr(e, "exit_code", None):  # a preemption request (engine.preempt)
+            print(f"relkd: stopped for requeueing: {e}", file=sys.stderr)
+            return int(code)
         print("relkd: interrupted", file=sys.stderr)
         return 128 + int(getattr(e, "signum", 2))
     except BrokenPipeError:  # `relkd configs list | head`

@@ -1,9 +1,101 @@
-"""torch.distributed helpers that degrade to no-ops in a single process."""
+"""torch.distributed helpers that degrade to no-ops in a single process, and the process group's
+description from the launcher's environment (torchrun, or Slurm's ``srun``)."""
 
 from __future__ import annotations
 
+import os
+import re
+from collections.abc import MutableMapping
+
 import torch
 import torch.distributed as dist
+
+#: The variables torchrun sets and ``init_process_group(init_method="env://")`` reads.
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Host names of a Slurm node list, in order, as ``scontrol show hostnames`` prints them:
+    ``"node[01-03,07],gpu-a"`` -> ``node01 node02 node03 node07 gpu-a``; several bracket groups
+    in one name expand as a product (``r[1-2]n[1-2]`` -> ``r1n1 r1n2 r2n1 r2n2``); zero padding
+    of a range is kept."""
+    names: list[str] = []
+    # split on the commas that are outside brackets
+    for item in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", nodelist.strip()):
+        parts = [""]
+        for prefix, group in re.findall(r"([^\[]*)(?:\[([^\]]*)\])?", item):
+            choices = [""]
+            if group:
+                choices = []
+                for rng in group.split(","):
+                    lo, _, hi = rng.partition("-")
+                    if not hi:
+                        choices.append(lo)
+                        continue
+                    if not (lo.isdigit() and hi.isdigit()) or int(hi) < int(lo):
+                        raise ValueError(f"node list {nodelist!r}: bad range {rng!r}")
+                    choices += [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
+            parts = [p + prefix + c for p in parts for c in choices]
+        names += [p for p in parts if p]
+    return names
+
+
+def slurm_process_group(env: MutableMapping[str, str] | None = None) -> dict[str, str] | None:
+    """torchrun's variables derived from the environment of an ``srun`` task, or ``None``.
+
+    Applies inside a job step of several tasks (``SLURM_STEP_NUM_TASKS`` > 1: the batch script
+    itself is no step, so ``relkd train`` run there directly stays one process) when torchrun
+    has not described a group already (``RANK`` set: torchrun wins). Rank = ``SLURM_PROCID``,
+    world size = the step's task count, local rank = ``SLURM_LOCALID``, master = the first host
+    of the step's node list (rank 0 runs there), port = ``MASTER_PORT`` if set, else
+    ``20000 + (job id % 4000) * 10 + step id % 10`` (the same in every task of a step, different
+    for concurrent steps of one job and, mostly, for jobs sharing a node)."""
+    env = os.environ if env is None else env
+    if "RANK" in env or int(env.get("SLURM_STEP_NUM_TASKS") or 0) <= 1:
+        return None
+    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+    job = int(env.get("SLURM_JOB_ID") or 0)
+    step = int(env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID") or 0)
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": env["SLURM_STEP_NUM_TASKS"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "MASTER_ADDR": env.get("MASTER_ADDR") or expand_nodelist(nodes)[0],
+        "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + (job % 4000) * 10 + step % 10),
+    }
+
+
+def scheduler_info(env: MutableMapping[str, str] | None = None) -> dict[str, object] | None:
+    """The Slurm job this process runs in (recorded in a run's ``run.json``), or ``None``:
+    job id, array job and task id, node list, restart count (how often it was requeued)."""
+    env = os.environ if env is None else env
+    if not env.get("SLURM_JOB_ID"):
+        return None
+    info: dict[str, object] = {"name": "slurm", "job_id": env["SLURM_JOB_ID"]}
+    for key, var in (
+        ("array_job_id", "SLURM_ARRAY_JOB_ID"),
+        ("array_task_id", "SLURM_ARRAY_TASK_ID"),
+        ("job_name", "SLURM_JOB_NAME"),
+        ("node_list", "SLURM_JOB_NODELIST"),
+        ("step_id", "SLURM_STEP_ID"),
+        ("restart_count", "SLURM_RESTART_COUNT"),
+    ):
+        if env.get(var):
+            info[key] = env[var]
+    return info
+
+
+def adopt_launcher_env() -> str | None:
+    """Fill torchrun's variables from Slurm's when this process is an ``srun`` task of a
+    multi-task step (see :func:`slurm_process_group`); returns the launcher that describes the
+    group (``"torchrun"``, ``"slurm"``) or ``None`` for a single process."""
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "torchrun"
+    group = slurm_process_group()
+    if group is None:
+        return None
+    os.environ.update(group)
+    return "slurm"
 
 
 def is_dist() -> bool:

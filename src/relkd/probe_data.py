@@ -163,12 +163,11 @@ def extract_features(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Pooled features [N, D] and labels [N] of every batch of ``loader`` (on ``device``);
     ``progress``: a progress bar on stderr."""
-    from tqdm.auto import tqdm
-
     from relkd.engine.plan import unpack
+    from relkd.progress import progress as _progress
 
     feats, labels = [], []
-    for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
+    for batch in _progress(loader, desc=desc, unit="batch", leave=False, disable=not progress):
         x, y, _ = unpack(batch, device)
         feats.append(probe.features(x))
         labels.append(y)

@@ -8,6 +8,8 @@ group it returns.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 from pathlib import Path
 
 from relkd.registry import RelkdError
@@ -18,6 +20,12 @@ def _cmd_accuracy(args: argparse.Namespace) -> int:
     from relkd.bench.report import write_report
 
     out = args.out or str(Path("runs") / "bench" / load_suite(args.suite).name)
+    if args.launcher == "slurm":
+        return _accuracy_slurm(args, out)
+    for flag, given in (("--slurm", args.slurm), ("--max-parallel", args.max_parallel),
+                        ("--runs-per-task", args.runs_per_task), ("--wait", args.wait)):  # fmt: skip
+        if given:
+            raise RelkdError(f"{flag} applies to --launcher slurm only (launcher: local)")
     results = run_suite(
         args.suite,
         out,
@@ -37,6 +45,68 @@ def _cmd_accuracy(args: argparse.Namespace) -> int:
         print(f"{len(failed)} run(s) not finished: " + ", ".join(r["id"] for r in failed))
         return 1
     return 0
+
+
+def _accuracy_slurm(args: argparse.Namespace, out: str) -> int:
+    from relkd.bench.report import write_report
+    from relkd.bench.slurm import submit
+    from relkd.bench.status import format_status, wait_for
+
+    if args.workers != 1:
+        raise RelkdError("--workers applies to the local launcher; with --launcher slurm use "
+                         "--max-parallel N (array tasks at once)")  # fmt: skip
+    sub = submit(
+        args.suite, out, overrides=args.overrides, slurm=args.slurm or [],
+        max_parallel=args.max_parallel, runs_per_task=args.runs_per_task or 1, only=args.only,
+        dry_run=args.dry_run, report=not (args.wait or args.no_report),
+    )  # fmt: skip
+    for jid, why in sub.resubmitted.items():
+        print(f"resubmitting {jid}: {why}")
+    done = sum(v == "done" for v in sub.skipped.values())
+    queued = {k: v for k, v in sub.skipped.items() if v != "done"}
+    for jid, why in queued.items():
+        print(f"left alone: {jid} ({why})")
+    if args.dry_run:
+        for s in sub.scripts:
+            print(f"# ---- {s['path']} (would run: {s['command']})")
+            print(s["text"], end="")
+        print(f"dry run: {len(sub.scripts)} job(s) would be submitted; {done} finished before")
+        return 0
+    for s in sub.scripts:
+        print(f"submitted {s['name']}: job {s['job_id']} ({s['path']})")
+    print(f"{len(sub.scripts)} job(s) submitted, {done} finished before, {len(queued)} "
+          f"queued or running; follow with: relkd bench status {out}")  # fmt: skip
+    if not args.wait:
+        return 0
+    rows = wait_for(out, poll_s=float(os.environ.get("RELKD_SLURM_POLL_S") or 10))
+    print(format_status(rows))
+    failed = [r["id"] for r in rows if r["state"] != "done"]
+    if not args.no_report and len(failed) < len(rows):
+        path = write_report(Path(out) / "runs", out)
+        print(f"report: {path} (and {path.with_suffix('.html')})")
+    if failed:
+        print(f"{len(failed)} run(s) not finished: " + ", ".join(failed))
+        return 1
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from relkd.bench.status import format_status, suite_status
+
+    rows = suite_status(args.out)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_status(rows))
+    return 0
+
+
+def _cmd_task(args: argparse.Namespace) -> int:
+    from relkd.bench.slurm import run_task
+
+    ids = [i for item in args.job for i in item.split(",") if i.strip()]
+    return run_task(args.suite, args.out, ids, overrides=args.overrides,
+                    build_cache=args.build_cache, quiet=args.quiet)  # fmt: skip
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -147,7 +217,42 @@ def add_bench_parsers(subparsers) -> argparse._SubParsersAction:
     a.add_argument("--dry-run", action="store_true", help="validate and list the runs only")
     a.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     a.add_argument("--verbose", action="store_true", help="show each run's per-epoch output")
+    a.add_argument("--launcher", choices=["local", "slurm"], default="local",
+                   help="local: train here (--workers); slurm: submit the grid as Slurm jobs")  # fmt: skip
+    a.add_argument("--slurm", action="append", metavar="KEY=VALUE",
+                   help="sbatch option for every job, e.g. partition=gpu gres=gpu:1 "
+                   "time=08:00:00 account=NAME (repeatable; after the suite's slurm: section)")  # fmt: skip
+    a.add_argument("--max-parallel", type=int, default=None,
+                   help="slurm: array tasks running at once (%%N)")  # fmt: skip
+    a.add_argument("--runs-per-task", type=int, default=None,
+                   help="slurm: runs per array task, one after the other (default 1)")  # fmt: skip
+    a.add_argument("--wait", action="store_true",
+                   help="slurm: block until every job is over, then write the report; exit 1 "
+                   "naming the runs that did not finish")  # fmt: skip
     a.set_defaults(fn=_cmd_accuracy)
+
+    st = group.add_parser(
+        "status", help="state of every run of a suite output folder (done, running, ...)",
+        description="done / running / pending / failed / interrupted / new, the Slurm job id "
+        "and the last epoch of every teacher and run, from the run folders and squeue.",
+    )  # fmt: skip
+    st.add_argument("out", help="the suite's output folder (--out of relkd bench accuracy)")
+    st.add_argument("--json", action="store_true", help="one JSON list")
+    st.set_defaults(fn=_cmd_status)
+
+    tk = group.add_parser(
+        "task", help="(used by the Slurm batch scripts) run the given jobs of a suite's grid",
+        description="Run exactly the listed grid jobs (teacher/NAME or run ids) of a suite in "
+        "OUT, as relkd bench accuracy would; exit 75 when stopped by SIGUSR1 for requeueing.",
+    )  # fmt: skip
+    tk.add_argument("suite")
+    tk.add_argument("overrides", nargs="*", help="key=value applied to every run")
+    tk.add_argument("--out", required=True)
+    tk.add_argument("--job", action="append", required=True, help="grid job id(s), comma list")
+    tk.add_argument("--build-cache", action="store_true",
+                    help="only build the teacher cache the first job reads")  # fmt: skip
+    tk.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    tk.set_defaults(fn=_cmd_task)
 
     s = group.add_parser(
         "speed",

@@ -53,7 +53,7 @@ from typing import Any
 from relkd.registry import RelkdError
 
 SUITE_KEYS = ("name", "description", "reference", "data_label", "base", "teachers", "pairs")
-SUITE_KEYS += ("methods", "seeds", "overrides", "teacher_cache")
+SUITE_KEYS += ("methods", "seeds", "overrides", "teacher_cache", "slurm")
 _CACHE_CHOICES = ("off", "auto")
 _ENTRY_KEYS = ("name", "method", "config", "pairs")
 _TEACHER_KEYS = ("checkpoint", "train", "kwargs")
@@ -94,6 +94,7 @@ class Suite:
     reference: str | None = None
     teacher_cache: str = "off"
     data_label: str | None = None  # what the data set is, for the report ("CIFAR-10 JPEG")
+    slurm: dict[str, Any] | None = None  # sbatch options of the Slurm launcher (bench.slurm)
 
 
 @dataclass
@@ -314,6 +315,7 @@ def parse_suite(data: dict[str, Any], path: Path | None = None) -> Suite:
         reference=str(data["reference"]) if data.get("reference") else None,
         teacher_cache=cache,
         data_label=str(data["data_label"]) if data.get("data_label") else None,
+        slurm=data.get("slurm"),
     )
 
 

@@ -152,9 +152,9 @@ def _build_into(
                 reserve_file(tmp / f"{t}.npy", path.parent, "teacher cache")
             bar = None
             if progress:
-                from tqdm.auto import tqdm
+                from relkd.progress import progress as _progress
 
-                bar = tqdm(total=n * kk, desc="teacher cache", unit="fwd", unit_scale=True)
+                bar = _progress(total=n * kk, desc="teacher cache", unit="fwd", unit_scale=True)
             t_start = time.perf_counter()
             for a in range(0, n, bs):
                 x_u8 = images_u8[a : a + bs].to(device)

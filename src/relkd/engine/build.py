@@ -75,7 +75,7 @@ def resolve_device(name: str, key: str = "train.device") -> torch.device:
     the setting as ``key`` (``--device`` for ``relkd eval``)."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            return torch.device("cuda", _local_gpu())
         return torch.device("cpu")
     try:
         dev = torch.device(name)
@@ -84,12 +84,19 @@ def resolve_device(name: str, key: str = "train.device") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RelkdError(f"{key}={name!r} but CUDA is not available; use cpu or auto")
     if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        dev = torch.device("cuda", _local_gpu())
     return dev
 
 
+def _local_gpu() -> int:
+    """This process's GPU: its local rank, modulo the GPUs it sees (``srun --gpus-per-task``
+    shows each task only its own GPU)."""
+    return int(os.environ.get("LOCAL_RANK", 0)) % max(1, torch.cuda.device_count())
+
+
 def init_distributed(device: torch.device) -> None:
-    """Join the process group torchrun describes in the environment (no-op otherwise)."""
+    """Join the process group torchrun (or ``srun``, see :func:`relkd.distributed.adopt_launcher_env`)
+    describes in the environment (no-op otherwise)."""
     if D.is_dist() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
     backend = "nccl" if device.type == "cuda" else "gloo"

@@ -211,6 +211,8 @@ def provenance(device: Any = None, world_size: int = 1, global_batch: int | None
         "world_size": int(world_size),
         "global_batch": global_batch,
     }
+    if sched := D.scheduler_info():
+        info["scheduler"] = sched  # job id, array task, node list: which job wrote the run
     if dev and dev.startswith("cuda") and torch.cuda.is_available():
         info["device_name"] = torch.cuda.get_device_name(torch.device(dev))
     return info

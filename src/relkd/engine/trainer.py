@@ -33,6 +33,7 @@ from torch import nn
 
 from relkd import distributed as D
 from relkd.config import Config, load_run_config
+from relkd.engine import preempt
 from relkd.engine.build import (
     Components,
     build_components,
@@ -58,6 +59,7 @@ from relkd.engine.state import TrainState
 from relkd.engine.step import TrainStep
 from relkd.engine.teacher import TeacherSource
 from relkd.preflight import check_config
+from relkd.progress import format_eta
 
 __all__ = ["fit"]
 
@@ -187,10 +189,10 @@ def _train_epoch(loop: _Loop, epoch: int, step: int) -> tuple[dict[str, Any], in
     loop.step.start_epoch(epoch, step, n)
     t0, bar = time.time(), None
     if loop.progress:
-        from tqdm.auto import tqdm
+        from relkd.progress import progress
 
         desc = f"{phase} {epoch + 1}/{pre}" if phase != "main" else f"epoch {main_epoch + 1}"
-        bar = tqdm(total=n, desc=f"{desc}/{cfg.train.epochs}", leave=False)
+        bar = progress(total=n, desc=f"{desc}/{cfg.train.epochs}", unit="step", leave=False)
     for i, batch in enumerate(loop.train_loader):
         if i >= n:
             break
@@ -202,6 +204,9 @@ def _train_epoch(loop: _Loop, epoch: int, step: int) -> tuple[dict[str, Any], in
                 g["lr"] = loop.lr
         loop.step(x, y, extras)
         step += loop.step.stepped  # an accumulation group ended: one optimizer step
+        if D.world_size() == 1 and preempt.stop_mid_epoch(i + 1, n, time.time() - t0):
+            # The last epoch's checkpoint is whole: the run resumes from it, exactly.
+            raise preempt.Preempted(f"stopped in epoch slot {epoch + 1} at step {i + 1}/{n}")
         if (i + 1) % cfg.train.log_every == 0 and i + 1 < n:
             stats = loop.step.read()  # the read point: progress and the non-finite check
             if bar is not None:
@@ -260,6 +265,7 @@ def fit(
     check_config(cfg, teacher=teacher, student=student)
     if cfg.train.tensorboard:
         warn_no_tensorboard()
+    D.adopt_launcher_env()  # an `srun` task of a multi-task step: Slurm describes the group
     device = resolve_device(cfg.train.device)
     init_distributed(device)
     run_dir = run_path(cfg)
@@ -309,16 +315,27 @@ def fit(
         teacher_top1 = _python_teacher_top1(teacher, comp, loop, device, say)
 
         # 3. The loop: train an epoch slot, evaluate, checkpoint.
-        t_start = time.time()
-        for epoch in range(state.start_epoch, loop.total_epochs):
+        t_start, first = time.time(), state.start_epoch
+        for epoch in range(first, loop.total_epochs):
             record, state.step = _train_epoch(loop, epoch, state.step)
             _evaluate_epoch(loop, run, state, record, epoch, meta)
             state.epoch = epoch
             state.history.append(record)
-            say(_epoch_line(record, epoch, len(loop.phase_of), cfg.train.epochs, state.best))
+            here = time.time() - t_start  # this session's epochs: the rate of what is left
+            left = here / (epoch - first + 1) * (loop.total_epochs - epoch - 1)
+            dt = record["epoch_time_s"]
+            rate = f"{loop.steps_per_epoch / dt:.1f} step/s" if dt > 0 else "-"
+            say(
+                _epoch_line(record, epoch, len(loop.phase_of), cfg.train.epochs, state.best)
+                + f" ({dt:.1f} s, {rate}, {format_eta(left)})"
+            )
             run.end_epoch(record, state)  # the checkpoint first, then the metrics line
             if D.is_dist():
                 torch.distributed.barrier()
+            if epoch + 1 < loop.total_epochs and _stop_requested(device):
+                raise preempt.Preempted(
+                    f"stopped after epoch slot {epoch + 1} (checkpoint written)"
+                )
 
         # 4. Finish: the student's files and summary.json (last: the run finished).
         extra = eval_set(cfg, comp.test_ds)  # what every top-1 was measured on
@@ -328,6 +345,14 @@ def fit(
             summary = run.finish(student, cfg, state, t_start=t_start, metadata=meta, extra=extra)
         comp.distiller.tap.remove()
         return summary
+
+
+def _stop_requested(device: torch.device) -> bool:
+    """A preemption request (:mod:`relkd.engine.preempt`) seen by any rank, agreed by all."""
+    if not D.is_dist():
+        return preempt.requested()
+    flag = torch.tensor([float(preempt.requested())], device=device)
+    return bool(D.all_reduce_sum(flag).item() > 0)
 
 
 def _evaluate_epoch(loop: _Loop, run: RunFolder, state: TrainState, record, epoch, meta) -> None:
@@ -387,3 +412,16 @@ def _epoch_line(record: dict[str, Any], epoch: int, pre: int, epochs: int, best)
     if "top1" in record:
         line += f" top1 {record['top1']:.2f} best {best['top1']:.2f}"
     return line
+
+
+def build_teacher_cache(config: Any, overrides=(), quiet: bool = False) -> None:
+    """Build (or find) the teacher-output cache the run ``config`` would read, and stop: nothing
+    is trained and the run folder is not written. The Slurm launcher runs this once per cache
+    group before the group's runs (:mod:`relkd.bench.slurm`)."""
+    cfg = load_run_config(config, overrides, None, None)
+    check_config(cfg)
+    device = resolve_device(cfg.train.device)
+    seed_everything(cfg.train.seed)
+    comp = build_components(cfg, device, None, None)
+    plan = plan_for_config(cfg, comp.method, comp.teacher is not None, comp.train_ds)
+    _build_loop(cfg, comp, plan, device, _say(quiet), cfg.train.progress and not quiet)
