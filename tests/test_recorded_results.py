@@ -112,17 +112,21 @@ def _compare():
 
 
 @pytest.mark.parametrize(
-    "name, shared_only",
+    "name, rerun_dir, shared_only",
     [
-        ("cifar10jpg-mini", False),
-        ("fmnist-mini", False),
-        ("cifar10jpg-long", True),
-        ("cifar10jpg-val-study", True),
+        ("cifar10jpg-mini", "rerun", False),
+        ("cifar10jpg-mini", "rerun-seams", False),
+        ("fmnist-mini", "rerun", False),
+        ("fmnist-mini", "rerun-seams", False),
+        ("cifar10jpg-long", "rerun", True),
+        ("cifar10jpg-val-study", "rerun", True),
     ],
 )
-def test_recorded_reruns_still_pass_exact(name, shared_only):
-    """Each ``reproduction.md`` quotes a ``compare_reports.py --exact`` that passed."""
-    rec, rerun = RESULTS / name / "report.json", RESULTS / name / "rerun" / "report.json"
+def test_recorded_reruns_still_pass_exact(name, rerun_dir, shared_only):
+    """Each ``reproduction.md`` quotes a ``compare_reports.py --exact`` that passed (``rerun-seams``:
+    the rerun after the engine-seams refactor of issue 24)."""
+    rec, rerun = RESULTS / name / "report.json", RESULTS / name / rerun_dir / "report.json"
+    assert f"{rerun_dir}/report.json" in (RESULTS / name / "reproduction.md").read_text()
     table, ok = _compare()(rec, rerun, shared_only=shared_only, exact=True)
     assert ok, table
     assert "--exact" in (RESULTS / name / "reproduction.md").read_text()
