@@ -478,9 +478,14 @@ def test_report_html_renders_in_a_real_browser(suite_out, tmp_path):
     m = re.search(r'<pre id="relkd-check">([^<]*)</pre>', dom)
     assert m, "the page's load handler did not run"
     images = {alt: (done, w, h) for alt, done, w, h in json.loads(m.group(1))}
-    assert set(images) == {"Top-1 per method", "Test top-1 per epoch", "control"}
+    figures = {
+        "Top-1 per method": "accuracy.png",
+        "Test top-1 per epoch": "curves.png",
+        "Test top-1 against MACs": "cost.png",
+    }
+    assert set(images) == {*figures, "control"}
     assert images["control"][1] == 0
-    for alt, name in (("Top-1 per method", "accuracy.png"), ("Test top-1 per epoch", "curves.png")):
+    for alt, name in figures.items():
         w, h = struct.unpack(">II", (tmp_path / name).read_bytes()[16:24])  # IHDR width, height
         assert images[alt] == (True, w, h), alt
     shot = tmp_path / "page.png"
