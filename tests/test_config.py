@@ -185,3 +185,13 @@ def test_more_bad_inputs_through_the_cli(tmp_path, capsys, monkeypatch):
         code = main(["train", FM_CE, *overrides, f"output_dir={tmp_path / 'runs'}"])
         err = capsys.readouterr().err.strip()
         assert code == 2 and err.count("\n") == 0 and needle in err, (overrides, err)
+
+
+@pytest.mark.parametrize("value", ["yes", "no", "on", "off", "Y", "1"])
+def test_a_boolean_override_takes_only_true_or_false_not_yaml_11_words(value):
+    """``train.tensorboard=yes`` was read by YAML 1.1 as true; the README promises that a boolean
+    key takes only true / false (found by a new-user check)."""
+    with pytest.raises(RelkdError, match=r"train\.tensorboard=.* must be true or false"):
+        load_config(FM_CE, [f"train.tensorboard={value}"])
+    assert load_config(FM_CE, ["train.tensorboard=false"]).train.tensorboard is False
+    assert load_config(FM_CE, ["train.tensorboard=True"]).train.tensorboard is True

@@ -297,6 +297,30 @@ def test_user_data_set_by_import_path(tmp_path, user_package):
     assert recorded["data"]["name"] == "my_kd_methods.data:build_blobs"
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        "def build_blobs(num_classes=10):\n    return None\n",  # a model factory's signature
+        "def build_blobs(root, opts):\n    return 3\n",  # not (train, test, info)
+        "def build_blobs(root, opts):\n    return [], [], {}\n",  # info not a DataInfo
+    ],
+)
+def test_a_data_set_path_that_is_not_a_builder_is_one_line(tmp_path, user_package, body):
+    """Found by a new-user check: a model factory named as ``data.name`` ended in a TypeError
+    traceback; it is one line naming the path and the builder's contract."""
+    (user_package / "my_kd_methods" / "notdata.py").write_text(body)
+    cfg = {
+        "student": {"name": FOREIGN},
+        "method": {"name": "ce"},
+        "data": {"name": "my_kd_methods.notdata:build_blobs", "batch_size": 16},
+        "train": {"epochs": 1, "tensorboard": False, "progress": False, "device": "cpu"},
+        "output_dir": str(tmp_path / "runs"),
+    }
+    with pytest.raises(relkd.RelkdError, match=r"is not a data-set builder") as e:
+        relkd.train(cfg, quiet=True)
+    assert "my_kd_methods.notdata:build_blobs" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_the_readme_method_example_runs(tmp_path, fmnist_root, tiny_teacher_ckpt):
     """The README's ~15-line method: registered under its short name, trained from a config."""
     import re

@@ -490,6 +490,9 @@ def _parse_override(item: str) -> DictConfig:
         raise RelkdError(f"override {item!r} is not of the form key=value")
     key, raw = item.split("=", 1)
     key = key.strip()
+    # YAML 1.1 reads yes/no/on/off as booleans; a boolean key takes only true or false.
+    if _leaf_type(Config, key) is bool and raw.strip().lower() not in ("true", "false", "null"):
+        raise RelkdError(f"{key}={raw!r} is not valid: must be true or false")
     if (
         _leaf_type(Config, key) is str
         and raw.strip() not in ("null", "~", "")

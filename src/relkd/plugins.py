@@ -148,8 +148,10 @@ def refuse_python_module(name: str, section: str) -> None:
     """One line for a recorded ``python-module:`` name: relkd cannot rebuild that model."""
     if isinstance(name, str) and name.startswith(PYTHON_MODULE):
         cls = name[len(PYTHON_MODULE) :]
+        # relkd.train's keywords are student= / teacher=; a bare "model" is the student.
+        keyword = "teacher" if section == "teacher" else "student"
         raise RelkdError(
             f"{section} {cls} was an nn.Module passed from Python that relkd cannot import or "
-            f"rebuild: pass it again from Python (relkd.train(config, {section}=module, "
+            f"rebuild: pass it again from Python (relkd.train(config, {keyword}=module, "
             "resume=True); to evaluate, load student.pt into it with relkd.load_checkpoint)"
         )

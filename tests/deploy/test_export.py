@@ -280,3 +280,31 @@ def test_python_int8_of_a_user_module(tmp_path):
     assert q["eval_images"] == 40 and 0 <= q["top1_agreement_with_fp32"] <= 1
     with pytest.raises(relkd.RelkdError, match="calibration"):
         relkd.export_onnx(m, tmp_path / "v.onnx", input_shape=(3, 12, 12), int8=True)
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--split", "val"], "--split val"),
+        (["--test-subset", "500"], "--test-subset"),
+        (["--device", "cpu"], "--device"),
+    ],
+)
+def test_eval_of_an_onnx_file_refuses_flags_it_would_ignore(tmp_path, capsys, flags, named):
+    """``relkd eval FILE.onnx --split val`` used to evaluate the whole test split silently (found
+    by a new-user check); a flag the ONNX path does not apply is one line, exit 2."""
+    from relkd.cli import main
+
+    onnx_file = tmp_path / "student.onnx"
+    onnx_file.write_bytes(b"not read: the flags are refused first")
+    assert main(["eval", str(onnx_file), "--data", "fashion_mnist", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and named in err[0] and "not supported for an ONNX file" in err[0]
+
+
+def test_the_python_module_hint_names_relkd_trains_real_keyword():
+    from relkd.plugins import PYTHON_MODULE, refuse_python_module
+
+    for section, keyword in (("model", "student"), ("student", "student"), ("teacher", "teacher")):
+        with pytest.raises(relkd.RelkdError, match=rf"relkd\.train\(config, {keyword}=module"):
+            refuse_python_module(f"{PYTHON_MODULE}mypkg.Net", section)

@@ -88,7 +88,19 @@ def build_datasets(
         mean=tuple(float(m) for m in mean) if mean is not None else None,
         std=tuple(float(s) for s in std) if std is not None else None,
     )
-    train, test, info = builder(Path(root).expanduser() if root is not None else None, opts)
+    where = Path(root).expanduser() if root is not None else None
+    if ":" not in name:  # a built-in or registered builder: its own errors are bugs to see
+        train, test, info = builder(where, opts)
+    else:  # named by import path: anything callable resolves, so check it is a builder
+        try:
+            train, test, info = builder(where, opts)
+            if not isinstance(info, DataInfo):
+                raise TypeError(f"its third value is a {type(info).__name__}, not a DataInfo")
+        except (TypeError, ValueError) as e:
+            raise RelkdError(
+                f"data set {name!r} is not a data-set builder: calling it as "
+                f"builder(root, BuildOptions) -> (train, test, DataInfo) failed: {e}"
+            ) from None
     if val_split is not None:
         train, test = split_train_val(train, test, val_split, seed=val_seed)
     if test_subset is not None:

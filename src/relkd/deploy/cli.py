@@ -112,6 +112,22 @@ def cmd_eval_onnx(args: argparse.Namespace) -> int:
         raise RelkdError(
             "an ONNX file holds its model and weights: drop --model/--checkpoint/--best"
         )
+    # Flags of the run-folder path that this path does not apply: refused, never ignored.
+    ignored = [
+        flag
+        for flag, given in (
+            ("--split val", getattr(args, "split", "test") != "test"),
+            ("--test-subset", getattr(args, "test_subset", None) is not None),
+            ("--device", getattr(args, "device", "auto") != "auto"),
+        )
+        if given
+    ]
+    if ignored:
+        raise RelkdError(
+            f"{', '.join(ignored)}: not supported for an ONNX file (it is evaluated on the whole "
+            "test split of --data with ONNX Runtime on the CPU); evaluate the run folder for a "
+            "run's own split or subset"
+        )
     res = eval_onnx(
         args.run_dir, args.data, args.root, image_size=args.image_size,
         batch_size=args.batch_size,
