@@ -308,3 +308,13 @@ def test_the_python_module_hint_names_relkd_trains_real_keyword():
     for section, keyword in (("model", "student"), ("student", "student"), ("teacher", "teacher")):
         with pytest.raises(relkd.RelkdError, match=rf"relkd\.train\(config, {keyword}=module"):
             refuse_python_module(f"{PYTHON_MODULE}mypkg.Net", section)
+
+
+def test_an_opset_the_exporter_does_not_write_is_one_line_and_no_file(kd_run, tmp_path, capsys):
+    """Found by a new-user check: ``--opset 5`` silently wrote opset 18."""
+    out = tmp_path / "old.onnx"
+    code, _, err = _cli(["export", str(kd_run), "--out", str(out), "--opset", "5", "--no-data"],
+                        capsys)  # fmt: skip
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--opset 5 was asked for" in err and "no file written" in err
+    assert not out.exists() and not list(tmp_path.glob(".old.onnx*"))

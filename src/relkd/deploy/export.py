@@ -221,6 +221,11 @@ def _export(
     }
     try:
         used_opset = _set_metadata(tmp, meta)
+        if opset is not None and used_opset != opset:  # the dynamo exporter may not honour it
+            raise RelkdError(
+                f"--opset {opset} was asked for but the {exporter} exporter wrote opset "
+                f"{used_opset}; no file written (leave --opset out for the exporter's own)"
+            )
         sess = ort_session(tmp)
         got = ort_logits(sess, images)
         with torch.no_grad():
