@@ -195,3 +195,18 @@ def test_a_boolean_override_takes_only_true_or_false_not_yaml_11_words(value):
         load_config(FM_CE, [f"train.tensorboard={value}"])
     assert load_config(FM_CE, ["train.tensorboard=false"]).train.tensorboard is False
     assert load_config(FM_CE, ["train.tensorboard=True"]).train.tensorboard is True
+
+
+def test_accumulation_with_skip_is_refused_by_the_config_check(tmp_path):
+    """``--print-config`` accepted what ``relkd train`` refused (found by a new-user check)."""
+    import subprocess
+    import sys
+
+    bad = ["train.grad_accum_steps=2", "train.on_nonfinite=skip"]
+    with pytest.raises(RelkdError, match=r"grad_accum_steps=2 with train\.on_nonfinite=skip"):
+        load_config(FM_CE, bad)
+    p = subprocess.run(
+        [sys.executable, "-m", "relkd", "train", FM_CE, *bad, "--print-config"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr

@@ -261,6 +261,12 @@ def _validate_values(cfg: Config) -> None:
         raise _bad("schedule.milestones", list(s.milestones), "must be strictly increasing epochs")
     if cfg.method.name == "ce" and cfg.method.ce_weight == 0:
         raise _bad("method.ce_weight", 0, "method ce with ce_weight 0 has no loss to train on")
+    if t.grad_accum_steps > 1 and t.on_nonfinite == "skip":
+        # Checked with the config (so --print-config refuses it too), again in the step.
+        raise RelkdError(
+            f"train.grad_accum_steps={t.grad_accum_steps} with train.on_nonfinite=skip is not "
+            "supported (a skipped micro-batch would leave a partial gradient): use stop"
+        )
     for sect in ("student", "teacher"):
         model = getattr(cfg, sect)
         if model is not None and "num_classes" in model.kwargs:
