@@ -32,6 +32,15 @@ if TYPE_CHECKING:
 CACHE_EXTRAS = ("index", "aug_offsets", "aug_flips")
 
 
+def _require_extras(extras: dict[str, Any], names: Sequence[str], kind: str, how: str) -> None:
+    """One line when a stored-output teacher is called without the batch extras that key it."""
+    missing = [k for k in names if extras.get(k) is None]
+    if missing:
+        raise RelkdError(
+            f"the {kind} teacher needs the batch extras {list(names)} (missing {missing}): {how}"
+        )
+
+
 class TeacherSource:
     """The interface of a teacher source (the engine's loop calls nothing else).
 
@@ -96,12 +105,7 @@ class CachedTeacher(TeacherSource):
         return self
 
     def __call__(self, images: torch.Tensor, **extras: Any) -> ModelOutput:
-        missing = [k for k in CACHE_EXTRAS if extras.get(k) is None]
-        if missing:
-            raise RelkdError(
-                f"the cached teacher needs the batch extras {list(CACHE_EXTRAS)} (missing "
-                f"{missing}): use InMemoryLoader(return_aug=True)"
-            )
+        _require_extras(extras, CACHE_EXTRAS, "cached", "use InMemoryLoader(return_aug=True)")
         index = extras["index"]
         if index.shape[0] != images.shape[0]:
             raise RelkdError(
@@ -165,12 +169,7 @@ class ReplayTeacher(TeacherSource):
         return ModelOutput(out.logits.half().float(), feats)
 
     def __call__(self, images: torch.Tensor, **extras: Any) -> ModelOutput:
-        missing = [k for k in REPLAY_EXTRAS if extras.get(k) is None]
-        if missing:
-            raise RelkdError(
-                f"the replay teacher needs the batch extras {list(REPLAY_EXTRAS)} (missing "
-                f"{missing}): wrap the train set in ReplayCropDataset"
-            )
+        _require_extras(extras, REPLAY_EXTRAS, "replay", "wrap the train set in ReplayCropDataset")
         index, params = extras["index"], extras["aug_params"]
         if self._stored is not None:
             idx = index.detach().cpu().numpy()
