@@ -187,3 +187,14 @@ def test_results_readme_of_the_study_matches_its_record():
         assert _fmt(groups[m], "last") in README, m
     for m in ("cmkd-inverse", "cmkd-nodiff", "cmkd-sortnet"):
         assert f"{groups[m]['last_mean']:.2f}" in README, m
+
+
+def test_readme_cost_table_is_the_fmnist_records():
+    """The README's cost table ("What a student costs") quotes the committed Fashion-MNIST
+    record's re-rendered cost table row for row."""
+    readme = (RESULTS.parents[1] / "README.md").read_text()
+    record = (RESULTS / "fmnist-mini" / "report.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| cnn_") and "×" in line]
+    assert len(rows) == 2
+    for row in rows:
+        assert row in record, row
