@@ -93,3 +93,20 @@ def small_cnn(num_classes: int = 10, in_chans: int = 3, width: int = 8) -> nn.Mo
         nn.Conv2d(in_chans, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         nn.Linear(width, num_classes),
     )  # fmt: skip
+
+
+def grey_net(num_classes: int = 10) -> nn.Module:
+    """A factory for 1-channel images that takes no ``in_chans`` (relkd must not pass one)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(4, num_classes),
+    )  # fmt: skip
+
+
+def kwargs_net(**kwargs: int) -> nn.Module:
+    """A ``**kwargs`` factory: it takes ``num_classes`` and ``in_chans`` through them (and
+    fails loudly when either is missing)."""
+    return nn.Sequential(
+        nn.Conv2d(kwargs["in_chans"], 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(), nn.Linear(4, kwargs["num_classes"]),
+    )  # fmt: skip

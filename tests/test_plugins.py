@@ -535,3 +535,42 @@ def test_a_model_factory_gets_num_classes_and_in_chans_when_it_takes_them():
     assert model_kwargs(FOREIGN, {}, 3) == {}  # resnet8 takes no in_chans: none is passed
     model = relkd.create_model(path, 7, **model_kwargs(path, {"width": 4}, 1))
     assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 7)
+
+
+def test_in_chans_and_num_classes_only_where_the_factory_takes_them(tmp_path, fmnist_root):
+    """README: a model by import path gets num_classes and in_chans "if it takes them": a
+    parameter of that name or **kwargs. A grey factory without in_chans trains on Fashion-MNIST
+    from the CLI (relkd used to pass in_chans=1 and fail); a **kwargs factory gets both."""
+    from relkd.engine.build import model_kwargs
+
+    grey, anyc = "tests.foreign_resnet:grey_net", "tests.foreign_resnet:kwargs_net"
+    assert model_kwargs(grey, {}, 1) == {} and model_kwargs(grey, {}, 3) == {}
+    assert model_kwargs(anyc, {}, 1) == {"in_chans": 1}
+    assert model_kwargs(anyc, {}, 3) == {"in_chans": 3}
+    assert model_kwargs("torchvision:resnet18", {}, 3) == {}  # adapters: only to adapt a stem
+    assert model_kwargs("torchvision:resnet18", {}, 1) == {"in_chans": 1}
+    m = relkd.create_model(anyc, 7, **model_kwargs(anyc, {}, 2))
+    assert m[0].in_channels == 2 and m(torch.zeros(1, 2, 8, 8)).shape == (1, 7)
+    cfg = {
+        "student": {"name": grey},
+        "method": {"name": "ce"},
+        "data": {"name": "fashion_mnist", "root": str(fmnist_root), "batch_size": 16},
+        "train": {"epochs": 1, "max_steps_per_epoch": 2, "tensorboard": False,
+                  "progress": False, "device": "cpu"},
+        "schedule": {"name": "constant"},
+        "output_dir": str(tmp_path / "runs"),
+        "name": "grey",
+    }  # fmt: skip
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    code, out, err = _cli(["train", str(tmp_path / "c.yaml")])
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["student"] == grey and 0 <= summary["last_top1"] <= 100
+    assert (tmp_path / "runs" / "grey" / "student.pt").is_file()
+    # the same factory seen by `relkd profile` on its own 1-channel input
+    code, out, err = _cli(["profile", grey, "--num-classes", "10", "--input", "1x8x8",
+                           "--no-latency", "--json"])  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["models"][0]["params"] == sum(
+        p.numel() for p in relkd.create_model(grey, 10).parameters()
+    )

@@ -11,8 +11,9 @@ object of your own, as torchdistill's and Lightning's configs do::
 The module is imported once, the first time the name is looked up (before any other check), and
 a failure is one line naming the path: module not found, attribute not found, or not a model /
 method / data set. A model may be an ``nn.Module`` subclass or a function returning one; it gets
-``num_classes`` when its signature takes it (else its classifier width is checked against the
-data set) and ``in_chans`` likewise.
+``num_classes`` when its signature takes it, as a parameter of that name or through ``**kwargs``
+(else its classifier width is checked against the data set), and ``in_chans`` (the data's
+channels) by the same rule.
 
 A package can also register names under the **entry-point groups** :data:`GROUPS`
 (``relkd.models``, ``relkd.methods``, ``relkd.datasets``), e.g. in its ``pyproject.toml``::
@@ -73,10 +74,21 @@ def not_a(kind: str, path: str, obj: Any) -> RelkdError:
     return RelkdError(f"{kind} {path!r} is not {_WHAT.get(kind, 'a ' + kind)}; it is a {got}")
 
 
+def takes_argument(fn: Any, name: str) -> bool:
+    """Whether calling ``fn`` accepts the keyword ``name``: a parameter of that name or a
+    ``**kwargs`` catch-all. False when the signature cannot be read (nothing is guessed)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 def model_factory(obj: Any, path: str) -> Any:
     """A registry factory ``f(num_classes=, **kwargs) -> nn.Module`` for a model class or
-    function named by ``path``; its signature is the object's (so ``in_chans`` is passed only
-    where it is taken)."""
+    function named by ``path``; its signature is the object's, so ``num_classes`` and
+    ``in_chans`` are passed only where :func:`takes_argument` says it is taken (a parameter of
+    that name or ``**kwargs``)."""
     from torch import nn
 
     if (isinstance(obj, type) and not issubclass(obj, nn.Module)) or not callable(obj):
@@ -86,12 +98,11 @@ def model_factory(obj: Any, path: str) -> Any:
     try:
         sig = inspect.signature(obj)
     except (TypeError, ValueError):
-        sig = None
-    params = sig.parameters if sig is not None else {}
-    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        sig = inspect.Signature()  # unreadable: neither num_classes nor in_chans is passed
+    takes_classes = takes_argument(obj, "num_classes")
 
     def factory(num_classes: int, **kwargs: Any) -> nn.Module:
-        if "num_classes" in params or var_kw:
+        if takes_classes:
             kwargs.setdefault("num_classes", num_classes)
         model = obj(**kwargs)
         if not isinstance(model, nn.Module):
@@ -101,8 +112,7 @@ def model_factory(obj: Any, path: str) -> Any:
             )
         return model
 
-    if sig is not None:
-        factory.__signature__ = sig  # type: ignore[attr-defined]
+    factory.__signature__ = sig  # type: ignore[attr-defined]
     factory.__name__ = getattr(obj, "__name__", "model")
     factory.import_path = path  # type: ignore[attr-defined]
     return factory

@@ -255,3 +255,54 @@ def test_profile_md_counts_are_the_codes():
             f"{tp / sp:.1f}× | {tm / sm:.1f}× |"
         )
         assert row in text, row
+
+
+def test_a_forward_that_fails_on_the_input_is_one_line_naming_shapes(capsys):
+    """A 1-channel model given --input 3x..: one line naming the input and the channels the
+    model's first convolution takes (was a traceback); another forward failure names the input
+    shape and the model's own error."""
+    grey = "tests.foreign_resnet:grey_net"
+    code, out, err = _cli(
+        ["profile", grey, "--num-classes", "10", "--input", "3x16x16", "--no-latency"], capsys
+    )
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert (
+        f"model {grey!r} cannot run on input 3x16x16: its first convolution (module '0') takes "
+        "1 channel(s), not 3 (e.g. --input 1x16x16); the forward raised RuntimeError:" in err
+    )
+
+    class NeedsSize(nn.Module):  # fails on anything but 8x8 images
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(64, 3)
+
+        def forward(self, x):
+            return self.fc(x.view(x.shape[0], 64))
+
+    with pytest.raises(relkd.RelkdError, match=r"^model 'NeedsSize' failed on an input of shape "
+                       r"1x4x4 \(batch 1\): RuntimeError: shape '\[1, 64\]' is invalid"):  # fmt: skip
+        profile_model(NeedsSize(), (1, 4, 4), latency=False)
+    assert profile_model(NeedsSize(), (1, 8, 8), latency=False).params == 64 * 3 + 3
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "want"),
+    [("--repeats", "0", ">= 1 (timed calls)"), ("--repeats", "-3", ">= 1 (timed calls)"),
+     ("--warmup", "-1", ">= 0 (untimed calls first)"),
+     ("--batch", "0", ">= 1 (the larger batch timed)"),
+     ("--threads", "0", ">= 1 (torch CPU threads)"),
+     ("--num-classes", "-2", ">= 1 (classes of the model's output)")],
+)  # fmt: skip
+def test_cli_profile_refuses_counts_below_their_bound(capsys, flag, value, want):
+    """--repeats 0 used to time one call silently; each count flag names itself and its bound."""
+    args = {"--num-classes": "10", "--input": "1x8x8", "--repeats": "2", "--warmup": "0",
+            "--batch": "2", flag: value}  # fmt: skip
+    code, out, err = _cli(["profile", "cnn_tiny", *(x for kv in args.items() for x in kv)], capsys)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert f"{flag} {value} is not valid: must be {want}" in err
+    # the Python API refuses the same, naming its keyword
+    with pytest.raises(relkd.RelkdError, match=r"repeats=0 is not valid: must be an int >= 1"):
+        profile_model("cnn_tiny", (1, 8, 8), num_classes=10, repeats=0)
+    # and times exactly what is asked for
+    r = profile_model("cnn_tiny", (1, 8, 8), num_classes=10, batches=(1,), warmup=0, repeats=2)
+    assert [x["repeats"] for x in r.latency if x["device"] == "cpu"] == [2]

@@ -9,6 +9,16 @@ from pathlib import Path
 from relkd.registry import RelkdError
 
 
+def _at_least(args: argparse.Namespace, limits: dict[str, tuple[int, str]]) -> None:
+    """Refuse a numeric flag below its lower bound in one line naming the flag (``--repeats 0``
+    used to time one call, ``--verify-images 0`` to verify on nothing)."""
+    for dest, (low, what) in limits.items():
+        value = getattr(args, dest)
+        if value is not None and value < low:
+            flag = "--" + dest.replace("_", "-")
+            raise RelkdError(f"{flag} {value} is not valid: must be >= {low} ({what})")
+
+
 def _cmd_profile(args: argparse.Namespace) -> int:
     from relkd.deploy.profile import (
         format_profile,
@@ -18,6 +28,13 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         ratios,
     )
 
+    _at_least(args, {
+        "num_classes": (1, "classes of the model's output"),
+        "batch": (1, "the larger batch timed"),
+        "threads": (1, "torch CPU threads"),
+        "warmup": (0, "untimed calls first"),
+        "repeats": (1, "timed calls"),
+    })  # fmt: skip
     devices = {"auto": None, "cpu": ["cpu"], "cuda": ["cuda"]}[args.device]
     if devices == ["cuda"]:
         import torch
@@ -57,6 +74,11 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from relkd.deploy.runs import export_run
 
+    _at_least(args, {
+        "opset": (1, "the ONNX opset version"),
+        "verify_images": (1, "evaluation images the check runs on"),
+        "calibration_images": (1, "training images that calibrate --int8"),
+    })  # fmt: skip
     rec = export_run(
         args.run_dir, args.out, format=args.format, best=args.best,
         dynamic_batch=args.dynamic_batch, opset=args.opset, no_data=args.no_data,

@@ -19,7 +19,6 @@ Also here: the process-level set-up every entry point shares (:func:`seed_everyt
 
 from __future__ import annotations
 
-import inspect
 import os
 import random
 from collections.abc import Callable, Collection, Mapping
@@ -148,13 +147,20 @@ def tappable(model: nn.Module, example: torch.Tensor | None = None) -> list[str]
 
 
 def model_kwargs(name: str, kwargs: Any, in_channels: int) -> dict[str, Any]:
-    """The model's kwargs with ``in_chans`` = the data's channels when the factory takes it (the
-    small CNNs default to 1 channel, the CIFAR zoo to 3) or the data is not RGB."""
+    """The model's kwargs with ``in_chans`` = the data's channels where the factory takes it: a
+    zoo name or import path whose signature has ``in_chans`` or ``**kwargs``
+    (:func:`relkd.plugins.takes_argument`; the small CNNs default to 1 channel, the CIFAR zoo to
+    3), or a ``torchvision:`` / ``timm:`` model when the data is not RGB (the adapter then
+    adapts its stem). A factory that takes neither gets no ``in_chans``: it is built as it is,
+    and a forward on the data's images says if its channels differ."""
+    from relkd.plugins import takes_argument
+
     kw = dict(kwargs)
-    takes = False
-    if not name.startswith(("torchvision:", "timm:")) and name in MODELS:  # import paths too
-        takes = "in_chans" in inspect.signature(MODELS.get(name)).parameters
-    if takes or in_channels != 3:
+    if name.startswith(("torchvision:", "timm:")):
+        takes = in_channels != 3
+    else:
+        takes = name in MODELS and takes_argument(MODELS.get(name), "in_chans")  # paths too
+    if takes:
         kw.setdefault("in_chans", in_channels)
     return kw
 
