@@ -190,6 +190,7 @@ def test_bad_names_fail_before_training(suite_file, tmp_path, fmnist_root, monke
     with pytest.raises(RelkdError, match=r"unknown method\(s\): fitnez, kdd") as e:
         run_suite(bad, tmp_path / "o1", progress=False)
     assert "registered:" in str(e.value)
+    assert "or your own method by its import path package.module:Name" in str(e.value)
     bad = write_suite(tmp_path / "bad2.yaml", fmnist_root, ck, pairs=[["cnn_small", "cnn_tinyy"]])
     with pytest.raises(RelkdError, match=r"unknown model.*cnn_tinyy"):
         run_suite(bad, tmp_path / "o2", progress=False)

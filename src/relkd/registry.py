@@ -91,14 +91,30 @@ def load_entry_points(registry: Any) -> None:
             warnings.warn(f"relkd: skipped {where}: {first}", stacklevel=2)
 
 
+def own_hint(kind: str) -> str:
+    """The end of every "unknown name" error: how to name a component of one's own."""
+    return (
+        f"or your own {kind} by its import path package.module:Name (a short name your module "
+        "registers is known only once that module is imported, e.g. as an entry point)"
+    )
+
+
 class Registry(Generic[T]):
     """Maps lowercase-insensitive names to objects (classes or factory functions).
 
     ``get`` fails with a message naming the bad key, the closest matches and all valid choices.
     """
 
-    def __init__(self, kind: str, check: Callable[[object, str], T] | None = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        check: Callable[[object, str], T] | None = None,
+        other_forms: str = "",
+    ) -> None:
         self.kind = kind
+        # Names accepted besides the registered ones (said in the "unknown" error), e.g.
+        # "torchvision:<name>, timm:<name>" for models.
+        self.other_forms = other_forms
         self._items: dict[str, T] = {}
         # check(obj, path) -> the object to use, or RelkdError: "not a model / method / data set"
         self._check = check
@@ -166,6 +182,7 @@ class Registry(Generic[T]):
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
             raise RelkdError(
                 f"unknown {self.kind} {name!r}.{hint} Valid choices: {', '.join(self.names())}"
+                f"{'; ' + self.other_forms if self.other_forms else ''}; {own_hint(self.kind)}"
             )
         return self._items[key]
 

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from relkd.registry import RelkdError
+from relkd.registry import RelkdError, own_hint
 
 SUITE_KEYS = ("name", "description", "reference", "data_label", "base", "teachers", "pairs")
 SUITE_KEYS += ("methods", "seeds", "overrides", "teacher_cache", "slurm")
@@ -397,12 +397,12 @@ def _check_names(suite: Suite) -> None:
     if unknown_methods:
         errors.append(
             f"unknown method(s): {', '.join(unknown_methods)} (registered: "
-            f"{', '.join(sorted(registered))})"
+            f"{', '.join(sorted(registered))}; {own_hint('method')})"
         )
     if unknown_models:
         errors.append(
             f"unknown model(s): {', '.join(unknown_models)} (zoo: relkd list models; "
-            "torchvision:<name>, timm:<name> with timm installed)"
+            f"torchvision:<name>, timm:<name> with timm installed; {own_hint('model')})"
         )
     if not unknown_methods and not errors:
         errors += [
@@ -562,7 +562,8 @@ def _validate_configs(teachers: list[Job], runs: list[Job]) -> set[str]:
         if cfg.data.root and not Path(cfg.data.root).expanduser().exists():
             missing_roots.add(f"{cfg.data.root} (data set {cfg.data.name})")
         if cfg.data.name not in DATASETS:
-            msg = f"unknown data set {cfg.data.name!r} (valid: {', '.join(DATASETS.names())})"
+            valid = ", ".join(DATASETS.names())
+            msg = f"unknown data set {cfg.data.name!r} (valid: {valid}; {own_hint('dataset')})"
             errors.setdefault(msg, key)
     if errors:
         lines = [f"{where}: {msg}" for msg, where in errors.items()]

@@ -10,7 +10,9 @@ from torch import nn
 from relkd import plugins as _plugins
 from relkd.registry import Registry, RelkdError
 
-MODELS: Registry[Callable[..., nn.Module]] = Registry("model", check=_plugins.model_factory)
+MODELS: Registry[Callable[..., nn.Module]] = Registry(
+    "model", check=_plugins.model_factory, other_forms="torchvision:<name>, timm:<name>"
+)
 
 
 def register_model(name: str | None = None):
