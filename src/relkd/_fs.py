@@ -234,3 +234,36 @@ def remove_temp_files(folder: Path) -> list[str]:
             p.unlink(missing_ok=True)
             gone.append(p.name)
     return sorted(gone)
+
+
+def name_max(folder: str | os.PathLike[str]) -> int:
+    """The longest file name (bytes) the file system of ``folder`` allows (its nearest existing
+    ancestor's ``NAME_MAX``), else 255, the usual value."""
+    p = Path(folder).expanduser().absolute()
+    while p != p.parent:
+        try:
+            if p.exists():
+                break
+        except OSError:  # e.g. the name is too long: look at its parent
+            pass
+        p = p.parent
+    try:
+        return int(os.pathconf(p, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows) or no limit known
+        return 255
+
+
+def long_name_part(path: str, base: str | os.PathLike[str]) -> str | None:
+    """What is wrong with a relative folder path ``path`` to be created under ``base`` when a
+    part of it is longer than the file system allows (``mkdir`` would fail with "File name too
+    long" after the checks): a short description, or None when every part fits."""
+    limit = name_max(base)
+    for part in re.split(r"[/\\]" if os.sep == "\\" else "/", path):
+        size = len(os.fsencode(part))
+        if size > limit:
+            shown = part if len(part) <= 40 else f"{part[:20]}...{part[-8:]}"
+            return (
+                f"its part {shown!r} is {size} bytes long, more than the {limit} bytes a file "
+                "name may have on this file system (NAME_MAX)"
+            )
+    return None

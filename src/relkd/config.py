@@ -297,6 +297,27 @@ def _validate(cfg: Config) -> None:
         raise RelkdError("train.teacher_replay='' is not valid: use off, auto or a folder path")
     _validate_values(cfg)
     _validate_magnitudes(cfg)
+    _validate_folder_names(cfg)
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 60 else f"{text[:30]}...{text[-20:]}"
+
+
+def _validate_folder_names(cfg: Config) -> None:
+    """``output_dir`` and ``name`` become folders: a part longer than the file system's
+    ``NAME_MAX`` (usually 255 bytes) is refused here, so ``--print-config`` refuses what
+    ``relkd train`` would fail on (its ``mkdir``). The other name rules (absolute, ``..``,
+    empty, through a symlink) are :func:`relkd.engine.rundir.run_path`'s."""
+    from relkd._fs import long_name_part
+
+    out = str(cfg.output_dir)
+    for key, value, base in (("output_dir", out, out), ("name", cfg.name, out)):
+        if value is None:
+            continue
+        problem = long_name_part(str(value), base)
+        if problem:
+            raise RelkdError(f"{key}={_short(str(value))!r} is not valid: {problem}")
 
 
 def yaml_error(where: str, e: yaml.YAMLError) -> RelkdError:

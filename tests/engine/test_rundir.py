@@ -399,3 +399,58 @@ def test_what_counts_as_a_run_folder(tmp_path):
         st = RunFolder(d).state()
         assert st.is_run == is_run, name
         assert bool(st.foreign) == (not is_run and name != "grid_only"), (name, st.foreign)
+
+
+@pytest.mark.parametrize("bytes_", [255, 256])
+def test_a_name_longer_than_name_max_is_refused_by_print_config_as_by_train(
+    bytes_, fmnist_root, tmp_path
+):
+    """A 256-byte name passed --print-config and `relkd train` then failed at mkdir, leaving
+    an empty output_dir. Now the config check refuses it (both commands, the same line, nothing
+    written); 255 bytes (two-byte characters count twice) is a valid folder name."""
+    name = "é" * (bytes_ // 2) + "a" * (bytes_ % 2)  # bytes_ bytes in UTF-8
+    assert len(name.encode()) == bytes_
+    out = tmp_path / "new" / "runs"
+    cfg = _write(tmp_path / "c.yaml", _cfg(fmnist_root, out, name=name, max_steps_per_epoch=1))
+    code_p, err_p = _cli(["train", cfg, "--print-config"])
+    if bytes_ == 255:
+        assert code_p == 0, err_p
+        return
+    code_t, err_t = _cli(["train", cfg])
+    for code, err in ((code_p, err_p), (code_t, err_t)):
+        _one_line_exit_2(code, err)
+        assert (
+            "name='éééé" in err
+            and (
+                "is 256 bytes long, more than the 255 bytes a file name may have on this file "
+                "system (NAME_MAX)"
+            )
+            in err
+        )
+    assert err_p == err_t
+    assert not (tmp_path / "new").exists()  # no empty output_dir
+    with pytest.raises(RelkdError, match="NAME_MAX"):
+        load_config(cfg, [f"output_dir={tmp_path / ('x' * 256)}", "name=r"])
+
+
+def test_a_run_folder_that_cannot_be_made_leaves_no_empty_folders(
+    fmnist_root, tmp_path, monkeypatch
+):
+    """The disk fills (ENOSPC) as `relkd train` makes the run folder: one line naming it, and
+    the parent folders it had just made are gone again (those that existed stay)."""
+    import errno
+
+    real = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self.name == "r":
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    (tmp_path / "kept").mkdir()
+    out = tmp_path / "kept" / "new" / "runs"
+    code, err = _cli(["train", _write(tmp_path / "c.yaml", _cfg(fmnist_root, out))])
+    _one_line_exit_2(code, err)
+    assert f"cannot write the run folder {str(out / 'r')!r}" in err and "No space left" in err
+    assert (tmp_path / "kept").is_dir() and not (tmp_path / "kept" / "new").exists()

@@ -121,6 +121,12 @@ def run_path(cfg: Any) -> Path:
     if ".." in p.parts or ".." in name.replace("\\", "/").split("/"):
         raise RelkdError(f"name={name!r} contains '..' (it would leave output_dir); {hint}")
     out = Path(cfg.output_dir).expanduser()
+    from relkd._fs import long_name_part
+
+    too_long = long_name_part(name, out)  # a default name of long import paths, too
+    if too_long:
+        short = name if len(name) <= 60 else f"{name[:30]}...{name[-20:]}"
+        raise RelkdError(f"name={short!r} is not valid: {too_long}; {hint}")
     path = out / p
     try:
         inside = path.resolve().is_relative_to(out.resolve())
@@ -307,6 +313,7 @@ class RunFolder:
         self._claim: Claim | None = None
         self._own_claim = False
         self._opened = False
+        self._created: list[Path] = []  # folders open() made (deepest last), for a failed open
 
     # ------------------------------------------------------------------------- inspection
     def state(self) -> FolderState:
@@ -491,14 +498,42 @@ class RunFolder:
             return resumed
         except BaseException:
             self.close()
+            self._remove_created()
             raise
+
+    def _remove_created(self) -> None:
+        """Remove the folders this open created, deepest first, where they are still empty: a
+        run that fails before writing anything leaves no empty ``output_dir`` behind."""
+        for folder in reversed(self._created):
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (something was written) or already gone: keep it
+                break
+        self._created = []
 
     def _acquire(self) -> None:
         # Checked before the claim file is created: never a claim in someone else's folder.
         self._refuse_foreign(self.state())
+        missing, p = [], self.path.absolute()
+        while p != p.parent:
+            try:
+                if p.exists():
+                    break
+            except OSError:  # e.g. a name too long: mkdir below reports it
+                pass
+            missing.append(p)
+            p = p.parent
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
+            for folder in reversed(missing):  # outermost first, remembered as made by us
+                try:
+                    folder.mkdir()
+                except FileExistsError:  # made meanwhile by someone else: not ours to remove
+                    if not folder.is_dir():
+                        raise
+                    continue
+                self._created.append(folder)
         except OSError as e:
+            self._remove_created()
             raise RelkdError(f"cannot write the run folder {str(self.path)!r}: {e}") from e
         self._claim, self._own_claim = claim_now(
             self.path / RUN_CLAIM,
