@@ -37,7 +37,7 @@ def test_export_a_zoo_student_and_evaluate_the_file(kd_run, fmnist_root, tmp_pat
     code, text, err = _cli(["export", str(kd_run), "--out", str(out)], capsys)
     assert code == 0, err
     assert out.is_file() and "checked with onnxruntime" in text
-    rec = json.loads((tmp_path / "export.json").read_text())
+    rec = json.loads((tmp_path / "tiny.export.json").read_text())
     v = rec["verification"]
     assert rec["file"] == "tiny.onnx" and rec["exporter"] in ("dynamo", "torchscript")
     assert v["max_abs_logit_diff"] <= v["tolerance"] and v["top1_agreement"] == 1.0
@@ -65,7 +65,7 @@ def test_export_a_zoo_student_and_evaluate_the_file(kd_run, fmnist_root, tmp_pat
     # The same from Python.
     assert relkd.eval_onnx(out, "fashion_mnist", str(fmnist_root))["top1"] == res["top1"]
     rec = relkd.export_run(kd_run, tmp_path / "py" / "s.onnx", verify_images=32)
-    assert rec["verification"]["images"] == 32 and (tmp_path / "py" / "export.json").is_file()
+    assert rec["verification"]["images"] == 32 and (tmp_path / "py" / "s.export.json").is_file()
 
 
 def test_export_options_dynamic_batch_opset_best_no_data(kd_run, tmp_path, capsys):
@@ -76,7 +76,7 @@ def test_export_options_dynamic_batch_opset_best_no_data(kd_run, tmp_path, capsy
         capsys,
     )  # fmt: skip
     assert code == 0, err
-    rec = json.loads((tmp_path / "export.json").read_text())
+    rec = json.loads((tmp_path / "dyn.export.json").read_text())
     assert rec["opset"] == 18 and rec["dynamic_batch"] is True
     assert rec["verification"]["source"].startswith("64 random images")
     assert rec["metadata"]["weights"] == "student_best.pt"
@@ -86,7 +86,7 @@ def test_export_options_dynamic_batch_opset_best_no_data(kd_run, tmp_path, capsy
     # Default output: beside the run's weights.
     code, _, err = _cli(["export", str(kd_run), "--no-data"], capsys)
     assert code == 0, err
-    assert (kd_run / "student.onnx").is_file() and (kd_run / "export.json").is_file()
+    assert (kd_run / "student.onnx").is_file() and (kd_run / "student.export.json").is_file()
 
 
 def test_int8_reports_both_accuracies_and_latencies(kd_run, tmp_path, capsys):
@@ -96,7 +96,7 @@ def test_int8_reports_both_accuracies_and_latencies(kd_run, tmp_path, capsys):
         capsys,
     )
     assert code == 0, err
-    rec = json.loads((out.parent / "export.json").read_text())
+    rec = json.loads((out.parent / "student.export.json").read_text())
     q = rec["int8"]
     assert (out.parent / q["file"]).is_file() and q["file"] == "student.int8.onnx"
     assert q["calibration_images"] == 64 and q["eval_images"] == 128  # the whole test split
@@ -129,11 +129,11 @@ def test_a_failed_check_leaves_no_file(kd_run, tmp_path, capsys, monkeypatch):
 
     real = ex.ort_logits
     monkeypatch.setattr(ex, "ort_logits", lambda sess, x, batch=64: real(sess, x, batch) + 0.5)
-    out = tmp_path / "bad.onnx"
+    out = tmp_path / "new" / "bad.onnx"
     code, _, err = _cli(["export", str(kd_run), "--out", str(out)], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "export check failed" in err and "no file written" in err
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # nor the folder made for it
 
 
 def test_export_a_torchvision_student_cli_and_profile(tv_run, tmp_path, capsys):
@@ -141,7 +141,7 @@ def test_export_a_torchvision_student_cli_and_profile(tv_run, tmp_path, capsys):
     code, _, err = _cli(["export", str(tv_run), "--out", str(out), "--verify-images", "16"],
                         capsys)  # fmt: skip
     assert code == 0, err
-    rec = json.loads((tmp_path / "export.json").read_text())
+    rec = json.loads((tmp_path / "tv.export.json").read_text())
     assert rec["verification"]["images"] == 16 and rec["verification"]["top1_agreement"] == 1.0
     assert rec["metadata"]["architecture"] == "torchvision:resnet18"
     code, text, err = _cli(["profile", str(tv_run), "--no-latency", "--json"], capsys)
@@ -246,7 +246,7 @@ def test_a_pretrained_student_exports_with_its_own_statistics(tmp_path, monkeypa
     out = tmp_path / "p.onnx"
     code, _, err = _cli(["export", str(run), "--out", str(out)], capsys)
     assert code == 0, err
-    rec = json.loads((tmp_path / "export.json").read_text())
+    rec = json.loads((tmp_path / "p.export.json").read_text())
     grey = sum([0.485, 0.456, 0.406]) / 3, sum([0.229, 0.224, 0.225]) / 3
     assert rec["metadata"]["mean"] == pytest.approx([grey[0]])
     assert rec["metadata"]["std"] == pytest.approx([grey[1]])
@@ -318,3 +318,79 @@ def test_an_opset_the_exporter_does_not_write_is_one_line_and_no_file(kd_run, tm
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "--opset 5 was asked for" in err and "no file written" in err
     assert not out.exists() and not list(tmp_path.glob(".old.onnx*"))
+
+
+def test_each_export_into_a_folder_keeps_its_own_record(kd_run, fmnist_root, tmp_path, capsys):
+    """Two exports into one folder shared one export.json (the second overwrote the first's
+    record); each file now has <stem>.export.json, and `relkd eval` reads each file."""
+    recs = {}
+    for stem, extra in (("a", ["--verify-images", "16"]), ("b", ["--dynamic-batch", "--no-data"])):
+        code, text, err = _cli(["export", str(kd_run), "--out", str(tmp_path / f"{stem}.onnx"),
+                                *extra], capsys)  # fmt: skip
+        assert code == 0, err
+        assert f"record: {tmp_path / f'{stem}.export.json'}" in text
+        recs[stem] = json.loads((tmp_path / f"{stem}.export.json").read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.export.json", "a.onnx", "b.export.json", "b.onnx"
+    ]  # fmt: skip
+    assert recs["a"]["file"] == "a.onnx" and recs["a"]["verification"]["images"] == 16
+    assert recs["a"]["dynamic_batch"] is False and recs["a"]["input"][0] == 1
+    assert recs["b"]["file"] == "b.onnx" and recs["b"]["dynamic_batch"] is True
+    assert recs["b"]["verification"]["source"].startswith("64 random images")
+    summary = json.loads((kd_run / "summary.json").read_text())
+    for stem in ("a", "b"):  # the same student: the run's own test top-1 from either file
+        code, text, err = _cli(["eval", str(tmp_path / f"{stem}.onnx"), "--data",
+                                "fashion_mnist", "--root", str(fmnist_root)], capsys)  # fmt: skip
+        assert code == 0, err
+        assert json.loads(text)["top1"] == pytest.approx(summary["last_top1"])
+
+
+def test_a_write_failure_is_reported_as_one_and_leaves_nothing(
+    kd_run, tmp_path, capsys, monkeypatch
+):
+    """A folder that cannot be written, or a disk that fills as the checked file is copied
+    there, is one line naming the path and the system's reason (it read as an exporter
+    failure); nothing half-written is left, and an earlier file of that name is kept whole."""
+    import errno
+
+    import relkd._fs
+
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "afile" / "x.onnx"  # its folder is a file
+    code, text, err = _cli(["export", str(kd_run), "--out", str(out), "--no-data"], capsys)
+    assert code == 2 and text == "" and len(err.strip().splitlines()) == 1, err
+    assert f"cannot write {str(out)!r}: " in err and str(tmp_path / "afile") in err
+    assert "exporter" not in err
+    # the disk fills while the checked file is written beside the destination
+    dest = tmp_path / "d"
+    dest.mkdir()
+    (dest / "x.onnx").write_bytes(b"the earlier export")
+    real = relkd._fs.write_fsync
+
+    def full(path, data):
+        if Path(path).parent == dest:
+            with open(path, "wb") as f:  # a part gets written, then the disk is full
+                f.write(bytes(data)[:10])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(relkd._fs, "write_fsync", full)
+    for fmt, name in (("onnx", "x.onnx"), ("safetensors", "x.safetensors")):
+        argv = ["export", str(kd_run), "--out", str(dest / name), "--format", fmt]
+        code, text, err = _cli(argv + (["--no-data"] if fmt == "onnx" else []), capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"cannot write {str(dest / name)!r}: No space left on device (errno 28)" in err
+        assert sorted(p.name for p in dest.iterdir()) == ["x.onnx"]  # no part, no record
+        assert (dest / "x.onnx").read_bytes() == b"the earlier export"
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--verify-images", "0"), ("--calibration-images", "-1"), ("--opset", "0")]
+)
+def test_cli_export_refuses_counts_below_one(kd_run, tmp_path, capsys, flag, value):
+    code, _, err = _cli(
+        ["export", str(kd_run), "--out", str(tmp_path / "x.onnx"), flag, value], capsys
+    )
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"{flag} {value} is not valid: must be >= 1" in err
+    assert list(tmp_path.iterdir()) == []

@@ -120,7 +120,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
             f"{il['median_ms']:.3f} ms ({il['machine']}); {q['bytes_fp32'] / 1024:.0f} KiB -> "
             f"{q['bytes_int8'] / 1024:.0f} KiB"
         )
-    print(f"record: {out.parent / 'export.json'}")
+    from relkd.deploy.export import record_path
+
+    print(f"record: {record_path(out)}")
     return 0
 
 
@@ -191,8 +193,9 @@ def add_deploy_parsers(sub) -> None:
         "(NCHW, the run's channels and size) and returns logits, its normalisation inside and "
         "class names, mean/std, input size and relkd version in the metadata. ONNX Runtime "
         "runs the file against the torch student on the run's evaluation images (random with "
-        "--no-data); export.json beside the file records the largest logit difference and the "
-        "top-1 agreement; beyond tolerance nothing is written. Needs: " + "pip install "
+        "--no-data); <stem>.export.json beside the file (student.export.json) records the largest "
+        "logit difference and the top-1 agreement; beyond tolerance nothing is written. Needs: "
+        "pip install "
         "'relkd[export]'.",
     )
     e.add_argument("run_dir", help="a run folder written by relkd train")
@@ -209,5 +212,5 @@ def add_deploy_parsers(sub) -> None:
                    "its top-1 on the evaluation split and latency next to fp32's")  # fmt: skip
     e.add_argument("--calibration-images", type=int, default=256,
                    help="training images that calibrate --int8 (default 256)")  # fmt: skip
-    e.add_argument("--json", action="store_true", help="print the export.json record")
+    e.add_argument("--json", action="store_true", help="print the record (<stem>.export.json)")
     e.set_defaults(fn=_cmd_export)

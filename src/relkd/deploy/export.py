@@ -7,13 +7,17 @@ its first operation. The file's metadata (``metadata_props``) holds ``class_name
 ``mean`` / ``std`` (JSON), ``input_size`` (``CxHxW``), ``input_range`` (``[0, 1]``),
 ``relkd_version``, ``exporter`` and ``architecture``.
 
-After writing the file :func:`export_onnx` runs it with ONNX Runtime on the given images and
-compares with the torch model: the largest absolute logit difference and the top-1 agreement
-go into ``export.json`` beside the file. A difference above ``atol + rtol * max |logit|``
-deletes the file and raises :class:`~relkd.RelkdError`.
+:func:`export_onnx` builds the file in a temporary folder, runs it with ONNX Runtime on the
+given images and compares with the torch model: the largest absolute logit difference and the
+top-1 agreement go into the file's record ``<stem>.export.json`` beside it (``student.onnx`` ->
+``student.export.json``: each export into a folder keeps its own record). A difference above
+``atol + rtol * max |logit|`` raises :class:`~relkd.RelkdError` and writes nothing. Only a
+checked file is copied to its destination, atomically (a temporary name beside it, then a
+rename); a failure to write there (a read-only folder, a full disk) is one line naming the path
+and the reason, and leaves nothing half-written.
 
 Exporter: ``torch.onnx.export(dynamo=True)`` (torch.export-based, PyTorch's default since 2.9);
-where it fails, the TorchScript-based exporter (``dynamo=False``); ``export.json`` says which.
+where it fails, the TorchScript-based exporter (``dynamo=False``); the record says which.
 ``int8``: ONNX Runtime's static post-training quantisation (QDQ, per-channel int8 weights,
 uint8 activations, min-max calibration on training images).
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -72,6 +77,41 @@ def _operator(err: BaseException) -> str | None:
     return m.group(1) if m else None
 
 
+def record_path(onnx_file: str | os.PathLike) -> Path:
+    """The record of an exported file: ``<stem>.export.json`` beside it."""
+    p = Path(onnx_file)
+    return p.with_name(p.stem + ".export.json")
+
+
+def _os_error(err: BaseException | None) -> OSError | None:
+    """The ``OSError`` that caused ``err`` (itself, or along its cause / context), if any."""
+    seen = 0
+    while err is not None and seen < 20:
+        if isinstance(err, OSError):
+            return err
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
+
+
+def write_error(path: str | os.PathLike, err: OSError) -> RelkdError:
+    """One line for a failure to write an exported file: the path and the system's reason."""
+    reason = err.strerror or str(err) or type(err).__name__
+    where = err.filename if err.filename is not None else path
+    at = f": {str(where)!r}" if str(where) != str(path) else ""  # e.g. a parent that is a file
+    return RelkdError(f"cannot write {str(path)!r}: {reason}{at} (errno {err.errno})")
+
+
+def _place(src: Path, dst: Path) -> None:
+    """Copy the checked file ``src`` to ``dst`` atomically (a temporary file beside ``dst``,
+    fsync, rename): ``dst`` holds the old or the new file, never a part."""
+    from relkd._fs import atomic_write_bytes
+
+    try:
+        atomic_write_bytes(dst, src.read_bytes())
+    except OSError as e:
+        raise write_error(dst, e) from e
+
+
 def _export_file(
     wrapped: nn.Module, example: torch.Tensor, path: Path, dynamic_batch: bool, opset: int | None
 ) -> str:
@@ -100,6 +140,9 @@ def _export_file(
         errors.append(e)
     for p in (path, path.with_name(path.name + ".data")):
         p.unlink(missing_ok=True)
+    os_err = next((o for o in map(_os_error, errors) if o is not None), None)
+    if os_err is not None:  # writing the file failed, not exporting the model
+        raise write_error(path, os_err) from errors[-1]
     op = next((o for o in map(_operator, errors) if o), None)
     model_name = type(getattr(wrapped, "model", wrapped)).__name__
     first = str(errors[-1]).strip().splitlines()[0][:200] if str(errors[-1]).strip() else ""
@@ -150,8 +193,10 @@ def export_onnx(
     reference: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Export ``model`` (taking ``(x - mean) / std`` of ``[B, C, H, W]`` images) to ONNX with
-    the normalisation inside, check it with ONNX Runtime and return the ``export.json`` record
-    (also written beside ``path``).
+    the normalisation inside, check it with ONNX Runtime and return its record (also written
+    beside ``path`` as ``<stem>.export.json``, :func:`record_path`). The file is built and
+    checked in a temporary folder and only then copied to ``path`` atomically; a failure to
+    write there is a :class:`~relkd.RelkdError` naming the path and the reason.
 
     Args:
         model: any ``nn.Module`` returning logits ``[B, K]`` (or a ``ModelOutput`` / tuple).
@@ -183,18 +228,34 @@ def export_onnx(
         raise RelkdError(
             "int8 quantisation needs calibration images (a few hundred training images)"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with on_cpu_eval(model):
-        return _export(
-            model, out, shape, mean, std, class_names, images, labels, images_source,
-            dynamic_batch, opset, atol, rtol, int8, calibration, metadata, reference,
-        )  # fmt: skip
+    made = [p for p in (out.parent, *out.parent.parents) if not os.path.exists(p)]
+    try:
+        try:  # before the export's work: a folder that cannot be made or written fails first
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"):
+                pass
+        except OSError as e:
+            raise write_error(out, e) from e
+        with on_cpu_eval(model), tempfile.TemporaryDirectory(prefix="relkd-export-") as work:
+            return _export(
+                model, out, Path(work) / out.name, shape, mean, std, class_names, images,
+                labels, images_source, dynamic_batch, opset, atol, rtol, int8, calibration,
+                metadata, reference,
+            )  # fmt: skip
+    except BaseException:
+        for folder in made:  # deepest first: the folders made for a file that was not written
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
 
 
 def _export(
-    model, out, shape, mean, std, class_names, images, labels, images_source, dynamic_batch,
-    opset, atol, rtol, int8, calibration, metadata, reference,
+    model, out, tmp, shape, mean, std, class_names, images, labels, images_source,
+    dynamic_batch, opset, atol, rtol, int8, calibration, metadata, reference,
 ) -> dict[str, Any]:  # fmt: skip
+    """Export to ``tmp`` (in a temporary folder), check it, then place it at ``out``."""
     from relkd._version import __version__
 
     wrapped = NormalizedModel(model, mean, std).eval()
@@ -205,7 +266,6 @@ def _export(
     if tuple(images.shape[1:]) != shape:
         raise RelkdError(f"verification images are {tuple(images.shape[1:])}, the input {shape}")
     example = images[:2] if dynamic_batch else images[:1]
-    tmp = out.with_name(f".{out.name}.tmp")
     exporter = _export_file(wrapped, example, tmp, dynamic_batch, opset)
     meta = {
         "relkd_version": __version__,
@@ -219,40 +279,37 @@ def _export(
         "architecture": type(model).__name__,
         **(metadata or {}),
     }
-    try:
-        used_opset = _set_metadata(tmp, meta)
-        if opset is not None and used_opset != opset:  # the dynamo exporter may not honour it
-            raise RelkdError(
-                f"--opset {opset} was asked for but the {exporter} exporter wrote opset "
-                f"{used_opset}; no file written (leave --opset out for the exporter's own)"
-            )
-        sess = ort_session(tmp)
-        got = ort_logits(sess, images)
-        with torch.no_grad():
-            ref = reference or wrapped
-            want = torch.cat([ref(images[i : i + 64]) for i in range(0, len(images), 64)])
-        diff = float((got - want).abs().max())
-        limit = atol + rtol * float(want.abs().max())
-        agree = float((got.argmax(1) == want.argmax(1)).float().mean())
-        check = {
-            "images": len(images),
-            "source": images_source or "images passed from Python",
-            "max_abs_logit_diff": diff,
-            "top1_agreement": agree,
-            "tolerance": limit,
-            "runtime": "onnxruntime " + ort_version() + " (CPUExecutionProvider)",
-        }
-        if labels is not None:
-            check["torch_top1"] = topk_stats(want, labels)["top1"]
-            check["onnx_top1"] = topk_stats(got, labels)["top1"]
-        if not diff <= limit:
-            raise RelkdError(
-                f"export check failed: ONNX Runtime's logits differ from the torch model's by "
-                f"{diff:.3g} (> tolerance {limit:.3g}) on {len(images)} images; no file written"
-            )
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    used_opset = _set_metadata(tmp, meta)
+    if opset is not None and used_opset != opset:  # the dynamo exporter may not honour it
+        raise RelkdError(
+            f"--opset {opset} was asked for but the {exporter} exporter wrote opset "
+            f"{used_opset}; no file written (leave --opset out for the exporter's own)"
+        )
+    sess = ort_session(tmp)
+    got = ort_logits(sess, images)
+    with torch.no_grad():
+        ref = reference or wrapped
+        want = torch.cat([ref(images[i : i + 64]) for i in range(0, len(images), 64)])
+    diff = float((got - want).abs().max())
+    limit = atol + rtol * float(want.abs().max())
+    agree = float((got.argmax(1) == want.argmax(1)).float().mean())
+    check = {
+        "images": len(images),
+        "source": images_source or "images passed from Python",
+        "max_abs_logit_diff": diff,
+        "top1_agreement": agree,
+        "tolerance": limit,
+        "runtime": "onnxruntime " + ort_version() + " (CPUExecutionProvider)",
+    }
+    if labels is not None:
+        check["torch_top1"] = topk_stats(want, labels)["top1"]
+        check["onnx_top1"] = topk_stats(got, labels)["top1"]
+    if not diff <= limit:
+        raise RelkdError(
+            f"export check failed: ONNX Runtime's logits differ from the torch model's by "
+            f"{diff:.3g} (> tolerance {limit:.3g}) on {len(images)} images; no file written"
+        )
+    _place(tmp, out)
     record: dict[str, Any] = {
         "file": out.name,
         "format": "onnx",
@@ -266,16 +323,26 @@ def _export(
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     if int8:
-        try:
-            record["int8"] = quantize(out, shape, calibration, images, labels, sess)
+        q_name = out.stem + ".int8.onnx"
+        try:  # in the temporary folder too: the quantiser writes its helper files beside it
+            record["int8"] = quantize(tmp, shape, calibration, images, labels, sess)
         except RelkdError:
             raise
         except Exception as e:  # ORT's quantiser refused the graph: the fp32 file stays
-            out.with_name(out.stem + ".int8.onnx").unlink(missing_ok=True)
+            os_err = _os_error(e)
+            if os_err is not None:
+                raise write_error(tmp.with_name(q_name), os_err) from e
             first = (str(e).strip().splitlines() or [""])[0][:200]
             raise RelkdError(
                 f"int8 quantisation of {out.name} failed ({type(e).__name__}: {first}); the "
                 f"fp32 file {str(out)!r} is written and checked"
             ) from e
-    (out.parent / "export.json").write_text(json.dumps(record, indent=2) + "\n")
+        _place(tmp.with_name(q_name), out.with_name(q_name))
+    from relkd._fs import atomic_write_text
+
+    rec_file = record_path(out)
+    try:
+        atomic_write_text(rec_file, json.dumps(record, indent=2) + "\n")
+    except OSError as e:
+        raise write_error(rec_file, e) from e
     return record

@@ -75,7 +75,8 @@ def export_run(
     evaluation split (random images with ``no_data``), default file ``RUN/student.onnx``;
     ``int8`` adds the quantised file, its top-1 on the whole evaluation split next to the fp32
     file's, and both latencies. ``format="safetensors"``: the weights with the run's metadata,
-    as training writes ``student.safetensors``. Returns the record (``export.json``)."""
+    as training writes ``student.safetensors``. Returns the record (ONNX: also written as
+    ``<stem>.export.json`` beside the file)."""
     from relkd.deploy.profile import run_models
     from relkd.models.normalization import attach_input_norm
 
@@ -97,7 +98,12 @@ def export_run(
         dst = Path(out) if out is not None else run / f"{stem}.safetensors"
         if dst.suffix != ".safetensors":
             raise RelkdError(f"safetensors output {str(dst)!r} must end in .safetensors")
-        save_student(student, dst, metadata=meta)
+        try:
+            save_student(student, dst, metadata=meta)
+        except OSError as e:  # a read-only folder, a full disk: not a problem of the model
+            from relkd.deploy.export import write_error
+
+            raise write_error(dst, e) from e
         return {"file": str(dst), "format": "safetensors", "metadata": meta}
     require_extra()
     if int8 and no_data:
