@@ -210,3 +210,47 @@ def test_accumulation_with_skip_is_refused_by_the_config_check(tmp_path):
         capture_output=True, text=True,
     )  # fmt: skip
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_config_files_read_only_true_and_false_as_booleans(tmp_path, capsys):
+    """YAML 1.1 read ``yes`` / ``no`` / ``on`` / ``off`` in a config file as booleans while
+    overrides were strict: a file now reads them as strings, like an override (found by a
+    new-user check). A string key keeps the word; a boolean key given one fails naming it."""
+    from relkd.cli import main
+
+    good = tmp_path / "good.yaml"
+    good.write_text(
+        "student: {name: cnn_tiny}\nmethod: {name: ce, args: {}}\n"
+        "train: {progress: TRUE, tensorboard: False, teacher_cache: off}\n"
+        f"output_dir: {tmp_path / 'runs'}\nname: no\n"
+    )
+    cfg = load_config(good)
+    assert cfg.name == "no" and cfg.train.teacher_cache == "off"  # were False: refused
+    assert cfg.train.progress is True and cfg.train.tensorboard is False
+    assert main(["train", str(good), "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "name: 'no'" in out and f"# run folder: {tmp_path / 'runs' / 'no'}" in out
+    for word in ("yes", "no", "on", "off", "y", "Off"):
+        bad = tmp_path / f"bad_{word}.yaml"
+        bad.write_text(f"student: {{name: cnn_tiny}}\ntrain: {{progress: {word}}}\n")
+        assert main(["train", str(bad), "--print-config"]) == 2
+        err = capsys.readouterr().err
+        assert err == (
+            f"relkd: error: train.progress={word!r} in config file {str(bad)!r} is not valid: "
+            "must be true or false\n"
+        )
+    # a suite file reads the same way: its base config's boolean given "off" is refused
+    from relkd.bench.suite import load_suite
+
+    suite = tmp_path / "s.yaml"
+    suite.write_text(
+        "name: s\nbase: {student: {name: cnn_tiny}, train: {tensorboard: off}}\n"
+        "teachers: {cnn_small: {checkpoint: t.pt}}\npairs: [[cnn_small, cnn_tiny]]\n"
+        "methods: [ce]\n"
+    )
+    base = load_suite(suite).base
+    assert base["train"]["tensorboard"] == "off"  # was False
+    with pytest.raises(RelkdError, match=r"train\.tensorboard='off' is not valid: must be true"):
+        load_config(base)  # each run's config, built from the base
+    suite.write_text(suite.read_text().replace("tensorboard: off", "tensorboard: false"))
+    assert load_suite(suite).base["train"]["tensorboard"] is False

@@ -433,13 +433,57 @@ def _validate_magnitudes(cfg: Config) -> None:
         )
 
 
+_STRICT_LOADER: Any = None
+#: YAML 1.2's booleans: ``true`` / ``false`` (also ``True``, ``TRUE``, ...), as overrides take.
+_BOOL_RE = r"^(?:true|True|TRUE|false|False|FALSE)$"
+
+
+def strict_yaml_loader() -> Any:
+    """OmegaConf's YAML loader (duplicate keys refused, alias bombs bounded, ``1e3`` a float)
+    with YAML 1.2's booleans: only true / false are booleans; YAML 1.1's ``yes`` / ``no`` /
+    ``on`` / ``off`` / ``y`` / ``n`` stay strings, as in a ``key=value`` override, so a folder
+    ``name: no`` is ``no`` and a boolean key given ``on`` fails naming the value."""
+    global _STRICT_LOADER
+    if _STRICT_LOADER is None:
+        import re
+
+        try:
+            from omegaconf.omegaconf import get_yaml_loader
+        except ImportError:  # pragma: no cover  (omegaconf 2.3 keeps it in _utils)
+            from omegaconf._utils import get_yaml_loader  # type: ignore[no-redef]
+        base = get_yaml_loader()
+        bool_tag = "tag:yaml.org,2002:bool"
+
+        class StrictLoader(base):  # type: ignore[misc,valid-type]
+            pass
+
+        StrictLoader.yaml_implicit_resolvers = {
+            first: [(tag, rx) for tag, rx in resolvers if tag != bool_tag]
+            for first, resolvers in base.yaml_implicit_resolvers.items()
+        }
+        StrictLoader.add_implicit_resolver(bool_tag, re.compile(_BOOL_RE), list("tTfF"))
+        _STRICT_LOADER = StrictLoader
+    return _STRICT_LOADER
+
+
+def load_yaml(stream: Any) -> Any:
+    """``OmegaConf.load`` of an open file through :func:`strict_yaml_loader` (a
+    ``DictConfig`` / ``ListConfig``; an empty document is an empty ``DictConfig``)."""
+    obj = yaml.load(stream, Loader=strict_yaml_loader())  # OmegaConf's safe loader, stricter
+    if obj is None:
+        return OmegaConf.create()
+    if not isinstance(obj, (list, dict, str)):
+        return obj  # a bare scalar document: the caller says it is not a mapping
+    return OmegaConf.create(obj)
+
+
 def _load_yaml_file(path: Path) -> DictConfig:
     """A config file's mapping (a regular file within the config size bound)."""
     from relkd._fs import open_regular
 
     try:
         with open_regular(path, "config", "config file") as f:
-            loaded = OmegaConf.load(f)
+            loaded = load_yaml(f)
     except yaml.YAMLError as e:
         raise yaml_error(f"config file {str(path)!r}", e) from None
     except OSError as e:

@@ -197,8 +197,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise RelkdError(f"suite file {str(path)!r} does not exist")
     try:
+        from relkd.config import load_yaml  # YAML 1.2 booleans, as config files
+
         with open_regular(path, "config", "suite file") as f:
-            raw = OmegaConf.load(f)
+            raw = load_yaml(f)
         if not isinstance(raw, DictConfig):
             raise RelkdError(f"suite file {str(path)!r} must hold a mapping at the top")
         # resolve=True expands ${oc.env:VAR,default} (data roots from the environment)
