@@ -183,7 +183,8 @@ def test_a_boolean_takes_only_true_or_false(value):
 
 @pytest.mark.parametrize(
     "text, key",
-    [("name: yes\n", "name"), ("name: 1e3\n", "name"), ("output_dir: 1e3\n", "output_dir"),
+    [("train: {sync_bn: yes}\n", "train.sync_bn"), ("name: 1e3\n", "name"),
+     ("output_dir: 1e3\n", "output_dir"),
      ("train: {sync_bn: -9}\n", "train.sync_bn"), ("data: {root: 5}\n", "data.root")],
 )  # fmt: skip
 def test_config_files_with_implicit_types_are_one_line(tmp_path, text, key):
