@@ -40,6 +40,9 @@ $MARK
 ClusterName=relkd-local
 SlurmctldHost=$host
 AuthType=auth/munge
+# A requeued job may start again cred_expire seconds after the requeue (Slurm's default: 120,
+# its minimum 5); 5 here, so the tests' time-limit and preemption requeues resume at once.
+AuthInfo=cred_expire=5
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation=$DIR/state
@@ -55,6 +58,9 @@ SelectTypeParameters=CR_Core
 JobRequeue=1
 ReturnToService=2
 SchedulerType=sched/backfill
+# Scheduling passes every 1-2 s (defaults: 30 and 60 s): a job that became eligible (its
+# dependency finished, its begin time after a requeue came) starts within seconds.
+SchedulerParameters=bf_interval=1,sched_interval=2
 MpiDefault=none
 SwitchType=switch/none
 JobAcctGatherType=jobacct_gather/none

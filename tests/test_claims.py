@@ -443,6 +443,124 @@ def test_cli_workers_started_together_train_each_run_once(oslock_shim, tmp_path,
         assert len(builds) == 1 and len(list((home / "teacher").iterdir())) == 1, builds
 
 
+ZYGOTE = r"""
+import json, os, sys, time
+from pathlib import Path
+
+import relkd.cli  # relkd and torch imported once; every round runs in a fresh fork of this
+from relkd import claims
+
+argv, base, w, reps = json.loads(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+for rep in range(reps):
+    out = base / f"rep{rep}"
+    while not (out / "go").exists():  # all workers of a round start together
+        time.sleep(0.002)
+    pid = os.fork()
+    if pid == 0:  # the round's worker: `relkd bench accuracy ...` through the CLI's entry point
+        for fd, name in ((1, "out"), (2, "err")):
+            os.dup2(os.open(out / f"w{w}.{name}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        journal = open(out / f"journal-{w}", "a")
+        real = claims.Claim.check
+
+        def check(self, action="writing", _real=real):  # every fenced write, journaled
+            _real(self, action)
+            journal.write(f"{self.path}\t{action}\n")
+            journal.flush()
+
+        claims.Claim.check = check
+        try:
+            rc = relkd.cli.main([*argv, "--out", str(out)])
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc or 0)
+    _, status = os.waitpid(pid, 0)
+    (out / f"done-{w}").write_text(str(os.waitstatus_to_exitcode(status)))
+"""
+
+
+@pytest.mark.slow  # 20 rounds x (2 + 4) CLI workers: ~2-3 min on 2 cores
+@pytest.mark.parametrize("workers", [2, 4])
+def test_cli_workers_started_together_20_times_train_each_run_once(
+    oslock_shim, tmp_path, fmnist_root, workers
+):
+    """The issue's acceptance as written, through the CLI: 20 times, ``workers`` processes run
+    ``relkd bench accuracy SUITE --out SAME`` on one tiny suite (a teacher, ce / kd / dkd sharing
+    a teacher cache), started at the same instant, with OS locks that exclude nothing. Each round's
+    workers are fresh processes (forks of one interpreter per worker that imported relkd and
+    torch once, so a round costs no imports) calling the CLI's entry point with the same argv as
+    the console command. Every round: the teacher and each run trained exactly once (one session,
+    one metrics line per epoch), the workers' tallies add up to the grid, the teacher cache built
+    once, no claim left behind, and every fenced write (checkpoint, metrics, summary, student,
+    cache commit: each ``Claim.check``, journaled per worker) made by a single worker."""
+    teacher = {"train": {"train": {"epochs": 1}}}
+    suite = _suite(tmp_path / "s.yaml", fmnist_root, teacher, ["ce", "kd", "dkd"], [0],
+                   teacher_cache="auto")  # fmt: skip
+    spec = yaml.safe_load(suite.read_text())
+    spec["base"]["data"]["augment"] = False  # a cache of one outcome per image: built in ~1 s
+    suite.write_text(yaml.safe_dump(spec, sort_keys=False))
+    reps = int(os.environ.get("RELKD_TEST_REPS", "20"))
+    argv = ["bench", "accuracy", str(suite), "--no-report", "--verbose"]
+    zygotes = [
+        subprocess.Popen(
+            [sys.executable, "-c", ZYGOTE, json.dumps(argv), str(tmp_path), str(w), str(reps)],
+            env=_env(oslock_shim, 30, RELKD_CACHE_DIR=str(tmp_path / "home")),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for w in range(workers)
+    ]
+    try:
+        for rep in range(reps):
+            out = tmp_path / f"rep{rep}"
+            out.mkdir()
+            shutil.rmtree(tmp_path / "home", ignore_errors=True)  # each round builds its cache
+            (out / "go").touch()
+            deadline = time.monotonic() + 300
+            while not all((out / f"done-{w}").exists() for w in range(workers)):
+                dead = [z for z in zygotes if z.poll() is not None]
+                assert not dead, dead[0].communicate()
+                assert time.monotonic() < deadline, f"round {rep} did not finish"
+                time.sleep(0.05)
+            errs = {w: (out / f"w{w}.err").read_text() for w in range(workers)}
+            rcs = [int((out / f"done-{w}").read_text()) for w in range(workers)]
+            assert rcs == [0] * workers, (rep, rcs, errs)
+            last = [
+                (out / f"w{w}.out").read_text().strip().splitlines()[-1] for w in range(workers)
+            ]
+            tallies = [re.search(r"suite tiny in \d+ s: (.*)$", x) for x in last]
+            assert all(tallies), (rep, last)
+            counts = [dict(reversed(x.split(" ")) for x in t.group(1).split(", ")) for t in tallies]
+            assert sum(int(c.get("trained", 0)) for c in counts) == 3, (rep, last)
+            folders = [out / "teachers/cnn_small", *sorted(out.glob("runs/*/*/s*"))]
+            assert len(folders) == 4, rep
+            for f in folders:
+                sessions = json.loads((f / "run.json").read_text())["sessions"]
+                assert [s["kind"] for s in sessions] == ["start"], (rep, f)
+                lines = (f / "metrics.jsonl").read_text().splitlines()
+                assert len(lines) == (1 if "teachers" in str(f) else 2), (rep, f)
+            assert not list(out.rglob(".relkd.claim*")), rep
+            builds = [
+                x for e in errs.values() for x in e.splitlines() if "teacher cache: building" in x
+            ]
+            assert len(builds) == 1, (rep, builds)
+            writers: dict[tuple[str, str], set[str]] = {}
+            for j in out.glob("journal-*"):
+                for line in j.read_text().splitlines():
+                    writers.setdefault(tuple(line.split("\t")), set()).add(j.name)
+            assert writers, "no fenced write was journaled"
+            shared = {k: v for k, v in writers.items() if len(v) > 1}
+            assert not shared, f"round {rep}: written by two workers: {shared}"
+            touched = {Path(k[0]).parent for k in writers}
+            assert set(folders) <= touched, rep  # every folder's writes were seen
+    finally:
+        for z in zygotes:
+            z.kill()
+            z.wait()
+
+
 def _safetensors(path: Path) -> tuple[dict, bytes]:
     """(parsed header, tensor bytes) of a .safetensors file."""
     data = path.read_bytes()

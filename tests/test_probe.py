@@ -32,6 +32,7 @@ from relkd.probe import (
     run_probe,
 )
 from relkd.registry import RelkdError
+from tests.foreign_resnet import AKAMASTER_MEAN, AKAMASTER_STD, ResNet
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -518,3 +519,99 @@ def test_linear_probe_wraps_any_module():
     probe(torch.randn(4, 3, 8, 8)).sum().backward()
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert probe.head.weight.grad is not None
+
+
+# ----------------------------------------------------------------------- the model's own statistics
+# Three builds of one network (same state dict): one declares ImageNet statistics (as a user's
+# akamaster-style model does), one declares nothing and re-normalises the STL-10 inputs by hand
+# (what relkd eval's rule does to the first), one declares nothing and sees the data's.
+
+
+class _ByHand(ResNet):
+    input_mean = input_std = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from relkd.data.transforms import STL10_MEAN, STL10_STD
+        from relkd.models.normalization import renormalize
+
+        return super().forward(renormalize(x, STL10_MEAN, STL10_STD, AKAMASTER_MEAN, AKAMASTER_STD))
+
+
+class _Plain(ResNet):
+    input_mean = input_std = None
+
+
+def declared_net(num_classes: int = 10) -> ResNet:
+    return ResNet((1, 1, 1), num_classes)
+
+
+def by_hand_net(num_classes: int = 10) -> ResNet:
+    return _ByHand((1, 1, 1), num_classes)
+
+
+def plain_net(num_classes: int = 10) -> ResNet:
+    return _Plain((1, 1, 1), num_classes)
+
+
+def test_probe_applies_the_models_declared_statistics_as_eval_does(stl_root, tmp_path, capsys):
+    """``relkd probe`` of a model that declares its own mean / std: the backbone sees the STL-10
+    images re-normalised to them (relkd eval's rule), so the probe trains exactly the head of
+    the same network re-normalising by hand, and another head than with the data's statistics;
+    probe.json says what the backbone saw."""
+    from relkd.cli import main
+
+    torch.manual_seed(0)
+    net = declared_net(10)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+    ckpt = tmp_path / "net.pt"
+    save_student(net, ckpt)
+    common = ["--checkpoint", str(ckpt), "--num-source-classes", "10", "--data", "stl10",
+              "--root", str(stl_root), "--epochs", "1", "--max-steps-per-epoch", "2",
+              "--batch-size", "32", "--no-augment", "--device", "cpu", "--out",
+              str(tmp_path / "probe")]  # fmt: skip
+    runs = {}
+    for name in ("declared_net", "by_hand_net", "plain_net"):
+        code = main(["probe", "--model", f"tests.test_probe:{name}", *common, "--name", name])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        runs[name] = Path(json.loads(out)["run_dir"])
+    heads = {k: torch.load(v / "head.pt", weights_only=True) for k, v in runs.items()}
+    heads = {k: v.get("model", v) if isinstance(v, dict) else v for k, v in heads.items()}
+    for key in heads["declared_net"]:
+        torch.testing.assert_close(heads["declared_net"][key], heads["by_hand_net"][key],
+                                   rtol=0, atol=0)  # fmt: skip
+    assert not torch.equal(heads["declared_net"]["weight"], heads["plain_net"]["weight"])
+    seen = {
+        k: json.loads((v / "probe.json").read_text())["backbone_input"] for k, v in runs.items()
+    }
+    assert seen["declared_net"] == (
+        "mean (0.485, 0.456, 0.406) std (0.229, 0.224, 0.225) declared by the model, "
+        "re-normalised from the data's"
+    )
+    assert seen["plain_net"].startswith("the data's mean (0.4467, 0.4398, 0.4066)")
+
+
+def test_probe_of_a_relkd_checkpoint_uses_the_statistics_it_records(stl_root, tmp_path, capsys):
+    """A checkpoint that records the statistics of the data it was trained on (relkd's
+    student.pt): probed on STL-10, the backbone sees them (as relkd eval would), with a note."""
+    from relkd.cli import main
+    from relkd.data.transforms import CIFAR100_MEAN, CIFAR100_STD
+
+    ckpt = tmp_path / "student.pt"
+    meta = {"mean": list(CIFAR100_MEAN), "std": list(CIFAR100_STD), "image_size": 32,
+            "in_chans": 3}  # fmt: skip
+    save_student(plain_net(10), ckpt, metadata=meta)
+    code = main(["probe", "--model", "tests.test_probe:plain_net", "--checkpoint", str(ckpt),
+                 "--num-source-classes", "10", "--data", "stl10", "--root", str(stl_root),
+                 "--epochs", "1", "--max-steps-per-epoch", "1", "--no-augment", "--device",
+                 "cpu", "--out", str(tmp_path / "probe")])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    probe = json.loads((Path(json.loads(out)["run_dir"]) / "probe.json").read_text())
+    assert probe["backbone_input"] == (
+        "mean (0.5071, 0.4867, 0.4408) std (0.2675, 0.2565, 0.2761) recorded with its "
+        "checkpoint, re-normalised from the data's"
+    )
+    assert "relkd probe: note: model tests.test_probe:plain_net was trained on inputs " in err

@@ -198,3 +198,41 @@ def test_readme_cost_table_is_the_fmnist_records():
     assert len(rows) == 2
     for row in rows:
         assert row in record, row
+
+
+# --------------------------------------------------------------------- what each folder holds
+#: How a Files line says where its file came from (a command, or written by hand).
+_ORIGIN = re.compile(
+    r"`relkd |`python |run_speed\.sh|written by hand|the same re-render|the same command|"
+    r"lists its files|reproduction\.md"
+)
+
+
+def _files_section(readme: Path) -> list[tuple[str, str]]:
+    text = readme.read_text()
+    assert "\n## Files\n" in text, f"{readme.relative_to(ROOT)} has no '## Files' section"
+    section = text.split("\n## Files\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^- `([^`]+)`: (.+)$", section, re.M)
+
+
+RESULT_READMES = sorted(
+    {p.parent for p in RESULTS.rglob("README.md")} | {d for d in RESULTS.iterdir() if d.is_dir()}
+)
+
+
+@pytest.mark.parametrize("folder", RESULT_READMES, ids=lambda p: str(p.relative_to(RESULTS)))
+def test_every_results_readme_lists_exactly_the_files_of_its_folder(folder):
+    """Each results folder has a README whose Files section has one line per file or folder
+    beside it (no more, no fewer), each saying what it is and the command that wrote it."""
+    readme = folder / "README.md"
+    assert readme.is_file(), f"{folder.relative_to(ROOT)} has no README.md"
+    listed = _files_section(readme)
+    names = [n for n, _ in listed]
+    assert len(names) == len(set(names)), f"{readme}: a file listed twice"
+    present = {p.name + ("/" if p.is_dir() else "") for p in folder.iterdir()}
+    assert set(names) == present, (
+        f"{readme.relative_to(ROOT)}: not listed {sorted(present - set(names))}, "
+        f"listed but absent {sorted(set(names) - present)}"
+    )
+    for name, what in listed:
+        assert _ORIGIN.search(what), f"{readme.relative_to(ROOT)}: {name} does not say its origin"

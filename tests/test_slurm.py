@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -173,6 +175,52 @@ def test_dry_run_prints_the_scripts_and_submits_nothing(tmp_path, fmnist_root):
     for s in text.split("# ---- ")[1:]:
         script = s.split("\n", 1)[1].split("\ndry run:")[0]
         assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+
+
+SLOW_START = """
+import signal, sys, time
+time.sleep(float(sys.argv[2]))  # relkd importing torch: no handler yet
+got = []
+signal.signal(signal.SIGUSR1, lambda *_: got.append(time.monotonic()))
+open(sys.argv[1], "w").write("handler in place")
+t0 = time.monotonic()
+while not got and time.monotonic() - t0 < 20:
+    time.sleep(0.02)
+sys.exit(75 if got else 0)  # 75: stopped on the request, as relkd does
+"""
+
+
+@pytest.mark.parametrize("start_s", [0.0, 1.5])
+def test_the_batch_script_holds_a_warning_back_until_relkd_can_act_on_it(tmp_path, start_s):
+    """Slurm's warning (USR1 to the batch shell) may come while relkd is still starting, before
+    its handler is in place; a plain ``kill -USR1`` would then kill it (the run recorded as
+    failed instead of requeued). The generated script starts relkd with USR1 ignored and passes
+    the signal on once relkd has its handler: the stand-in (a process that installs its
+    handler after ``start_s`` s) gets it, exits 75, and the script runs ``scontrol requeue``."""
+    from relkd.bench.slurm import write_script
+
+    text = write_script(None, title="t", name="n", log=str(tmp_path / "log"), opts={},
+                        task_args=["SUITE"], jobs=["ce/x/s0"], cwd=tmp_path)  # fmt: skip
+    ready = tmp_path / "ready"
+    stand_in = shlex.join([PY, "-c", SLOW_START, str(ready), str(start_s)])
+    text, n = re.subn(r"exec [^\n]* -m relkd bench task [^\n]*\) &", f"exec {stand_in} ) &", text)
+    assert n == 1, text
+    (tmp_path / "job.sh").write_text(text)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    # the requeue ends the job: the fake scontrol stops the script as Slurm would
+    scontrol = f'#!/bin/bash\necho "$@" > {tmp_path}/scontrol.args\nkill -TERM "$PPID"\n'
+    (fake / "scontrol").write_text(scontrol)
+    (fake / "scontrol").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242"}
+    job = subprocess.Popen(["bash", str(tmp_path / "job.sh")], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    time.sleep(0.3)  # the stand-in has started: a fork of the script, USR1 ignored
+    job.send_signal(signal.SIGUSR1)
+    out, _ = job.communicate(timeout=60)
+    assert "relkd: requeueing job 4242 to resume" in out, out
+    assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"]
+    assert ready.exists()
 
 
 @pytest.mark.slow  # the CRD suite's configs are all loaded and checked (~40 s on 2 cores)
@@ -382,9 +430,7 @@ def _submit_and_interrupt(tmp_path, root, interrupt, mid_epoch=False) -> tuple[P
     interrupt(jid)
     again = _relkd("bench", "accuracy", suite, "--out", out, "--launcher", "slurm", "--no-report")
     assert "left alone: ce/cnn_tiny/s0" in again.stdout  # the requeued task, not a second one
-    # Slurm makes a requeued job eligible 2 minutes later (its begin time); start it now
-    _wait_until(lambda: _squeue(jid) == "PENDING BeginTime", what="the requeued job")
-    subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], check=True)
+    # (Slurm starts a requeued job cred_expire s later: 5 s on the test cluster, 120 by default)
     p = _relkd("bench", "accuracy", suite, "--out", out, "--launcher", "slurm", "--wait",
                "--no-report")  # fmt: skip
     assert "0 job(s) submitted" in p.stdout and "1 done" in p.stdout
@@ -439,6 +485,52 @@ def test_time_limit_signal_checkpoints_and_requeues(
     how = "stopped after epoch slot 2" if finish_s == "45" else "stopped in epoch slot 2 at"
     assert f"relkd: stopped for requeueing: {how}" in text and "requeueing job" in text
     assert "\r" not in text
+
+
+@pytest.fixture(scope="module")
+def limit_root(tmp_path_factory) -> Path:
+    """10240 training images: 160 steps of 64 per epoch."""
+    from tests.conftest import make_fmnist
+
+    return make_fmnist(tmp_path_factory.mktemp("fmnist-limit"), n_train=10240, n_test=128)
+
+
+@pytest.mark.slow  # ~1-2 min: a run longer than Slurm's first warning, in one-minute jobs
+def test_a_task_that_hits_its_time_limit_is_requeued_and_completes(
+    tmp_path, limit_root, slurm_cluster
+):
+    """Slurm's own time limit, nothing sent by the test: the task runs with ``--slurm time=1``
+    (one minute, Slurm's smallest) and the scripts' ``--signal=B:USR1@90``, so Slurm warns it
+    at its first sweep (~0-30 s into each job) and would kill it at the minute. The run (18
+    epochs of 160 steps, ~45 s on 2 idle cores, more under load) outlasts that first sweep,
+    so every job of it ends by the warning: relkd stops at a safe point, the task requeues
+    itself and the next job resumes, until the run completes with every epoch recorded once.
+    The warning may come while relkd is still starting (before its handler is installed): the
+    script holds the signal back until relkd can act on it (a kill there fails the run)."""
+    suite = _suite(tmp_path / "limit.yaml", limit_root, methods=["ce"], seeds=[0],
+                   overrides=["train.epochs=18", "train.max_steps_per_epoch=160",
+                              "data.batch_size=64"])  # fmt: skip
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    p = _relkd("bench", "accuracy", suite, "--out", out, "--launcher", "slurm", "--slurm",
+               "time=1", "--wait", "--no-report", timeout=900)  # fmt: skip
+    took = time.monotonic() - t0
+    assert "1 done" in p.stdout, p.stdout
+    assert "#SBATCH --time=1\n" in next((out / "slurm").glob("*-runs.sh")).read_text()
+    run = out / "runs/ce/cnn_tiny/s0"
+    sessions = _sessions(run)
+    n = len(sessions)
+    assert n >= 2, f"the run finished in its first one-minute job ({took:.0f} s in all)"
+    assert [s["kind"] for s in sessions] == ["start"] + ["resume"] * (n - 1)
+    assert sessions[-1]["scheduler"].get("restart_count") == str(n - 1)
+    assert len({s["scheduler"]["job_id"] for s in sessions}) == 1  # one job, requeued
+    epochs = [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == list(range(1, 19))  # every epoch once, in order
+    assert _summary(run)["epochs"] == 18
+    log = _log_text(out)
+    assert log.count("relkd: stopped for requeueing") == n - 1, log[-2000:]
+    assert log.count("requeueing job") == n - 1
+    assert "TIME LIMIT" not in log and "Traceback" not in log  # never killed at the limit
 
 
 @pytest.mark.slow

@@ -93,7 +93,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from relkd.engine.plan import build_loaders, plan_for_config
     from relkd.methods import MethodContext, build_method
     from relkd.models import create_model, load_checkpoint
-    from relkd.models.normalization import attach_input_norm
     from relkd.progress import progress
 
     if args.run_dir is not None and str(args.run_dir).endswith(".onnx"):
@@ -143,13 +142,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     # The model sees inputs normalised as in training, by the rule training uses for a teacher:
     # student.mean / student.std of the run's config, else the model's own (pretrained)
     # statistics, else those recorded with the checkpoint, else the data set's (no hook).
-    from relkd.models.input_check import teacher_input
+    from relkd.models.input_check import attach_trained_input_norm
 
-    (m_mean, m_std), notes = teacher_input(
-        model, cfg.student.name, args.checkpoint, cfg.student.mean, cfg.student.std, info,
-        role="model",
-    )  # fmt: skip
-    attach_input_norm(model, info.mean, info.std, m_mean, m_std)
+    _, notes = attach_trained_input_norm(
+        model, cfg.student.name, args.checkpoint, cfg.student.mean, cfg.student.std, info
+    )
     for note in notes:
         print(f"relkd eval: note: {note}", file=sys.stderr)
     method, _ = build_method("ce", MethodContext(num_classes=info.num_classes))

@@ -97,6 +97,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: str = "fp32"  # fp32 | bf16 | fp16
+    # At most this many optimizer steps per epoch (smoke tests, short runs); with
+    # grad_accum_steps k each step is k micro-batches, so k x this many batches are read.
     max_steps_per_epoch: int | None = None
     eval_every: int = 1
     progress: bool = True

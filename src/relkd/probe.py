@@ -31,6 +31,13 @@ File-based data sets whose train pipeline is exactly [Resize(s, s)] + RandomCrop
 ToTensor + Normalize (Tiny-ImageNet) are decoded and resized once into memory and augmented on the
 device with the same distribution (``in_memory="auto"``).
 
+Input statistics: the backbone sees the target's images normalised as it was trained, by the
+rule ``relkd eval`` uses (:func:`relkd.models.input_check.attach_trained_input_norm`: the
+statistics the module declares, else those recorded with the checkpoint, else the target data
+set's own); ``probe.json``'s ``backbone_input`` says which. A relkd checkpoint records the
+statistics of the data it was trained on, so a student trained on CIFAR-100 and probed on STL-10
+sees the STL-10 images re-normalised to CIFAR-100's statistics (a note says so).
+
 Run folder (``out_dir/name``): ``probe.json`` (the options, the protocol, the deviations),
 ``metrics.jsonl`` (one record per epoch), ``summary.json`` (best / last top-1) and ``head.pt``
 (the trained head's weights).
@@ -366,6 +373,14 @@ def run_probe(
         num_classes=info.num_classes, in_channels=info.in_channels, image_size=info.image_size,
         model_kwargs=model_kwargs, init_std=PROTOCOL["head_init_std"],
     )  # fmt: skip
+    # The frozen backbone sees the target's images normalised as it was trained, by relkd
+    # eval's rule (its declared statistics, else those recorded with the checkpoint, else the
+    # target's own): a re-normalising hook on the backbone, none when they are the target's.
+    from relkd.models.input_check import attach_trained_input_norm
+
+    backbone_input, notes = attach_trained_input_norm(
+        probe.backbone, model_name, checkpoint, None, None, info
+    )
     differs = {k: options[k] for k in PROTOCOL if k in options and options[k] != PROTOCOL[k]}
     deviations = [BN_NOTE] + [NO_AUGMENT_NOTE] * (not augment)
     if max_steps_per_epoch:
@@ -380,6 +395,7 @@ def run_probe(
             "crop_padding": info.crop_padding,
         },
         "feature_dim": probe.head.in_features, "backbone_mode": "eval",
+        "backbone_input": backbone_input,
         "matches_protocol": not differs and augment and not max_steps_per_epoch,
         "deviations": deviations, "torch": torch.__version__,
     }  # fmt: skip
@@ -390,6 +406,8 @@ def run_probe(
     except OSError as e:
         raise RelkdError(f"cannot write the run folder {str(run_dir)!r}: {e}") from e
     if not quiet:
+        for note in notes:
+            print(f"relkd probe: note: {note}", file=sys.stderr, flush=True)
         print(
             f"probe {model_name} ({checkpoint}) -> {info.name}: {len(train_ds)} train / "  # type: ignore[arg-type]
             f"{len(test_ds)} test images at {info.image_size}px, {info.num_classes} classes, "  # type: ignore[arg-type]

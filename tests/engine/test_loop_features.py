@@ -83,6 +83,33 @@ def test_k_micro_batches_of_b_over_k_equal_one_batch_of_b(root, tmp_path, k):
     assert rk[-1]["train/loss"] == pytest.approx(r1[-1]["train/loss"], rel=0.05)
 
 
+class CountingNoBN(NoBN):
+    """:class:`NoBN` that counts the training forward passes (one per micro-batch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.train_calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and torch.is_grad_enabled():
+            self.train_calls += 1
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_max_steps_per_epoch_counts_optimizer_steps_and_global_batch_counts_k(root, tmp_path, k):
+    """``train.max_steps_per_epoch=3``: 3 optimizer steps an epoch whatever k, i.e. 3*k
+    micro-batches read (144 images at batch 16 are 9 batches, so the cap binds for k = 1, 2);
+    run.json's ``global_batch`` is the samples of one optimizer step (16 x 1 process x k)."""
+    student = CountingNoBN()
+    cfg = _cfg(root, tmp_path, f"cap{k}", 16, grad_accum_steps=k, max_steps_per_epoch=3)
+    res = relkd.train(cfg, teacher=_teacher(), student=student, quiet=True)
+    assert [r["step"] for r in _records(res["run_dir"])] == [3, 6]  # optimizer steps, 2 epochs
+    assert student.train_calls == 2 * 3 * k  # micro-batches
+    session = json.loads(Path(res["run_dir"], "run.json").read_text())["sessions"][0]
+    assert session["global_batch"] == 16 * k and session["world_size"] == 1
+
+
 class _FakeDDP:
     """Counts the micro-batches that ran without a gradient all-reduce."""
 

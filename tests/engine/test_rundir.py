@@ -307,22 +307,36 @@ def test_resume_with_a_checkpoint_of_another_model_is_one_line(what, fmnist_root
 
 
 def test_a_second_process_on_the_same_folder_is_refused_until_the_first_dies(fmnist_root, tmp_path):
-    cfg = _cfg(fmnist_root, tmp_path / "runs", epochs=400, max_steps_per_epoch=1)
+    """A live ``relkd train`` holds its folder: a second start or resume is refused naming its
+    pid; once it is killed (no clean-up), the folder can be opened again. The first process is
+    parked at its first training step (tests/engine/parked_model.py), so the test waits for that
+    state instead of betting on how long training takes (a short run could finish, or be killed
+    in the middle of a write, before the test looks)."""
+    cfg = _cfg(fmnist_root, tmp_path / "runs", epochs=2, max_steps_per_epoch=1)
+    cfg["student"] = {"name": "tests.engine.parked_model:parked_net"}
     path = _write(tmp_path / "c.yaml", cfg)
+    parked = tmp_path / "parked.pid"
+    env = _env()
+    env.update(RELKD_TEST_PARKED=str(parked), PYTHONPATH=f"{env['PYTHONPATH']}{os.pathsep}{REPO}")
     proc = subprocess.Popen(
         [sys.executable, "-m", "relkd", "train", path, "--quiet"],
-        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     run = tmp_path / "runs" / "r"
     try:
-        t_end = time.time() + 120
-        while time.time() < t_end and not (run / "run.json").exists():
+        t_end = time.time() + 300
+        while not parked.exists():
             assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.time() < t_end, "the first process never reached its first step"
             time.sleep(0.05)
-        pid = json.loads((run / "run.json").read_text())["sessions"][-1]["pid"]
+        pid = int(parked.read_text())
+        assert pid == proc.pid
+        # parked after opening the folder: its claim is taken and its session recorded
+        assert json.loads((run / "run.json").read_text())["sessions"][-1]["pid"] == pid
         for resume in (False, True):
             with pytest.raises(RelkdError, match=f"in use by another relkd process \\(pid {pid}"):
                 relkd.train(cfg, resume=resume, quiet=True)
+        assert proc.poll() is None  # still parked: the refusals were of a live holder
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()

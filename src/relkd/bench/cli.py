@@ -233,8 +233,9 @@ def add_bench_parsers(subparsers) -> argparse._SubParsersAction:
 
     st = group.add_parser(
         "status", help="state of every run of a suite output folder (done, running, ...)",
-        description="done / running / pending / failed / interrupted / new, the Slurm job id "
-        "and the last epoch of every teacher and run, from the run folders and squeue.",
+        description="done / running / pending / failed / cancelled (its job never started) / "
+        "interrupted / new, the Slurm job id and the last epoch of every teacher and run, from "
+        "the run folders and squeue. A folder that is not a suite's output folder is an error.",
     )  # fmt: skip
     st.add_argument("out", help="the suite's output folder (--out of relkd bench accuracy)")
     st.add_argument("--json", action="store_true", help="one JSON list")

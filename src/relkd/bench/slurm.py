@@ -135,8 +135,19 @@ _BODY = """\
 export RELKD_PREEMPT_FINISH_S=${{RELKD_PREEMPT_FINISH_S:-{finish_s}}}
 # torch threads: the CPUs Slurm gave the task (torch would otherwise start one per core)
 export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-${{SLURM_CPUS_PER_TASK:-1}}}}
-trap 'kill -USR1 "$pid" 2>/dev/null' USR1
-{command} &
+# relkd starts with USR1 ignored, so a signal that comes while it is still starting up (a short
+# time limit) cannot kill it; the signal is passed on once relkd's handler is in place.
+usr1_ignored() {{
+  local m
+  m=$(sed -n 's/^SigIgn:[[:space:]]*//p' "/proc/$1/status" 2>/dev/null) && [ -n "$m" ] \
+    && (( (16#$m >> 9) & 1 ))
+}}
+pass_usr1() {{
+  ( while kill -0 "$pid" 2>/dev/null && usr1_ignored "$pid"; do sleep 0.5; done
+    kill -USR1 "$pid" 2>/dev/null ) &
+}}
+trap pass_usr1 USR1
+( trap '' USR1; exec {command} ) &
 pid=$!
 wait "$pid"; rc=$?
 while [ "$rc" -gt 128 ] && kill -0 "$pid" 2>/dev/null; do wait "$pid"; rc=$?; done

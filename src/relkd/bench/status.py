@@ -1,11 +1,18 @@
 """``relkd bench status OUT``: the state of every run of a suite's output folder.
 
 States: ``done`` (``summary.json``), ``running`` / ``pending`` (its Slurm job is in the queue;
-pending shows Slurm's reason), ``failed`` (a failure record, or its job left the queue without
-finishing the run: cancelled, killed, out of memory), ``interrupted`` (a checkpoint, nothing
-queued: the next submission resumes it) and ``new``. The last epoch comes from the run's
-``metrics.jsonl``; the job id from ``OUT/slurm/state.json`` (written by ``--launcher slurm``).
-Without that file (a folder filled by local workers) the run folders alone are read.
+pending shows Slurm's reason), ``failed`` (a failure record, or its job started and left the
+queue without finishing the run: cancelled, killed, out of memory; its log is named),
+``cancelled`` (its job left the queue without ever starting: ``scancel`` of a pending job, or a
+run whose teacher failed; no log exists, Slurm's state and reason are shown while ``squeue``
+still remembers the job), ``interrupted`` (a checkpoint, nothing queued: the next submission
+resumes it) and ``new``. The last epoch comes from the run's ``metrics.jsonl``; the job id and
+log from ``OUT/slurm/state.json`` (written by ``--launcher slurm``). Without that file (a folder
+filled by local workers) the run folders alone are read. A folder that is neither (empty, a
+single run's folder) is an error.
+
+A job "never started" when Slurm created no log for it (the batch script's output file appears
+when the job starts) and ``squeue`` names no node for it.
 """
 
 from __future__ import annotations
@@ -56,16 +63,65 @@ def _scan(out: Path) -> list[tuple[str, Path]]:
     return found
 
 
+def scheduler_jobs() -> dict[str, dict[str, str]]:
+    """Every job and array task ``squeue`` shows, the ended ones it still remembers included
+    (Slurm keeps them ``MinJobAge``, 300 s by default): ``{job id: {state, reason, nodes}}``,
+    array tasks as ``<array job>_<task>``; ``nodes`` is empty for a job that never ran."""
+    from relkd.bench.slurm import _slurm
+
+    out = _slurm(["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T|%r|%N"])
+    jobs = {}
+    for line in out.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) == 4:
+            jobs[parts[0]] = {"state": parts[1], "reason": parts[2], "nodes": parts[3]}
+    return jobs
+
+
+def _not_a_suite_folder(out: Path) -> RelkdError:
+    expected = (
+        "expected the --out folder of relkd bench accuracy, with teachers/, runs/ or "
+        "slurm/state.json"
+    )
+    if (out / "run.json").is_file() or (out / "config.yaml").is_file():
+        return RelkdError(f"{out} is a run folder, not a suite output folder ({expected})")
+    return RelkdError(f"{out} is not a suite output folder: {expected}")
+
+
+def _ended(rec: dict[str, Any], sched: dict[str, str] | None) -> tuple[str, str]:
+    """``(state, detail)`` of a job that left the queue without finishing its run and without
+    a failure record: ``cancelled`` when it never started (no log, no node), else ``failed``."""
+    log = str(rec.get("log") or "")
+    has_log = bool(log) and Path(log).is_file()
+    said = ""
+    if sched is not None:
+        reason = sched.get("reason") or ""
+        said = f"Slurm: {sched['state']}" + (f", {reason}" if reason not in ("", "None") else "")
+    if sched is not None:
+        started: bool | None = bool(sched.get("nodes")) or has_log
+    else:  # squeue forgot the job: the log alone tells
+        started = has_log if log else None
+    if started is False:
+        return "cancelled", "never started" + (f" ({said})" if said else "")
+    parts = [p for p in (said, f"log: {log}" if has_log else "") if p]
+    detail = "job left the queue without finishing the run"
+    return "failed", detail + (f" ({'; '.join(parts)})" if parts else "")
+
+
 def suite_status(out_dir: str | Path, scheduler: bool = True) -> list[dict[str, Any]]:
-    """One dict per teacher and run: ``id, state, job_id, last_epoch, detail``."""
-    from relkd.bench.slurm import _have_slurm, queue
+    """One dict per teacher and run: ``id, state, job_id, last_epoch, detail`` (module
+    docstring). Raises :class:`RelkdError` for a folder that is not a suite's output folder."""
+    from relkd.bench.slurm import ACTIVE, _have_slurm
 
     out = Path(out_dir).resolve()
     if not out.is_dir():
         raise RelkdError(f"{out} does not exist (the --out folder of relkd bench accuracy)")
     state = _read_json(out / "slurm" / "state.json") or {}
+    if not state.get("suite") and not any((out / d).is_dir() for d in ("teachers", "runs")):
+        raise _not_a_suite_folder(out)
     records = state.get("jobs") or {}
-    q = queue() if scheduler and records and _have_slurm() else {}
+    jobs = scheduler_jobs() if scheduler and records and _have_slurm() else {}
+    q = {k: v for k, v in jobs.items() if v["state"] in ACTIVE}
     grid = _grid(out, state) if state.get("suite") else None
     items = [(j.id, j.run_dir) for j in grid] if grid is not None else _scan(out)
     needs = {j.id: j.needs for j in grid} if grid is not None else {}
@@ -83,11 +139,16 @@ def suite_status(out_dir: str | Path, scheduler: bool = True) -> list[dict[str, 
         elif isinstance(failed, dict) and failed.get("error"):
             row["state"], row["detail"] = "failed", str(failed["error"])
         elif jid:
-            row["state"] = "failed"
-            row["detail"] = f"job left the queue without finishing the run (log: {rec.get('log')})"
+            row["state"], row["detail"] = _ended(rec, jobs.get(jid))
             teacher = next((r for r in rows if r["id"] == needs.get(rid)), None)
-            if teacher is not None and teacher["state"] == "failed":
-                row["detail"] = f"cancelled: its teacher failed ({teacher['detail']})"
+            if (
+                row["state"] == "cancelled"
+                and teacher is not None
+                and teacher["state"] in ("failed", "cancelled")
+            ):
+                row["detail"] = (
+                    f"never started: its teacher {teacher['state']} ({teacher['detail']})"
+                )
         elif any((run_dir / n).is_file() for n in ("checkpoint.pt", "checkpoint.prev.pt")):
             row["state"] = "interrupted"
         else:

@@ -478,7 +478,9 @@ class RunFolder:
             gone = remove_temp_files(self.path)
             if gone:
                 self.log.info(f"removed temporary files of interrupted writes: {', '.join(gone)}")
-            session = provenance(device, world_size, cfg.data.batch_size * int(world_size))
+            # Samples per optimizer step: batch x processes x accumulated micro-batches.
+            k = int(cfg.train.grad_accum_steps)
+            session = provenance(device, world_size, cfg.data.batch_size * int(world_size) * k)
             session["kind"] = "resume" if resumed else "start"
             session["start_epoch"] = resumed.start_epoch if resumed else 0
             if changes:

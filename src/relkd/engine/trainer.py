@@ -137,10 +137,11 @@ def _build_loop(cfg: Config, comp: Components, plan: Plan, device, say, progress
     tea, drop = build_teacher_source(
         plan, cfg, method, comp.teacher, train_loader, device, say, progress
     )
+    sc, k = cfg.schedule, cfg.train.grad_accum_steps
     steps_per_epoch = len(train_loader)
     if cfg.train.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
-    sc, k = cfg.schedule, cfg.train.grad_accum_steps
+        # The cap counts optimizer steps: k micro-batches each (k = 1: batches, as before).
+        steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch * k)
     sched = Schedule(  # counts optimizer steps
         name=sc.name, base_lr=lr, steps_per_epoch=math.ceil(steps_per_epoch / k),
         epochs=cfg.train.epochs,

@@ -145,3 +145,32 @@ def teacher_input(
             f"{info.in_channels}: relkd feeds the data's channels"
         )
     return use, notes
+
+
+def attach_trained_input_norm(
+    model: nn.Module,
+    name: str,
+    checkpoint: str | Path | None,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    info: Any,
+    role: str = "model",
+) -> tuple[str, list[str]]:
+    """Make a trained ``model`` see inputs normalised as it was trained, the rule ``relkd eval``
+    and ``relkd probe`` share: ``mean`` / ``std`` when given (a run's ``student.mean`` /
+    ``student.std``), else the statistics the module declares, else those recorded with
+    ``checkpoint``, else the data's (no hook; :func:`teacher_input` decides,
+    :func:`relkd.models.normalization.attach_input_norm` installs). ``info``: the data set's
+    info (``mean``, ``std``, ``image_size``, ``in_channels``) the model is fed with.
+
+    Returns:
+        ``(what the model sees, in words; the notes to print)``.
+    """
+    from relkd.models.normalization import attach_input_norm, describe_input_norm
+
+    (m_mean, m_std), notes = teacher_input(model, name, checkpoint, mean, std, info, role=role)
+    attach_input_norm(model, info.mean, info.std, m_mean, m_std)
+    given = mean is not None and std is not None
+    how = f"{role}.mean / {role}.std" if given else "recorded with its checkpoint"
+    seen = describe_input_norm(model, info.mean, info.std, m_mean, m_std, how)
+    return seen, notes
