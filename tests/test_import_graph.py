@@ -18,6 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     (
         "relkd._fs",
         "relkd._version",
+        "relkd._yaml",
         "relkd.registry",
         "relkd.distributed",
         "relkd.plugins",

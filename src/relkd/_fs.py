@@ -267,3 +267,44 @@ def long_name_part(path: str, base: str | os.PathLike[str]) -> str | None:
                 "name may have on this file system (NAME_MAX)"
             )
     return None
+
+
+def short_text(text: str) -> str:
+    """``text``, or its start and end around ``...`` when longer than 60 characters."""
+    return text if len(text) <= 60 else f"{text[:30]}...{text[-20:]}"
+
+
+def make_dirs(path: Path, created: list[Path]) -> None:
+    """``mkdir -p path``, appending each folder it makes to ``created`` (outermost first); on
+    failure the ones made are removed again (:func:`remove_empty_dirs`) and the error raised."""
+    missing, p = [], path.absolute()
+    while p != p.parent:
+        try:
+            if p.exists():
+                break
+        except OSError:  # e.g. a name too long: its mkdir reports it
+            pass
+        missing.append(p)
+        p = p.parent
+    try:
+        for folder in reversed(missing):
+            try:
+                folder.mkdir()
+            except FileExistsError:  # made meanwhile by another process: not ours to remove
+                if not folder.is_dir():
+                    raise
+                continue
+            created.append(folder)
+    except OSError:
+        remove_empty_dirs(created)
+        del created[:]
+        raise
+
+
+def remove_empty_dirs(created: list[Path]) -> None:
+    """Remove the folders ``created`` (outermost first), deepest first, while they are empty."""
+    for folder in reversed(created):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (something was written) or gone: keep it and its parents
+            break

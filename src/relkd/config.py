@@ -19,6 +19,7 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from relkd._yaml import load_yaml
 from relkd.registry import RelkdError
 
 
@@ -302,24 +303,33 @@ def _validate(cfg: Config) -> None:
     _validate_folder_names(cfg)
 
 
-def _short(text: str) -> str:
-    return text if len(text) <= 60 else f"{text[:30]}...{text[-20:]}"
+def _safe_part(name: str) -> str:
+    return name.replace(":", "-").replace("/", "-").replace(os.sep, "-")
+
+
+def default_name(cfg: Any) -> str:
+    """``<method>_<teacher>_<student>_s<seed>``; ``<method>_<student>_s<seed>`` without a
+    teacher (``:`` and ``/`` of hub names become ``-``)."""
+    parts = [_safe_part(str(cfg.method.name))]
+    if cfg.teacher is not None and cfg.teacher.name:
+        parts.append(_safe_part(str(cfg.teacher.name)))
+    parts.append(_safe_part(str(cfg.student.name)))
+    return "_".join(parts) + f"_s{cfg.train.seed}"
 
 
 def _validate_folder_names(cfg: Config) -> None:
-    """``output_dir`` and ``name`` become folders: a part longer than the file system's
-    ``NAME_MAX`` (usually 255 bytes) is refused here, so ``--print-config`` refuses what
-    ``relkd train`` would fail on (its ``mkdir``). The other name rules (absolute, ``..``,
-    empty, through a symlink) are :func:`relkd.engine.rundir.run_path`'s."""
-    from relkd._fs import long_name_part
+    """``output_dir`` and ``name`` (or :func:`default_name`) become folders: a part longer than
+    the file system's ``NAME_MAX`` (usually 255 bytes) is refused here, so ``--print-config``
+    refuses what ``relkd train`` would fail on (its ``mkdir``). The other name rules (absolute,
+    ``..``, empty, through a symlink) are :func:`relkd.engine.rundir.run_path`'s."""
+    from relkd._fs import long_name_part, short_text
 
-    out = str(cfg.output_dir)
-    for key, value, base in (("output_dir", out, out), ("name", cfg.name, out)):
-        if value is None:
-            continue
-        problem = long_name_part(str(value), base)
+    out, name = str(cfg.output_dir), cfg.name if cfg.name is not None else default_name(cfg)
+    for key, value in (("output_dir", out), ("name", name)):  # a default of long import paths
+        problem = long_name_part(str(value), out)
         if problem:
-            raise RelkdError(f"{key}={_short(str(value))!r} is not valid: {problem}")
+            fix = "; set a shorter name=..." if key == "name" and cfg.name is None else ""
+            raise RelkdError(f"{key}={short_text(str(value))!r} is not valid: {problem}{fix}")
 
 
 def yaml_error(where: str, e: yaml.YAMLError) -> RelkdError:
@@ -435,57 +445,13 @@ def _validate_magnitudes(cfg: Config) -> None:
         )
 
 
-_STRICT_LOADER: Any = None
-#: YAML 1.2's booleans: ``true`` / ``false`` (also ``True``, ``TRUE``, ...), as overrides take.
-_BOOL_RE = r"^(?:true|True|TRUE|false|False|FALSE)$"
-
-
-def strict_yaml_loader() -> Any:
-    """OmegaConf's YAML loader (duplicate keys refused, alias bombs bounded, ``1e3`` a float)
-    with YAML 1.2's booleans: only true / false are booleans; YAML 1.1's ``yes`` / ``no`` /
-    ``on`` / ``off`` / ``y`` / ``n`` stay strings, as in a ``key=value`` override, so a folder
-    ``name: no`` is ``no`` and a boolean key given ``on`` fails naming the value."""
-    global _STRICT_LOADER
-    if _STRICT_LOADER is None:
-        import re
-
-        try:
-            from omegaconf.omegaconf import get_yaml_loader
-        except ImportError:  # pragma: no cover  (omegaconf 2.3 keeps it in _utils)
-            from omegaconf._utils import get_yaml_loader  # type: ignore[no-redef]
-        base = get_yaml_loader()
-        bool_tag = "tag:yaml.org,2002:bool"
-
-        class StrictLoader(base):  # type: ignore[misc,valid-type]
-            pass
-
-        StrictLoader.yaml_implicit_resolvers = {
-            first: [(tag, rx) for tag, rx in resolvers if tag != bool_tag]
-            for first, resolvers in base.yaml_implicit_resolvers.items()
-        }
-        StrictLoader.add_implicit_resolver(bool_tag, re.compile(_BOOL_RE), list("tTfF"))
-        _STRICT_LOADER = StrictLoader
-    return _STRICT_LOADER
-
-
-def load_yaml(stream: Any) -> Any:
-    """``OmegaConf.load`` of an open file through :func:`strict_yaml_loader` (a
-    ``DictConfig`` / ``ListConfig``; an empty document is an empty ``DictConfig``)."""
-    obj = yaml.load(stream, Loader=strict_yaml_loader())  # OmegaConf's safe loader, stricter
-    if obj is None:
-        return OmegaConf.create()
-    if not isinstance(obj, (list, dict, str)):
-        return obj  # a bare scalar document: the caller says it is not a mapping
-    return OmegaConf.create(obj)
-
-
 def _load_yaml_file(path: Path) -> DictConfig:
     """A config file's mapping (a regular file within the config size bound)."""
     from relkd._fs import open_regular
 
     try:
         with open_regular(path, "config", "config file") as f:
-            loaded = load_yaml(f)
+            loaded = load_yaml(f)  # YAML 1.2 booleans (relkd._yaml)
     except yaml.YAMLError as e:
         raise yaml_error(f"config file {str(path)!r}", e) from None
     except OSError as e:

@@ -197,7 +197,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise RelkdError(f"suite file {str(path)!r} does not exist")
     try:
-        from relkd.config import load_yaml  # YAML 1.2 booleans, as config files
+        from relkd._yaml import load_yaml  # YAML 1.2 booleans, as config files
 
         with open_regular(path, "config", "suite file") as f:
             raw = load_yaml(f)

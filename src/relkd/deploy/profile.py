@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from relkd.deploy.checks import check_counts, forward_errors
 from relkd.registry import RelkdError
 
 #: What the MAC count leaves out (printed with every profile).
@@ -244,7 +245,7 @@ def measure_latency(
 ) -> dict[str, Any]:
     """Median and spread (ms) of ``repeats`` timed forwards of a random ``[batch, *input_shape]``
     batch after ``warmup`` untimed ones. The model is moved to ``device`` (and left there)."""
-    _check_counts([batch], warmup, repeats, None)
+    check_counts([batch], warmup, repeats, None)
     dev = torch.device(device)
     model = model.to(dev).eval()
     fn = model
@@ -330,7 +331,7 @@ def profile_model(
     ``threads``: torch CPU threads for the timing (default: torch's current setting).
     """
     shape = parse_input(input_shape)
-    _check_counts(batches, warmup, repeats, threads)
+    check_counts(batches, warmup, repeats, threads)
     if isinstance(model, str):
         if num_classes is None:
             raise RelkdError(f"give --num-classes to build {model!r}")
@@ -344,68 +345,9 @@ def profile_model(
         )
 
 
-def expected_channels(model: nn.Module) -> tuple[str, int] | None:
-    """``(module name, in_channels)`` of the model's first convolution (in registration
-    order, which is the forward order of every zoo / torchvision / timm network), or None."""
-    for mod_name, m in model.named_modules():
-        if isinstance(m, nn.modules.conv._ConvNd):
-            return mod_name, int(m.in_channels)
-    return None
-
-
-def forward_error(
-    model: nn.Module, name: str | None, shape: Sequence[int], batch: int, err: BaseException
-) -> RelkdError:
-    """One line for a forward of ``model`` that raised on a ``[batch, *shape]`` input: the
-    input asked for, what the model expects when its first convolution says so, and the
-    model's own error (its first line): the model cannot run on that input, relkd is fine."""
-    label = name or type(model).__name__
-    given = "x".join(map(str, shape))
-    first = (str(err).strip().splitlines() or [""])[0][:200]
-    want = expected_channels(model)
-    if want is not None and want[1] != shape[0]:
-        where = f" (module {want[0]!r})" if want[0] else ""
-        fix = "x".join(map(str, (want[1], *shape[1:])))
-        return RelkdError(
-            f"model {label!r} cannot run on input {given}: its first convolution{where} takes "
-            f"{want[1]} channel(s), not {shape[0]} (e.g. --input {fix}); the forward raised "
-            f"{type(err).__name__}: {first}"
-        )
-    return RelkdError(
-        f"model {label!r} failed on an input of shape {given} (batch {batch}): "
-        f"{type(err).__name__}: {first}"
-    )
-
-
-@contextlib.contextmanager
-def _forward_errors(model: nn.Module, name: str | None, shape: Sequence[int], batch: int):
-    """Turn an exception of the model's forward into :func:`forward_error`'s line (a
-    :class:`RelkdError` raised inside passes unchanged)."""
-    try:
-        yield
-    except RelkdError:
-        raise
-    except Exception as e:
-        raise forward_error(model, name, shape, batch, e) from e
-
-
-def _check_counts(batches: Sequence[int], warmup: int, repeats: int, threads: int | None) -> None:
-    """The timing counts, refused before anything runs (``repeats=0`` used to time one call)."""
-    checks = [
-        ("repeats", repeats, 1, "timed calls"),
-        ("warmup", warmup, 0, "untimed calls first"),
-        *(("batches", b, 1, "batch sizes timed") for b in batches),
-    ]
-    if threads is not None:
-        checks.append(("threads", threads, 1, "torch CPU threads"))
-    for key, value, low, what in checks:
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise RelkdError(f"{key}={value!r} is not valid: must be an int >= {low} ({what})")
-
-
 def _profile(model, shape, name, latency, batches, devices, compile, threads, warmup, repeats):
     x = torch.rand(1, *shape)
-    with torch.no_grad(), _forward_errors(model, name, shape, 1):
+    with torch.no_grad(), forward_errors(model, name, shape, 1):
         out = _logits(model(x))
     cost = ModelCost(
         name=name or type(model).__name__,
@@ -428,7 +370,7 @@ def _profile(model, shape, name, latency, batches, devices, compile, threads, wa
             for dev in devs:
                 for mode in ("eager", "compile") if compile else ("eager",):
                     for b in batches:
-                        with _forward_errors(model, name, shape, int(b)):
+                        with forward_errors(model, name, shape, int(b)):
                             r = measure_latency(
                                 model, shape, batch=int(b), device=dev,
                                 compile=mode == "compile", warmup=warmup, repeats=repeats,

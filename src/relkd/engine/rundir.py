@@ -55,12 +55,15 @@ from relkd._fs import (
     atomic_write_text,
     count_nonblank_lines,
     first_odd_file,
+    make_dirs,
     read_json_or_none,
     read_yaml_or_none,
+    remove_empty_dirs,
     remove_temp_files,
 )
 from relkd._version import __version__
 from relkd.claims import RUN_CLAIM, Claim, claim_now
+from relkd.config import default_name
 from relkd.engine.checkpoint import CKPT, MANIFEST, PREV, CheckpointStore
 from relkd.engine.logger import METRICS, RunLogger
 from relkd.engine.state import TrainState
@@ -92,20 +95,6 @@ RUN_FILES = frozenset(
 )
 
 
-def _safe_part(name: str) -> str:
-    return name.replace(":", "-").replace("/", "-").replace(os.sep, "-")
-
-
-def default_name(cfg: Any) -> str:
-    """``<method>_<teacher>_<student>_s<seed>``; ``<method>_<student>_s<seed>`` without a
-    teacher (``:`` and ``/`` of hub names become ``-``)."""
-    parts = [_safe_part(str(cfg.method.name))]
-    if cfg.teacher is not None and cfg.teacher.name:
-        parts.append(_safe_part(str(cfg.teacher.name)))
-    parts.append(_safe_part(str(cfg.student.name)))
-    return "_".join(parts) + f"_s{cfg.train.seed}"
-
-
 def run_path(cfg: Any) -> Path:
     """``output_dir / name`` (the default name when ``name`` is unset), refusing names that
     would leave ``output_dir``: absolute, with ``..``, empty, or through a symlink."""
@@ -120,13 +109,7 @@ def run_path(cfg: Any) -> Path:
         raise RelkdError(f"name={name!r} is an absolute path (it would leave output_dir); {hint}")
     if ".." in p.parts or ".." in name.replace("\\", "/").split("/"):
         raise RelkdError(f"name={name!r} contains '..' (it would leave output_dir); {hint}")
-    out = Path(cfg.output_dir).expanduser()
-    from relkd._fs import long_name_part
-
-    too_long = long_name_part(name, out)  # a default name of long import paths, too
-    if too_long:
-        short = name if len(name) <= 60 else f"{name[:30]}...{name[-20:]}"
-        raise RelkdError(f"name={short!r} is not valid: {too_long}; {hint}")
+    out = Path(cfg.output_dir).expanduser()  # a part over NAME_MAX: refused by load_config
     path = out / p
     try:
         inside = path.resolve().is_relative_to(out.resolve())
@@ -500,42 +483,15 @@ class RunFolder:
             return resumed
         except BaseException:
             self.close()
-            self._remove_created()
+            remove_empty_dirs(self._created)  # no empty output_dir left behind
             raise
-
-    def _remove_created(self) -> None:
-        """Remove the folders this open created, deepest first, where they are still empty: a
-        run that fails before writing anything leaves no empty ``output_dir`` behind."""
-        for folder in reversed(self._created):
-            try:
-                folder.rmdir()
-            except OSError:  # not empty (something was written) or already gone: keep it
-                break
-        self._created = []
 
     def _acquire(self) -> None:
         # Checked before the claim file is created: never a claim in someone else's folder.
         self._refuse_foreign(self.state())
-        missing, p = [], self.path.absolute()
-        while p != p.parent:
-            try:
-                if p.exists():
-                    break
-            except OSError:  # e.g. a name too long: mkdir below reports it
-                pass
-            missing.append(p)
-            p = p.parent
-        try:
-            for folder in reversed(missing):  # outermost first, remembered as made by us
-                try:
-                    folder.mkdir()
-                except FileExistsError:  # made meanwhile by someone else: not ours to remove
-                    if not folder.is_dir():
-                        raise
-                    continue
-                self._created.append(folder)
+        try:  # the folders made here are removed again if the open fails
+            make_dirs(self.path, self._created)
         except OSError as e:
-            self._remove_created()
             raise RelkdError(f"cannot write the run folder {str(self.path)!r}: {e}") from e
         self._claim, self._own_claim = claim_now(
             self.path / RUN_CLAIM,

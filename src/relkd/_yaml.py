@@ -1,0 +1,51 @@
+"""Config and suite files' YAML: OmegaConf's loader with YAML 1.2's booleans. A leaf module: it
+imports nothing of relkd."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+
+_STRICT_LOADER: Any = None
+#: YAML 1.2's booleans: ``true`` / ``false`` (also ``True``, ``TRUE``, ...), as overrides take.
+_BOOL_RE = r"^(?:true|True|TRUE|false|False|FALSE)$"
+
+
+def strict_yaml_loader() -> Any:
+    """OmegaConf's YAML loader (duplicate keys refused, alias bombs bounded, ``1e3`` a float)
+    with YAML 1.2's booleans: only true / false are booleans; YAML 1.1's ``yes`` / ``no`` /
+    ``on`` / ``off`` / ``y`` / ``n`` stay strings, as in a ``key=value`` override, so a folder
+    ``name: no`` is ``no`` and a boolean key given ``on`` fails naming the value."""
+    global _STRICT_LOADER
+    if _STRICT_LOADER is None:
+        try:
+            from omegaconf.omegaconf import get_yaml_loader
+        except ImportError:  # pragma: no cover  (omegaconf 2.3 keeps it in _utils)
+            from omegaconf._utils import get_yaml_loader  # type: ignore[no-redef]
+        base = get_yaml_loader()
+        bool_tag = "tag:yaml.org,2002:bool"
+
+        class StrictLoader(base):  # type: ignore[misc,valid-type]
+            pass
+
+        StrictLoader.yaml_implicit_resolvers = {
+            first: [(tag, rx) for tag, rx in resolvers if tag != bool_tag]
+            for first, resolvers in base.yaml_implicit_resolvers.items()
+        }
+        StrictLoader.add_implicit_resolver(bool_tag, re.compile(_BOOL_RE), list("tTfF"))
+        _STRICT_LOADER = StrictLoader
+    return _STRICT_LOADER
+
+
+def load_yaml(stream: Any) -> Any:
+    """``OmegaConf.load`` of an open file through :func:`strict_yaml_loader` (a
+    ``DictConfig`` / ``ListConfig``; an empty document is an empty ``DictConfig``)."""
+    obj = yaml.load(stream, Loader=strict_yaml_loader())  # OmegaConf's safe loader, stricter
+    if obj is None:
+        return OmegaConf.create()
+    if not isinstance(obj, (list, dict, str)):
+        return obj  # a bare scalar document: the caller says it is not a mapping
+    return OmegaConf.create(obj)

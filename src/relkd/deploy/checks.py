@@ -1,0 +1,71 @@
+"""What ``relkd profile`` checks before and around a model's forward: the timing counts, and a
+forward that raises on the input asked for (one line naming the input and what the model's first
+convolution takes, not a traceback that reads as a relkd bug)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+from torch import nn
+
+from relkd.registry import RelkdError
+
+
+def expected_channels(model: nn.Module) -> tuple[str, int] | None:
+    """``(module name, in_channels)`` of the model's first convolution (in registration
+    order, which is the forward order of every zoo / torchvision / timm network), or None."""
+    for mod_name, m in model.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return mod_name, int(m.in_channels)
+    return None
+
+
+def forward_error(
+    model: nn.Module, name: str | None, shape: Sequence[int], batch: int, err: BaseException
+) -> RelkdError:
+    """One line for a forward of ``model`` that raised on a ``[batch, *shape]`` input: the
+    input asked for, what the model expects when its first convolution says so, and the
+    model's own error (its first line): the model cannot run on that input, relkd is fine."""
+    label = name or type(model).__name__
+    given = "x".join(map(str, shape))
+    first = (str(err).strip().splitlines() or [""])[0][:200]
+    want = expected_channels(model)
+    if want is not None and want[1] != shape[0]:
+        where = f" (module {want[0]!r})" if want[0] else ""
+        fix = "x".join(map(str, (want[1], *shape[1:])))
+        return RelkdError(
+            f"model {label!r} cannot run on input {given}: its first convolution{where} takes "
+            f"{want[1]} channel(s), not {shape[0]} (e.g. --input {fix}); the forward raised "
+            f"{type(err).__name__}: {first}"
+        )
+    return RelkdError(
+        f"model {label!r} failed on an input of shape {given} (batch {batch}): "
+        f"{type(err).__name__}: {first}"
+    )
+
+
+@contextlib.contextmanager
+def forward_errors(model: nn.Module, name: str | None, shape: Sequence[int], batch: int):
+    """Turn an exception of the model's forward into :func:`forward_error`'s line (a
+    :class:`RelkdError` raised inside passes unchanged)."""
+    try:
+        yield
+    except RelkdError:
+        raise
+    except Exception as e:
+        raise forward_error(model, name, shape, batch, e) from e
+
+
+def check_counts(batches: Sequence[int], warmup: int, repeats: int, threads: int | None) -> None:
+    """The timing counts, refused before anything runs (``repeats=0`` used to time one call)."""
+    checks = [
+        ("repeats", repeats, 1, "timed calls"),
+        ("warmup", warmup, 0, "untimed calls first"),
+        *(("batches", b, 1, "batch sizes timed") for b in batches),
+    ]
+    if threads is not None:
+        checks.append(("threads", threads, 1, "torch CPU threads"))
+    for key, value, low, what in checks:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise RelkdError(f"{key}={value!r} is not valid: must be an int >= {low} ({what})")
