@@ -588,6 +588,68 @@ def test_resubmission_trains_only_the_rest(tmp_path, fmnist_root, slurm_cluster,
     assert len(_sessions(done)) == 1
 
 
+BOOM = """
+import os
+from torch import nn
+
+
+class Boom(nn.Module):
+    def __init__(self, num_classes=10, in_chans=1):
+        super().__init__()
+        self.fc = nn.Linear(in_chans * 28 * 28, num_classes)
+
+    def forward(self, x):
+        if os.environ.get("SLURM_JOB_ID") and os.environ.get("BOOM"):  # in the job only
+            raise RuntimeError("boom: this teacher fails on the cluster")
+        return self.fc(x.flatten(1))
+
+
+def make(num_classes=10, in_chans=1):
+    return Boom(num_classes, in_chans)
+"""
+
+
+@pytest.mark.slow
+def test_a_failed_teacher_cancels_its_runs_and_the_fix_resubmits_them(
+    tmp_path, fmnist_root, slurm_cluster
+):
+    """The teacher (a user's model given by import path) fails inside its job: Slurm cancels
+    the dependent run array (``--kill-on-invalid-dep=yes``) instead of leaving it pending
+    forever, ``--wait`` exits 1 naming every unfinished run, and ``relkd bench status`` shows
+    the teacher failed with its error and the runs cancelled, never started, because of it.
+    Run again once the teacher is fixed, the same command resubmits all three, saying why."""
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods/boom.py").write_text(BOOM)
+    suite = _suite(tmp_path / "s.yaml", fmnist_root, methods=["kd", "dkd"], seeds=[0],
+                   teachers={"boom:make": {"train": {"train": {"epochs": 1}}}},
+                   pairs=[["boom:make", "cnn_tiny"]])  # fmt: skip
+    out = tmp_path / "out"
+    env = {"PYTHONPATH": f"{tmp_path / 'mods'}:{os.environ.get('PYTHONPATH', '')}"}
+    p = _relkd("bench", "accuracy", suite, "--out", out, "--launcher", "slurm", "--wait",
+               "--no-report", check=False, BOOM="1", **env)  # fmt: skip
+    assert p.returncode == 1, p.stdout + p.stderr
+    runs = ["kd/boom-make_cnn_tiny/s0", "dkd/boom-make_cnn_tiny/s0"]
+    unfinished = p.stdout.strip().splitlines()[-1]
+    assert unfinished.startswith("3 run(s) not finished:")
+    assert all(r in unfinished for r in ["teacher/boom-make", *runs]), unfinished
+    st = {r["id"]: r for r in json.loads(_relkd("bench", "status", out, "--json", **env).stdout)}
+    assert st["teacher/boom-make"]["state"] == "failed"
+    assert "boom: this teacher fails on the cluster" in st["teacher/boom-make"]["detail"]
+    for r in runs:
+        assert st[r]["state"] == "cancelled", st[r]
+        assert st[r]["detail"].startswith("never started: its teacher failed"), st[r]
+        assert not (out / "runs" / r / "summary.json").exists()
+    again = _relkd("bench", "accuracy", suite, "--out", out, "--launcher", "slurm", "--wait",
+                   "--no-report", **env)  # fmt: skip
+    said = again.stdout
+    assert "resubmitting teacher/boom-make: " in said and "boom: this teacher fails" in said
+    for r in runs:
+        assert f"resubmitting {r}: its job " in said
+        assert "never ran (cancelled before it started: its teacher failed (" in said, said
+    assert "3 done" in said
+    assert all((out / "runs" / r / "summary.json").is_file() for r in runs)
+
+
 def _docs_example() -> str:
     text = (REPO / "docs/distributed.md").read_text()
     m = re.search(r"<!-- srun-example -->\n```bash\n(.*?)```", text, re.S)

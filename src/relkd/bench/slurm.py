@@ -233,6 +233,12 @@ def _failure(job: Job, rec: dict[str, Any] | None, out: Path) -> str | None:
         return str(failed["error"])
     if rec and rec.get("job_id"):
         log = rec.get("log", "")
+        if log and not Path(log).exists():  # Slurm writes the log when the job starts
+            why = "cancelled before it started"
+            teacher = out / "teachers" / (job.needs or "/").split("/", 1)[1]
+            if job.needs and isinstance(t := _read_json(teacher / "failed.json"), dict):
+                why += f": its teacher failed ({t.get('error', 'see relkd bench status')})"
+            return f"its job {rec['job_id']} never ran ({why})"
         return f"its job {rec['job_id']} ended without finishing it (log: {log})"
     return None
 
