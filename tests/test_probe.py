@@ -509,6 +509,65 @@ def test_bad_config_key(tmp_path):
         load_probe_config(cfg)
 
 
+
+def test_probe_config_reads_yes_and_on_as_config_files_do(tmp_path, capsys):
+    """The probe's YAML has YAML 1.2's booleans, as config and suite files (relkd._yaml): ``on``
+    for a boolean option is refused naming the value (it used to be read as true), ``name: no``
+    is the folder name "no", true / false are booleans; ``--model-arg k=yes`` is the string."""
+    from relkd.cli import main
+
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("model: resnet8\nname: no\naugment: false\ndownload: true\n")
+    assert load_probe_config(cfg) == {
+        "model": "resnet8", "name": "no", "augment": False, "download": True,
+    }  # fmt: skip
+    cfg.write_text("model: resnet8\ncheckpoint: x.pt\ndata: stl10\nnum_source_classes: 100\n"
+                   "augment: on\n")  # fmt: skip
+    assert main(["probe", "--config", str(cfg)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        f"relkd: error: probe config {str(cfg)!r}: augment must be true or false, got 'on'\n"
+    )
+    args = _parser().parse_args(
+        ["probe", "--model", "resnet8", "--checkpoint", "x.pt", "--data", "stl10",
+         "--num-source-classes", "100", "--model-arg", "flag=yes", "--model-arg", "k=on",
+         "--model-arg", "t=true", "--model-arg", "n=3"]
+    )  # fmt: skip
+    assert probe_options(args)["model_kwargs"] == {"flag": "yes", "k": "on", "t": True, "n": 3}
+
+
+def test_probe_builds_the_model_with_in_chans_as_training_does(fmnist_root, tmp_path, capsys):
+    """``relkd probe`` passes ``in_chans`` by training's rule (engine.build.model_kwargs): a grey
+    factory without an ``in_chans`` parameter probes Fashion-MNIST from the CLI (the probe used
+    to pass in_chans=1 and fail), a ``**kwargs`` factory gets the data's channels, and a zoo
+    CNN (1 channel by default) gets 3 on RGB data without ``--model-arg``."""
+    from relkd.cli import main
+    from tests.foreign_resnet import grey_net, kwargs_net
+
+    torch.manual_seed(0)
+    grey = tmp_path / "grey.pt"
+    save_student(grey_net(10), grey)
+    code = main(["probe", "--model", "tests.foreign_resnet:grey_net", "--checkpoint", str(grey),
+                 "--num-source-classes", "10", "--data", "fashion_mnist", "--root",
+                 str(fmnist_root), "--image-size", "0", "--epochs", "1",
+                 "--max-steps-per-epoch", "1", "--no-augment", "--device", "cpu", "--quiet",
+                 "--out", str(tmp_path / "probe")])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["feature_dim"] == 4 and summary["num_classes"] == 10  # grey_net's 4 channels
+    assert 0 <= summary["last_top1"] <= 100
+    anyc = tmp_path / "anyc.pt"
+    save_student(kwargs_net(num_classes=10, in_chans=1), anyc)
+    probe = build_probe("tests.foreign_resnet:kwargs_net", anyc, num_source_classes=10,
+                        num_classes=5, in_channels=1, image_size=8)  # fmt: skip
+    assert probe.backbone[0].in_channels == 1 and probe(torch.zeros(2, 1, 8, 8)).shape == (2, 5)
+    rgb = tmp_path / "rgb.pt"
+    save_student(create_model("cnn_tiny", 10, in_chans=3), rgb)
+    probe = build_probe("cnn_tiny", rgb, num_source_classes=10, num_classes=5, in_channels=3)
+    assert probe.head.in_features == 64 and probe(torch.zeros(2, 3, 32, 32)).shape == (2, 5)
+
 def test_linear_probe_wraps_any_module():
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),
                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),

@@ -139,11 +139,14 @@ def read_json_or_none(path: str | os.PathLike[str]) -> Any:
 
 
 def read_yaml_or_none(path: str | os.PathLike[str]) -> Any:
-    """A YAML file's value (``yaml.safe_load``, a bounded read), or None when unreadable."""
+    """A YAML file's value (:func:`relkd._yaml.strict_load`, a bounded read), or None when
+    unreadable."""
     import yaml
 
+    from relkd._yaml import strict_load
+
     try:
-        return yaml.safe_load(read_text(path, "config"))
+        return strict_load(read_text(path, "config"))
     except (OSError, ValueError, yaml.YAMLError):
         return None
 

@@ -1,5 +1,5 @@
-"""Config and suite files' YAML: OmegaConf's loader with YAML 1.2's booleans. A leaf module: it
-imports nothing of relkd."""
+"""Every YAML relkd reads (config and suite files, probe configs, run folders' config.yaml):
+OmegaConf's loader with YAML 1.2's booleans. A leaf module: it imports nothing of relkd."""
 
 from __future__ import annotations
 
@@ -49,3 +49,11 @@ def load_yaml(stream: Any) -> Any:
     if not isinstance(obj, (list, dict, str)):
         return obj  # a bare scalar document: the caller says it is not a mapping
     return OmegaConf.create(obj)
+
+
+def strict_load(text: str) -> Any:
+    """Plain Python (dicts, lists, scalars) of YAML text read by :func:`strict_yaml_loader`:
+    ``yaml.safe_load`` with YAML 1.2's booleans. For YAML relkd reads that is not a run config
+    (the probe's options, ``--model-arg`` values, the config.yaml of a run folder), so that
+    ``yes`` / ``on`` mean what they mean in a config file."""
+    return yaml.load(text, Loader=strict_yaml_loader())

@@ -92,6 +92,7 @@ def _producer_hint(path: str) -> str:
     packaged students point at the run folder of a packaged teacher config), else ``""``."""
     import yaml
 
+    from relkd._yaml import strict_load
     from relkd.resources import SUITES, packaged
 
     want = Path(path).expanduser()
@@ -101,7 +102,7 @@ def _producer_hint(path: str) -> str:
         if name.startswith(SUITES):
             continue
         try:
-            raw = yaml.safe_load(file.read_text()) or {}
+            raw = strict_load(file.read_text()) or {}
         except (OSError, yaml.YAMLError):
             continue
         out, run = raw.get("output_dir"), raw.get("name")

@@ -486,11 +486,13 @@ def load_probe_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a probe YAML: a flat mapping of :data:`OPTIONS` keys (``null`` = the default)."""
     import yaml
 
+    from relkd._yaml import strict_load
+
     p = Path(path)
     if not p.is_file():
         raise RelkdError(f"probe config {str(p)!r} does not exist")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = strict_load(p.read_text()) or {}  # yes / on are strings, as in config files
     except yaml.YAMLError as e:
         raise RelkdError(f"probe config {str(p)!r} is not valid YAML: {e}") from e
     if not isinstance(raw, dict):
@@ -509,7 +511,8 @@ def load_probe_config(path: str | os.PathLike[str]) -> dict[str, Any]:
         if want is list and isinstance(v, (int, str)):
             v = _parse_milestones(str(v))
         if not isinstance(v, want) or (want is int and isinstance(v, bool)):
-            raise RelkdError(f"probe config {str(p)!r}: {k} must be {want.__name__}, got {v!r}")
+            what = "true or false" if want is bool else want.__name__
+            raise RelkdError(f"probe config {str(p)!r}: {k} must be {what}, got {v!r}")
         out[k] = v
     return out
 
@@ -522,12 +525,12 @@ def _parse_milestones(text: str) -> list[int]:
 
 
 def _parse_model_arg(text: str) -> tuple[str, Any]:
-    import yaml
+    from relkd._yaml import strict_load  # yes / on stay strings, as in the config YAML
 
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, yaml.safe_load(value)
+    return key, strict_load(value)
 
 
 def probe_options(args: argparse.Namespace | Mapping[str, Any]) -> dict[str, Any]:

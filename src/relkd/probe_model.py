@@ -93,12 +93,13 @@ def build_probe(
     The checkpoint is loaded strictly (the official code uses ``strict=False``, which silently
     probes a partly random network when the names do not match); a mismatch is a RelkdError.
     """
+    from relkd.engine.build import model_kwargs as with_in_chans
     from relkd.engine.build import probe_shapes
     from relkd.models import POOLED, create_model, load_checkpoint
 
-    kw = dict(model_kwargs or {})
-    if in_channels != 3:
-        kw.setdefault("in_chans", in_channels)
+    # in_chans by training's rule: only where the factory takes it (a grey factory without an
+    # in_chans parameter is built as it is, as relkd train builds it)
+    kw = with_in_chans(model_name, model_kwargs or {}, in_channels)
     backbone = create_model(model_name, num_source_classes, **kw)
     try:
         load_checkpoint(backbone, checkpoint)

@@ -76,9 +76,9 @@ def run_claim(run_dir: Path) -> Claim:
 
 
 def _comparable(yaml_text: str) -> Any:
-    import yaml
+    from relkd._yaml import strict_load
 
-    d = yaml.safe_load(yaml_text) or {}
+    d = strict_load(yaml_text) or {}
     d.pop("output_dir", None)  # the same folder, spelled relative or absolute
     for sect, key in (k.split(".") for k in _ENV_KEYS):
         if isinstance(d.get(sect), dict):

@@ -269,9 +269,10 @@ def _read_run(run_dir: Path) -> RunRecord | None:
     import yaml
 
     from relkd._fs import open_regular, read_text
+    from relkd._yaml import strict_load
 
     try:
-        cfg = yaml.safe_load(read_text(run_dir / "config.yaml", "config"))
+        cfg = strict_load(read_text(run_dir / "config.yaml", "config"))
     except (OSError, ValueError, yaml.YAMLError) as e:
         raise Unreadable(f"config.yaml cannot be read ({str(e).splitlines()[0]})") from None
     if not isinstance(cfg, dict) or not {"student", "method", "train"} <= set(cfg):

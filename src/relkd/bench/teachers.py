@@ -34,11 +34,13 @@ def _from_run_folder(ckpt: Path, data_name: str) -> dict[str, Any] | None:
     """The accuracy a relkd run recorded for the weights it saved as ``ckpt``."""
     import yaml
 
+    from relkd._yaml import strict_load
+
     summary = _read_json(ckpt.parent / "summary.json")
     if not isinstance(summary, dict) or summary.get("best_top1") is None:
         return None
     try:
-        cfg = yaml.safe_load((ckpt.parent / "config.yaml").read_text()) or {}
+        cfg = strict_load((ckpt.parent / "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):
         return None
     if (cfg.get("data") or {}).get("name") != data_name:

@@ -47,8 +47,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from relkd import distributed as D
 from relkd._fs import (
     atomic_write_json,
@@ -62,6 +60,7 @@ from relkd._fs import (
     remove_temp_files,
 )
 from relkd._version import __version__
+from relkd._yaml import strict_load
 from relkd.claims import RUN_CLAIM, Claim, claim_now
 from relkd.config import default_name
 from relkd.engine.checkpoint import CKPT, MANIFEST, PREV, CheckpointStore
@@ -388,7 +387,7 @@ class RunFolder:
                     "the run cannot be checked against its config"
                 )
             return []
-        new = yaml.safe_load(to_yaml(cfg))
+        new = strict_load(to_yaml(cfg))  # as the recorded one is read
         known = set(_flatten(new)) | set(_flatten(old))
         for pat in allow_change:
             if not any(_matches(k, [pat]) for k in known):
