@@ -386,6 +386,30 @@ def test_eval_without_a_run_names_what_is_missing(tmp_path):
     assert code == 2 and "config.yaml" in err
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "what"),
+    [("--batch-size", "0", "images per evaluation batch"),
+     ("--batch-size", "-3", "images per evaluation batch"),
+     ("--test-subset", "0", "images of the stratified subset"),
+     ("--image-size", "-8", "the input's side in pixels")],
+)  # fmt: skip
+def test_eval_refuses_a_numeric_flag_below_one_naming_the_flag(
+    run_dir, tmp_path, flag, value, what
+):
+    """``relkd eval``'s counts: a zero or negative value is one line naming the flag, the value
+    and the bound (it used to name data.eval_batch_size / test_subset, keys the user never
+    wrote), for a run folder, a model + checkpoint and an ONNX file, before anything is read."""
+    want = f"relkd: error: {flag} {value} is not valid: must be >= 1 ({what})\n"
+    for target in (
+        [str(run_dir)],
+        ["--model", "cnn_tiny", "--checkpoint", str(run_dir / "student.pt"), "--data",
+         "fashion_mnist", "--root", str(tmp_path / "no_data_here")],
+        [str(tmp_path / "no_such.onnx"), "--data", "fashion_mnist"],
+    ):  # fmt: skip
+        code, out, err = _cli(["eval", *target, flag, value, "--no-progress"])
+        assert (code, out, err) == (2, "", want), target
+
+
 def test_every_eval_option_has_help():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "cmd")

@@ -509,7 +509,6 @@ def test_bad_config_key(tmp_path):
         load_probe_config(cfg)
 
 
-
 def test_probe_config_reads_yes_and_on_as_config_files_do(tmp_path, capsys):
     """The probe's YAML has YAML 1.2's booleans, as config and suite files (relkd._yaml): ``on``
     for a boolean option is refused naming the value (it used to be read as true), ``name: no``
@@ -567,6 +566,7 @@ def test_probe_builds_the_model_with_in_chans_as_training_does(fmnist_root, tmp_
     save_student(create_model("cnn_tiny", 10, in_chans=3), rgb)
     probe = build_probe("cnn_tiny", rgb, num_source_classes=10, num_classes=5, in_channels=3)
     assert probe.head.in_features == 64 and probe(torch.zeros(2, 3, 32, 32)).shape == (2, 5)
+
 
 def test_linear_probe_wraps_any_module():
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),

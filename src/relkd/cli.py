@@ -88,6 +88,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from relkd.config import load_config
     from relkd.data import build_datasets
+    from relkd.deploy.checks import flags_at_least
     from relkd.engine.build import model_kwargs, resolve_device
     from relkd.engine.evaluation import evaluate
     from relkd.engine.plan import build_loaders, plan_for_config
@@ -95,6 +96,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from relkd.models import create_model, load_checkpoint
     from relkd.progress import progress
 
+    flags_at_least(args, {  # before anything is read, for a run folder and an ONNX file alike
+        "batch_size": (1, "images per evaluation batch"),
+        "test_subset": (1, "images of the stratified subset"),
+        "image_size": (1, "the input's side in pixels"),
+    })  # fmt: skip
     if args.run_dir is not None and str(args.run_dir).endswith(".onnx"):
         from relkd.deploy.cli import cmd_eval_onnx
 

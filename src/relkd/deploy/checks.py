@@ -1,11 +1,13 @@
 """What ``relkd profile`` checks before and around a model's forward: the timing counts, and a
 forward that raises on the input asked for (one line naming the input and what the model's first
-convolution takes, not a traceback that reads as a relkd bug)."""
+convolution takes, not a traceback that reads as a relkd bug); and the lower bounds of numeric
+command-line flags (``relkd profile``, ``relkd export``, ``relkd eval``)."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -55,6 +57,22 @@ def forward_errors(model: nn.Module, name: str | None, shape: Sequence[int], bat
         raise
     except Exception as e:
         raise forward_error(model, name, shape, batch, e) from e
+
+
+def flags_at_least(args: Any, limits: Mapping[str, tuple[int, str]]) -> None:
+    """Refuse a numeric command-line flag below its lower bound in one line naming the flag, the
+    value and the bound (``--repeats 0`` used to time one call, ``--verify-images 0`` to verify
+    on nothing, ``relkd eval --batch-size 0`` named a config key the user never wrote).
+
+    Args:
+        args: the parsed flags (``argparse.Namespace``); an unset flag (None) is not checked.
+        limits: flag dest (``batch_size`` for ``--batch-size``) -> (lower bound, what it is).
+    """
+    for dest, (low, what) in limits.items():
+        value = getattr(args, dest)
+        if value is not None and value < low:
+            flag = "--" + dest.replace("_", "-")
+            raise RelkdError(f"{flag} {value} is not valid: must be >= {low} ({what})")
 
 
 def check_counts(batches: Sequence[int], warmup: int, repeats: int, threads: int | None) -> None:

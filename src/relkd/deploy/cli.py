@@ -6,17 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from relkd.deploy.checks import flags_at_least
 from relkd.registry import RelkdError
-
-
-def _at_least(args: argparse.Namespace, limits: dict[str, tuple[int, str]]) -> None:
-    """Refuse a numeric flag below its lower bound in one line naming the flag (``--repeats 0``
-    used to time one call, ``--verify-images 0`` to verify on nothing)."""
-    for dest, (low, what) in limits.items():
-        value = getattr(args, dest)
-        if value is not None and value < low:
-            flag = "--" + dest.replace("_", "-")
-            raise RelkdError(f"{flag} {value} is not valid: must be >= {low} ({what})")
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
@@ -28,7 +19,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         ratios,
     )
 
-    _at_least(args, {
+    flags_at_least(args, {
         "num_classes": (1, "classes of the model's output"),
         "batch": (1, "the larger batch timed"),
         "threads": (1, "torch CPU threads"),
@@ -74,7 +65,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from relkd.deploy.runs import export_run
 
-    _at_least(args, {
+    flags_at_least(args, {
         "opset": (1, "the ONNX opset version"),
         "verify_images": (1, "evaluation images the check runs on"),
         "calibration_images": (1, "training images that calibrate --int8"),
