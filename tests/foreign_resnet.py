@@ -110,3 +110,16 @@ def kwargs_net(**kwargs: int) -> nn.Module:
         nn.Conv2d(kwargs["in_chans"], 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
         nn.Flatten(), nn.Linear(4, kwargs["num_classes"]),
     )  # fmt: skip
+
+
+class BoomNet(nn.Module):
+    """Takes 3-channel images (its first convolution says so) but its forward raises an error of
+    its own code, unrelated to the input's shape."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("boom")

@@ -100,6 +100,32 @@ def test_a_bad_import_path_is_one_line_naming_it(tmp_path, cifar_root, override,
     assert not (tmp_path / "runs").exists()  # nothing written
 
 
+def test_a_first_forward_that_fails_claims_a_channel_mismatch_only_where_there_is_one(
+    tmp_path, cifar_root
+):
+    """The engine's first forward on the data set's shape: a model whose own code raises is
+    said to have failed with its error, nothing about shapes; a channel hint only where the
+    model's first convolution takes other channels than the data has (relkd profile's test).
+    One line on stderr, exit 2."""
+    code, out, err = _cli(
+        ["train", _cfg(tmp_path, cifar_root), "student.name=tests.foreign_resnet:BoomNet"]
+    )
+    assert (code, out) == (2, "") and err.count("\n") == 1, err
+    assert err == (
+        "relkd: error: BoomNet failed on an input of shape [2, 3, 32, 32] (the data set's "
+        "shape): RuntimeError: boom\n"
+    )
+    code, out, err = _cli(
+        ["train", _cfg(tmp_path, cifar_root), "student.name=tests.foreign_resnet:grey_net"]
+    )
+    assert (code, out) == (2, "") and err.count("\n") == 1, err
+    assert err.startswith(
+        "relkd: error: Sequential failed on an input of shape [2, 3, 32, 32] (the data set's "
+        "shape): its first convolution (module '0') takes 1 channel(s), not 3; RuntimeError: "
+    ), err
+    assert "expected input[2, 3, 32, 32] to have 1 channels" in err  # torch's own first line
+
+
 def test_foreign_model_by_import_path_in_train_eval_probe(tmp_path, cifar_root):
     """An akamaster-style CIFAR ResNet of the user's own module: trained as a teacher with
     `relkd train`, distilled from by import path, evaluated with `relkd eval` (the run's own

@@ -11,16 +11,8 @@ from typing import Any
 
 from torch import nn
 
+from relkd.models.input_check import channel_mismatch, expected_channels
 from relkd.registry import RelkdError
-
-
-def expected_channels(model: nn.Module) -> tuple[str, int] | None:
-    """``(module name, in_channels)`` of the model's first convolution (in registration
-    order, which is the forward order of every zoo / torchvision / timm network), or None."""
-    for mod_name, m in model.named_modules():
-        if isinstance(m, nn.modules.conv._ConvNd):
-            return mod_name, int(m.in_channels)
-    return None
 
 
 def forward_error(
@@ -32,14 +24,12 @@ def forward_error(
     label = name or type(model).__name__
     given = "x".join(map(str, shape))
     first = (str(err).strip().splitlines() or [""])[0][:200]
-    want = expected_channels(model)
-    if want is not None and want[1] != shape[0]:
-        where = f" (module {want[0]!r})" if want[0] else ""
-        fix = "x".join(map(str, (want[1], *shape[1:])))
+    mismatch = channel_mismatch(model, shape[0])
+    if mismatch is not None:
+        fix = "x".join(map(str, (expected_channels(model)[1], *shape[1:])))  # type: ignore[index]
         return RelkdError(
-            f"model {label!r} cannot run on input {given}: its first convolution{where} takes "
-            f"{want[1]} channel(s), not {shape[0]} (e.g. --input {fix}); the forward raised "
-            f"{type(err).__name__}: {first}"
+            f"model {label!r} cannot run on input {given}: {mismatch} (e.g. --input {fix}); "
+            f"the forward raised {type(err).__name__}: {first}"
         )
     return RelkdError(
         f"model {label!r} failed on an input of shape {given} (batch {batch}): "

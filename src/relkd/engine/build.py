@@ -123,16 +123,29 @@ def probe_shapes(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[st
         with torch.no_grad():
             out = tap(x)
     except RuntimeError as e:
-        raise RelkdError(
-            f"{type(model).__name__} cannot run on an input of shape {list(x.shape)} "
-            f"(the data set's shape): {str(e).splitlines()[0]}"
-        ) from e
+        raise forward_failed(model, x, e) from e
     finally:
         model.train(was)
         tap.remove()
     shapes = {k: tuple(v.shape[1:]) for k, v in out.feats.items()}
     shapes["logits"] = tuple(out.logits.shape[1:])
     return shapes
+
+
+def forward_failed(model: nn.Module, x: torch.Tensor, err: BaseException) -> RelkdError:
+    """One line for the model's first forward (``x``: [B, C, H, W], the data set's shape) that
+    raised: the model's own error, and what its first convolution takes only where that differs
+    from C (:func:`relkd.models.input_check.channel_mismatch`, the test ``relkd profile``
+    uses). Nothing else is said about shapes: the error may be the model's own code failing."""
+    from relkd.models.input_check import channel_mismatch
+
+    first = (str(err).strip().splitlines() or [""])[0][:200]
+    mismatch = channel_mismatch(model, int(x.shape[1])) if x.dim() > 1 else None
+    hint = f"{mismatch}; " if mismatch else ""
+    return RelkdError(
+        f"{type(model).__name__} failed on an input of shape {list(x.shape)} (the data set's "
+        f"shape): {hint}{type(err).__name__}: {first}"
+    )
 
 
 def tappable(model: nn.Module, example: torch.Tensor | None = None) -> list[str]:

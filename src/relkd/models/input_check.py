@@ -174,3 +174,24 @@ def attach_trained_input_norm(
     how = f"{role}.mean / {role}.std" if given else "recorded with its checkpoint"
     seen = describe_input_norm(model, info.mean, info.std, m_mean, m_std, how)
     return seen, notes
+
+
+def expected_channels(model: nn.Module) -> tuple[str, int] | None:
+    """``(module name, in_channels)`` of the model's first convolution (in registration
+    order, which is the forward order of every zoo / torchvision / timm network), or None."""
+    for mod_name, m in model.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return mod_name, int(m.in_channels)
+    return None
+
+
+def channel_mismatch(model: nn.Module, channels: int) -> str | None:
+    """``"its first convolution (module 'conv1') takes 1 channel(s), not 3"`` when the model's
+    first convolution takes other than ``channels`` input channels, else None: the one test by
+    which a forward that failed is said to be a channel mismatch (``relkd profile`` and the
+    engine's first forward on the data's shape), never guessed from the error's text."""
+    want = expected_channels(model)
+    if want is None or want[1] == channels:
+        return None
+    where = f" (module {want[0]!r})" if want[0] else ""
+    return f"its first convolution{where} takes {want[1]} channel(s), not {channels}"
