@@ -254,3 +254,36 @@ def test_config_files_read_only_true_and_false_as_booleans(tmp_path, capsys):
         load_config(base)  # each run's config, built from the base
     suite.write_text(suite.read_text().replace("tensorboard: off", "tensorboard: false"))
     assert load_suite(suite).base["train"]["tensorboard"] is False
+
+
+def test_every_yaml_relkd_reads_goes_through_the_strict_loader(tmp_path):
+    """No module of relkd reads YAML but relkd._yaml (YAML 1.2's booleans): ``yaml.safe_load`` /
+    ``OmegaConf.load`` elsewhere read ``yes`` / ``on`` as booleans (``relkd probe``'s config
+    did). The readers that are not config files (a run folder's config.yaml, ...) read as
+    config files do."""
+    import re
+    from pathlib import Path
+
+    from relkd._fs import read_yaml_or_none
+    from relkd._yaml import strict_load
+
+    src = Path(__file__).resolve().parents[1] / "src" / "relkd"
+    reader = re.compile(r"\b(?:yaml\.(?:safe_load|load|full_load|unsafe_load)|OmegaConf\.load)\(")
+    offenders = [
+        f"{p.relative_to(src)}:{n}"
+        for p in sorted(src.rglob("*.py"))
+        if p.name != "_yaml.py"
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if reader.search(line)
+    ]
+    assert offenders == []
+    assert strict_load("a: yes\nb: on\nc: true\nd: 1e3\n") == {
+        "a": "yes", "b": "on", "c": True, "d": 1000.0,
+    }  # fmt: skip
+    cfg = load_config({"student": {"name": "cnn_tiny"}, "name": "no"})
+    text = to_yaml(cfg)
+    assert strict_load(text)["name"] == "no"  # relkd's own record reads back the same
+    (tmp_path / "config.yaml").write_text("name: on\ntrain: {progress: true}\n")
+    assert read_yaml_or_none(tmp_path / "config.yaml") == {
+        "name": "on", "train": {"progress": True},
+    }  # fmt: skip
