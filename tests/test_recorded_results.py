@@ -116,6 +116,7 @@ def _compare():
     [
         ("cifar10jpg-mini", "rerun", False),
         ("cifar10jpg-mini", "rerun-seams", False),
+        ("cifar10jpg-mini", "rerun-final", False),
         ("fmnist-mini", "rerun", False),
         ("fmnist-mini", "rerun-seams", False),
         ("cifar10jpg-long", "rerun", True),
