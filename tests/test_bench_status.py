@@ -54,7 +54,10 @@ def test_a_run_folder_is_refused_as_a_run_folder(tmp_path, capsys):
 
 def test_a_missing_folder_is_refused(tmp_path, capsys):
     code, _, err = _status_cli(tmp_path / "nope", capsys)
-    assert code == 2 and "nope does not exist (the --out folder of relkd bench accuracy)" in err
+    assert (
+        code == 2
+        and "nope does not exist (expected the --out folder of relkd bench accuracy)" in err
+    )
 
 
 def test_a_folder_filled_by_local_workers_is_read(tmp_path):

@@ -257,11 +257,42 @@ def test_launcher_option_errors(tmp_path, fmnist_root, capsys):
         (["--slurm", "partition"], "--slurm 'partition' is not key=value"),
         (["--workers", "2"], "--workers applies to the local launcher"),
         (["--max-parallel", "0"], "--max-parallel must be >= 1, got 0"),
+        (["--runs-per-task", "0"], "--runs-per-task must be >= 1, got 0"),
+        # sbatch takes unambiguous abbreviations of long options: arr is array, out is output
+        (["--slurm", "arr=0-3"], "--slurm arr: set by relkd itself"),
+        (["--slurm", "out=/tmp/x"], "--slurm out: set by relkd itself"),
+        (["--slurm", "depend=afterok:1"], "--slurm depend: set by relkd itself"),
+        (["--slurm", "no-requeue="], "--slurm no-requeue: set by relkd itself"),
+        (["--slurm", "kill-on-invalid-dep=no"], "--slurm kill-on-invalid-dep: set by relkd"),
+        (["--slurm", "x=a\n#SBATCH --array=9"], "--slurm x: the value 'a\\n#SBATCH --array=9' has"),
+        (["--slurm", "Time=1"], "--slurm 'Time=1' is not key=value"),
     ):
         assert main([*base, "--dry-run", *extra]) == 2
         assert words in capsys.readouterr().err, extra
-    assert main(["bench", "accuracy", str(suite), "--out", str(tmp_path / "o"), "--wait"]) == 2
-    assert "--wait applies to --launcher slurm only" in capsys.readouterr().err
+    local = ["bench", "accuracy", str(suite), "--out", str(tmp_path / "o")]
+    for extra in (["--wait"], ["--runs-per-task", "0"], ["--max-parallel", "0"]):
+        assert main([*local, *extra]) == 2
+        assert f"{extra[0]} applies to --launcher slurm only" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    # legitimate options still pass, the report job taking only where it runs
+    assert main([*base, "--dry-run", "--slurm", "partition=gpu", "--slurm", "gres=gpu:1"]) == 0
+    text = capsys.readouterr().out
+    report = text.split("-report.sh")[-1]
+    assert "#SBATCH --partition=gpu" in report and "--gres" not in report
+
+
+def test_a_failing_sbatch_is_reported_with_its_own_words(tmp_path, monkeypatch):
+    """sbatch prints what is wrong first and a "Try sbatch --help" line last; the error
+    keeps the first (it used to show only the last)."""
+    from relkd.bench import slurm
+    from relkd.registry import RelkdError
+
+    fake = tmp_path / "sbatch"
+    fake.write_text("#!/bin/bash\necho \"sbatch: unrecognized option '--bogus-opt=3'\" >&2\n"
+                    "echo 'Try \"sbatch --help\" for more information' >&2\nexit 1\n")  # fmt: skip
+    fake.chmod(0o755)
+    with pytest.raises(RelkdError, match=r"failed: sbatch: unrecognized option '--bogus-opt=3'$"):
+        slurm._slurm([str(fake), "--parsable", "job.sh"])
 
 
 # ------------------------------------------------------------------------------ the cluster

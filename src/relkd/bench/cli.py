@@ -24,7 +24,7 @@ def _cmd_accuracy(args: argparse.Namespace) -> int:
         return _accuracy_slurm(args, out)
     for flag, given in (("--slurm", args.slurm), ("--max-parallel", args.max_parallel),
                         ("--runs-per-task", args.runs_per_task), ("--wait", args.wait)):  # fmt: skip
-        if given:
+        if given or given == 0:  # 0 is given too (it is not "left out")
             raise RelkdError(f"{flag} applies to --launcher slurm only (launcher: local)")
     results = run_suite(
         args.suite,
@@ -57,7 +57,8 @@ def _accuracy_slurm(args: argparse.Namespace, out: str) -> int:
                          "--max-parallel N (array tasks at once)")  # fmt: skip
     sub = submit(
         args.suite, out, overrides=args.overrides, slurm=args.slurm or [],
-        max_parallel=args.max_parallel, runs_per_task=args.runs_per_task or 1, only=args.only,
+        max_parallel=args.max_parallel,
+        runs_per_task=1 if args.runs_per_task is None else args.runs_per_task, only=args.only,
         dry_run=args.dry_run, report=not (args.wait or args.no_report),
     )  # fmt: skip
     for jid, why in sub.resubmitted.items():
@@ -221,7 +222,8 @@ def add_bench_parsers(subparsers) -> argparse._SubParsersAction:
                    help="local: train here (--workers); slurm: submit the grid as Slurm jobs")  # fmt: skip
     a.add_argument("--slurm", action="append", metavar="KEY=VALUE",
                    help="sbatch option for every job, e.g. partition=gpu gres=gpu:1 "
-                   "time=08:00:00 account=NAME (repeatable; after the suite's slurm: section)")  # fmt: skip
+                   "time=08:00:00 account=NAME (repeatable; after the suite's slurm: section; "
+                   "the report job gets only partition, account and qos)")  # fmt: skip
     a.add_argument("--max-parallel", type=int, default=None,
                    help="slurm: array tasks running at once (%%N)")  # fmt: skip
     a.add_argument("--runs-per-task", type=int, default=None,

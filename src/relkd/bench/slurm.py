@@ -31,6 +31,7 @@ of every grid job; the scheduler is read with ``squeue`` only (no accounting dat
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -62,8 +63,10 @@ def _slurm(cmd: list[str]) -> str:
             "(sbatch, squeue, scontrol); run without --launcher slurm to train here"
         ) from None
     if p.returncode != 0:
-        msg = (p.stderr or p.stdout).strip().splitlines()
-        raise RelkdError(f"{shlex.join(cmd)} failed: {msg[-1] if msg else p.returncode}")
+        # every line: sbatch says what is wrong first and "Try sbatch --help" last
+        msg = [x.strip() for x in (p.stderr or p.stdout).strip().splitlines() if x.strip()]
+        said = "; ".join(x for x in msg if not x.startswith("Try ")) or "; ".join(msg)
+        raise RelkdError(f"{shlex.join(cmd)} failed: {said or f'exit status {p.returncode}'}")
     return p.stdout
 
 
@@ -96,13 +99,25 @@ def parse_options(items: Sequence[str], where: str = "--slurm") -> dict[str, str
     for item in items:
         key, eq, value = str(item).partition("=")
         key = key.strip().lstrip("-")
-        if not eq or not key or " " in key:
+        if not eq or not _OPTION_NAME.fullmatch(key):
             raise RelkdError(
                 f"{where} {item!r} is not key=value (e.g. partition=gpu, gres=gpu:1, "
                 "time=08:00:00, account=NAME; key= for a flag such as exclusive=)"
             )
+        if any(c in value for c in "\n\r\0"):  # a second #SBATCH line would slip in
+            raise RelkdError(f"{where} {key}: the value {value!r} has a line break; one line only")
         opts[key] = value.strip() or None
     return opts
+
+
+#: An sbatch long option's name: lower-case words joined by dashes.
+_OPTION_NAME = re.compile(r"[a-z][a-z0-9]*(-[a-z0-9]+)*")
+
+
+def _owned(key: str) -> bool:
+    """Whether ``key`` names (or abbreviates: sbatch takes any unambiguous prefix of a long
+    option, so ``arr`` is ``array``) one of relkd's own options or their negations."""
+    return (any(o.startswith(key) for o in _OWN) and len(key) >= 2) or key in _OWN
 
 
 def _suite_options(raw: Any) -> dict[str, str | None]:
@@ -114,7 +129,8 @@ def _suite_options(raw: Any) -> dict[str, str | None]:
 
 
 #: Options relkd sets itself; the user's may not replace them (they make the launcher work).
-_OWN = {"array", "dependency", "output", "error", "open-mode", "requeue", "signal", "parsable"}
+_OWN = {"array", "dependency", "output", "error", "open-mode", "requeue", "no-requeue", "signal",
+        "parsable", "kill-on-invalid-dep"}  # fmt: skip
 
 
 def _header(name: str, log: str, opts: dict[str, str | None], array: str | None) -> list[str]:
@@ -302,10 +318,10 @@ def submit(
         for item in items:
             say(f"warning: {what} not found: {item} (a real submission would stop here)")
     opts = {**_suite_options(getattr(suite, "slurm", None)), **parse_options(slurm)}
-    if bad := sorted(set(opts) & _OWN):
+    if bad := sorted(k for k in opts if _owned(k)):
         raise RelkdError(
-            f"--slurm {', '.join(bad)}: set by relkd itself (arrays, dependencies, logs, requeue, "
-            "signal); the other sbatch options are passed through"
+            f"--slurm {', '.join(bad)}: set by relkd itself ({', '.join(sorted(_OWN))}, or an "
+            "abbreviation of one); the other sbatch options are passed through"
         )
     sdir = out / "slurm"
     state = (_read_json(sdir / "state.json") or {}) if sdir.is_dir() else {}

@@ -115,7 +115,8 @@ def suite_status(out_dir: str | Path, scheduler: bool = True) -> list[dict[str, 
 
     out = Path(out_dir).resolve()
     if not out.is_dir():
-        raise RelkdError(f"{out} does not exist (the --out folder of relkd bench accuracy)")
+        what = "is a file, not a folder" if out.exists() else "does not exist"
+        raise RelkdError(f"{out} {what} (expected the --out folder of relkd bench accuracy)")
     state = _read_json(out / "slurm" / "state.json") or {}
     if not state.get("suite") and not any((out / d).is_dir() for d in ("teachers", "runs")):
         raise _not_a_suite_folder(out)
