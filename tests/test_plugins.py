@@ -88,7 +88,7 @@ def _cfg(tmp_path: Path, root: Path, **over) -> str:
          "model 'tests.foreign_resnet:NOT_A_MODEL' is not a model (an nn.Module subclass or a "
          "function returning an nn.Module); it is a value of type int"),
         ("method.name=tests.foreign_resnet:ResNet",
-         "method.name: method 'tests.foreign_resnet:ResNet' is not a method (a relkd.Method subclass); it is "
+         "method 'tests.foreign_resnet:ResNet' is not a method (a relkd.Method subclass); it is "
          "a class ResNet"),
         ("data.name=tests.foreign_resnet:ResNet",
          "data.name: dataset 'tests.foreign_resnet:ResNet' is not a data set"),

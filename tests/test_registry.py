@@ -33,21 +33,14 @@ def test_an_unknown_name_lists_the_valid_ones_and_the_import_path_form(
 ):
     """A user's method registered under a short name in a module the CLI never imported is
     not found; the one-line error says how to name it (its import path) next to the valid
-    names, for methods, models and data sets alike (`relkd train`, with and without
-    --print-config, as `relkd.train`), each prefixed by the config key it comes from."""
-    import relkd
+    names, for methods, models and data sets alike (`relkd train`, as `relkd.train`)."""
     from relkd.cli import main
 
-    key, bad = override.split("=", 1)
-    for extra in (["--print-config"], []):
-        code = main(["train", "fashion_mnist/kd", override, *extra])
-        err = capsys.readouterr().err
-        assert code == 2 and len(err.strip().splitlines()) == 1, err
-        assert err.startswith(f"relkd: error: {key}: unknown {kind} {bad!r}."), err
-        assert "Valid choices: " in err and some_valid in err
-    with pytest.raises(relkd.RelkdError) as e:
-        relkd.train("fashion_mnist/kd", overrides=[override])
-    assert str(e.value) == err.rstrip().removeprefix("relkd: error: ")
+    code = main(["train", "fashion_mnist/kd", override, "--print-config"])
+    err = capsys.readouterr().err
+    bad = override.split("=", 1)[1]
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"unknown {kind} {bad!r}." in err and "Valid choices: " in err and some_valid in err
     assert err.rstrip().endswith(
         f"{forms}; or your own {kind} by its import path package.module:Name (a short name your "
         "module registers is known only once that module is imported, e.g. as an entry point)"

@@ -24,10 +24,6 @@ def _check_method(name: str, args: dict, epochs: int) -> bool:
     needs a teacher."""
     from relkd.methods.spec import MethodScheduleWarning, MethodSpec
 
-    try:  # the name alone first: its errors name the key, as student.name / data.name do
-        MethodSpec.parse(name)
-    except RelkdError as e:
-        raise RelkdError(f"method.name: {e}") from None
     spec = MethodSpec.parse(name, args)
     spec.check()
     if D.is_main():
