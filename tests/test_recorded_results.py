@@ -119,6 +119,7 @@ def _compare():
         ("cifar10jpg-mini", "rerun-final", False),
         ("fmnist-mini", "rerun", False),
         ("fmnist-mini", "rerun-seams", False),
+        ("fmnist-mini", "rerun-final", False),
         ("cifar10jpg-long", "rerun", True),
         ("cifar10jpg-val-study", "rerun", True),
     ],
