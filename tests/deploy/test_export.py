@@ -302,6 +302,28 @@ def test_eval_of_an_onnx_file_refuses_flags_it_would_ignore(tmp_path, capsys, fl
     assert len(err) == 1 and named in err[0] and "not supported for an ONNX file" in err[0]
 
 
+@pytest.mark.parametrize("content", ["empty", "random"])
+def test_eval_of_a_file_that_is_no_onnx_model_is_one_line(fmnist_root, tmp_path, capsys, content):
+    """``relkd eval`` of an empty .onnx file showed ONNX Runtime's traceback ("No graph was found
+    in the protobuf"); an empty file or random bytes are one line naming the file, exit 2."""
+    import numpy as np
+
+    from relkd.cli import main
+
+    onnx_file = tmp_path / "student.onnx"
+    data = b"" if content == "empty" else np.random.default_rng(0).bytes(300)
+    onnx_file.write_bytes(data)
+    code = main(["eval", str(onnx_file), "--data", "fashion_mnist", "--root", str(fmnist_root)])
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 2 and out == "" and len(lines) == 1, err
+    assert str(onnx_file) in lines[0] and "is not a valid ONNX model (" in lines[0]
+    assert "Traceback" not in err
+    if content == "empty":  # the reason is ONNX Runtime's own, without its code prefix
+        assert "ONNX Runtime: No graph was found in the protobuf" in lines[0]
+        assert "INVALID_ARGUMENT" not in lines[0]
+
+
 def test_the_python_module_hint_names_relkd_trains_real_keyword():
     from relkd.plugins import PYTHON_MODULE, refuse_python_module
 

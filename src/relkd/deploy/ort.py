@@ -64,6 +64,15 @@ def quiet() -> Iterator[None]:
             logger.setLevel(level)
 
 
+def short_reason(e: BaseException) -> str:
+    """The gist of an onnx / ONNX Runtime load error, on one line: ORT prefixes its reason with
+    ``[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Load model from PATH failed:``."""
+    text = " ".join(str(e).split())
+    if "failed:" in text:
+        text = text.rsplit("failed:", 1)[1].strip()
+    return text or type(e).__name__
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The ``metadata_props`` of an ONNX file (JSON values decoded)."""
     require_extra("reading an ONNX file")
@@ -72,7 +81,9 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:
-        raise RelkdError(f"{str(path)!r} is not an ONNX file: {type(e).__name__}") from e
+        raise RelkdError(
+            f"{str(path)!r} is not a valid ONNX model (onnx: {short_reason(e)})"
+        ) from e
     out: dict[str, Any] = {}
     for entry in model.metadata_props:
         try:
@@ -83,7 +94,9 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ running ORT
-def ort_session(path: str | os.PathLike, threads: int | None = None):
+def ort_session(path: str | os.PathLike, threads: int | None = None, *, user_file: bool = False):
+    """A CPU ONNX Runtime session of ``path``. ``user_file``: the file came from the user (not
+    from relkd's own export), so a file ORT cannot load is a one-line :class:`RelkdError`."""
     require_extra("running an ONNX file")
     import onnxruntime as ort
 
@@ -91,7 +104,14 @@ def ort_session(path: str | os.PathLike, threads: int | None = None):
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = int(threads)
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    if not user_file:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT's errors (InvalidArgument, InvalidProtobuf, ...) derive from it
+        raise RelkdError(
+            f"{str(path)!r} is not a valid ONNX model (ONNX Runtime: {short_reason(e)})"
+        ) from e
 
 
 def ort_logits(sess, images: torch.Tensor, batch: int = 64) -> torch.Tensor:

@@ -159,7 +159,7 @@ def eval_onnx(
     if size is None and isinstance(meta.get("input_size"), str):
         size = int(meta["input_size"].split("x")[-1])
     _, test, info = build_datasets(data, root, augment=False, image_size=size)
-    sess = ort_session(p)
+    sess = ort_session(p, user_file=True)
     want = sess.get_inputs()[0].shape
     if isinstance(want[1], int) and want[1] != info.in_channels:
         raise RelkdError(
