@@ -669,3 +669,15 @@ def test_resume_check_ignores_keys_added_at_their_default(suite_file, tmp_path):
     cfg["optim"]["lr"] = cfg["optim"]["lr"] * 2
     (job.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
     assert _config_changed(job)
+
+
+def test_suite_overrides_read_yes_as_a_config_file_does(tmp_path, fmnist_root):
+    """A suite's ``overrides:`` reach a suite teacher's run as a config file reads them:
+    ``student.kwargs.flag=yes`` is the string ``yes`` (OmegaConf's dotlist made it True)."""
+    teacher = {"train": {"train": {"epochs": 1}}}
+    suite = write_suite(tmp_path / "s.yaml", fmnist_root, teacher, methods=["kd"], seeds=[0],
+                        overrides=["student.kwargs.flag=yes", "train.seed=3"])  # fmt: skip
+    teachers, _ = acc.build_grid(load_suite(suite), tmp_path / "out", ["student.kwargs.n=off"])
+    (job,) = teachers
+    assert job.config["student"]["kwargs"] == {"flag": "yes", "n": "off"}
+    assert job.config["train"]["seed"] == 3

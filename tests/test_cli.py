@@ -482,3 +482,20 @@ def test_probe_resolves_a_packaged_options_file():
 def test_overrides_without_a_config_is_a_usage_error():
     code, _, err = _cli(["train", "--quiet", "train.seed=1"])
     assert code == 2 and "no config given" in err
+
+
+def test_an_override_reads_yes_and_on_as_a_config_file_does(fmnist_root, tmp_path):
+    """Override values are read like a config file (YAML 1.2's booleans): ``yes`` / ``on`` /
+    ``no`` / ``off`` stay strings in a free-form section such as ``student.kwargs`` (YAML 1.1,
+    OmegaConf's dotlist reading, made them booleans); ``true`` is still a boolean."""
+    cfg = _cfg(tmp_path, fmnist_root, student={"name": "cnn_tiny", "kwargs": {"in_file": "yes"}})
+    over = ["student.kwargs.a=yes", "student.kwargs.b=on", "student.kwargs.c=no",
+            "student.kwargs.d=off", "student.kwargs.e=true", "student.kwargs.f=1e3"]  # fmt: skip
+    code, out, err = _cli(["train", cfg, *over, "--print-config"])
+    assert code == 0, err
+    kwargs = yaml.safe_load(out)["student"]["kwargs"]
+    assert kwargs == {"in_file": "yes", "a": "yes", "b": "on", "c": "no", "d": "off", "e": True,
+                      "f": 1000.0}  # fmt: skip
+    # A boolean key still takes only true / false.
+    code, _, err = _cli(["train", cfg, "train.deterministic=yes", "--print-config"])
+    assert code == 2 and "train.deterministic='yes' is not valid: must be true or false" in err

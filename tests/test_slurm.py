@@ -513,7 +513,7 @@ def test_time_limit_signal_checkpoints_and_requeues(
         ]
     )
     text = log.read_text()
-    how = "stopped after epoch slot 2" if finish_s == "45" else "stopped in epoch slot 2 at"
+    how = "stopped after main epoch 2/6" if finish_s == "45" else "stopped in main epoch 2/6 at"
     assert f"relkd: stopped for requeueing: {how}" in text and "requeueing job" in text
     assert "\r" not in text
 

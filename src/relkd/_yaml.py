@@ -57,3 +57,16 @@ def strict_load(text: str) -> Any:
     (the probe's options, ``--model-arg`` values, the config.yaml of a run folder), so that
     ``yes`` / ``on`` mean what they mean in a config file."""
     return yaml.load(text, Loader=strict_yaml_loader())
+
+
+def strict_dotlist(items: Any) -> Any:
+    """``OmegaConf.from_dotlist`` of ``key=value`` strings with each value read by
+    :func:`strict_yaml_loader` (a ``DictConfig``): ``flag=yes`` is the string ``yes``, as in a
+    config file, where ``from_dotlist`` (YAML 1.1) would read a boolean. Keys split at the
+    first ``=`` and go through ``OmegaConf.update`` as ``from_dotlist`` does; an item without
+    ``=`` sets its key to null."""
+    conf = OmegaConf.create()
+    for item in items:
+        key, sep, raw = str(item).partition("=")
+        OmegaConf.update(conf, key, strict_load(raw) if sep else None)
+    return conf

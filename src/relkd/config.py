@@ -19,7 +19,7 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from relkd._yaml import load_yaml
+from relkd._yaml import load_yaml, strict_dotlist
 from relkd.registry import RelkdError
 
 
@@ -542,7 +542,7 @@ def _parse_override(item: str) -> DictConfig:
             node = {part: node}
         return OmegaConf.create(node)
     try:
-        parsed = OmegaConf.from_dotlist([item])
+        parsed = strict_dotlist([item])  # yes / on stay strings, as in a file
     except yaml.YAMLError as e:
         raise yaml_error(f"override {item!r}", e) from None
     _check_types(OmegaConf.to_container(parsed, resolve=False), Config, "", None)

@@ -529,3 +529,45 @@ def test_a_relkd_01_folder_killed_between_its_renames_resumes(fmnist_root, tmp_p
     assert "corrupt" not in err and "no readable" not in err and "unverified" not in err, err
     assert [r["epoch"] for r in _records(run)] == [1, 2]
     assert "using checkpoint.prev.pt" in err and "resumed" in err and "after epoch 2" in err
+
+
+@pytest.mark.parametrize(
+    "method, finish_s, message",
+    [
+        ("ce", "0", "stopped in main epoch 1/2 at step 1/2"),
+        ("ce", "1e9", "stopped after main epoch 1/2 (checkpoint written)"),
+        ("fitnet", "0", "stopped in init epoch 1/1 at step 1/2"),
+        ("fitnet", "1e9", "stopped after init epoch 1/1 (checkpoint written)"),
+    ],
+)
+def test_a_preemption_names_the_epoch_as_the_progress_lines_do(
+    fmnist_root, tiny_teacher_ckpt, tmp_path, monkeypatch, capsys, method, finish_s, message
+):
+    """A stop request names where the run stopped the way the epoch lines do ("main epoch 1/2",
+    a pre-training phase as "init epoch 1/1"), not by the internal "epoch slot" count that
+    includes pre-training epochs. With RELKD_PREEMPT_FINISH_S 0 the run stops after the first
+    step; with a large window it finishes the epoch and its checkpoint first."""
+    from relkd.engine import preempt
+
+    cfg = {
+        "student": {"name": "cnn_tiny"},
+        "method": {"name": method},
+        "data": {"name": "fashion_mnist", "root": str(fmnist_root), "batch_size": 64},
+        "train": {"epochs": 2 if method == "ce" else 1, "progress": False,
+                  "tensorboard": False, "max_steps_per_epoch": 2},
+        "output_dir": str(tmp_path),
+        "name": "stop",
+    }  # fmt: skip
+    if method == "fitnet":
+        cfg["teacher"] = {"name": "cnn_small", "checkpoint": str(tiny_teacher_ckpt)}
+        cfg["method"]["args"] = {"init_epochs": 1}
+    monkeypatch.setenv("RELKD_PREEMPT_FINISH_S", finish_s)
+    preempt.request()
+    try:
+        with pytest.raises(preempt.Preempted) as stop:
+            relkd.train(cfg)
+    finally:
+        preempt.clear()
+    assert str(stop.value) == message
+    if finish_s != "0":  # the epoch line printed just before names the same epoch
+        assert f"\n{message.split('after ')[1].split(' (')[0]} loss " in capsys.readouterr().err

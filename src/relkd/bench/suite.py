@@ -422,12 +422,14 @@ def _check_names(suite: Suite) -> None:
 def _teacher_job(suite: Suite, spec: TeacherSpec, out: Path, overrides: list[str]) -> Job:
     from omegaconf import OmegaConf
 
+    from relkd._yaml import strict_dotlist
+
     base = {k: v for k, v in suite.base.items() if k != "method"}
     cfg = _deep_merge(base, {"student": {"name": spec.name, "kwargs": dict(spec.kwargs)}})
     cfg["method"] = {"name": "ce"}
     # Suite / CLI overrides first (data roots, devices), then the teacher's own recipe.
     if overrides:
-        cfg = _deep_merge(cfg, OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides))))
+        cfg = _deep_merge(cfg, OmegaConf.to_container(strict_dotlist(overrides)))
     cfg = {**_deep_merge(cfg, spec.train or {}), "output_dir": str(out / "teachers")}
     cfg["name"] = _safe(spec.name)
     meta = {"suite": suite.name, "kind": "teacher", "teacher_of": spec.name}

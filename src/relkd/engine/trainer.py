@@ -207,7 +207,8 @@ def _train_epoch(loop: _Loop, epoch: int, step: int) -> tuple[dict[str, Any], in
         step += loop.step.stepped  # an accumulation group ended: one optimizer step
         if D.world_size() == 1 and preempt.stop_mid_epoch(i + 1, n, time.time() - t0):
             # The last epoch's checkpoint is whole: the run resumes from it, exactly.
-            raise preempt.Preempted(f"stopped in epoch slot {epoch + 1} at step {i + 1}/{n}")
+            where = _slot_name(phase, epoch, pre, cfg.train.epochs)
+            raise preempt.Preempted(f"stopped in {where} at step {i + 1}/{n}")
         if (i + 1) % cfg.train.log_every == 0 and i + 1 < n:
             stats = loop.step.read()  # the read point: progress and the non-finite check
             if bar is not None:
@@ -334,9 +335,9 @@ def fit(
             if D.is_dist():
                 torch.distributed.barrier()
             if epoch + 1 < loop.total_epochs and _stop_requested(device):
-                raise preempt.Preempted(
-                    f"stopped after epoch slot {epoch + 1} (checkpoint written)"
-                )
+                pre = len(loop.phase_of)
+                where = _slot_name(record.get("phase", "main"), epoch, pre, cfg.train.epochs)
+                raise preempt.Preempted(f"stopped after {where} (checkpoint written)")
 
         # 4. Finish: the student's files and summary.json (last: the run finished).
         extra = eval_set(cfg, comp.test_ds)  # what every top-1 was measured on
@@ -406,10 +407,17 @@ def _python_teacher_top1(teacher, comp: Components, loop, device, say) -> float 
     return top1
 
 
+def _slot_name(phase: str, epoch: int, pre: int, epochs: int) -> str:
+    """How the progress lines and messages name epoch slot ``epoch`` (0-based, the ``pre``
+    pre-training epochs first): ``main epoch E/EPOCHS`` or ``PHASE epoch k/PRE``."""
+    num = f"{epoch - pre + 1}/{epochs}" if phase == "main" else f"{epoch + 1}/{pre}"
+    return f"{phase} epoch {num}"
+
+
 def _epoch_line(record: dict[str, Any], epoch: int, pre: int, epochs: int, best) -> str:
     phase = record.get("phase", "main")
-    num = f"{record['epoch']}/{epochs}" if phase == "main" else f"{epoch + 1}/{pre}"
-    line = f"{phase} epoch {num} loss {record.get('train/loss', float('nan')):.4f}"
+    loss = record.get("train/loss", float("nan"))
+    line = f"{_slot_name(phase, epoch, pre, epochs)} loss {loss:.4f}"
     if "top1" in record:
         line += f" top1 {record['top1']:.2f} best {best['top1']:.2f}"
     return line
