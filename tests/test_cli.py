@@ -499,3 +499,26 @@ def test_an_override_reads_yes_and_on_as_a_config_file_does(fmnist_root, tmp_pat
     # A boolean key still takes only true / false.
     code, _, err = _cli(["train", cfg, "train.deterministic=yes", "--print-config"])
     assert code == 2 and "train.deterministic='yes' is not valid: must be true or false" in err
+
+
+def test_a_train_subset_larger_than_the_set_names_the_key_to_set(fmnist_root, tmp_path):
+    """The packaged Fashion-MNIST configs train on ``data.train_subset: 10000``; on a smaller set
+    at data.root (256 images here) the refusal said "take_subset: n must be in 1..256", which a
+    user read as a ``data.test_subset`` problem. It names data.train_subset and what to set;
+    nothing is written."""
+    out = tmp_path / "runs"
+    code, _, err = _cli(["train", "fashion_mnist/ce", f"data.root={fmnist_root}",
+                         "data.test_subset=null", f"output_dir={out}"])  # fmt: skip
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.strip() == (
+        "relkd: error: data.train_subset=10000 is more than the 256 training images of "
+        "'fashion_mnist': set data.train_subset=null (all of them) or a value in 1..256"
+    )
+    assert not out.exists()
+    # What the message says to set trains (one step, on all 256 images).
+    code, _, err = _cli(["train", "fashion_mnist/ce", f"data.root={fmnist_root}",
+                         "data.train_subset=null", f"output_dir={out}", "train.epochs=1",
+                         "train.max_steps_per_epoch=1", "train.tensorboard=false", "--quiet"])  # fmt: skip
+    assert code == 0, err
+    summary = json.loads((out / "ce_s0" / "summary.json").read_text())
+    assert 0 <= summary["best_top1"] <= 100

@@ -353,6 +353,15 @@ def build_components(
         val_seed=cfg.data.val_seed, test_subset=cfg.data.test_subset,
     )  # fmt: skip
     if cfg.data.train_subset:
+        # Unlike data.test_subset (a cap), a training subset larger than the set is refused:
+        # the run would train on fewer images than its config says (packaged Fashion-MNIST
+        # configs set 10000, more than a small set at data.root holds).
+        if cfg.data.train_subset > len(train_ds):
+            raise RelkdError(
+                f"data.train_subset={cfg.data.train_subset} is more than the {len(train_ds)} "
+                f"training images of {cfg.data.name!r}: set data.train_subset=null (all of "
+                f"them) or a value in 1..{len(train_ds)}"
+            )
         train_ds = take_subset(train_ds, cfg.data.train_subset, seed=0)  # same for every seed
     report: dict[str, Any] = {"notes": list(getattr(info, "notes", ()) or ()), "inputs": {}}
     teacher_model, student_model = build_models(cfg, info, teacher, student, report=report)
