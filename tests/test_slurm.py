@@ -526,20 +526,21 @@ def limit_root(tmp_path_factory) -> Path:
     return make_fmnist(tmp_path_factory.mktemp("fmnist-limit"), n_train=10240, n_test=128)
 
 
-@pytest.mark.slow  # ~1-2 min: a run longer than Slurm's first warning, in one-minute jobs
+@pytest.mark.slow  # ~2 min: a run longer than its one-minute limit, in one-minute jobs
 def test_a_task_that_hits_its_time_limit_is_requeued_and_completes(
     tmp_path, limit_root, slurm_cluster
 ):
     """Slurm's own time limit, nothing sent by the test: the task runs with ``--slurm time=1``
     (one minute, Slurm's smallest) and the scripts' ``--signal=B:USR1@90``, so Slurm warns it
-    at its first sweep (~0-30 s into each job) and would kill it at the minute. The run (18
-    epochs of 160 steps, ~45 s on 2 idle cores, more under load) outlasts that first sweep,
-    so every job of it ends by the warning: relkd stops at a safe point, the task requeues
+    at its first sweep (10-30 s into each job) and would kill it at the minute. The run (30
+    epochs of 160 steps: ~75 s on an idle core, more under load) does not fit in one job, and
+    outlasts the first sweep even on a machine twice as fast, so every job of it but the last
+    ends by the warning: relkd stops at a safe point, the task requeues
     itself and the next job resumes, until the run completes with every epoch recorded once.
     The warning may come while relkd is still starting (before its handler is installed): the
     script holds the signal back until relkd can act on it (a kill there fails the run)."""
     suite = _suite(tmp_path / "limit.yaml", limit_root, methods=["ce"], seeds=[0],
-                   overrides=["train.epochs=18", "train.max_steps_per_epoch=160",
+                   overrides=["train.epochs=30", "train.max_steps_per_epoch=160",
                               "data.batch_size=64"])  # fmt: skip
     out = tmp_path / "out"
     t0 = time.monotonic()
@@ -556,8 +557,8 @@ def test_a_task_that_hits_its_time_limit_is_requeued_and_completes(
     assert sessions[-1]["scheduler"].get("restart_count") == str(n - 1)
     assert len({s["scheduler"]["job_id"] for s in sessions}) == 1  # one job, requeued
     epochs = [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == list(range(1, 19))  # every epoch once, in order
-    assert _summary(run)["epochs"] == 18
+    assert epochs == list(range(1, 31))  # every epoch once, in order
+    assert _summary(run)["epochs"] == 30
     log = _log_text(out)
     assert log.count("relkd: stopped for requeueing") == n - 1, log[-2000:]
     assert log.count("requeueing job") == n - 1
