@@ -438,7 +438,8 @@ for rep in range(reps):
         sys.stderr.flush()
         os._exit(rc or 0)
     _, status = os.waitpid(pid, 0)
-    (out / f"done-{w}").write_text(str(os.waitstatus_to_exitcode(status)))
+    (out / f".done-{w}").write_text(str(os.waitstatus_to_exitcode(status)))
+    os.replace(out / f".done-{w}", out / f"done-{w}")  # seen whole or not at all
 """
 
 
@@ -482,7 +483,10 @@ def test_cli_workers_started_together_20_times_train_each_run_once(
             (out / "go").touch()
             deadline = time.monotonic() + 300
             while not all((out / f"done-{w}").exists() for w in range(workers)):
-                dead = [z for z in zygotes if z.poll() is not None]
+                # a worker that ended before this round's done file is a crash (after the last
+                # round's done file it ends normally: not one)
+                dead = [z for w, z in enumerate(zygotes)
+                        if z.poll() is not None and not (out / f"done-{w}").exists()]  # fmt: skip
                 assert not dead, dead[0].communicate()
                 assert time.monotonic() < deadline, f"round {rep} did not finish"
                 time.sleep(0.05)
