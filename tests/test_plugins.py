@@ -577,18 +577,9 @@ def test_in_chans_and_num_classes_only_where_the_factory_takes_them(tmp_path, fm
     assert model_kwargs("torchvision:resnet18", {}, 1) == {"in_chans": 1}
     m = relkd.create_model(anyc, 7, **model_kwargs(anyc, {}, 2))
     assert m[0].in_channels == 2 and m(torch.zeros(1, 2, 8, 8)).shape == (1, 7)
-    cfg = {
-        "student": {"name": grey},
-        "method": {"name": "ce"},
-        "data": {"name": "fashion_mnist", "root": str(fmnist_root), "batch_size": 16},
-        "train": {"epochs": 1, "max_steps_per_epoch": 2, "tensorboard": False,
-                  "progress": False, "device": "cpu"},
-        "schedule": {"name": "constant"},
-        "output_dir": str(tmp_path / "runs"),
-        "name": "grey",
-    }  # fmt: skip
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    code, out, err = _cli(["train", str(tmp_path / "c.yaml")])
+    fmnist = {"name": "fashion_mnist", "root": str(fmnist_root), "batch_size": 16}
+    cfg = _cfg(tmp_path, fmnist_root, student={"name": grey}, data=fmnist, name="grey")
+    code, out, err = _cli(["train", cfg])
     assert code == 0, err
     summary = json.loads(out)
     assert summary["student"] == grey and 0 <= summary["last_top1"] <= 100

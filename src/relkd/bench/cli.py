@@ -24,7 +24,7 @@ def _cmd_accuracy(args: argparse.Namespace) -> int:
         return _accuracy_slurm(args, out)
     for flag, given in (("--slurm", args.slurm), ("--max-parallel", args.max_parallel),
                         ("--runs-per-task", args.runs_per_task), ("--wait", args.wait)):  # fmt: skip
-        if given is not None and given is not False and given != []:  # 0 is given too
+        if given is not None and given is not False:  # the defaults; 0 is given too
             raise RelkdError(f"{flag} applies to --launcher slurm only (launcher: local)")
     results = run_suite(
         args.suite,

@@ -242,8 +242,9 @@ class Submission:
     resubmitted: dict[str, str] = field(default_factory=dict)  # grid job id -> earlier failure
 
 
-def _failure(job: Job, rec: dict[str, Any] | None, out: Path) -> str | None:
-    """Why an earlier attempt of ``job`` did not finish, or None if it never ran."""
+def _failure(job: Job, rec: dict[str, Any] | None, teacher: Job | None = None) -> str | None:
+    """Why an earlier attempt of ``job`` (whose suite teacher is ``teacher``) did not finish,
+    or None if it never ran."""
     failed = _read_json(job.run_dir / "failed.json")
     if isinstance(failed, dict) and failed.get("error"):
         return str(failed["error"])
@@ -251,8 +252,7 @@ def _failure(job: Job, rec: dict[str, Any] | None, out: Path) -> str | None:
         log = rec.get("log", "")
         if log and not Path(log).exists():  # Slurm writes the log when the job starts
             why = "cancelled before it started"
-            teacher = out / "teachers" / (job.needs or "/").split("/", 1)[1]
-            if job.needs and isinstance(t := _read_json(teacher / "failed.json"), dict):
+            if teacher and isinstance(t := _read_json(teacher.run_dir / "failed.json"), dict):
                 why += f": its teacher failed ({t.get('error', 'see relkd bench status')})"
             return f"its job {rec['job_id']} never ran ({why})"
         return f"its job {rec['job_id']} ended without finishing it (log: {log})"
@@ -369,7 +369,7 @@ def submit(
             sub.skipped[t.id] = f"queued or running as job {jid}"
             teacher_dep[t.id] = jid
             continue
-        if why := _failure(t, records.get(t.id), out):
+        if why := _failure(t, records.get(t.id)):
             sub.resubmitted[t.id] = why
         name = f"teacher-{t.id.split('/', 1)[1]}"
         log = _log_path(out, name, False)
@@ -378,13 +378,14 @@ def submit(
         teacher_dep[t.id] = put(t.id, name, args, [], log)
 
     todo: list[Job] = []
+    teacher_of = {t.id: t for t in teachers}
     for j in runs:
         if j.finished():
             sub.skipped[j.id] = "done"
         elif jid := pending(j.id):
             sub.skipped[j.id] = f"queued or running as job {jid}"
         else:
-            if why := _failure(j, records.get(j.id), out):
+            if why := _failure(j, records.get(j.id), teacher_of.get(j.needs or "")):
                 sub.resubmitted[j.id] = why
             todo.append(j)
 
